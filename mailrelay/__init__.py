@@ -1,0 +1,1 @@
+"""mailrelay: the SMTP front door of a messaging platform."""

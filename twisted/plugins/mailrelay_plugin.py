@@ -1,0 +1,8 @@
+from twisted.application.service import ServiceMaker
+
+mailrelay = ServiceMaker(
+    "mailrelay",
+    "mailrelay.tap",
+    "SMTP submission relay with durable queue and status API",
+    "mailrelay",
+)
