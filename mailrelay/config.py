@@ -1,0 +1,227 @@
+"""
+The TOML configuration file (SPEC §3) turned into validated, immutable values.
+
+Every key is declared once, in the dataclasses below; a key that is not declared, or a value of
+the wrong type, is refused with a :class:`ConfigError` naming the key (``listeners[1].security``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import socket
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+DEFAULT_CONFIG_FILE = "mailrelay.toml"
+
+
+class ConfigError(ValueError):
+    """The configuration is not usable; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    endpoint: str
+    security: Literal["starttls", "tls", "none"] = "starttls"
+    auth: Literal["required", "network"] = "required"
+    allow_plaintext_auth: bool = False
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    certificate: str | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    endpoint: str = "tcp:8025:interface=127.0.0.1"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    backend: Literal["sqlite", "redis"] = "sqlite"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    instance_id: int = 0
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_message_size: int = 20 * 1024 * 1024
+    max_recipients: int = 1000
+    command_timeout: int = 300
+    data_timeout: int = 600
+    status_retention_days: int = 7
+    max_auth_failures: int = 3
+    max_line_length: int = 1000  # octets including CRLF, RFC 5321 §4.5.3.1.6
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    mode: Literal["smarthost", "mx", "hold"] = "hold"
+    smarthost: str = "tcp:host=127.0.0.1:port=25"
+    smarthost_tls: Literal["required", "opportunistic", "none"] = "opportunistic"
+    nameservers: tuple[str, ...] = ()
+    mx_port: int = 25
+    max_queue_lifetime: str = "5d"
+
+
+@dataclass(frozen=True)
+class SMSConfig:
+    domains: tuple[str, ...] = ()
+    gateway_url: str = "https://sms-gateway.internal/send"
+
+
+@dataclass(frozen=True)
+class DeliveryReportsConfig:
+    allow_networks: tuple[str, ...] = ()
+
+
+DEFAULT_LISTENERS = (
+    ListenerConfig("tcp:25", "starttls"),
+    ListenerConfig("tcp:587", "starttls"),
+    ListenerConfig("tcp:465", "tls"),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    hostname: str = field(default_factory=socket.getfqdn)
+    data_dir: str = "./mailrelay-data"
+    tls: TLSConfig = TLSConfig()
+    listeners: tuple[ListenerConfig, ...] = DEFAULT_LISTENERS
+    web: WebConfig = WebConfig()
+    store: StoreConfig = StoreConfig()
+    limits: LimitsConfig = LimitsConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    sms: SMSConfig = SMSConfig()
+    delivery_reports: DeliveryReportsConfig = DeliveryReportsConfig()
+
+    @property
+    def dataPath(self) -> Path:
+        return Path(self.data_dir)
+
+
+_DURATION = re.compile(r"^(\d+)\s*([smhd])$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parseDuration(text: str) -> int:
+    """Seconds in a duration written ``30s``, ``15m``, ``2h`` or ``5d``."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise ValueError(f"not a duration (like 30s, 15m, 2h, 5d): {text!r}")
+    return int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table")
+        return _build(hint, value, where)  # type: ignore[arg-type]
+    if origin is tuple:
+        (item,) = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list")
+        return tuple(_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            allowed = ", ".join(repr(c) for c in choices)
+            raise ConfigError(f"{where}: must be one of {allowed}, not {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _convert(value, inner, where)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, not {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, not {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, not {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {hint!r}")  # pragma: no cover
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in table.items():
+        where = f"{prefix}.{key}" if prefix else key
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key")
+        kwargs[key] = _convert(value, hints[key], where)
+    return cls(**kwargs)
+
+
+def _positive(where: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"{where}: must be greater than 0, not {value}")
+
+
+def _validate(config: Config) -> Config:
+    if not config.listeners:
+        raise ConfigError("listeners: at least one listener is needed")
+    for i, listener in enumerate(config.listeners):
+        if listener.security == "tls" and listener.allow_plaintext_auth:
+            raise ConfigError(f"listeners[{i}].allow_plaintext_auth: meaningless with tls")
+    if (config.tls.certificate is None) != (config.tls.key is None):
+        raise ConfigError("tls: certificate and key go together")
+    for name in ("max_message_size", "max_recipients", "command_timeout", "data_timeout",
+                 "status_retention_days", "max_auth_failures"):
+        _positive(f"limits.{name}", getattr(config.limits, name))
+    if config.limits.max_line_length < 100:
+        raise ConfigError("limits.max_line_length: must be at least 100")
+    if not 0 <= config.store.instance_id <= 1023:
+        raise ConfigError("store.instance_id: must be 0..1023")
+    try:
+        parseDuration(config.delivery.max_queue_lifetime)
+    except ValueError as e:
+        raise ConfigError(f"delivery.max_queue_lifetime: {e}") from None
+    for i, network in enumerate(config.delivery_reports.allow_networks):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"delivery_reports.allow_networks[{i}]: not a network: {network!r}"
+            ) from None
+    return config
+
+
+def parseConfig(table: dict[str, Any]) -> Config:
+    """A validated Config from a parsed TOML document."""
+    return _validate(_build(Config, table))
+
+
+def loadConfig(path: str | None) -> Config:
+    """
+    The configuration from ``path``; with no path, ``./mailrelay.toml`` if it exists, else the
+    defaults. Raises ConfigError for unreadable or invalid files.
+    """
+    if path is None:
+        if not Path(DEFAULT_CONFIG_FILE).exists():
+            return _validate(Config())
+        path = DEFAULT_CONFIG_FILE
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parseConfig(table)

@@ -1,0 +1,138 @@
+"""
+Values that flow along the data path: accounts, senders, envelopes, notifications, status events.
+
+Everything here is immutable; the store hands these out and takes them back, the policy
+functions read them, and nothing mutates one in place (use ``dataclasses.replace``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
+
+Channel = Literal["email", "sms"]
+AttachmentPolicy = Literal["allow", "strip", "refuse"]
+SenderKind = Literal["domain", "address", "sms"]
+
+API_KEY_USER = "App"
+"""The SMTP / HTTP user name that means "the password is an API key"."""
+
+
+@dataclass(frozen=True)
+class Account:
+    """A customer. ``name`` is the accountId and the SMTP user name."""
+
+    name: str
+    password_hash: str = field(repr=False)
+    enabled: bool = True
+    sms_enabled: bool = False
+    sms_segments: int = 1
+    rate_per_second: float | None = None
+    daily_quota: int | None = None
+    networks: tuple[str, ...] = ()
+    require_alternative: bool = False
+    require_rcpt_headers: bool = False
+    attachments: AttachmentPolicy = "allow"
+    max_message_size: int | None = None
+    max_recipients: int | None = None
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key's public half; the key itself is never stored, only its SHA-256."""
+
+    key_id: str
+    account: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Sender:
+    """A domain, an address or an SMS sender id registered to an account."""
+
+    account: str
+    value: str
+    kind: SenderKind
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """
+    One RCPT, classified: ``address`` is a normalised e-mail address (channel ``email``)
+    or an E.164 number such as ``+4477331234567`` (channel ``sms``).
+    """
+
+    address: str
+    channel: Channel
+
+    @property
+    def key(self) -> str:
+        """The form the status API uses: ``email:<addr>`` or ``sms:<E.164>``."""
+        return f"{self.channel}:{self.address}"
+
+
+@dataclass(frozen=True)
+class HeaderOptions:
+    """The ``X-IB-*`` header options a customer may set on a message (SPEC §5)."""
+
+    bulk_id: str | None = None
+    notify_url: str | None = None
+    notify_content_type: str = "application/json"
+    callback_data: str | None = None
+    intermediate_report: bool = False
+    tracking_url: str | None = None
+
+
+@dataclass(frozen=True)
+class Notification:
+    """One accepted message and all of its recipients."""
+
+    notification_id: str
+    account: str
+    sender: str
+    recipients: tuple[Recipient, ...]
+    size: int
+    received_at: datetime
+    options: HeaderOptions = HeaderOptions()
+    client_address: str = ""
+    helo: str = ""
+
+
+STATUS_TEXTS = {
+    "CAAS_RECEIVED": "Successful",
+    "CAAS_SENT": "Successful",
+    "CH_RECEIVED": "Successful",
+    "CH_SENT": "Successful",
+    "CH_DEFERRED": "Deferred",
+    "CH_FAILED": "Failed",
+    "CAAS_FAILED": "Failed",
+}
+
+
+@dataclass(frozen=True)
+class StatusEvent:
+    """One step of one recipient's trail."""
+
+    notification_id: str
+    recipient: Recipient
+    status_code: str
+    status_text: str
+    timestamp: datetime
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    queued: int
+    deferred: int
+    in_flight: int
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC. Prefer an injected clock where there is one."""
+    return datetime.now(UTC)
+
+
+def fromTimestamp(seconds: float) -> datetime:
+    """A timezone-aware UTC datetime from a POSIX timestamp (e.g. ``clock.seconds()``)."""
+    return datetime.fromtimestamp(seconds, UTC)
