@@ -118,3 +118,29 @@ class IStore(IAccountStore, IMessageQueue, IStatusStore):
 
     def ping():
         """Check the backend answers. Returns Deferred[float]: seconds the round trip took."""
+
+
+class IMessageDelivery(Interface):
+    """
+    The SMTP avatar: an account's side of a mail transaction.
+
+    This is what ``twisted.mail.smtp.IMessageDelivery`` is to Twisted's ESMTP, reshaped for a
+    relay that stores one notification per message (not one message per recipient). The realm
+    hands one out per login; the protocol speaks the wire and asks it to decide. Each method
+    returns a Deferred that fails with ``mailrelay.smtp.replies.Refused`` to answer the command
+    with that reply; any other failure is answered ``451 4.3.0`` so the client retries.
+    """
+
+    account = Attribute("The model.Account this avatar submits as.")
+
+    def validateFrom(session, sender: str):
+        """Decide MAIL FROM. ``sender`` is the path without brackets ('' for the null sender).
+        Returns Deferred[str]: the sender as it will be stored."""
+
+    def validateTo(session, sender: str, recipient: str, accepted):
+        """Decide one RCPT TO, given the recipients already accepted (a sequence of Recipient).
+        Returns Deferred[model.Recipient]."""
+
+    def deliverMessage(session, sender: str, recipients, message: bytes):
+        """Check the complete message and store it durably with its recipients.
+        Returns Deferred[str]: the notification id, fired only once the store has it on disk."""

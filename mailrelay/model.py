@@ -122,6 +122,17 @@ class StatusEvent:
 
 
 @dataclass(frozen=True)
+class SessionInfo:
+    """What the avatar may know about the SMTP connection a command arrived on."""
+
+    client_address: str
+    listener: str
+    helo: str = ""
+    tls_version: str | None = None
+    authenticated: bool = False
+
+
+@dataclass(frozen=True)
 class QueueStats:
     queued: int
     deferred: int

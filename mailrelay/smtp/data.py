@@ -1,0 +1,132 @@
+"""
+Reading the DATA section in bulk.
+
+The message text is scanned a chunk at a time with ``bytes.find``/``replace``/``count`` (C loops),
+never a line at a time in Python: the end marker ``CRLF . CRLF`` is searched for across chunk
+boundaries, dot-stuffing is undone on whole chunks, and the checks that need line structure
+(bare CR or LF, line length) are done with counts and one ``split`` per chunk.
+
+Only ``CRLF . CRLF`` ends a message. A bare CR or LF never does; a message that carries one is
+refused as a whole (it is how SMTP smuggling works), as is one with a line over the limit or one
+over the size limit; in each case the rest of the message is read and thrown away, never
+executed as commands.
+"""
+
+from __future__ import annotations
+
+from tempfile import SpooledTemporaryFile
+from typing import IO
+
+from mailrelay.smtp import replies
+from mailrelay.smtp.replies import Reply
+
+_CRLF = b"\r\n"
+_END = b"\r\n.\r\n"
+# Messages up to this size stay in memory; larger ones are spooled to a temporary file.
+SPOOL_IN_MEMORY = 1024 * 1024
+
+
+class DataReader:
+    """
+    Collects one message's text from ``feed`` calls until the end marker.
+
+    ``feed`` returns ``None`` while the message continues, or the bytes that followed the end
+    marker (possibly empty: pipelined commands) once it is complete. Then ``refusal`` is the
+    reply that refuses the message (or ``None``) and ``message()`` returns the unstuffed text.
+    """
+
+    def __init__(self, maxSize: int, maxLineLength: int, spoolDir: str | None = None) -> None:
+        self._maxSize = maxSize
+        # The limit is on a line including its CRLF; split() measures lines without it.
+        self._maxLine = maxLineLength - 2
+        self._spoolDir = spoolDir
+        self._spool: IO[bytes] | None = None
+        self._parts: list[bytes] = []
+        self._carry = b""
+        # Whether _carry starts at the beginning of a line. False only after an over-long line
+        # was cut short, when the next CRLF . CRLF must not be taken for a line that starts there.
+        self._atLineStart = True
+        self.size = 0
+        self.refusal: Reply | None = None
+
+    def feed(self, data: bytes) -> bytes | None:
+        # A virtual CRLF before a line start lets one search find the end marker (and dot-stuffed
+        # lines) at the very start of the buffer as well as after any real CRLF.
+        buffer = (_CRLF if self._atLineStart else b"") + self._carry + data
+        offset = 2 if self._atLineStart else 0
+        end = buffer.find(_END)
+        if end >= 0:
+            self._take(buffer, offset, end + 2)
+            self._carry = b""
+            return buffer[end + 5 :]
+        lastLineEnd = buffer.rfind(_CRLF)
+        if lastLineEnd >= offset:
+            self._take(buffer, offset, lastLineEnd + 2)
+            self._carry = buffer[lastLineEnd + 2 :]
+            self._atLineStart = True
+        else:
+            self._carry = buffer[offset:]
+            self._atLineStart = offset == 2
+        if len(self._carry) > self._maxLine + 1:
+            # A line that never ends: refuse the message and keep only what could still be
+            # the start of a CRLF . CRLF, so a client cannot make us buffer without bound.
+            self._refuse(replies.LINE_TOO_LONG.withText("Line too long; message discarded"))
+            self._carry = self._carry[-1:]
+            self._atLineStart = False
+        return None
+
+    def _take(self, buffer: bytes, start: int, stop: int) -> None:
+        """Account for ``buffer[start:stop]``, complete lines each ending in CRLF."""
+        if self.refusal is not None:
+            return
+        chunk = buffer[start:stop]
+        crlf = chunk.count(_CRLF)
+        if chunk.count(b"\r") != crlf or chunk.count(b"\n") != crlf:
+            self._refuse(replies.BARE_LINE_ENDING)
+            return
+        if len(chunk) > self._maxLine and max(map(len, chunk.split(_CRLF))) > self._maxLine:
+            self._refuse(replies.LINE_TOO_LONG.withText("Line too long; message discarded"))
+            return
+        if start == 2:
+            # Undo dot-stuffing (RFC 5321 §4.5.2): a line's leading dot is removed. The CRLF
+            # before the first line is the virtual one, so search from it and drop it after.
+            chunk = buffer[0:stop].replace(b"\r\n.", _CRLF)[2:]
+        else:
+            chunk = chunk.replace(b"\r\n.", _CRLF)
+        self.size += len(chunk)
+        if self.size > self._maxSize:
+            self._refuse(replies.MESSAGE_TOO_BIG)
+            return
+        self._store(chunk)
+
+    def _store(self, chunk: bytes) -> None:
+        if self._spool is not None:
+            self._spool.write(chunk)
+            return
+        self._parts.append(chunk)
+        if self.size > SPOOL_IN_MEMORY:
+            self._spool = SpooledTemporaryFile(max_size=0, dir=self._spoolDir)  # noqa: SIM115
+            self._spool.writelines(self._parts)
+            self._parts = []
+
+    def _refuse(self, reply: Reply) -> None:
+        if self.refusal is None:
+            self.refusal = reply
+        self._discard()
+
+    def _discard(self) -> None:
+        self._parts = []
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+
+    def message(self) -> bytes:
+        """The message text, dot-stuffing undone, lines ending in CRLF."""
+        if self._spool is None:
+            return b"".join(self._parts)
+        self._spool.seek(0)
+        return self._spool.read()
+
+    def close(self) -> None:
+        """Release the spool file, if any."""
+        self._discard()

@@ -1,0 +1,93 @@
+"""
+One SMTP listener: its settings, its protocol factory, and the endpoint it listens on.
+
+A listener is an endpoint string (``tcp:587``, ``systemd:domain=INET:index=0``, ...) plus a
+security mode. ``tls`` listeners wrap the factory in TLS so the first byte is a handshake;
+``starttls`` listeners hand the same context to the protocol for STARTTLS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.cred.portal import Portal
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from mailrelay.auth.throttle import LoginThrottle
+from mailrelay.config import LimitsConfig, ListenerConfig
+
+
+@dataclass(frozen=True)
+class ListenerSettings:
+    """Everything a session on one listener needs to know, shared by all its connections."""
+
+    name: str
+    hostname: str
+    security: str
+    authMode: str
+    allowPlaintextAuth: bool
+    limits: LimitsConfig
+    portal: Portal
+    clock: IReactorTime
+    throttle: LoginThrottle
+    tlsContext: Any = None
+    # For auth = "network": (session) -> Deferred[(avatar, logout) | None]
+    networkLogin: Callable[[Any], Any] | None = None
+    spoolDir: str | None = None
+
+
+class SubmissionFactory(Factory):
+    """Builds a :class:`SubmissionProtocol` per connection on one listener."""
+
+    def __init__(self, settings: ListenerSettings, implicitTLS: bool = False) -> None:
+        self.settings = settings
+        self.implicitTLS = implicitTLS
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        from mailrelay.smtp.protocol import SubmissionProtocol
+
+        protocol = SubmissionProtocol(self.settings, implicitTLS=self.implicitTLS)
+        protocol.factory = self
+        return protocol
+
+
+def listenerSettings(
+    listener: ListenerConfig,
+    *,
+    hostname: str,
+    limits: LimitsConfig,
+    portal: Portal,
+    clock: IReactorTime,
+    throttle: LoginThrottle,
+    tlsContext: Any,
+    networkLogin: Callable[[Any], Any] | None,
+    spoolDir: str | None,
+) -> ListenerSettings:
+    """The settings of one configured listener."""
+    return ListenerSettings(
+        name=listener.endpoint,
+        hostname=hostname,
+        security=listener.security,
+        authMode=listener.auth,
+        allowPlaintextAuth=listener.allow_plaintext_auth,
+        limits=limits,
+        portal=portal,
+        clock=clock,
+        throttle=throttle,
+        tlsContext=tlsContext if listener.security != "none" else None,
+        networkLogin=networkLogin if listener.auth == "network" else None,
+        spoolDir=spoolDir,
+    )
+
+
+def listenerFactory(settings: ListenerSettings) -> IProtocolFactory:
+    """The factory to listen with: TLS-wrapped for implicit-TLS listeners."""
+    if settings.security == "tls":
+        return TLSMemoryBIOFactory(
+            settings.tlsContext, False, SubmissionFactory(settings, implicitTLS=True)
+        )
+    return SubmissionFactory(settings)

@@ -1,0 +1,566 @@
+"""
+The ESMTP server protocol: it speaks the wire; the avatar (``IMessageDelivery``) decides.
+
+Commands are taken one at a time from the input buffer. A command whose decision is a Deferred
+(MAIL, RCPT, AUTH, end of DATA) holds the commands pipelined behind it until it has been
+answered, so replies always leave in order and a RCPT never sees a MAIL that is still being
+checked. The DATA section is read in bulk by :class:`mailrelay.smtp.data.DataReader`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from mailrelay import metrics
+from mailrelay.auth.credentials import credentialsFor
+from mailrelay.interfaces import IMessageDelivery
+from mailrelay.model import Recipient, SessionInfo
+from mailrelay.smtp import replies
+from mailrelay.smtp.data import DataReader
+from mailrelay.smtp.listener import ListenerSettings
+from mailrelay.smtp.paths import PathError, splitPath
+from mailrelay.smtp.replies import Reply
+
+# RFC 5321 allows 512 octets for a command line; AUTH responses may be up to 12288 (RFC 4954).
+MAX_COMMAND_LINE = 12288
+# Input held while a command is being decided before we stop reading from the client.
+MAX_PENDING_INPUT = 256 * 1024
+MAX_BAD_COMMANDS = 20
+_HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DELETE"})
+# Replies that mean the client does not speak SMTP properly (not policy refusals): too many of
+# them on one connection and it is closed.
+_PROTOCOL_ERRORS = frozenset({500, 501, 502, 503, 504, 555})
+_MAIL_PARAMETERS = frozenset({"SIZE", "BODY", "SMTPUTF8", "AUTH"})
+
+CommandResult = Reply | Deferred[Reply] | None
+
+
+@dataclass
+class Transaction:
+    """One mail transaction: from MAIL to the end of DATA (or RSET)."""
+
+    sender: str
+    recipients: list[Recipient] = field(default_factory=list)
+    rcptAttempts: int = 0
+
+
+class SubmissionProtocol(Protocol, TimeoutMixin):
+    log = Logger()
+
+    def __init__(self, settings: ListenerSettings, implicitTLS: bool = False) -> None:
+        self.settings = settings
+        self.callLater = settings.clock.callLater  # TimeoutMixin's clock
+        self._tls = implicitTLS
+        self._tlsVersion: str | None = None
+        self._buffer = b""
+        self._pos = 0
+        self._discardingLine = False
+        self._processing = False
+        self._blocked = False
+        self._paused = False
+        self._closing = False
+        self._helo: str | None = None
+        self._esmtp = False
+        self._avatar: Any = None
+        self._authenticated = False
+        self._logout: Callable[[], None] | None = None
+        self._authFailures = 0
+        self._badCommands = 0
+        self._transaction: Transaction | None = None
+        self._reader: DataReader | None = None
+        self._lineHandler: Callable[[bytes], CommandResult] | None = None
+        self._clientAddress = ""
+
+    # -- connection ------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        self._clientAddress = getattr(peer, "host", "") or ""
+        metrics.connections.labels(self.settings.name).inc()
+        metrics.sessions.labels(self.settings.name).inc()
+        self.setTimeout(self.settings.limits.command_timeout)
+        if self.settings.throttle.blocked(self._clientAddress):
+            self._closeWith(replies.TOO_MANY_AUTH_FAILURES)
+            return
+        self._write(f"220 {self.settings.hostname} ESMTP\r\n".encode())
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.setTimeout(None)
+        self._closing = True
+        metrics.sessions.labels(self.settings.name).dec()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        self._logoutAvatar()
+
+    def timeoutConnection(self) -> None:
+        self.log.info("{client} timed out", client=self._clientAddress)
+        self._closeWith(replies.TIMEOUT)
+
+    def _write(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def _reply(self, reply: Reply) -> None:
+        if reply.code in _PROTOCOL_ERRORS:
+            self._badCommands += 1
+        self._write(reply.toBytes())
+        if self._badCommands > MAX_BAD_COMMANDS and not self._closing:
+            self._closeWith(replies.TOO_MANY_ERRORS)
+
+    def _closeWith(self, reply: Reply) -> None:
+        self._write(reply.toBytes())
+        self._closing = True
+        self._buffer = b""
+        self._pos = 0
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    # -- input -----------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self.resetTimeout()
+        if self._reader is not None and not self._blocked and not self._processing:
+            self._feedData(data)
+        else:
+            self._buffer += data
+        self._processBuffer()
+
+    def _processBuffer(self) -> None:
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while not self._blocked and not self._closing:
+                if self._reader is not None:
+                    if self._pos >= len(self._buffer):
+                        break
+                    data = self._buffer[self._pos :]
+                    self._buffer, self._pos = b"", 0
+                    self._feedData(data)
+                    continue
+                line = self._nextLine()
+                if line is None:
+                    break
+                self._run(self._handleLine(line))
+        finally:
+            self._processing = False
+        self._flowControl()
+
+    def _flowControl(self) -> None:
+        pending = len(self._buffer) - self._pos
+        if not self._paused and pending > MAX_PENDING_INPUT:
+            self._paused = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+        elif self._paused and pending <= MAX_PENDING_INPUT:
+            self._paused = False
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def _nextLine(self) -> bytes | None:
+        """The next complete command line without its line ending, or None for "need more"."""
+        while True:
+            end = self._buffer.find(b"\n", self._pos)
+            if end < 0:
+                if self._pos:
+                    self._buffer, self._pos = self._buffer[self._pos :], 0
+                if len(self._buffer) > MAX_COMMAND_LINE:
+                    self._buffer = b""
+                    if not self._discardingLine:
+                        self._discardingLine = True
+                        self._reply(replies.LINE_TOO_LONG)
+                return None
+            line = self._buffer[self._pos : end]
+            self._pos = end + 1
+            if self._discardingLine:
+                self._discardingLine = False
+                continue
+            if len(line) > MAX_COMMAND_LINE:
+                self._reply(replies.LINE_TOO_LONG)
+                continue
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            return line
+
+    def _run(self, result: CommandResult) -> None:
+        """Answer a command now, or hold the input until its Deferred answers it."""
+        if isinstance(result, Deferred):
+            self._blocked = True
+            result.addErrback(self._replyForFailure)
+            result.addCallback(self._answerLater)
+        elif result is not None:
+            self._reply(result)
+
+    def _answerLater(self, reply: Reply | None) -> None:
+        self._blocked = False
+        if self._closing:
+            return
+        if reply is not None:
+            self._reply(reply)
+        self._processBuffer()
+
+    def _replyForFailure(self, failure: Failure) -> Reply:
+        if failure.check(replies.Refused):
+            return failure.value.reply  # type: ignore[union-attr,no-any-return]
+        self.log.failure("internal error answering {client}", failure, client=self._clientAddress)
+        return replies.TEMPORARY_FAILURE
+
+    def _handleLine(self, line: bytes) -> CommandResult:
+        if self._lineHandler is not None:
+            handler, self._lineHandler = self._lineHandler, None
+            return handler(line)
+        verb, _, rawArgument = line.partition(b" ")
+        try:
+            command = verb.decode("ascii").upper()
+            argument = rawArgument.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            return replies.SYNTAX_ERROR.withText("Invalid characters in command")
+        method = getattr(self, f"smtp_{command}", None)
+        if method is None:
+            if command in _HTTP_VERBS:
+                self._closeWith(replies.UNKNOWN_COMMAND.withText("This is an SMTP server"))
+                return None
+            return replies.UNKNOWN_COMMAND
+        return method(argument)  # type: ignore[no-any-return]
+
+    # -- session state ---------------------------------------------------------------------
+
+    def _session(self) -> SessionInfo:
+        return SessionInfo(
+            client_address=self._clientAddress,
+            listener=self.settings.name,
+            helo=self._helo or "",
+            tls_version=self._currentTLSVersion(),
+            authenticated=self._authenticated,
+        )
+
+    def _currentTLSVersion(self) -> str | None:
+        if not self._tls:
+            return None
+        if self._tlsVersion is None:
+            try:
+                self._tlsVersion = self.transport.getHandle().get_protocol_version_name()  # type: ignore[union-attr]
+            except Exception:
+                return "TLS"
+        return self._tlsVersion
+
+    def _authAllowed(self) -> bool:
+        return self._tls or self.settings.allowPlaintextAuth
+
+    def _resetSession(self) -> None:
+        self._helo = None
+        self._esmtp = False
+        self._transaction = None
+        self._logoutAvatar()
+
+    def _logoutAvatar(self) -> None:
+        logout, self._logout = self._logout, None
+        self._avatar = None
+        self._authenticated = False
+        if logout is not None:
+            logout()
+
+    # -- commands --------------------------------------------------------------------------
+
+    def smtp_HELO(self, argument: str) -> CommandResult:
+        if not argument or " " in argument:
+            return replies.SYNTAX_ERROR.withText("Syntax: HELO hostname")
+        self._helo = argument
+        self._esmtp = False
+        self._transaction = None
+        return Reply(250, None, f"{self.settings.hostname}")
+
+    def smtp_EHLO(self, argument: str) -> CommandResult:
+        if not argument or " " in argument:
+            return replies.SYNTAX_ERROR.withText("Syntax: EHLO hostname")
+        self._helo = argument
+        self._esmtp = True
+        self._transaction = None
+        lines = [
+            f"{self.settings.hostname} greets {argument}",
+            "PIPELINING",
+            f"SIZE {self.settings.limits.max_message_size}",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+        ]
+        if self.settings.security == "starttls" and not self._tls:
+            lines.append("STARTTLS")
+        if self._authAllowed() and not self._authenticated:
+            lines.append("AUTH PLAIN LOGIN")
+        lines.append("HELP")
+        return Reply(250, None, "\n".join(lines))
+
+    def smtp_NOOP(self, argument: str) -> CommandResult:
+        return replies.OK
+
+    def smtp_HELP(self, argument: str) -> CommandResult:
+        return replies.HELP
+
+    def smtp_VRFY(self, argument: str) -> CommandResult:
+        if not argument:
+            return replies.SYNTAX_ERROR.withText("Syntax: VRFY address")
+        return replies.VRFY_CANNOT
+
+    def smtp_QUIT(self, argument: str) -> CommandResult:
+        self._closeWith(replies.BYE)
+        return None
+
+    def smtp_RSET(self, argument: str) -> CommandResult:
+        if argument:
+            return replies.SYNTAX_ERROR.withText("Syntax: RSET")
+        self._transaction = None
+        return replies.OK
+
+    def smtp_STARTTLS(self, argument: str) -> CommandResult:
+        if self.settings.security != "starttls" or self.settings.tlsContext is None:
+            return replies.NOT_IMPLEMENTED.withText("STARTTLS not offered here")
+        if self._tls:
+            return replies.BAD_SEQUENCE.withText("TLS already active")
+        if argument:
+            return replies.SYNTAX_ERROR.withText("Syntax: STARTTLS")
+        self._write(replies.READY_TLS.toBytes())
+        # RFC 3207 §4.2: whatever the client sent after STARTTLS in the clear is not trusted,
+        # and the session starts over as if newly connected.
+        self._buffer, self._pos = b"", 0
+        self._resetSession()
+        self.transport.startTLS(self.settings.tlsContext)  # type: ignore[union-attr]
+        self._tls = True
+        return None
+
+    def smtp_AUTH(self, argument: str) -> CommandResult:
+        if self._helo is None or not self._esmtp:
+            return replies.BAD_SEQUENCE.withText("Send EHLO first")
+        if self._authenticated:
+            return replies.BAD_SEQUENCE.withText("Already authenticated")
+        if self._transaction is not None:
+            return replies.BAD_SEQUENCE.withText("AUTH not allowed during a mail transaction")
+        if not self._authAllowed():
+            return replies.ENCRYPTION_REQUIRED
+        mechanism, _, initial = argument.partition(" ")
+        mechanism = mechanism.upper()
+        if mechanism == "PLAIN":
+            if initial:
+                return self._authPlain(initial.encode("ascii", "replace"))
+            self._lineHandler = self._authPlain
+            return replies.AUTH_CHALLENGE
+        if mechanism == "LOGIN":
+            if initial:
+                return self._authLoginUser(initial.encode("ascii", "replace"))
+            self._lineHandler = self._authLoginUser
+            return replies.AUTH_CHALLENGE.withText("VXNlcm5hbWU6")
+        if not mechanism:
+            return replies.SYNTAX_ERROR.withText("Syntax: AUTH mechanism [initial-response]")
+        return replies.UNKNOWN_AUTH_MECHANISM
+
+    def _decodeAuthResponse(self, line: bytes) -> str | Reply:
+        if line.strip() == b"*":
+            return replies.AUTH_CANCELLED
+        try:
+            return base64.b64decode(line.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            return replies.BAD_BASE64
+
+    def _authPlain(self, line: bytes) -> CommandResult:
+        decoded = self._decodeAuthResponse(line)
+        if isinstance(decoded, Reply):
+            return decoded
+        parts = decoded.split("\0")
+        if len(parts) != 3 or not parts[1]:
+            return replies.BAD_BASE64.withText("Malformed PLAIN response")
+        authzid, user, password = parts
+        if authzid and authzid != user:
+            return self._authFailed()
+        return self._login(user, password)
+
+    def _authLoginUser(self, line: bytes) -> CommandResult:
+        decoded = self._decodeAuthResponse(line)
+        if isinstance(decoded, Reply):
+            return decoded
+        user = decoded
+
+        def password(line: bytes) -> CommandResult:
+            decodedPassword = self._decodeAuthResponse(line)
+            if isinstance(decodedPassword, Reply):
+                return decodedPassword
+            return self._login(user, decodedPassword)
+
+        self._lineHandler = password
+        return replies.AUTH_CHALLENGE.withText("UGFzc3dvcmQ6")
+
+    def _login(self, user: str, password: str) -> CommandResult:
+        if self.settings.throttle.blocked(self._clientAddress):
+            self._closeWith(replies.TOO_MANY_AUTH_FAILURES)
+            return None
+        d = self.settings.portal.login(
+            credentialsFor(user, password), self._session(), IMessageDelivery
+        )
+        d.addCallbacks(self._loggedIn, self._loginFailed)
+        return d  # type: ignore[no-any-return]
+
+    def _loggedIn(self, result: tuple[Any, Any, Callable[[], None]]) -> Reply:
+        _, avatar, logout = result
+        self._avatar, self._logout, self._authenticated = avatar, logout, True
+        self.settings.throttle.succeeded(self._clientAddress)
+        metrics.authentications.labels("success").inc()
+        self.log.info(
+            "{client} authenticated as {account}",
+            client=self._clientAddress,
+            account=avatar.account.name,
+        )
+        return replies.AUTH_OK
+
+    def _loginFailed(self, failure: Failure) -> CommandResult:
+        if failure.check(UnauthorizedLogin, UnhandledCredentials):
+            return self._authFailed()
+        return failure  # type: ignore[return-value]
+
+    def _authFailed(self) -> CommandResult:
+        self._authFailures += 1
+        self.settings.throttle.failed(self._clientAddress)
+        metrics.authentications.labels("failure").inc()
+        self.log.info("{client} failed to authenticate", client=self._clientAddress)
+        if self._authFailures >= self.settings.limits.max_auth_failures:
+            self._closeWith(replies.TOO_MANY_AUTH_FAILURES)
+            return None
+        return replies.AUTH_FAILED
+
+    def smtp_MAIL(self, argument: str) -> CommandResult:
+        if self._helo is None:
+            return replies.BAD_SEQUENCE.withText("Send HELO or EHLO first")
+        if self._transaction is not None:
+            return replies.BAD_SEQUENCE.withText("Sender already specified")
+        if not argument[:5].upper() == "FROM:":
+            return replies.SYNTAX_ERROR.withText("Syntax: MAIL FROM:<address>")
+        try:
+            sender, parameters = splitPath(argument[5:], allowEmpty=True)
+        except PathError as e:
+            return replies.SYNTAX_ERROR.withText(str(e))
+        for name, value in parameters.items():
+            if name not in _MAIL_PARAMETERS:
+                return replies.UNKNOWN_PARAMETER.withText(f"Unsupported MAIL parameter {name}")
+            if name == "SIZE":
+                if value is None or not value.isdigit():
+                    return replies.SYNTAX_ERROR.withText("SIZE needs a number")
+                if int(value) > self.settings.limits.max_message_size:
+                    return replies.MESSAGE_TOO_BIG
+            elif name == "BODY" and (value or "").upper() not in ("7BIT", "8BITMIME"):
+                return replies.SYNTAX_ERROR.withText("BODY must be 7BIT or 8BITMIME")
+        d = self._avatarForMail()
+        if isinstance(d, Reply):
+            return d
+        d.addCallback(lambda avatar: avatar.validateFrom(self._session(), sender))
+        d.addCallback(self._senderAccepted)
+        return d
+
+    def _avatarForMail(self) -> Deferred[Any] | Reply:
+        if self._avatar is not None:
+            return succeed(self._avatar)
+        if self.settings.authMode != "network":
+            return replies.AUTH_REQUIRED
+        d = maybeDeferred(self.settings.networkLogin, self._session())
+
+        def found(result: tuple[Any, Callable[[], None]] | None) -> Any:
+            if result is None:
+                raise replies.Refused(replies.AUTH_REQUIRED)
+            self._avatar, self._logout = result
+            return self._avatar
+
+        return d.addCallback(found)
+
+    def _senderAccepted(self, sender: str) -> Reply:
+        self._transaction = Transaction(sender)
+        return replies.SENDER_OK
+
+    def smtp_RCPT(self, argument: str) -> CommandResult:
+        transaction = self._transaction
+        if transaction is None:
+            return replies.BAD_SEQUENCE.withText("Need MAIL before RCPT")
+        if not argument[:3].upper() == "TO:":
+            return replies.SYNTAX_ERROR.withText("Syntax: RCPT TO:<address>")
+        try:
+            recipient, parameters = splitPath(argument[3:], allowEmpty=False)
+        except PathError as e:
+            return replies.SYNTAX_ERROR.withText(str(e))
+        if parameters:
+            name = next(iter(parameters))
+            return replies.UNKNOWN_PARAMETER.withText(f"Unsupported RCPT parameter {name}")
+        transaction.rcptAttempts += 1
+        if len(transaction.recipients) >= self.settings.limits.max_recipients:
+            return replies.TOO_MANY_RECIPIENTS
+        d = maybeDeferred(
+            self._avatar.validateTo,
+            self._session(),
+            transaction.sender,
+            recipient,
+            tuple(transaction.recipients),
+        )
+
+        def accepted(accepted: Recipient) -> Reply:
+            if accepted not in transaction.recipients:
+                transaction.recipients.append(accepted)
+            return replies.RECIPIENT_OK
+
+        return d.addCallback(accepted)
+
+    def smtp_DATA(self, argument: str) -> CommandResult:
+        transaction = self._transaction
+        if transaction is None:
+            return replies.BAD_SEQUENCE.withText("Need MAIL before DATA")
+        if not transaction.recipients:
+            if transaction.rcptAttempts:
+                return replies.NO_VALID_RECIPIENTS
+            return replies.BAD_SEQUENCE.withText("Need RCPT before DATA")
+        if argument:
+            return replies.SYNTAX_ERROR.withText("Syntax: DATA")
+        limits = self.settings.limits
+        self._reader = DataReader(
+            limits.max_message_size, limits.max_line_length, self.settings.spoolDir
+        )
+        self.setTimeout(limits.data_timeout)
+        return replies.START_DATA
+
+    def _feedData(self, data: bytes) -> None:
+        reader = self._reader
+        assert reader is not None
+        rest = reader.feed(data)
+        if rest is None:
+            return
+        self._reader = None
+        self._buffer, self._pos = rest + self._buffer[self._pos :], 0
+        self.setTimeout(self.settings.limits.command_timeout)
+        transaction, self._transaction = self._transaction, None
+        assert transaction is not None
+        if reader.refusal is not None:
+            reader.close()
+            metrics.messages.labels(str(reader.refusal.code)).inc()
+            self._reply(reader.refusal)
+            return
+        message = reader.message()
+        reader.close()
+        d = maybeDeferred(
+            self._avatar.deliverMessage,
+            self._session(),
+            transaction.sender,
+            tuple(transaction.recipients),
+            message,
+        )
+        d.addCallback(lambda notificationId: replies.ACCEPTED.withText(f"OK id={notificationId}"))
+        d.addErrback(self._replyForFailure)
+        d.addCallback(self._countMessage)
+        self._run(d)
+
+    def _countMessage(self, reply: Reply) -> Reply:
+        metrics.messages.labels(str(reply.code)).inc()
+        return reply
+

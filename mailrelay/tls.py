@@ -1,0 +1,99 @@
+"""
+The server's TLS context: the configured certificate, or a self-signed one made on first start.
+
+Only TLS 1.2 and later are offered. The certificate file may hold a full chain (leaf first).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet.ssl import Certificate, CertificateOptions, PrivateCertificate, TLSVersion
+from twisted.logger import Logger
+
+from mailrelay.config import Config
+
+log = Logger()
+
+SELF_SIGNED_CERT = "selfsigned-cert.pem"
+SELF_SIGNED_KEY = "selfsigned-key.pem"
+
+
+def generateSelfSigned(hostname: str, certPath: Path, keyPath: Path) -> None:
+    """Write a new self-signed ECDSA P-256 certificate for ``hostname`` and its key (mode 0600)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64])])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=825))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    keyBytes = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(keyPath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(keyBytes)
+    certPath.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+
+
+def certificatePaths(config: Config) -> tuple[Path, Path]:
+    """The certificate and key to use, generating the self-signed pair if none is configured."""
+    if config.tls.certificate and config.tls.key:
+        return Path(config.tls.certificate), Path(config.tls.key)
+    certPath = config.dataPath / SELF_SIGNED_CERT
+    keyPath = config.dataPath / SELF_SIGNED_KEY
+    if not (certPath.exists() and keyPath.exists()):
+        config.dataPath.mkdir(mode=0o700, parents=True, exist_ok=True)
+        generateSelfSigned(config.hostname, certPath, keyPath)
+        log.warn(
+            "No [tls] certificate configured: generated a self-signed one for {hostname} at "
+            "{path}. Clients will not trust it; configure [tls] for production.",
+            hostname=config.hostname,
+            path=str(certPath),
+        )
+    return certPath, keyPath
+
+
+def _pemBlocks(data: bytes) -> list[bytes]:
+    marker = b"-----END CERTIFICATE-----"
+    return [block + marker + b"\n" for block in data.split(marker)[:-1]]
+
+
+def contextFactory(certPath: Path, keyPath: Path) -> CertificateOptions:
+    """TLS 1.2+ server options from PEM files; raises ValueError naming a bad file."""
+    try:
+        certData = certPath.read_bytes()
+        keyData = keyPath.read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read TLS file: {e}") from None
+    blocks = _pemBlocks(certData)
+    if not blocks:
+        raise ValueError(f"{certPath}: no certificate found")
+    try:
+        leaf = PrivateCertificate.loadPEM(keyData + b"\n" + blocks[0])
+        chain = [Certificate.loadPEM(block).original for block in blocks[1:]]
+    except Exception as e:
+        raise ValueError(f"{certPath} / {keyPath}: not a usable certificate and key: {e}") from None
+    return CertificateOptions(
+        privateKey=leaf.privateKey.original,
+        certificate=leaf.original,
+        extraCertChain=chain,
+        raiseMinimumTo=TLSVersion.TLSv1_2,
+    )
