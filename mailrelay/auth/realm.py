@@ -1,0 +1,99 @@
+"""
+The realm: turns an authenticated account name into the account's SMTP avatar.
+
+It is also where the account's client networks are enforced, because only here are both the
+account (from the store) and the client (the login's ``mind``, a SessionInfo) known.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet.defer import inlineCallbacks
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from mailrelay.auth.checkers import AccountPasswordChecker, APIKeyChecker
+from mailrelay.interfaces import IMessageDelivery, IStore
+from mailrelay.model import Account, SessionInfo
+
+AvatarFactory = Callable[[Account], Any]
+
+
+def clientAllowed(account: Account, clientAddress: str) -> bool:
+    """Whether ``clientAddress`` lies in one of the account's networks (all, if it has none)."""
+    if not account.networks:
+        return True
+    try:
+        address = ipaddress.ip_address(clientAddress)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(n, strict=False) for n in account.networks)
+
+
+def accountForNetwork(accounts: Sequence[Account], clientAddress: str) -> Account | None:
+    """
+    The enabled account whose networks hold ``clientAddress`` most specifically (longest
+    prefix), for relay by IP. Two accounts claiming the same most specific network is a
+    configuration error; the first by name wins, deterministically.
+    """
+    try:
+        address = ipaddress.ip_address(clientAddress)
+    except ValueError:
+        return None
+    best: tuple[int, Account] | None = None
+    for account in accounts:
+        if not account.enabled:
+            continue
+        for text in account.networks:
+            network = ipaddress.ip_network(text, strict=False)
+            if address in network and (best is None or network.prefixlen > best[0]):
+                best = (network.prefixlen, account)
+    return best[1] if best else None
+
+
+def _noLogout() -> None:
+    pass
+
+
+@implementer(IRealm)
+class SubmissionRealm:
+    """Gives each login the ``IMessageDelivery`` avatar of its account."""
+
+    def __init__(self, store: IStore, makeAvatar: AvatarFactory) -> None:
+        self._store = store
+        self._makeAvatar = makeAvatar
+
+    @inlineCallbacks
+    def requestAvatar(self, avatarId: str, mind: Any, *interfaces: Any) -> Any:
+        if IMessageDelivery not in interfaces:
+            raise NotImplementedError("mailrelay's realm only makes IMessageDelivery avatars")
+        account = yield self._store.getAccount(avatarId)
+        if account is None or not account.enabled:
+            raise UnauthorizedLogin()
+        if isinstance(mind, SessionInfo) and not clientAllowed(account, mind.client_address):
+            raise UnauthorizedLogin()
+        return (IMessageDelivery, self._makeAvatar(account), _noLogout)
+
+    @inlineCallbacks
+    def networkLogin(self, session: SessionInfo) -> Any:
+        """For ``auth = "network"`` listeners: ``(avatar, logout)`` of the account whose client
+        networks hold the session's address, or None."""
+        accounts = yield self._store.listAccounts()
+        account = accountForNetwork(accounts, session.client_address)
+        if account is None:
+            return None
+        return (self._makeAvatar(account), _noLogout)
+
+
+def makePortal(
+    store: IStore, makeAvatar: AvatarFactory, reactor: Any, threadpool: ThreadPool
+) -> tuple[Portal, SubmissionRealm]:
+    """A portal with the password and API-key checkers, and its realm."""
+    realm = SubmissionRealm(store, makeAvatar)
+    portal = Portal(realm, [AccountPasswordChecker(store, reactor, threadpool), APIKeyChecker(store)])
+    return portal, realm

@@ -1,0 +1,125 @@
+"""
+``twistd mailrelay``: the command-line options and the service tree.
+
+The tree is a MultiService: the store first (opened before anything can use it, closed last),
+the auth thread pool, then one StreamServerEndpointService per SMTP listener and one for the
+web resource. Listening sockets are bound in privilegedStartService, so ``--uid``/``--gid``
+can drop root after binding ports 25/465/587.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IServiceCollection, MultiService, Service
+from twisted.internet import endpoints
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from mailrelay.auth.realm import makePortal
+from mailrelay.auth.throttle import LoginThrottle
+from mailrelay.config import Config, ConfigError, loadConfig
+from mailrelay.interfaces import IStore
+from mailrelay.smtp.listener import listenerFactory, listenerSettings
+from mailrelay.store import makeStore
+from mailrelay.submission import Submissions
+from mailrelay.tls import certificatePaths, contextFactory
+
+log = Logger()
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE]"
+    longdesc = (
+        "Run the mailrelay SMTP submission relay. Without --config, ./mailrelay.toml is read "
+        "if present, else the built-in defaults are used."
+    )
+    optParameters = [["config", "c", None, "TOML configuration file"]]
+
+    def postOptions(self) -> None:
+        try:
+            self.loadedConfig: Config = loadConfig(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(f"configuration: {e}") from None
+
+
+class StoreService(Service):
+    """Opens the store when the service starts and closes it (after the listeners) on stop."""
+
+    def __init__(self, store: IStore, reactor: Any) -> None:
+        self.store = store
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        d = self.store.open()
+        d.addErrback(self._failed)
+
+    def _failed(self, failure: Any) -> None:
+        log.failure("cannot open the store; stopping", failure)
+        self._reactor.stop()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.store.close()
+
+
+class ThreadPoolService(Service):
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+def _listen(parent: IServiceCollection, reactor: Any, endpoint: str, factory: Any) -> None:
+    service = StreamServerEndpointService(endpoints.serverFromString(reactor, endpoint), factory)
+    # Fail the start (and twistd) when a port cannot be bound, rather than log and carry on.
+    service._raiseSynchronously = True
+    service.setServiceParent(parent)
+
+
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    """The whole relay, built from the options' configuration."""
+    if reactor is None:
+        from twisted.internet import reactor as globalReactor
+
+        reactor = globalReactor
+    config: Config = getattr(options, "loadedConfig", None) or loadConfig(options["config"])
+    config.dataPath.mkdir(mode=0o700, parents=True, exist_ok=True)
+    spoolDir = config.dataPath / "spool"
+    spoolDir.mkdir(mode=0o700, exist_ok=True)
+
+    root = MultiService()
+    store = makeStore(config, reactor)
+    StoreService(store, reactor).setServiceParent(root)
+    authPool = ThreadPool(minthreads=1, maxthreads=2, name="mailrelay-auth")
+    ThreadPoolService(authPool).setServiceParent(root)
+
+    tlsContext = None
+    if any(listener.security != "none" for listener in config.listeners):
+        tlsContext = contextFactory(*certificatePaths(config))
+    submissions = Submissions(store, config, reactor)
+    portal, realm = makePortal(store, submissions, reactor, authPool)
+    throttle = LoginThrottle(reactor.seconds)
+    for listener in config.listeners:
+        settings = listenerSettings(
+            listener,
+            hostname=config.hostname,
+            limits=config.limits,
+            portal=portal,
+            clock=reactor,
+            throttle=throttle,
+            tlsContext=tlsContext,
+            networkLogin=realm.networkLogin,
+            spoolDir=str(spoolDir),
+        )
+        _listen(root, reactor, listener.endpoint, listenerFactory(settings))
+    return root
