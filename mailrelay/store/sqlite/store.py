@@ -1,0 +1,668 @@
+"""
+The embedded store: everything mailrelay keeps, in one SQLite file (WAL mode, fsync on commit).
+
+Threads. No SQLite call runs on the reactor thread:
+
+- *writes* go to one :class:`~mailrelay.store.sqlite.threads.GroupCommitThread` that owns the
+  only write connection and commits waiting requests together (one fsync for a group), so the
+  Deferred of :meth:`SQLiteStore.enqueue` fires only after the message is on disk;
+- *reads* go to one reader thread with its own connection. WAL lets it read while the writer
+  writes. Reads are indexed lookups costing microseconds, and the hop to a thread costs a few
+  tens; in exchange a cold page cache, a checkpoint or a slow disk never stalls the reactor that
+  serves every SMTP connection (and an AUTH already spends ~50 ms in Argon2 anyway).
+
+Every failure reaches the caller as :class:`~mailrelay.interfaces.StoreError` (or its
+AlreadyExists / NotFound subclasses), never as a raw ``sqlite3`` exception.
+
+Several processes may open the same file (the ``mailrelay`` admin command while the server runs):
+SQLite's locks serialise their writes, and a busy timeout makes each wait its turn.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailrelay.ids import NotificationIdGenerator
+from mailrelay.interfaces import AlreadyExists, IStore, NotFound, StoreError
+from mailrelay.model import (
+    STATUS_TEXTS,
+    Account,
+    ApiKey,
+    HeaderOptions,
+    Notification,
+    QueueStats,
+    Recipient,
+    Sender,
+    StatusEvent,
+)
+from mailrelay.store.sqlite.migrate import upgrade
+from mailrelay.store.sqlite.threads import DatabaseThread, GroupCommitThread
+
+BUSY_TIMEOUT = 10.0
+"""Seconds a connection waits for another process's lock before giving up (-> StoreError)."""
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)
+_PENDING_STATES = ("queued", "deferred", "in_flight")
+
+
+def toMillis(moment: datetime) -> int:
+    """Integer UTC milliseconds since the epoch (a naive datetime is taken to be UTC)."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return (moment - _EPOCH) // _MILLISECOND
+
+
+def fromMillis(millis: int) -> datetime:
+    """The timezone-aware UTC datetime of a stored timestamp."""
+    return _EPOCH + timedelta(milliseconds=millis)
+
+
+def _idNumber(notificationId: str) -> int | None:
+    """The integer a notification id is stored as, or None if it cannot be one of ours."""
+    if notificationId.isascii() and notificationId.isdigit():
+        number = int(notificationId)
+        if number < 2**63 and str(number) == notificationId:
+            return number
+    return None
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """A notification claimed by a delivery worker: what to send and how often it was tried."""
+
+    notification: Notification
+    message: bytes
+    attempts: int
+
+
+@implementer(IStore)
+class SQLiteStore:
+    """
+    The SQLite backend of :class:`~mailrelay.interfaces.IStore`, in the file ``path``.
+
+    ``reactor`` must run threads and tell time (the real reactor); ``instanceId`` goes into the
+    notification ids (see :mod:`mailrelay.ids`); ``groupLimit`` caps how many writes share one
+    commit; ``busyTimeout`` is how long to wait for another process's lock. Call :meth:`open`
+    first and :meth:`close` last. ``commits`` counts the write transactions committed so far.
+    """
+
+    name = "sqlite"
+    log = Logger()
+
+    def __init__(
+        self,
+        path: Path,
+        reactor: Any,
+        instanceId: int = 0,
+        groupLimit: int = 256,
+        busyTimeout: float = BUSY_TIMEOUT,
+    ) -> None:
+        self.path = Path(path)
+        self._busyTimeout = busyTimeout
+        self._reactor: IReactorTime = reactor
+        self._threads: IReactorThreads = reactor
+        self._newId = NotificationIdGenerator(instanceId, reactor.seconds)
+        self._writer = GroupCommitThread(
+            "mailrelay-sqlite-writer", self._connectWriter, reactor, groupLimit
+        )
+        self._reader = DatabaseThread("mailrelay-sqlite-reader", self._connectReader, reactor)
+
+    def __repr__(self) -> str:
+        return f"<SQLiteStore {str(self.path)!r}>"
+
+    @property
+    def commits(self) -> int:
+        """How many write transactions have been committed (fsync'd) since :meth:`open`."""
+        return self._writer.commits
+
+    # -- lifecycle --
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(
+            self.path, timeout=self._busyTimeout, isolation_level=None, check_same_thread=True
+        )
+
+    def _connectWriter(self) -> sqlite3.Connection:
+        connection = self._connect()
+        try:
+            (mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
+            if mode.lower() != "wal":
+                raise StoreError(f"sqlite store: cannot use WAL journal mode (got {mode!r})")
+            connection.execute("PRAGMA synchronous = FULL")
+            connection.execute("PRAGMA foreign_keys = ON")
+            upgrade(connection)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _connectReader(self) -> sqlite3.Connection:
+        connection = self._connect()
+        connection.execute("PRAGMA query_only = ON")
+        return connection
+
+    async def _open(self) -> None:
+        try:
+            await self._writer.start()  # creates or upgrades the schema first
+            await self._reader.start()
+        except BaseException:
+            await self.close()
+            raise
+        self.log.info("sqlite store open: {path}", path=str(self.path))
+
+    def open(self) -> Deferred[None]:
+        """Open (creating or upgrading) the database. Returns Deferred[None]."""
+        return Deferred.fromCoroutine(self._open())
+
+    async def _close(self) -> None:
+        await self._writer.stop()
+        await self._reader.stop()
+
+    def close(self) -> Deferred[None]:
+        """Finish every write already asked for, then close. Returns Deferred[None]."""
+        return Deferred.fromCoroutine(self._close())
+
+    def ping(self) -> Deferred[float]:
+        """Round trip through the reader thread. Returns Deferred[float] (seconds)."""
+        started = time.perf_counter()
+        d = self._reader.submit(lambda c: c.execute("SELECT 1").fetchone())
+        return d.addCallback(lambda _: time.perf_counter() - started)
+
+    # -- accounts, API keys, senders --
+
+    def addAccount(self, name: str, passwordHash: str) -> Deferred[Account]:
+        return self._writer.submit(partial(_addAccount, name=name, passwordHash=passwordHash))
+
+    def getAccount(self, name: str) -> Deferred[Account | None]:
+        return self._reader.submit(partial(_getAccount, name=name))
+
+    def listAccounts(self) -> Deferred[list[Account]]:
+        return self._reader.submit(_listAccounts)
+
+    def updateAccount(self, account: Account) -> Deferred[None]:
+        return self._writer.submit(partial(_updateAccount, account=account))
+
+    def addApiKey(self, account: str, keyId: str, keyHash: str) -> Deferred[ApiKey]:
+        createdAt = int(self._reactor.seconds() * 1000)
+        return self._writer.submit(
+            partial(_addApiKey, account=account, keyId=keyId, keyHash=keyHash, createdAt=createdAt)
+        )
+
+    def findApiKey(self, keyHash: str) -> Deferred[ApiKey | None]:
+        return self._reader.submit(partial(_findApiKey, keyHash=keyHash))
+
+    def listApiKeys(self, account: str) -> Deferred[list[ApiKey]]:
+        return self._reader.submit(partial(_listApiKeys, account=account))
+
+    def revokeApiKey(self, account: str, keyId: str) -> Deferred[bool]:
+        return self._writer.submit(partial(_revokeApiKey, account=account, keyId=keyId))
+
+    def addSender(self, sender: Sender) -> Deferred[None]:
+        return self._writer.submit(partial(_addSender, sender=sender))
+
+    def listSenders(self, account: str) -> Deferred[list[Sender]]:
+        return self._reader.submit(partial(_listSenders, account=account))
+
+    def removeSender(self, account: str, value: str) -> Deferred[bool]:
+        return self._writer.submit(partial(_removeSender, account=account, value=value))
+
+    # -- the queue --
+
+    def nextNotificationId(self) -> str:
+        return self._newId()
+
+    def enqueue(self, notification: Notification, message: bytes) -> Deferred[None]:
+        return self._writer.submit(
+            partial(_enqueue, notification=notification, message=bytes(message))
+        )
+
+    def acceptedSince(self, account: str, since: datetime) -> Deferred[int]:
+        return self._reader.submit(partial(_acceptedSince, account=account, since=toMillis(since)))
+
+    def stats(self) -> Deferred[QueueStats]:
+        return self._reader.submit(_stats)
+
+    # -- delivery workers (not part of IStore yet) --
+
+    def claim(self, limit: int, leaseSeconds: float) -> Deferred[list[QueueEntry]]:
+        """
+        Take up to ``limit`` due queue entries (oldest due first) for delivery: they become
+        ``in_flight`` for ``leaseSeconds``; an entry whose lease runs out (its worker died) is
+        due again. Each claim counts as an attempt. Returns Deferred[list[QueueEntry]].
+        """
+        now = int(self._reactor.seconds() * 1000)
+        return self._writer.submit(
+            partial(_claim, limit=limit, now=now, leaseUntil=now + int(leaseSeconds * 1000))
+        )
+
+    def complete(self, notificationId: str) -> Deferred[None]:
+        """Delivery is finished (sent or failed for good): leave the queue, drop the body."""
+        return self._writer.submit(partial(_complete, notificationId=notificationId))
+
+    def defer(self, notificationId: str, nextAttempt: datetime) -> Deferred[None]:
+        """Delivery failed for now: try again at ``nextAttempt``."""
+        return self._writer.submit(
+            partial(_defer, notificationId=notificationId, nextAttempt=toMillis(nextAttempt))
+        )
+
+    # -- status trails --
+
+    def getNotification(self, notificationId: str) -> Deferred[Notification | None]:
+        return self._reader.submit(partial(_getNotification, notificationId=notificationId))
+
+    def addEvents(self, events: Iterable[StatusEvent]) -> Deferred[None]:
+        return self._writer.submit(partial(_addEvents, events=tuple(events)))
+
+    def statusTrail(self, notificationId: str) -> Deferred[list[StatusEvent]]:
+        return self._reader.submit(partial(_statusTrail, notificationId=notificationId))
+
+    def notificationsForBulk(self, account: str, bulkId: str) -> Deferred[list[str]]:
+        return self._reader.submit(partial(_notificationsForBulk, account=account, bulkId=bulkId))
+
+    def expire(self, before: datetime) -> Deferred[int]:
+        return self._writer.submit(partial(_expire, before=toMillis(before)))
+
+
+# The work functions below run on a database thread, inside a transaction the thread manages
+# (writes) or in autocommit mode (reads).
+
+_ACCOUNT_FIELDS = (
+    "name",
+    "password_hash",
+    "enabled",
+    "sms_enabled",
+    "sms_segments",
+    "rate_per_second",
+    "daily_quota",
+    "networks",
+    "require_alternative",
+    "require_rcpt_headers",
+    "attachments",
+    "max_message_size",
+    "max_recipients",
+)
+"""The accounts table's columns, named as the Account fields, in the order of _accountRow."""
+_ACCOUNT_COLUMNS = ", ".join(_ACCOUNT_FIELDS)
+
+
+def _accountFromRow(row: Sequence[Any]) -> Account:
+    return Account(
+        name=row[0],
+        password_hash=row[1],
+        enabled=bool(row[2]),
+        sms_enabled=bool(row[3]),
+        sms_segments=row[4],
+        rate_per_second=row[5],
+        daily_quota=row[6],
+        networks=tuple(json.loads(row[7])),
+        require_alternative=bool(row[8]),
+        require_rcpt_headers=bool(row[9]),
+        attachments=row[10],
+        max_message_size=row[11],
+        max_recipients=row[12],
+    )
+
+
+def _accountRow(account: Account) -> tuple[Any, ...]:
+    return (
+        account.name,
+        account.password_hash,
+        int(account.enabled),
+        int(account.sms_enabled),
+        account.sms_segments,
+        account.rate_per_second,
+        account.daily_quota,
+        json.dumps(list(account.networks)),
+        int(account.require_alternative),
+        int(account.require_rcpt_headers),
+        account.attachments,
+        account.max_message_size,
+        account.max_recipients,
+    )
+
+
+def _requireAccount(connection: sqlite3.Connection, name: str) -> None:
+    if connection.execute("SELECT 1 FROM accounts WHERE name = ?", (name,)).fetchone() is None:
+        raise NotFound(f"no such account: {name}")
+
+
+def _addAccount(connection: sqlite3.Connection, name: str, passwordHash: str) -> Account:
+    account = Account(name=name, password_hash=passwordHash)
+    try:
+        connection.execute(
+            f"INSERT INTO accounts ({_ACCOUNT_COLUMNS}) "  # noqa: S608
+            f"VALUES ({', '.join('?' * len(_ACCOUNT_FIELDS))})",
+            _accountRow(account),
+        )
+    except sqlite3.IntegrityError:
+        raise AlreadyExists(f"account exists already: {name}") from None
+    return account
+
+
+def _getAccount(connection: sqlite3.Connection, name: str) -> Account | None:
+    row = connection.execute(
+        f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE name = ?",  # noqa: S608
+        (name,),
+    ).fetchone()
+    return None if row is None else _accountFromRow(row)
+
+
+def _listAccounts(connection: sqlite3.Connection) -> list[Account]:
+    rows = connection.execute(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts ORDER BY name")  # noqa: S608
+    return [_accountFromRow(row) for row in rows]
+
+
+def _updateAccount(connection: sqlite3.Connection, account: Account) -> None:
+    assignments = ", ".join(f"{column} = ?" for column in _ACCOUNT_FIELDS[1:])
+    row = _accountRow(account)
+    cursor = connection.execute(
+        f"UPDATE accounts SET {assignments} WHERE name = ?",  # noqa: S608
+        (*row[1:], row[0]),
+    )
+    if cursor.rowcount == 0:
+        raise NotFound(f"no such account: {account.name}")
+
+
+def _apiKeyFromRow(row: Sequence[Any]) -> ApiKey:
+    return ApiKey(key_id=row[0], account=row[1], created_at=fromMillis(row[2]))
+
+
+def _addApiKey(
+    connection: sqlite3.Connection, account: str, keyId: str, keyHash: str, createdAt: int
+) -> ApiKey:
+    _requireAccount(connection, account)
+    try:
+        connection.execute(
+            "INSERT INTO api_keys (key_id, account, key_hash, created_at) VALUES (?, ?, ?, ?)",
+            (keyId, account, keyHash, createdAt),
+        )
+    except sqlite3.IntegrityError:
+        raise AlreadyExists(f"API key exists already: {keyId}") from None
+    return ApiKey(key_id=keyId, account=account, created_at=fromMillis(createdAt))
+
+
+def _findApiKey(connection: sqlite3.Connection, keyHash: str) -> ApiKey | None:
+    row = connection.execute(
+        "SELECT key_id, account, created_at FROM api_keys WHERE key_hash = ? AND revoked = 0",
+        (keyHash,),
+    ).fetchone()
+    return None if row is None else _apiKeyFromRow(row)
+
+
+def _listApiKeys(connection: sqlite3.Connection, account: str) -> list[ApiKey]:
+    rows = connection.execute(
+        "SELECT key_id, account, created_at FROM api_keys WHERE account = ? AND revoked = 0 "
+        "ORDER BY created_at, rowid",
+        (account,),
+    )
+    return [_apiKeyFromRow(row) for row in rows]
+
+
+def _revokeApiKey(connection: sqlite3.Connection, account: str, keyId: str) -> bool:
+    cursor = connection.execute(
+        "UPDATE api_keys SET revoked = 1 WHERE account = ? AND key_id = ? AND revoked = 0",
+        (account, keyId),
+    )
+    return cursor.rowcount > 0
+
+
+def _addSender(connection: sqlite3.Connection, sender: Sender) -> None:
+    _requireAccount(connection, sender.account)
+    try:
+        connection.execute(
+            "INSERT INTO senders (account, value, kind) VALUES (?, ?, ?)",
+            (sender.account, sender.value, sender.kind),
+        )
+    except sqlite3.IntegrityError:
+        raise AlreadyExists(f"sender exists already: {sender.value}") from None
+
+
+def _listSenders(connection: sqlite3.Connection, account: str) -> list[Sender]:
+    rows = connection.execute(
+        "SELECT account, value, kind FROM senders WHERE account = ? ORDER BY value", (account,)
+    )
+    return [Sender(account=row[0], value=row[1], kind=row[2]) for row in rows]
+
+
+def _removeSender(connection: sqlite3.Connection, account: str, value: str) -> bool:
+    cursor = connection.execute(
+        "DELETE FROM senders WHERE account = ? AND value = ?", (account, value)
+    )
+    return cursor.rowcount > 0
+
+
+def _requireId(notificationId: str) -> int:
+    number = _idNumber(notificationId)
+    if number is None:
+        raise StoreError(f"not a notification id: {notificationId!r}")
+    return number
+
+
+def _enqueue(connection: sqlite3.Connection, notification: Notification, message: bytes) -> None:
+    number = _requireId(notification.notification_id)
+    receivedAt = toMillis(notification.received_at)
+    options = notification.options
+    try:
+        connection.execute(
+            "INSERT INTO notifications (id, account, sender, size, received_at, bulk_id, "
+            "notify_url, notify_content_type, callback_data, intermediate_report, tracking_url, "
+            "client_address, helo) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                number,
+                notification.account,
+                notification.sender,
+                notification.size,
+                receivedAt,
+                options.bulk_id,
+                options.notify_url,
+                options.notify_content_type,
+                options.callback_data,
+                int(options.intermediate_report),
+                options.tracking_url,
+                notification.client_address,
+                notification.helo,
+            ),
+        )
+    except sqlite3.IntegrityError:
+        raise AlreadyExists(
+            f"notification exists already: {notification.notification_id}"
+        ) from None
+    recipients = notification.recipients
+    connection.executemany(
+        "INSERT INTO recipients (notification_id, position, address, channel) VALUES (?, ?, ?, ?)",
+        [(number, i, r.address, r.channel) for i, r in enumerate(recipients)],
+    )
+    connection.execute(
+        "INSERT INTO messages (notification_id, body) VALUES (?, ?)", (number, message)
+    )
+    connection.execute(
+        "INSERT INTO queue (notification_id, state, next_attempt) VALUES (?, 'queued', ?)",
+        (number, receivedAt),
+    )
+    code = "CAAS_RECEIVED"
+    connection.executemany(
+        "INSERT INTO status_events (notification_id, address, channel, status_code, "
+        "status_text, ts) VALUES (?, ?, ?, ?, ?, ?)",
+        [(number, r.address, r.channel, code, STATUS_TEXTS[code], receivedAt) for r in recipients],
+    )
+
+
+def _acceptedSince(connection: sqlite3.Connection, account: str, since: int) -> int:
+    (count,) = connection.execute(
+        "SELECT COUNT(*) FROM notifications WHERE account = ? AND received_at >= ?",
+        (account, since),
+    ).fetchone()
+    return int(count)
+
+
+def _stats(connection: sqlite3.Connection) -> QueueStats:
+    counts = dict.fromkeys(_PENDING_STATES, 0)
+    for state, count in connection.execute("SELECT state, COUNT(*) FROM queue GROUP BY state"):
+        counts[state] = count
+    return QueueStats(**counts)
+
+
+def _loadNotification(connection: sqlite3.Connection, number: int) -> Notification | None:
+    row = connection.execute(
+        "SELECT account, sender, size, received_at, bulk_id, notify_url, notify_content_type, "
+        "callback_data, intermediate_report, tracking_url, client_address, helo "
+        "FROM notifications WHERE id = ?",
+        (number,),
+    ).fetchone()
+    if row is None:
+        return None
+    recipients = tuple(
+        Recipient(address=address, channel=channel)
+        for address, channel in connection.execute(
+            "SELECT address, channel FROM recipients WHERE notification_id = ? ORDER BY position",
+            (number,),
+        )
+    )
+    return Notification(
+        notification_id=str(number),
+        account=row[0],
+        sender=row[1],
+        recipients=recipients,
+        size=row[2],
+        received_at=fromMillis(row[3]),
+        options=HeaderOptions(
+            bulk_id=row[4],
+            notify_url=row[5],
+            notify_content_type=row[6],
+            callback_data=row[7],
+            intermediate_report=bool(row[8]),
+            tracking_url=row[9],
+        ),
+        client_address=row[10],
+        helo=row[11],
+    )
+
+
+def _getNotification(connection: sqlite3.Connection, notificationId: str) -> Notification | None:
+    number = _idNumber(notificationId)
+    if number is None:
+        return None
+    connection.execute("BEGIN")  # one snapshot for the notification and its recipients
+    try:
+        return _loadNotification(connection, number)
+    finally:
+        connection.execute("COMMIT")
+
+
+def _addEvents(connection: sqlite3.Connection, events: tuple[StatusEvent, ...]) -> None:
+    rows = []
+    for event in events:
+        number = _requireId(event.notification_id)
+        rows.append(
+            (
+                number,
+                event.recipient.address,
+                event.recipient.channel,
+                event.status_code,
+                event.status_text,
+                toMillis(event.timestamp),
+            )
+        )
+    try:
+        connection.executemany(
+            "INSERT INTO status_events (notification_id, address, channel, status_code, "
+            "status_text, ts) VALUES (?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+    except sqlite3.IntegrityError:
+        # The foreign key: events for a notification this store does not have (or expired).
+        raise NotFound("status events for an unknown notification") from None
+
+
+def _statusTrail(connection: sqlite3.Connection, notificationId: str) -> list[StatusEvent]:
+    number = _idNumber(notificationId)
+    if number is None:
+        return []
+    rows = connection.execute(
+        "SELECT address, channel, status_code, status_text, ts FROM status_events "
+        "WHERE notification_id = ? ORDER BY ts, id",
+        (number,),
+    )
+    return [
+        StatusEvent(
+            notification_id=notificationId,
+            recipient=Recipient(address=address, channel=channel),
+            status_code=code,
+            status_text=text,
+            timestamp=fromMillis(ts),
+        )
+        for address, channel, code, text, ts in rows
+    ]
+
+
+def _notificationsForBulk(connection: sqlite3.Connection, account: str, bulkId: str) -> list[str]:
+    rows = connection.execute(
+        "SELECT id FROM notifications WHERE account = ? AND bulk_id = ? ORDER BY received_at, id",
+        (account, bulkId),
+    )
+    return [str(number) for (number,) in rows]
+
+
+def _expire(connection: sqlite3.Connection, before: int) -> int:
+    # Recipients, bodies and status events go with their notification (ON DELETE CASCADE).
+    cursor = connection.execute(
+        "DELETE FROM notifications WHERE received_at < ? AND id NOT IN "
+        "(SELECT notification_id FROM queue WHERE state IN (?, ?, ?))",
+        (before, *_PENDING_STATES),
+    )
+    return cursor.rowcount
+
+
+def _claim(
+    connection: sqlite3.Connection, limit: int, now: int, leaseUntil: int
+) -> list[QueueEntry]:
+    due = connection.execute(
+        "SELECT notification_id, attempts FROM queue WHERE next_attempt <= ? "
+        "ORDER BY next_attempt, notification_id LIMIT ?",
+        (now, limit),
+    ).fetchall()
+    entries = []
+    for number, attempts in due:
+        connection.execute(
+            "UPDATE queue SET state = 'in_flight', next_attempt = ?, attempts = attempts + 1 "
+            "WHERE notification_id = ?",
+            (leaseUntil, number),
+        )
+        notification = _loadNotification(connection, number)
+        (body,) = connection.execute(
+            "SELECT body FROM messages WHERE notification_id = ?", (number,)
+        ).fetchone()
+        assert notification is not None  # the queue row's foreign key
+        entries.append(QueueEntry(notification, bytes(body), attempts + 1))
+    return entries
+
+
+def _complete(connection: sqlite3.Connection, notificationId: str) -> None:
+    number = _requireId(notificationId)
+    cursor = connection.execute("DELETE FROM queue WHERE notification_id = ?", (number,))
+    if cursor.rowcount == 0:
+        raise NotFound(f"not in the queue: {notificationId}")
+    connection.execute("DELETE FROM messages WHERE notification_id = ?", (number,))
+
+
+def _defer(connection: sqlite3.Connection, notificationId: str, nextAttempt: int) -> None:
+    cursor = connection.execute(
+        "UPDATE queue SET state = 'deferred', next_attempt = ? WHERE notification_id = ?",
+        (nextAttempt, _requireId(notificationId)),
+    )
+    if cursor.rowcount == 0:
+        raise NotFound(f"not in the queue: {notificationId}")
