@@ -78,4 +78,3 @@ class APIKeyChecker:
         if account is None or not account.enabled:
             raise UnauthorizedLogin()
         return account.name
-

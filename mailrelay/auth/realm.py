@@ -69,7 +69,7 @@ class SubmissionRealm:
         self._makeAvatar = makeAvatar
 
     @inlineCallbacks
-    def requestAvatar(self, avatarId: str, mind: Any, *interfaces: Any) -> Any:
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
         if IMessageDelivery not in interfaces:
             raise NotImplementedError("mailrelay's realm only makes IMessageDelivery avatars")
         account = yield self._store.getAccount(avatarId)
@@ -95,5 +95,7 @@ def makePortal(
 ) -> tuple[Portal, SubmissionRealm]:
     """A portal with the password and API-key checkers, and its realm."""
     realm = SubmissionRealm(store, makeAvatar)
-    portal = Portal(realm, [AccountPasswordChecker(store, reactor, threadpool), APIKeyChecker(store)])
+    portal = Portal(
+        realm, [AccountPasswordChecker(store, reactor, threadpool), APIKeyChecker(store)]
+    )
     return portal, realm

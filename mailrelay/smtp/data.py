@@ -105,7 +105,7 @@ class DataReader:
             return
         self._parts.append(chunk)
         if self.size > SPOOL_IN_MEMORY:
-            self._spool = SpooledTemporaryFile(max_size=0, dir=self._spoolDir)  # noqa: SIM115
+            self._spool = SpooledTemporaryFile(max_size=0, dir=self._spoolDir)
             self._spool.writelines(self._parts)
             self._parts = []
 

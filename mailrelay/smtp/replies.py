@@ -55,7 +55,9 @@ START_DATA = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
 READY_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 BYE = Reply(221, "2.0.0", "Bye")
 VRFY_CANNOT = Reply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")
-HELP = Reply(214, "2.0.0", "Commands: HELO EHLO STARTTLS AUTH MAIL RCPT DATA RSET NOOP HELP VRFY QUIT")
+HELP = Reply(
+    214, "2.0.0", "Commands: HELO EHLO STARTTLS AUTH MAIL RCPT DATA RSET NOOP HELP VRFY QUIT"
+)
 AUTH_OK = Reply(235, "2.7.0", "Authentication succeeded")
 AUTH_CHALLENGE = Reply(334, None, "")
 
@@ -69,7 +71,9 @@ BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
 UNKNOWN_AUTH_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
 UNKNOWN_PARAMETER = Reply(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
-ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+ENCRYPTION_REQUIRED = Reply(
+    538, "5.7.11", "Encryption required for requested authentication mechanism"
+)
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures, closing connection")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")

@@ -1,0 +1,558 @@
+"""
+Tests for mailrelay.smtp.protocol: every reply of SPEC §4's table, on a StringTransport.
+
+Each test compares against the named constants of mailrelay.smtp.replies (code and enhanced
+code), so the table and the tests cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from mailrelay.smtp import replies
+from mailrelay.smtp.replies import Reply
+from tests.smtp_fixture import ACCOUNT, PASSWORD, SENDER_DOMAIN, ProtocolHarness, plain
+
+FROM = f"<app@{SENDER_DOMAIN}>"
+_ACCEPTED = re.compile(r"^250 2\.0\.0 OK id=(\d+)$")
+
+
+def assertReply(testCase: TestCase, line: str, reply: Reply) -> None:
+    """``line`` carries ``reply``'s code and enhanced code."""
+    expected = f"{reply.code} {reply.enhanced} " if reply.enhanced else f"{reply.code} "
+    testCase.assertTrue(line.startswith(expected), f"{line!r} is not {expected!r}")
+
+
+class ProtocolTestCase(TestCase):
+    limits: dict[str, Any] = {"max_message_size": 2000, "max_recipients": 60}
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.harness = ProtocolHarness(self, self.limits)
+        yield self.harness.start()
+        self.session = self.harness.connect()
+
+    def assertReply(self, line: str, reply: Reply) -> None:
+        assertReply(self, line, reply)
+
+    @inlineCallbacks
+    def queued(self) -> Any:
+        stats = yield self.harness.store.stats()
+        return stats.queued
+
+
+class GreetingAndSimpleCommandsTests(ProtocolTestCase):
+    def test_greeting(self) -> None:
+        self.assertEqual(self.session.greeting, ["220 relay.test ESMTP"])
+
+    @inlineCallbacks
+    def test_ehloAdvertisesExtensions(self) -> Any:
+        lines = yield self.session.send("EHLO client.test\r\n")
+        self.assertEqual(lines[0], "250-relay.test greets client.test")
+        keywords = [line[4:] for line in lines[1:]]
+        for keyword in ("PIPELINING", "SIZE 2000", "8BITMIME", "ENHANCEDSTATUSCODES", "HELP"):
+            self.assertIn(keyword, keywords)
+        self.assertIn("AUTH PLAIN LOGIN", keywords)  # this listener allows plaintext auth
+        self.assertNotIn("STARTTLS", keywords)  # a "none" listener
+        self.assertTrue(lines[-1].startswith("250 "))
+
+    @inlineCallbacks
+    def test_helo(self) -> Any:
+        reply = yield self.session.command("HELO client.test")
+        self.assertEqual(reply, "250 relay.test")
+
+    @inlineCallbacks
+    def test_noopAndRset(self) -> Any:
+        self.assertReply((yield self.session.command("NOOP")), replies.OK)
+        self.assertReply((yield self.session.command("RSET")), replies.OK)
+        self.assertEqual(replies.OK.code, 250)
+        self.assertEqual(replies.OK.enhanced, "2.0.0")
+
+    @inlineCallbacks
+    def test_vrfy(self) -> Any:
+        reply = yield self.session.command("VRFY postmaster")
+        self.assertReply(reply, replies.VRFY_CANNOT)
+        self.assertTrue(reply.startswith("252 2.5.2 "))
+
+    @inlineCallbacks
+    def test_help(self) -> Any:
+        reply = yield self.session.command("HELP")
+        self.assertTrue(reply.startswith("214 "))
+
+    @inlineCallbacks
+    def test_quit(self) -> Any:
+        reply = yield self.session.command("QUIT")
+        self.assertTrue(reply.startswith("221 2.0.0 "))
+        self.assertTrue(self.session.transport.disconnecting)
+
+    @inlineCallbacks
+    def test_unknownCommand(self) -> Any:
+        reply = yield self.session.command("FROBNICATE now")
+        self.assertTrue(reply.startswith("500 5.5.1 "))
+
+    @inlineCallbacks
+    def test_commandsAreCaseInsensitive(self) -> Any:
+        self.assertReply((yield self.session.command("noop")), replies.OK)
+
+    @inlineCallbacks
+    def test_lineTooLong(self) -> Any:
+        reply = yield self.session.command("NOOP " + "x" * 13000)
+        self.assertTrue(reply.startswith("500 5.5.2 "))
+        self.assertReply((yield self.session.command("NOOP")), replies.OK)
+
+    @inlineCallbacks
+    def test_endlessLineIsNotBuffered(self) -> Any:
+        for _ in range(20):
+            self.session.protocol.dataReceived(b"x" * 4096)
+        self.assertLess(len(self.session.protocol._buffer), 13000)
+        lines = yield self.session.send("\r\nNOOP\r\n")
+        self.assertTrue(lines[0].startswith("500 5.5.2 "))
+        self.assertReply(lines[-1], replies.OK)
+
+    @inlineCallbacks
+    def test_httpRequestClosesConnection(self) -> Any:
+        yield self.session.send("GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(self.session.transport.disconnecting)
+
+    @inlineCallbacks
+    def test_tooManyProtocolErrorsClose(self) -> Any:
+        lines = yield self.session.send("BOGUS\r\n" * 25, replies=21)
+        self.assertReply(lines[-1], replies.TOO_MANY_ERRORS)
+        self.assertTrue(self.session.transport.disconnecting)
+
+    @inlineCallbacks
+    def test_invalidUTF8(self) -> Any:
+        lines = yield self.session.send(b"MAIL FROM:<\xff@x>\r\n")
+        self.assertTrue(lines[-1].startswith("501 5.5.4 "))
+
+
+class OrderAndSyntaxTests(ProtocolTestCase):
+    @inlineCallbacks
+    def test_mailBeforeHelo(self) -> Any:
+        self.assertReply((yield self.session.command(f"MAIL FROM:{FROM}")), replies.BAD_SEQUENCE)
+
+    @inlineCallbacks
+    def test_mailBeforeAuth(self) -> Any:
+        yield self.session.command("EHLO client.test")
+        reply = yield self.session.command(f"MAIL FROM:{FROM}")
+        self.assertTrue(reply.startswith("530 5.7.0 "))
+
+    @inlineCallbacks
+    def test_dataBeforeRcpt(self) -> Any:
+        yield self.session.login()
+        self.assertReply((yield self.session.command("DATA")), replies.BAD_SEQUENCE)
+        yield self.session.command(f"MAIL FROM:{FROM}")
+        reply = yield self.session.command("DATA")
+        self.assertTrue(reply.startswith("503 5.5.1 "))
+
+    @inlineCallbacks
+    def test_rcptBeforeMail(self) -> Any:
+        yield self.session.login()
+        reply = yield self.session.command("RCPT TO:<a@b.example>")
+        self.assertTrue(reply.startswith("503 5.5.1 "))
+
+    @inlineCallbacks
+    def test_mailTwice(self) -> Any:
+        yield self.session.login()
+        self.assertReply((yield self.session.command(f"MAIL FROM:{FROM}")), replies.SENDER_OK)
+        reply = yield self.session.command(f"MAIL FROM:{FROM}")
+        self.assertTrue(reply.startswith("503 5.5.1 "))
+
+    @inlineCallbacks
+    def test_mailSyntax(self) -> Any:
+        yield self.session.login()
+        for bad in (
+            "MAIL",
+            "MAIL TO:<a@b>",
+            "MAIL FROM:<a@b",
+            "MAIL FROM:<a@b>x",
+            "MAIL FROM:<a@b> =1",
+        ):
+            reply = yield self.session.command(bad)
+            self.assertTrue(reply.startswith("501 5.5.4 "), (bad, reply))
+
+    @inlineCallbacks
+    def test_unknownMailParameter(self) -> Any:
+        yield self.session.login()
+        reply = yield self.session.command(f"MAIL FROM:{FROM} FOO=BAR")
+        self.assertTrue(reply.startswith("555 5.5.4 "))
+
+    @inlineCallbacks
+    def test_unknownRcptParameter(self) -> Any:
+        yield self.session.login()
+        yield self.session.command(f"MAIL FROM:{FROM}")
+        reply = yield self.session.command("RCPT TO:<a@b.example> NOTIFY=NEVER")
+        self.assertTrue(reply.startswith("555 5.5.4 "))
+
+    @inlineCallbacks
+    def test_knownMailParameters(self) -> Any:
+        yield self.session.login()
+        reply = yield self.session.command(f"MAIL FROM:{FROM} SIZE=100 BODY=8BITMIME SMTPUTF8")
+        self.assertReply(reply, replies.SENDER_OK)
+
+    @inlineCallbacks
+    def test_declaredSizeTooBig(self) -> Any:
+        yield self.session.login()
+        reply = yield self.session.command(f"MAIL FROM:{FROM} SIZE=2001")
+        self.assertTrue(reply.startswith("552 5.3.4 "))
+
+    @inlineCallbacks
+    def test_rsetEndsTransaction(self) -> Any:
+        yield self.session.login()
+        yield self.session.command(f"MAIL FROM:{FROM}")
+        self.assertReply((yield self.session.command("RSET")), replies.OK)
+        self.assertReply((yield self.session.command(f"MAIL FROM:{FROM}")), replies.SENDER_OK)
+
+
+class AuthTests(ProtocolTestCase):
+    @inlineCallbacks
+    def test_plainInitialResponse(self) -> Any:
+        yield self.session.command("EHLO client.test")
+        reply = yield self.session.command(f"AUTH PLAIN {plain(ACCOUNT, PASSWORD)}")
+        self.assertTrue(reply.startswith("235 2.7.0 "))
+
+    @inlineCallbacks
+    def test_plainChallenge(self) -> Any:
+        yield self.session.command("EHLO client.test")
+        self.assertEqual((yield self.session.command("AUTH PLAIN")), "334 ")
+        reply = yield self.session.command(plain(ACCOUNT, PASSWORD))
+        self.assertReply(reply, replies.AUTH_OK)
+
+    @inlineCallbacks
+    def test_login(self) -> Any:
+        yield self.session.command("EHLO client.test")
+        self.assertEqual((yield self.session.command("AUTH LOGIN")), "334 VXNlcm5hbWU6")
+        reply = yield self.session.command(base64.b64encode(ACCOUNT.encode()).decode())
+        self.assertEqual(reply, "334 UGFzc3dvcmQ6")
+        reply = yield self.session.command(base64.b64encode(PASSWORD.encode()).decode())
+        self.assertReply(reply, replies.AUTH_OK)
+
+    @inlineCallbacks
+    def test_apiKey(self) -> Any:
+        yield self.session.command("EHLO client.test")
+        reply = yield self.session.command(f"AUTH PLAIN {plain('App', self.harness.apiKey)}")
+        self.assertReply(reply, replies.AUTH_OK)
+
+    @inlineCallbacks
+    def test_wrongPassword(self) -> Any:
+        yield self.session.command("EHLO client.test")
+        reply = yield self.session.command(f"AUTH PLAIN {plain(ACCOUNT, 'wrong')}")
+        self.assertTrue(reply.startswith("535 5.7.8 "))
+        reply = yield self.session.command(f"AUTH PLAIN {plain('App', 'mr_bogus_key')}")
+        self.assertTrue(reply.startswith("535 5.7.8 "))
+
+    @inlineCallbacks
+    def test_unknownUser(self) -> Any:
+        yield self.session.command("EHLO client.test")
+        reply = yield self.session.command(f"AUTH PLAIN {plain('nobody', PASSWORD)}")
+        self.assertReply(reply, replies.AUTH_FAILED)
+
+    @inlineCallbacks
+    def test_disabledAccount(self) -> Any:
+        import dataclasses
+
+        account = yield self.harness.store.getAccount(ACCOUNT)
+        yield self.harness.store.updateAccount(dataclasses.replace(account, enabled=False))
+        yield self.session.command("EHLO client.test")
+        reply = yield self.session.command(f"AUTH PLAIN {plain(ACCOUNT, PASSWORD)}")
+        self.assertReply(reply, replies.AUTH_FAILED)
+
+    @inlineCallbacks
+    def test_clientOutsideAccountNetworks(self) -> Any:
+        import dataclasses
+
+        account = yield self.harness.store.getAccount(ACCOUNT)
+        yield self.harness.store.updateAccount(
+            dataclasses.replace(account, networks=("198.51.100.0/24",))
+        )
+        yield self.session.command("EHLO client.test")
+        reply = yield self.session.command(f"AUTH PLAIN {plain(ACCOUNT, PASSWORD)}")
+        self.assertReply(reply, replies.AUTH_FAILED)
+        inside = self.harness.connect(clientAddress="198.51.100.20")
+        yield inside.login()
+
+    @inlineCallbacks
+    def test_tooManyFailuresClose(self) -> Any:
+        yield self.session.command("EHLO client.test")
+        bad = f"AUTH PLAIN {plain(ACCOUNT, 'wrong')}\r\n"
+        lines = yield self.session.send(bad * 3, replies=3)
+        self.assertReply(lines[0], replies.AUTH_FAILED)
+        self.assertReply(lines[1], replies.AUTH_FAILED)
+        self.assertTrue(lines[2].startswith("421 4.7.0 "))
+        self.assertTrue(self.session.transport.disconnecting)
+
+    @inlineCallbacks
+    def test_badBase64(self) -> Any:
+        yield self.session.command("EHLO client.test")
+        reply = yield self.session.command("AUTH PLAIN !!!notbase64")
+        self.assertTrue(reply.startswith("501 5.5.2 "))
+        yield self.session.command("AUTH LOGIN")
+        reply = yield self.session.command("%%%")
+        self.assertTrue(reply.startswith("501 5.5.2 "))
+
+    @inlineCallbacks
+    def test_malformedPlain(self) -> Any:
+        yield self.session.command("EHLO client.test")
+        reply = yield self.session.command("AUTH PLAIN " + base64.b64encode(b"just-one").decode())
+        self.assertTrue(reply.startswith("501 5.5.2 "))
+
+    @inlineCallbacks
+    def test_cancel(self) -> Any:
+        yield self.session.command("EHLO client.test")
+        yield self.session.command("AUTH PLAIN")
+        self.assertReply((yield self.session.command("*")), replies.AUTH_CANCELLED)
+
+    @inlineCallbacks
+    def test_unknownMechanism(self) -> Any:
+        yield self.session.command("EHLO client.test")
+        reply = yield self.session.command("AUTH CRAM-MD5")
+        self.assertTrue(reply.startswith("504 5.5.4 "))
+
+    @inlineCallbacks
+    def test_authTwice(self) -> Any:
+        yield self.session.login()
+        reply = yield self.session.command(f"AUTH PLAIN {plain(ACCOUNT, PASSWORD)}")
+        self.assertReply(reply, replies.BAD_SEQUENCE)
+
+    @inlineCallbacks
+    def test_authBeforeEhlo(self) -> Any:
+        reply = yield self.session.command(f"AUTH PLAIN {plain(ACCOUNT, PASSWORD)}")
+        self.assertReply(reply, replies.BAD_SEQUENCE)
+
+    @inlineCallbacks
+    def test_throttledAddressIsRefused(self) -> Any:
+        for _ in range(10):
+            self.harness.throttle.failed("192.0.2.7")
+        yield self.session.command("EHLO client.test")
+        reply = yield self.session.command(f"AUTH PLAIN {plain(ACCOUNT, PASSWORD)}")
+        self.assertTrue(reply.startswith("421 4.7.0 "))
+        other = self.harness.connect(clientAddress="192.0.2.8")
+        yield other.login()
+
+
+class EncryptionRequiredTests(ProtocolTestCase):
+    def setUp(self) -> Any:
+        d = super().setUp()
+        d.addCallback(lambda _: self._connectStartTLS())
+        return d
+
+    def _connectStartTLS(self) -> None:
+        self.session = self.harness.connect(
+            security="starttls", allowPlaintextAuth=False, tlsContext=object()
+        )
+
+    @inlineCallbacks
+    def test_authBeforeTLS(self) -> Any:
+        lines = yield self.session.send("EHLO client.test\r\n")
+        self.assertIn("250-STARTTLS", lines)
+        self.assertFalse(any("AUTH" in line for line in lines))
+        reply = yield self.session.command(f"AUTH PLAIN {plain(ACCOUNT, PASSWORD)}")
+        self.assertTrue(reply.startswith("538 5.7.11 "))
+
+    @inlineCallbacks
+    def test_startTLSDiscardsPipelinedInput(self) -> Any:
+        """RFC 3207 §4.2: nothing sent in the clear after STARTTLS is executed."""
+        yield self.session.command("EHLO client.test")
+        lines = yield self.session.send("STARTTLS\r\nNOOP\r\nNOOP\r\n")
+        self.assertEqual(lines, ["220 2.0.0 Ready to start TLS"])
+        self.assertIsNotNone(self.session.transport.tlsStarted)
+        # The session starts over: EHLO needed again, and AUTH is offered now.
+        self.assertReply((yield self.session.command(f"MAIL FROM:{FROM}")), replies.BAD_SEQUENCE)
+        lines = yield self.session.send("EHLO client.test\r\n")
+        self.assertIn("250-AUTH PLAIN LOGIN", lines)
+        self.assertNotIn("250-STARTTLS", lines)
+
+    @inlineCallbacks
+    def test_startTLSTwice(self) -> Any:
+        yield self.session.command("EHLO client.test")
+        yield self.session.command("STARTTLS")
+        reply = yield self.session.command("STARTTLS")
+        self.assertReply(reply, replies.BAD_SEQUENCE)
+
+
+class TransactionTests(ProtocolTestCase):
+    @inlineCallbacks
+    def transaction(self, recipients: int = 1) -> Any:
+        yield self.session.login()
+        self.assertReply((yield self.session.command(f"MAIL FROM:{FROM}")), replies.SENDER_OK)
+        for i in range(recipients):
+            reply = yield self.session.command(f"RCPT TO:<user{i}@example.org>")
+            self.assertReply(reply, replies.RECIPIENT_OK)
+        self.assertTrue((yield self.session.command("DATA")).startswith("354 "))
+
+    @inlineCallbacks
+    def test_messageAccepted(self) -> Any:
+        yield self.transaction(recipients=2)
+        lines = yield self.session.send("Subject: hi\r\n\r\n..dotted\r\nbody\r\n.\r\n")
+        match = _ACCEPTED.match(lines[-1])
+        self.assertIsNotNone(match, lines)
+        notificationId = match.group(1)
+        notification = yield self.harness.store.getNotification(notificationId)
+        self.assertEqual(notification.account, ACCOUNT)
+        self.assertEqual(notification.sender, f"app@{SENDER_DOMAIN}")
+        self.assertEqual(
+            [r.address for r in notification.recipients], ["user0@example.org", "user1@example.org"]
+        )
+        trail = yield self.harness.store.statusTrail(notificationId)
+        self.assertEqual([e.status_code for e in trail], ["CAAS_RECEIVED", "CAAS_RECEIVED"])
+        self.assertEqual((yield self.queued()), 1)
+
+    @inlineCallbacks
+    def test_secondMessageOnSameConnection(self) -> Any:
+        yield self.transaction()
+        yield self.session.send("Subject: one\r\n\r\nx\r\n.\r\n")
+        self.assertReply((yield self.session.command(f"MAIL FROM:{FROM}")), replies.SENDER_OK)
+
+    @inlineCallbacks
+    def test_senderNotRegistered(self) -> Any:
+        yield self.session.login()
+        reply = yield self.session.command("MAIL FROM:<app@elsewhere.example>")
+        self.assertTrue(reply.startswith("553 5.7.1 "))
+
+    @inlineCallbacks
+    def test_recipientSyntax(self) -> Any:
+        yield self.session.login()
+        yield self.session.command(f"MAIL FROM:{FROM}")
+        reply = yield self.session.command("RCPT TO:<not an address>")
+        self.assertTrue(reply.startswith("553 5.1.3 ") or reply.startswith("501 5.5.4 "), reply)
+        reply = yield self.session.command("RCPT TO:<nobody>")
+        self.assertTrue(reply.startswith("553 5.1.3 "), reply)
+
+    @inlineCallbacks
+    def test_noValidRecipients(self) -> Any:
+        yield self.session.login()
+        yield self.session.command(f"MAIL FROM:{FROM}")
+        yield self.session.command("RCPT TO:<nobody>")
+        reply = yield self.session.command("DATA")
+        self.assertReply(reply, replies.NO_VALID_RECIPIENTS)
+
+    @inlineCallbacks
+    def test_tooManyRecipients(self) -> Any:
+        yield self.session.login()
+        yield self.session.command(f"MAIL FROM:{FROM}")
+        pipeline = "".join(f"RCPT TO:<u{i}@example.org>\r\n" for i in range(61))
+        lines = yield self.session.send(pipeline, replies=61)
+        self.assertEqual(len(lines), 61)
+        for line in lines[:60]:
+            self.assertReply(line, replies.RECIPIENT_OK)
+        self.assertTrue(lines[60].startswith("452 4.5.3 "))
+
+    @inlineCallbacks
+    def test_actualSizeTooBig(self) -> Any:
+        yield self.transaction()
+        lines = yield self.session.send("Subject: big\r\n\r\n" + ("x" * 70 + "\r\n") * 40 + ".\r\n")
+        self.assertTrue(lines[-1].startswith("552 5.3.4 "))
+        self.assertEqual((yield self.queued()), 0)
+
+    @inlineCallbacks
+    def test_bareLineFeedRefused(self) -> Any:
+        yield self.transaction()
+        lines = yield self.session.send("Subject: x\r\n\r\nline\n.\nstill data\r\n.\r\n")
+        self.assertTrue(lines[-1].startswith("550 5.6.0 "), lines)
+        self.assertEqual((yield self.queued()), 0)
+
+    @inlineCallbacks
+    def test_longLineInDataDiscardsMessage(self) -> Any:
+        """The rest of the message is read and thrown away: QUIT inside it does not run."""
+        yield self.transaction()
+        body = "Subject: x\r\n\r\n" + "y" * 1200 + "\r\nQUIT\r\n.\r\n"
+        lines = yield self.session.send(body)
+        self.assertTrue(lines[-1].startswith("500 5.5.2 "), lines)
+        self.assertFalse(self.session.transport.disconnecting)
+        self.assertEqual((yield self.queued()), 0)
+        self.assertReply((yield self.session.command("NOOP")), replies.OK)
+
+    @inlineCallbacks
+    def test_storeUnavailable(self) -> Any:
+        """Nothing half-accepted: a store failure answers 451 4.3.0 so the client retries."""
+        yield self.transaction()
+        yield self.harness.store.close()
+        lines = yield self.session.send("Subject: x\r\n\r\nbody\r\n.\r\n")
+        self.assertTrue(lines[-1].startswith("451 4.3.0 "), lines)
+        self.flushLoggedErrors()
+
+    @inlineCallbacks
+    def test_pipelinedTransaction(self) -> Any:
+        """50 RCPTs behind a MAIL whose check is asynchronous: replies in order, no 503."""
+        yield self.session.login()
+        pipeline = f"MAIL FROM:{FROM}\r\n"
+        pipeline += "".join(f"RCPT TO:<user{i}@example.org>\r\n" for i in range(50))
+        pipeline += "DATA\r\n"
+        lines = yield self.session.send(pipeline, replies=52)
+        self.assertReply(lines[0], replies.SENDER_OK)
+        for line in lines[1:51]:
+            self.assertReply(line, replies.RECIPIENT_OK)
+        self.assertTrue(lines[51].startswith("354 "))
+        lines = yield self.session.send("Subject: x\r\n\r\nbody\r\n.\r\nNOOP\r\n", replies=2)
+        self.assertIsNotNone(_ACCEPTED.match(lines[0]), lines)
+        self.assertReply(lines[1], replies.OK)
+
+    @inlineCallbacks
+    def test_pipelinedWholeSession(self) -> Any:
+        """A client that pipelines everything up to DATA and then the message and QUIT."""
+        yield self.session.command("EHLO client.test")
+        pipeline = (
+            f"AUTH PLAIN {plain(ACCOUNT, PASSWORD)}\r\nMAIL FROM:{FROM}\r\n"
+            "RCPT TO:<a@example.org>\r\nRCPT TO:<bad>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+        )
+        lines = yield self.session.send(pipeline, replies=6)
+        self.assertReply(lines[0], replies.AUTH_OK)
+        self.assertReply(lines[1], replies.SENDER_OK)
+        self.assertReply(lines[2], replies.RECIPIENT_OK)
+        self.assertTrue(lines[3].startswith("553 5.1.3 "))
+        self.assertReply(lines[4], replies.RECIPIENT_OK)
+        self.assertTrue(lines[5].startswith("354 "))
+        lines = yield self.session.send("Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n", replies=2)
+        self.assertIsNotNone(_ACCEPTED.match(lines[0]))
+        self.assertReply(lines[1], replies.BYE)
+
+
+class TimeoutTests(ProtocolTestCase):
+    def test_idleTimeout(self) -> None:
+        self.harness.clock.advance(299)
+        self.assertFalse(self.session.transport.disconnecting)
+        self.harness.clock.advance(2)
+        lines = self.session.take()
+        self.assertTrue(lines[-1].startswith("421 4.4.2 "), lines)
+        self.assertTrue(self.session.transport.disconnecting)
+
+    @inlineCallbacks
+    def test_activityResetsTimeout(self) -> Any:
+        self.harness.clock.advance(200)
+        yield self.session.command("NOOP")
+        self.harness.clock.advance(200)
+        self.assertFalse(self.session.transport.disconnecting)
+
+    @inlineCallbacks
+    def test_dataTimeout(self) -> Any:
+        yield self.session.login()
+        yield self.session.command(f"MAIL FROM:{FROM}")
+        yield self.session.command("RCPT TO:<a@example.org>")
+        yield self.session.command("DATA")
+        self.harness.clock.advance(301)
+        self.assertFalse(self.session.transport.disconnecting)  # data_timeout is 600
+        self.harness.clock.advance(300)
+        self.assertTrue(self.session.take()[-1].startswith("421 4.4.2 "))
+
+
+class RelayByNetworkTests(ProtocolTestCase):
+    @inlineCallbacks
+    def test_networkAccountSubmitsWithoutAuth(self) -> Any:
+        import dataclasses
+
+        account = yield self.harness.store.getAccount(ACCOUNT)
+        yield self.harness.store.updateAccount(
+            dataclasses.replace(account, networks=("192.0.2.0/24",))
+        )
+        session = self.harness.connect(clientAddress="192.0.2.50", authMode="network")
+        yield session.command("EHLO erp.test")
+        self.assertReply((yield session.command(f"MAIL FROM:{FROM}")), replies.SENDER_OK)
+        outsider = self.harness.connect(clientAddress="203.0.113.9", authMode="network")
+        yield outsider.command("EHLO erp.test")
+        reply = yield outsider.command(f"MAIL FROM:{FROM}")
+        self.assertTrue(reply.startswith("530 5.7.0 "))
