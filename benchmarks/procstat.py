@@ -1,0 +1,99 @@
+"""Read a process's CPU time and memory from /proc (Linux only)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds the process has used so far (all its threads)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        raw = f.read()
+    # The command name may contain spaces and parentheses: fields start after the last ')'.
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _status_kib(pid: int, key: bytes) -> int:
+    with open(f"/proc/{pid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1])
+    return 0
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size now, in KiB."""
+    return _status_kib(pid, b"VmRSS:")
+
+
+def peak_rss_kib(pid: int) -> int:
+    """Peak resident set size (VmHWM) since start or the last :func:`reset_peak`, in KiB."""
+    return _status_kib(pid, b"VmHWM:")
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset VmHWM to the current RSS (needs permission to write /proc/PID/clear_refs)."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class ServerUsage:
+    """What a server process spent during a measurement window."""
+
+    cpu_s: float = 0.0
+    peak_rss_kib: int = 0
+
+
+class ServerMonitor(threading.Thread):
+    """
+    Measure a server process over the window [start, end] (``time.monotonic`` values).
+
+    Takes a CPU snapshot at each edge and samples RSS every ``interval`` seconds in between,
+    so the peak is known even where VmHWM cannot be reset. Runs in a daemon thread that wakes
+    a few times a second: negligible next to the load it watches.
+    """
+
+    def __init__(self, pid: int, start: float, end: float, interval: float = 0.25) -> None:
+        super().__init__(name=f"monitor-{pid}", daemon=True)
+        self.pid = pid
+        self.start_at = start
+        self.end_at = end
+        self.interval = interval
+        self.usage = ServerUsage()
+        self._stop_early = threading.Event()
+
+    def finish(self) -> ServerUsage:
+        """Stop at once (if the load ended early), wait for the thread, return the usage."""
+        self._stop_early.set()
+        self.join()
+        return self.usage
+
+    def run(self) -> None:
+        try:
+            self._measure()
+        except (OSError, ValueError):  # the server died: report what was seen
+            pass
+
+    def _measure(self) -> None:
+        self._stop_early.wait(max(0.0, self.start_at - time.monotonic()))
+        cpu0 = cpu_seconds(self.pid)
+        hwm_reset = reset_peak(self.pid)
+        peak = rss_kib(self.pid)
+        while (left := self.end_at - time.monotonic()) > 0:
+            if self._stop_early.wait(min(self.interval, left)):
+                break
+            peak = max(peak, rss_kib(self.pid))
+        self.usage.cpu_s = cpu_seconds(self.pid) - cpu0
+        hwm = peak_rss_kib(self.pid) if hwm_reset else 0
+        self.usage.peak_rss_kib = max(peak, hwm)
