@@ -182,8 +182,14 @@ def _validate(config: Config) -> Config:
             raise ConfigError(f"listeners[{i}].allow_plaintext_auth: meaningless with tls")
     if (config.tls.certificate is None) != (config.tls.key is None):
         raise ConfigError("tls: certificate and key go together")
-    for name in ("max_message_size", "max_recipients", "command_timeout", "data_timeout",
-                 "status_retention_days", "max_auth_failures"):
+    for name in (
+        "max_message_size",
+        "max_recipients",
+        "command_timeout",
+        "data_timeout",
+        "status_retention_days",
+        "max_auth_failures",
+    ):
         _positive(f"limits.{name}", getattr(config.limits, name))
     if config.limits.max_line_length < 100:
         raise ConfigError("limits.max_line_length: must be at least 100")

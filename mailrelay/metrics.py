@@ -26,9 +26,7 @@ messages = Counter(
     ["code"],
     registry=REGISTRY,
 )
-queueDepth = Gauge(
-    "mailrelay_queue_depth", "Queue entries by state", ["state"], registry=REGISTRY
-)
+queueDepth = Gauge("mailrelay_queue_depth", "Queue entries by state", ["state"], registry=REGISTRY)
 storeLatency = Histogram(
     "mailrelay_store_ping_seconds",
     "Round trip of a store ping",
