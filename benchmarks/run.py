@@ -1,0 +1,136 @@
+"""
+Run every server under test through the same scenarios, one after another, and print a table.
+
+    python -m benchmarks.run --quick      # smoke run, well under a minute
+    python -m benchmarks.run              # the full run (about 10 minutes)
+
+Each (scenario, server) pair gets a freshly started server, so no run inherits another's
+memory or queue. Results go to stdout as markdown and are appended to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks import adapters
+from benchmarks.certs import make_cert
+from benchmarks.loadgen import LoadConfig, hold_idle, raise_fd_limit, run_load
+from benchmarks.report import Row, document
+from benchmarks.scenarios import FULL, QUICK, Scenario
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+DEFAULT_SERVERS = ["twisted-plain", "aiosmtpd", "mailrelay-sqlite", "mailrelay-redis"]
+
+
+def measure(server: adapters.RunningServer, scenario: Scenario, args: argparse.Namespace) -> Row:
+    """Drive one running server through one scenario."""
+    security = "plain" if scenario.idle else scenario.security
+    listener = server.listeners[security]
+    cfg = LoadConfig(
+        host=listener.host,
+        port=listener.port,
+        security=security,
+        user=listener.user,
+        password=listener.password,
+        size=scenario.size_kib * 1024,
+        rcpts=scenario.rcpts,
+        concurrency=scenario.concurrency,
+        per_connection=0 if scenario.persistent else 1,
+        duration=args.duration,
+        warmup=args.warmup,
+        processes=args.loadgen_processes,
+    )
+    if scenario.idle:
+        return Row(scenario, server.name, hold_idle(cfg, scenario.idle, server.pid))
+    return Row(scenario, server.name, run_load(cfg, server.pid))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="3 short scenarios (smoke test)")
+    p.add_argument(
+        "--scenario",
+        action="append",
+        type=Scenario.parse,
+        help="run this scenario (repeatable), e.g. 100k-r50-c500-1per-starttls or idle5000",
+    )
+    p.add_argument(
+        "--servers",
+        default=",".join(DEFAULT_SERVERS),
+        help=f"comma-separated, from: {', '.join(adapters.ALL)}",
+    )
+    p.add_argument("--duration", type=float, help="measurement window per run, s")
+    p.add_argument("--warmup", type=float, help="warm-up before each window, s")
+    p.add_argument("--loadgen-processes", type=int, default=1)
+    p.add_argument("--keep", type=Path, metavar="DIR", help="keep server logs and data here")
+    p.add_argument("--no-record", action="store_true", help="don't append to RESULTS.md")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    scenarios = args.scenario or (QUICK if args.quick else FULL)
+    if args.duration is None:
+        args.duration = 1.5 if args.quick else 10.0
+    if args.warmup is None:
+        args.warmup = 0.3 if args.quick else 1.0
+    raise_fd_limit()  # servers inherit it: the idle scenarios need thousands of descriptors
+    notes: list[str] = []
+    servers = []
+    for name in args.servers.split(","):
+        adapter = adapters.ALL[name]
+        if reason := adapter.unavailable():
+            notes.append(f"{name} skipped: {reason}")
+            print(f"skipping {name}: {reason}", file=sys.stderr)
+        else:
+            servers.append(adapter)
+
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="mailrelay-bench-") as tmp:
+        base = args.keep or Path(tmp)
+        base.mkdir(parents=True, exist_ok=True)
+        cert, key = make_cert(base)
+        for scenario in scenarios:
+            for adapter in servers:
+                workdir = base / f"{scenario.name}-{adapter.name}"
+                workdir.mkdir(exist_ok=True)
+                print(f"{scenario.name} on {adapter.name} ...", file=sys.stderr, flush=True)
+                rows.append(_one(adapter, scenario, workdir, cert, key, args))
+
+    command = "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv)
+    text = document(rows, command.strip(), notes)
+    print(text)
+    if not args.no_record:
+        with RESULTS.open("a") as f:
+            f.write("\n" + text)
+    return 0
+
+
+def _one(
+    adapter: adapters.ServerAdapter,
+    scenario: Scenario,
+    workdir: Path,
+    cert: Path,
+    key: Path,
+    args: argparse.Namespace,
+) -> Row:
+    try:
+        server = adapter.start(workdir, cert, key)
+    except (OSError, RuntimeError) as exc:
+        print(f"  could not start: {exc}", file=sys.stderr)
+        return Row(scenario, adapter.name, failure="did not start")
+    try:
+        row = measure(server, scenario, args)
+    finally:
+        server.stop()
+    if row.result is not None and (rate := getattr(row.result, "msgs_per_s", None)) is not None:
+        print(f"  {rate:,.0f} msgs/s, errors {row.result.errors}", file=sys.stderr)
+    return row
+
+
+if __name__ == "__main__":
+    sys.exit(main())
