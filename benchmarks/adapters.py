@@ -9,6 +9,7 @@ watch and one :class:`Listener` per security mode it offers (``plain``: no TLS a
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -251,7 +252,14 @@ class Mailrelay:
             cmd = [str(twistd if twistd.exists() else shutil.which("twistd") or "twistd")]
             cmd += ["-n", "--pidfile=", "mailrelay", "--config", str(config)]
             log_path = workdir / f"{self.name}.log"
-            proc = _spawn(cmd, log_path, cwd=REPO)
+            # The plugin lives in the source tree's twisted/plugins: put the tree on the path.
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(
+                    filter(None, [str(REPO), os.environ.get("PYTHONPATH")])
+                ),
+            }
+            proc = _spawn(cmd, log_path, cwd=REPO, env=env)
             wait_for_greeting(proc, ports["plain"], log_path)
         except BaseException:
             for helper in helpers:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         for scenario in scenarios:
             for adapter in servers:
                 workdir = base / f"{scenario.name}-{adapter.name}"
-                workdir.mkdir(exist_ok=True)
+                shutil.rmtree(workdir, ignore_errors=True)  # fresh state, also under --keep
+                workdir.mkdir()
                 print(f"{scenario.name} on {adapter.name} ...", file=sys.stderr, flush=True)
                 rows.append(_one(adapter, scenario, workdir, cert, key, args))
 
