@@ -1,0 +1,137 @@
+"""
+How much and from where an account may submit: message rate, daily quota, client networks.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+
+from mailrelay.model import Account
+from mailrelay.smtp.replies import QUOTA_EXCEEDED, RATE_EXCEEDED, Refused
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class RateLimiter:
+    """
+    A token bucket per account: ``account.rate_per_second`` tokens flow in each second, up to
+    a burst of ``max(1, rate)``; each message takes one. An account with no rate (None or not
+    above 0) is not limited. ``seconds`` is the clock (``reactor.seconds`` or a ``task.Clock``).
+    The state is this process's: several relay instances each allow the full rate.
+    """
+
+    def __init__(self, seconds: Callable[[], float]) -> None:
+        self._seconds = seconds
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, account: Account) -> bool:
+        """Whether ``account`` may submit one more message now; takes a token when it may."""
+        rate = account.rate_per_second
+        if rate is None or rate <= 0:
+            return True
+        burst = max(1.0, rate)
+        now = self._seconds()
+        tokens, last = self._buckets.get(account.name, (burst, now))
+        tokens = min(burst, tokens + max(0.0, now - last) * rate)
+        if tokens < 1:
+            self._buckets[account.name] = (tokens, now)
+            return False
+        self._buckets[account.name] = (tokens - 1, now)
+        return True
+
+    def check(self, account: Account) -> None:
+        """:meth:`allow`, raising ``Refused(RATE_EXCEEDED)`` (451 4.7.1) when it says no."""
+        if not self.allow(account):
+            raise Refused(
+                RATE_EXCEEDED.withText(
+                    f"Account {account.name} may send {account.rate_per_second:g} messages "
+                    "per second; try again later"
+                )
+            )
+
+
+def startOfDay(now: datetime) -> datetime:
+    """Midnight UTC of ``now``'s day: the start of the period the daily quota counts."""
+    return now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def checkDailyQuota(account: Account, acceptedToday: int) -> None:
+    """
+    Whether one more message fits in the account's daily quota, given how many were accepted
+    since :func:`startOfDay`; raises ``Refused(QUOTA_EXCEEDED)`` (452 4.2.2) when it does not.
+    """
+    quota = account.daily_quota
+    if quota is not None and acceptedToday >= quota:
+        raise Refused(
+            QUOTA_EXCEEDED.withText(
+                f"Daily quota of {quota} messages reached for account {account.name}; "
+                "it resets at midnight UTC"
+            )
+        )
+
+
+@functools.lru_cache(maxsize=1024)
+def _network(text: str) -> Network | None:
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        return None  # registration validates; an unreadable network admits nobody
+
+
+def _address(ip: str) -> Address | None:
+    try:
+        address = ipaddress.ip_address(ip.strip().strip("[]").split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _matching(account: Account, address: Address) -> Iterable[Network]:
+    for text in account.networks:
+        network = _network(text)
+        if network is not None and address.version == network.version and address in network:
+            yield network
+
+
+def clientAllowed(account: Account, ip: str) -> bool:
+    """
+    Whether a client at ``ip`` may log in as ``account``: anywhere when the account names no
+    networks, else only from inside one of them (IPv4-mapped IPv6 counts as IPv4). A client
+    address that is not an IP (a UNIX socket) is outside every network.
+    """
+    if not account.networks:
+        return True
+    address = _address(ip)
+    return address is not None and any(True for _ in _matching(account, address))
+
+
+def accountForNetwork(accounts: Iterable[Account], ip: str) -> Account | None:
+    """
+    The account a client at ``ip`` submits as without AUTH (relay by IP, ``auth = "network"``):
+    the enabled account with the most specific network (longest prefix) containing ``ip``.
+    None when no account's network contains it, or when two accounts share the most specific
+    match: an ambiguous setup must not guess whose mail it is, so the client has to AUTH.
+    """
+    address = _address(ip)
+    if address is None:
+        return None
+    best: Account | None = None
+    bestPrefix = -1
+    ambiguous = False
+    for account in accounts:
+        if not account.enabled:
+            continue
+        prefix = max((n.prefixlen for n in _matching(account, address)), default=-1)
+        if prefix < 0 or prefix < bestPrefix:
+            continue
+        if prefix == bestPrefix and best is not None and best.name != account.name:
+            ambiguous = True
+        elif prefix > bestPrefix:
+            best, bestPrefix, ambiguous = account, prefix, False
+    return None if ambiguous else best

@@ -1,0 +1,77 @@
+"""
+The ``Received:`` trace header mailrelay puts on top of each accepted message (RFC 5321 §4.4).
+
+It says which client (HELO name, reverse name, IP) handed the message to which relay, how
+(``ESMTP``, ``ESMTPS`` with TLS, ``ESMTPA`` authenticated, ``ESMTPSA`` both: RFC 3848), under
+which notification id, and when. It never names the account, the user name or any secret, and
+every client-supplied text is reduced to printable ASCII so it cannot inject a header.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from mailrelay.model import Recipient
+
+MAX_FIELD = 255
+_UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\;]")
+
+
+def _clean(text: str, default: str = "unknown") -> str:
+    """Client-supplied text made safe inside a header: printable ASCII, no comment syntax."""
+    cleaned = _UNSAFE.sub("?", text.strip())[:MAX_FIELD]
+    return cleaned or default
+
+
+def _literal(clientAddress: str) -> str:
+    try:
+        address = ipaddress.ip_address(clientAddress)
+    except ValueError:
+        return _clean(clientAddress)
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return f"[{address.ipv4_mapped}]"
+        return f"[IPv6:{address.compressed}]"
+    return f"[{address}]"
+
+
+def receivedHeader(
+    *,
+    hostname: str,
+    helo: str,
+    clientAddress: str,
+    tlsInfo: str | None,
+    authenticated: bool,
+    notificationId: str,
+    now: datetime,
+    recipients: Sequence[Recipient] = (),
+    reverseName: str | None = None,
+) -> bytes:
+    """
+    The complete ``Received:`` field, folded, ending in CRLF, to put before the message.
+
+    ``tlsInfo`` is None without TLS, else a short description (``TLSv1.3
+    TLS_AES_256_GCM_SHA384``); the ``for <address>`` clause is given only when the message
+    has exactly one e-mail recipient, so a copy never tells its reader about the others.
+    ``now`` without a time zone is taken as UTC.
+    """
+    tcpInfo = _literal(clientAddress)
+    if reverseName:
+        tcpInfo = f"{_clean(reverseName)} {tcpInfo}"
+    protocol = "ESMTP" + ("S" if tlsInfo is not None else "") + ("A" if authenticated else "")
+    lines = [f"Received: from {_clean(helo)} ({tcpInfo})", f"by {_clean(hostname)} with {protocol}"]
+    if tlsInfo is not None:
+        words = " ".join(_clean(word) for word in tlsInfo.split()[:4]) or "TLS"
+        lines[-1] += f" (using {words})"
+    lines.append(f"id {_clean(notificationId)}")
+    if len(recipients) == 1 and recipients[0].channel == "email":
+        lines.append(f"for <{recipients[0].address}>")
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    lines[-1] += ";"
+    lines.append(email.utils.format_datetime(now))
+    return ("\r\n\t".join(lines) + "\r\n").encode("utf-8", "replace")

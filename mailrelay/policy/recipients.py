@@ -1,0 +1,76 @@
+"""
+What a RCPT names and whether the account may send there: an e-mail address (channel ``email``)
+or a phone number (channel ``sms``), and how many recipients one message may have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from mailrelay.model import Account, Recipient
+from mailrelay.policy.addresses import recipientAddress
+from mailrelay.policy.phones import phoneRecipient
+from mailrelay.policy.senders import EnvelopeSender
+from mailrelay.smtp.replies import NO_SUCH_RECIPIENT, TOO_MANY_RECIPIENTS, Refused
+
+
+def classifyRecipient(
+    text: str,
+    account: Account,
+    smsDomains: Iterable[str] = (),
+    *,
+    sender: EnvelopeSender | None = None,
+    smtputf8: bool = False,
+) -> Recipient:
+    """
+    The recipient ``text`` (a RCPT path's address) names, with its channel: a phone number, bare
+    or at one of ``smsDomains``, becomes ``Recipient(<E.164>, "sms")``; anything else must be an
+    e-mail address and becomes ``Recipient(<normal form>, "email")``.
+
+    Raises ``Refused(BAD_RECIPIENT_SYNTAX)`` (553 5.1.3) when the syntax is wrong,
+    ``Refused(NO_SUCH_RECIPIENT)`` (550 5.1.1) for a phone number on an account without SMS and
+    for an e-mail address when the envelope sender is an SMS sender id (which no mail server
+    would accept as a return path).
+    """
+    number = phoneRecipient(text, smsDomains)
+    if number is not None:
+        if not account.sms_enabled:
+            raise Refused(
+                NO_SUCH_RECIPIENT.withText(
+                    f"{number} is a phone number and account {account.name} has no SMS channel"
+                )
+            )
+        return Recipient(number, "sms")
+    if text.lower() == "postmaster":
+        raise Refused(
+            NO_SUCH_RECIPIENT.withText("This relay has no local postmaster; give a full address")
+        )
+    mailbox = recipientAddress(text, smtputf8=smtputf8)
+    if sender is not None and sender.kind == "sms":
+        raise Refused(
+            NO_SUCH_RECIPIENT.withText(
+                f"{mailbox}: the SMS sender id {sender.value} can only send to phone numbers"
+            )
+        )
+    return Recipient(str(mailbox), "email")
+
+
+def recipientLimit(account: Account, configLimit: int) -> int:
+    """The most recipients one message of ``account`` may have (``limits.max_recipients``)."""
+    if account.max_recipients is None:
+        return configLimit
+    return min(configLimit, account.max_recipients)
+
+
+def checkRecipientCount(accepted: int, account: Account, configLimit: int) -> None:
+    """
+    Whether one more RCPT may be accepted after ``accepted`` ones; raises
+    ``Refused(TOO_MANY_RECIPIENTS)`` (452 4.5.3) when the limit is reached.
+    """
+    limit = recipientLimit(account, configLimit)
+    if accepted >= limit:
+        raise Refused(
+            TOO_MANY_RECIPIENTS.withText(
+                f"Too many recipients: at most {limit} per message; send the rest in another"
+            )
+        )
