@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 REPO = Path(__file__).resolve().parent.parent
 USER = "bench"
@@ -52,7 +52,9 @@ class RunningServer:
 
 
 class ServerAdapter(Protocol):
-    name: str
+    @property
+    def name(self) -> str:
+        """The server's column label, e.g. ``mailrelay-sqlite``."""
 
     def unavailable(self) -> str | None:
         """Why this server cannot run here, or None when it can."""
@@ -96,7 +98,7 @@ def wait_for_greeting(
     raise RuntimeError(f"no SMTP greeting on port {port} within {timeout:.0f} s; see {log_path}")
 
 
-def _spawn(cmd: list[str], log_path: Path, **kwargs: object) -> subprocess.Popen[bytes]:
+def _spawn(cmd: list[str], log_path: Path, **kwargs: Any) -> subprocess.Popen[bytes]:
     with log_path.open("wb") as log:
         return subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kwargs
@@ -273,6 +275,5 @@ class Mailrelay:
         return RunningServer(self.name, proc, listeners, log_path, helpers)
 
 
-ALL: dict[str, ServerAdapter] = {
-    a.name: a for a in (TWISTED, AIOSMTPD, Mailrelay("sqlite"), Mailrelay("redis"))
-}
+_ADAPTERS: list[ServerAdapter] = [TWISTED, AIOSMTPD, Mailrelay("sqlite"), Mailrelay("redis")]
+ALL: dict[str, ServerAdapter] = {a.name: a for a in _ADAPTERS}

@@ -55,12 +55,11 @@ async def serve(args: argparse.Namespace) -> list[asyncio.Server]:
     """Start every listener the arguments ask for."""
     loop = asyncio.get_running_loop()
     handler = DiscardingHandler()
-    common = {"hostname": "bench.local", "ident": "aiosmtpd bench"}
-    servers = [
-        await loop.create_server(
-            lambda: SMTP(handler, **common), args.host, args.port, backlog=1024
-        )
-    ]
+
+    def smtp(**options: Any) -> SMTP:
+        return SMTP(handler, hostname="bench.local", ident="aiosmtpd bench", **options)
+
+    servers = [await loop.create_server(smtp, args.host, args.port, backlog=1024)]
     if args.starttls_port or args.tls_port:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(args.cert, args.key)
@@ -68,7 +67,7 @@ async def serve(args: argparse.Namespace) -> list[asyncio.Server]:
         if args.starttls_port:
             servers.append(
                 await loop.create_server(
-                    lambda: SMTP(handler, tls_context=ctx, authenticator=auth, **common),
+                    lambda: smtp(tls_context=ctx, authenticator=auth),
                     args.host,
                     args.starttls_port,
                     backlog=1024,
@@ -78,7 +77,7 @@ async def serve(args: argparse.Namespace) -> list[asyncio.Server]:
             # Implicit TLS: aiosmtpd does not see the TLS layer, so it must not insist on it.
             servers.append(
                 await loop.create_server(
-                    lambda: SMTP(handler, authenticator=auth, auth_require_tls=False, **common),
+                    lambda: smtp(authenticator=auth, auth_require_tls=False),
                     args.host,
                     args.tls_port,
                     ssl=ctx,

@@ -29,6 +29,7 @@ from twisted.internet.protocol import Factory
 from twisted.mail import smtp
 from twisted.mail.imap4 import PLAINCredentials  # the public name of twisted.mail._cred
 from twisted.python import log
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 
@@ -85,7 +86,7 @@ class BenchESMTPFactory(Factory):
     def __init__(
         self, cred_portal: portal.Portal | None = None, tls: ssl.CertificateOptions | None = None
     ) -> None:
-        self.portal = cred_portal
+        self.portal: portal.Portal | None = cred_portal
         self.tls = tls
 
     def buildProtocol(self, addr: object) -> PipeliningESMTP:
@@ -94,28 +95,28 @@ class BenchESMTPFactory(Factory):
         proto.factory = self
         proto.host = b"bench.local"
         if self.portal:
-            proto.portal = self.portal
+            proto.portal = self.portal  # type: ignore[assignment]  # declared None in Twisted
         else:
             proto.delivery = MemoryDelivery()
         return proto
 
 
 def listen(reactor: IReactorCore, args: argparse.Namespace) -> list[Deferred[IListeningPort]]:
-    """Start every listener the arguments ask for; one Deferred per listener."""
+    """Start the listeners the arguments ask for (port None: off, 0: any); one Deferred each."""
     started = []
     plain = f"tcp:{args.port}:interface={args.host}:backlog=1024"
     started.append(endpoints.serverFromString(reactor, plain).listen(BenchESMTPFactory()))
-    if args.starttls_port or args.tls_port:
+    if args.starttls_port is not None or args.tls_port is not None:
         pem = Path(args.cert).read_bytes() + Path(args.key).read_bytes()
         options = ssl.PrivateCertificate.loadPEM(pem).options()
         checker = checkers.InMemoryUsernamePasswordDatabaseDontUse()
         checker.addUser(args.user.encode(), args.password.encode())
         cred_portal = portal.Portal(DeliveryRealm(), [checker])
-        if args.starttls_port:
+        if args.starttls_port is not None:
             desc = f"tcp:{args.starttls_port}:interface={args.host}:backlog=1024"
             factory = BenchESMTPFactory(cred_portal, options)
             started.append(endpoints.serverFromString(reactor, desc).listen(factory))
-        if args.tls_port:
+        if args.tls_port is not None:
             tls_ep = endpoints.SSL4ServerEndpoint(
                 reactor, args.tls_port, options, backlog=1024, interface=args.host
             )
@@ -136,7 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pidfile")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
-    if (args.starttls_port or args.tls_port) and not (args.cert and args.key):
+    if (args.starttls_port is not None or args.tls_port is not None) and not (
+        args.cert and args.key
+    ):
         p.error("TLS listeners need --cert and --key")
 
     from twisted.internet import (
@@ -147,8 +150,13 @@ def main(argv: list[str] | None = None) -> None:
         log.startLogging(sys.stderr)
     if args.pidfile:
         Path(args.pidfile).write_text(f"{os.getpid()}\n")
+
+    def failed(reason: Failure) -> None:
+        log.err(reason)
+        reactor.stop()
+
     for d in listen(reactor, args):
-        d.addErrback(lambda f: (log.err(f), reactor.stop()))
+        d.addErrback(failed)
     print(f"twisted_plain pid {os.getpid()} listening", flush=True)
     reactor.run()
 

@@ -1,0 +1,125 @@
+"""
+The load generator counts what it sends, against the benchmark baselines on real sockets.
+
+These check counts only, never timings: the benchmarks themselves are run with
+``python -m benchmarks.run``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from argparse import Namespace
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, reactor, threads
+from twisted.trial.unittest import TestCase
+
+from benchmarks.certs import make_cert
+from benchmarks.loadgen import LoadConfig, hold_idle, run_load
+from benchmarks.servers.twisted_plain import listen
+
+_Steps = Generator[defer.Deferred[Any], Any, None]
+
+
+class LoadgenAgainstTwistedBaselineTests(TestCase):
+    """The plain Twisted baseline runs in the test's reactor; the load generator in a thread."""
+
+    @defer.inlineCallbacks
+    def setUp(self) -> _Steps:  # type: ignore[override]
+        directory = Path(self.mktemp())
+        directory.mkdir(parents=True)
+        cert, key = make_cert(directory)
+        args = Namespace(
+            host="127.0.0.1",
+            port=0,
+            starttls_port=0,
+            tls_port=0,
+            cert=cert,
+            key=key,
+            user="bench",
+            password="secret",
+        )
+        ports = yield defer.gatherResults(listen(reactor, args))
+        for port in ports:
+            self.addCleanup(port.stopListening)
+        self.plain, self.starttls, self.tls = (p.getHost().port for p in ports)
+
+    def load(self, **kwargs: object) -> defer.Deferred[object]:
+        settings: dict[str, Any] = {"warmup": 0, "duration": 60, "grace": 10, **kwargs}
+        cfg = LoadConfig(host="127.0.0.1", **settings)
+        return threads.deferToThread(run_load, cfg, os.getpid())
+
+    @defer.inlineCallbacks
+    def test_persistentPipelined(self) -> _Steps:
+        """Every message sent on persistent sessions is counted once; the server is measured."""
+        result = yield self.load(port=self.plain, messages=23, concurrency=4, rcpts=3)
+        self.assertEqual((result.ok, result.errors), (23, {}))
+        self.assertEqual(result.config.messages, 23)
+        self.assertIsNotNone(result.server)
+
+    @defer.inlineCallbacks
+    def test_onePerConnectionStartTLS(
+        self,
+    ) -> _Steps:
+        """One message per session over STARTTLS with AUTH PLAIN."""
+        result = yield self.load(
+            port=self.starttls,
+            security="starttls",
+            user="bench",
+            password="secret",
+            messages=7,
+            concurrency=3,
+            per_connection=1,
+            size=10_000,
+        )
+        self.assertEqual((result.ok, result.errors), (7, {}))
+
+    @defer.inlineCallbacks
+    def test_implicitTLSWrongPassword(
+        self,
+    ) -> _Steps:
+        """A refused AUTH is counted by step and code, and nothing is sent."""
+        result = yield self.load(
+            port=self.tls,
+            security="tls",
+            user="bench",
+            password="wrong",
+            messages=2,
+            concurrency=1,
+            duration=0.5,
+        )
+        self.assertEqual(result.ok, 0)
+        self.assertEqual(set(result.errors), {"AUTH:535"})
+
+    @defer.inlineCallbacks
+    def test_idle(self) -> _Steps:
+        """Idle sessions are held after EHLO and counted."""
+        cfg = LoadConfig(host="127.0.0.1", port=self.plain)
+        result = yield threads.deferToThread(hold_idle, cfg, 12, None, 0.0)
+        self.assertEqual((result.requested, result.held, result.errors), (12, 12, {}))
+
+
+class LoadgenAgainstAiosmtpdTests(TestCase):
+    """The aiosmtpd baseline's handler, run by aiosmtpd's own threaded controller."""
+
+    def setUp(self) -> None:
+        from aiosmtpd.controller import Controller
+
+        from benchmarks.servers.aiosmtpd_plain import DiscardingHandler
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        controller = Controller(DiscardingHandler(), hostname="127.0.0.1", port=port)
+        controller.start()
+        self.addCleanup(controller.stop)
+        self.port = port
+
+    def test_pipelinedWithoutLoop(self) -> None:
+        """PIPELINING is advertised, and the load generator counts a count-bounded run."""
+        cfg = LoadConfig(port=self.port, messages=11, concurrency=2, rcpts=5, warmup=0)
+        result = run_load(cfg)
+        self.assertEqual((result.ok, result.errors), (11, {}))
