@@ -1,0 +1,121 @@
+"""
+Operations endpoints: ``/healthz`` (is the relay able to work) and ``/metrics`` (Prometheus).
+
+Both read the store at request time: a ping, bounded by ``pingTimeout`` so that a hung backend
+makes the health check fail rather than hang, and for metrics the queue depth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IServiceCollection
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from mailrelay import metrics
+from mailrelay.interfaces import IStore
+from mailrelay.web.responses import Response, jsonResponse
+
+PING_TIMEOUT = 2.0
+"""Seconds a store ping may take before the store counts as unreachable."""
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class ListenerState:
+    """One SMTP listener as the health check reports it."""
+
+    endpoint: str
+    up: bool
+
+
+ListenerProbe = Callable[[], Iterable[ListenerState]]
+"""Called at each health check: the state of every SMTP listener."""
+
+
+def noListeners() -> list[ListenerState]:
+    """The probe of a web site that serves no SMTP listeners (tests, tools)."""
+    return []
+
+
+def serviceListeners(parent: IServiceCollection, endpoints: Sequence[str]) -> ListenerProbe:
+    """
+    A probe of the SMTP listeners under ``parent``: the first ``len(endpoints)`` stream server
+    services, in the order they were added, named by ``endpoints`` (the configured listener
+    endpoint strings, in the same order). A listener is up while its service runs: the tap makes
+    a failure to bind fail the start, so a running service is a bound port.
+    """
+
+    def probe() -> list[ListenerState]:
+        services = [s for s in parent if isinstance(s, StreamServerEndpointService)]
+        return [
+            ListenerState(endpoint, bool(service.running))
+            for endpoint, service in zip(endpoints, services, strict=False)
+        ]
+
+    return probe
+
+
+class Health:
+    """Answers ``/healthz`` and ``/metrics`` for one store."""
+
+    def __init__(
+        self,
+        store: IStore,
+        clock: IReactorTime,
+        listeners: ListenerProbe = noListeners,
+        pingTimeout: float = PING_TIMEOUT,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._listeners = listeners
+        self._pingTimeout = pingTimeout
+
+    async def _ping(self) -> float | None:
+        """The store's round trip in seconds, or None if it failed or took too long."""
+        d: Deferred[float] = self._store.ping()
+        d.addTimeout(self._pingTimeout, self._clock)
+        try:
+            return float(await d)
+        except Exception as e:
+            log.warn("store ping failed: {error}", error=type(e).__name__)
+            return None
+
+    async def healthz(self) -> Response:
+        """200 ``{"status": "ok", ...}`` when the store answers and every listener is up;
+        503 with the same shape and ``"status": "unavailable"`` otherwise."""
+        latency = await self._ping()
+        listeners = list(self._listeners())
+        healthy = latency is not None and all(listener.up for listener in listeners)
+        document: dict[str, Any] = {
+            "status": "ok" if healthy else "unavailable",
+            "store": {
+                "backend": self._store.name,
+                "ok": latency is not None,
+                "latency_ms": None if latency is None else round(latency * 1000, 3),
+            },
+            "listeners": [{"endpoint": s.endpoint, "up": s.up} for s in listeners],
+        }
+        return jsonResponse(200 if healthy else 503, document)
+
+    async def metrics(self) -> Response:
+        """The Prometheus text exposition of :data:`mailrelay.metrics.REGISTRY`, with the queue
+        depth and a store ping taken now (if the store fails, the other metrics still render)."""
+        latency = await self._ping()
+        if latency is not None:
+            metrics.storeLatency.observe(latency)
+            try:
+                stats = await self._store.stats()
+            except Exception as e:
+                log.warn("queue stats failed: {error}", error=type(e).__name__)
+            else:
+                for state in ("queued", "deferred", "in_flight"):
+                    metrics.queueDepth.labels(state).set(getattr(stats, state))
+        return Response(200, generate_latest(metrics.REGISTRY), contentType=CONTENT_TYPE_LATEST)
