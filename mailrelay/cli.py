@@ -1,0 +1,534 @@
+"""
+The ``mailrelay`` admin console script (SPEC §9): accounts, API keys, senders, status, queue.
+
+``mailrelay [--config FILE] COMMAND ...`` reads the same configuration file as the server and
+opens the same store (SQLite allows both at once). Each command is one small function below;
+listing commands take ``--json`` and then print one JSON document. Success exits 0; a failure
+prints one line on stderr and exits 1 (2 for a command line that does not parse).
+
+Secrets: a password is read without echo (or from stdin with ``--password-stdin``) and only its
+Argon2 hash is stored; an API key is printed once and only its SHA-256 is stored. Neither hash
+is ever printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import getpass
+import ipaddress
+import json
+import re
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, TextIO
+
+from twisted.internet import task
+
+from mailrelay.auth.secrets import hashPassword, newApiKey
+from mailrelay.config import ConfigError, loadConfig
+from mailrelay.interfaces import AlreadyExists, IStore, NotFound, StoreError
+from mailrelay.model import API_KEY_USER, Account, Sender, SenderKind
+from mailrelay.policy.addresses import AddressSyntaxError, normaliseDomain, parseMailbox
+from mailrelay.policy.senders import SenderIdError, normaliseSenderId
+from mailrelay.status import formatTimestamp, statusDocument
+from mailrelay.store import makeStore
+
+PROG = "mailrelay"
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+Handler = Callable[[IStore, argparse.Namespace, "Console"], Awaitable[None]]
+
+
+class CommandError(Exception):
+    """A command cannot be done; the message is the one line printed on stderr."""
+
+
+# -- argument types: each turns one command-line word into a value, or refuses it --
+
+
+_ACCOUNT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def accountName(text: str) -> str:
+    """A name for a new account: it is the SMTP user name and part of the status API's URL."""
+    if not _ACCOUNT_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"invalid account name {text!r}: use 1-64 letters, digits, '.', '_' or '-'"
+        )
+    if text.lower() == API_KEY_USER.lower():
+        raise argparse.ArgumentTypeError(f"{text!r} is reserved for API-key logins")
+    return text
+
+
+def onOff(text: str) -> bool:
+    """``on`` or ``off``."""
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, not {text!r}")
+    return text == "on"
+
+
+def positiveInt(text: str) -> int:
+    """A whole number greater than 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, not {value}")
+    return value
+
+
+def optionalLimit(text: str) -> int | None:
+    """A positive whole number, or ``none`` to remove the account's own limit."""
+    return None if text == "none" else positiveInt(text)
+
+
+def smsSegments(text: str) -> int:
+    """How many SMS segments a message may use: 1 to 255."""
+    value = positiveInt(text)
+    if value > 255:
+        raise argparse.ArgumentTypeError(f"at most 255 segments, not {value}")
+    return value
+
+
+_RATE = re.compile(r"(\d+(?:\.\d+)?)/s")
+
+
+def rate(text: str) -> float | None:
+    """A message rate written ``N/s`` (messages per second), or ``none`` for no limit."""
+    if text == "none":
+        return None
+    match = _RATE.fullmatch(text)
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a rate like 10/s (or none), not {text!r}")
+    return float(match.group(1))
+
+
+def networks(text: str) -> tuple[str, ...]:
+    """Comma-separated CIDR networks in normal form; an empty string means none."""
+    result = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            result.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a network (CIDR): {item!r}") from None
+    return tuple(result)
+
+
+def senderValue(text: str) -> tuple[SenderKind, str]:
+    """
+    What a sender argument registers, and its normal form (the one the sender policy compares):
+    with an ``@`` an address; digits (optionally after ``+``, at most 16) or at most 11 letters
+    and digits an SMS sender id; else a domain name with a dot.
+    """
+    try:
+        if "@" in text:
+            return "address", str(parseMailbox(text))
+        try:
+            return "sms", normaliseSenderId(text)
+        except SenderIdError:
+            pass
+        if "." in text and not text.startswith("["):
+            return "domain", normaliseDomain(text)
+    except AddressSyntaxError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither a domain, an address nor an SMS sender id "
+        "(up to 16 digits, or up to 11 letters and digits)"
+    )
+
+
+# -- output --
+
+
+@dataclass
+class Console:
+    """Where commands read and write: the process's own streams, or a test's."""
+
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+    err: TextIO = field(default_factory=lambda: sys.stderr)
+    stdin: TextIO = field(default_factory=lambda: sys.stdin)
+
+    def say(self, line: str) -> None:
+        print(line, file=self.out)
+
+    def fail(self, message: str) -> None:
+        """The one line on stderr that says why a command failed."""
+        print(f"{PROG}: {' '.join(message.split())}", file=self.err)
+
+    def printJson(self, document: Any) -> None:
+        self.say(json.dumps(document, indent=2, ensure_ascii=False))
+
+    def printTable(self, rows: Sequence[Sequence[str]]) -> None:
+        """Rows as left-aligned columns."""
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+            self.say("  ".join(cells).rstrip())
+
+    def askPassword(self, prompt: str) -> str:
+        """Ask on the terminal, without echo."""
+        return getpass.getpass(prompt)
+
+
+def accountSettings(account: Account) -> dict[str, Any]:
+    """An account's settings for display: every field but the password hash."""
+    settings = dataclasses.asdict(account)
+    del settings["password_hash"]
+    settings["networks"] = list(account.networks)
+    return settings
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list | tuple):
+        return ",".join(value) or "any"
+    return str(value)
+
+
+async def existingAccount(store: IStore, name: str) -> Account:
+    """The account named ``name``; CommandError if there is none."""
+    account = await store.getAccount(name)
+    if account is None:
+        raise CommandError(f"unknown account: {name}")
+    return account
+
+
+# -- steps before the store is opened --
+
+
+def readPassword(args: argparse.Namespace, console: Console) -> None:
+    """``account add``: read the new password (never echoed) and hash it."""
+    if args.password_stdin:
+        password = console.stdin.readline().rstrip("\r\n")
+    else:
+        password = console.askPassword("Password: ")
+        if console.askPassword("Repeat password: ") != password:
+            raise CommandError("the passwords do not match")
+    if not password:
+        raise CommandError("empty password refused")
+    args.passwordHash = hashPassword(password)
+
+
+ACCOUNT_SETTINGS = (
+    "sms_enabled",
+    "sms_segments",
+    "rate_per_second",
+    "daily_quota",
+    "networks",
+    "require_alternative",
+    "require_rcpt_headers",
+    "attachments",
+    "max_message_size",
+    "max_recipients",
+)
+"""The Account fields ``account set`` changes; its options use these names as ``dest``."""
+
+
+def collectSettings(args: argparse.Namespace, console: Console) -> None:
+    """``account set``: the settings given (options not given are absent from ``args``)."""
+    args.changes = {name: getattr(args, name) for name in ACCOUNT_SETTINGS if hasattr(args, name)}
+    if not args.changes:
+        raise CommandError("account set: nothing to set; give at least one option")
+
+
+# -- the commands --
+
+
+async def accountAdd(store: IStore, args: argparse.Namespace, console: Console) -> None:
+    try:
+        await store.addAccount(args.name, args.passwordHash)
+    except AlreadyExists:
+        raise CommandError(f"account {args.name} exists already") from None
+    console.say(f"account {args.name} added")
+
+
+async def accountList(store: IStore, args: argparse.Namespace, console: Console) -> None:
+    accounts = await store.listAccounts()
+    if args.json:
+        console.printJson([accountSettings(account) for account in accounts])
+    elif accounts:
+        console.printTable(
+            [("NAME", "STATUS", "SMS")]
+            + [
+                (a.name, "enabled" if a.enabled else "disabled", _shown(a.sms_enabled))
+                for a in accounts
+            ]
+        )
+    else:
+        console.say("no accounts")
+
+
+async def accountShow(store: IStore, args: argparse.Namespace, console: Console) -> None:
+    settings = accountSettings(await existingAccount(store, args.name))
+    if args.json:
+        console.printJson(settings)
+    else:
+        console.printTable([(f"{key}:", _shown(value)) for key, value in settings.items()])
+
+
+async def _setEnabled(store: IStore, name: str, enabled: bool, console: Console) -> None:
+    account = await existingAccount(store, name)
+    await store.updateAccount(dataclasses.replace(account, enabled=enabled))
+    console.say(f"account {name} {'enabled' if enabled else 'disabled'}")
+
+
+async def accountDisable(store: IStore, args: argparse.Namespace, console: Console) -> None:
+    await _setEnabled(store, args.name, False, console)
+
+
+async def accountEnable(store: IStore, args: argparse.Namespace, console: Console) -> None:
+    await _setEnabled(store, args.name, True, console)
+
+
+async def accountSet(store: IStore, args: argparse.Namespace, console: Console) -> None:
+    account = await existingAccount(store, args.name)
+    await store.updateAccount(dataclasses.replace(account, **args.changes))
+    changed = ", ".join(f"{key}={_shown(value)}" for key, value in args.changes.items())
+    console.say(f"account {args.name} updated: {changed}")
+
+
+async def apikeyCreate(store: IStore, args: argparse.Namespace, console: Console) -> None:
+    keyId, key, keyHash = newApiKey()
+    try:
+        await store.addApiKey(args.name, keyId, keyHash)
+    except NotFound:
+        raise CommandError(f"unknown account: {args.name}") from None
+    console.say(key)
+
+
+async def apikeyList(store: IStore, args: argparse.Namespace, console: Console) -> None:
+    await existingAccount(store, args.name)
+    keys = await store.listApiKeys(args.name)
+    rows = [(k.key_id, formatTimestamp(k.created_at)) for k in keys]
+    if args.json:
+        console.printJson([{"key_id": keyId, "created_at": createdAt} for keyId, createdAt in rows])
+    elif rows:
+        console.printTable([("KEY ID", "CREATED (UTC)"), *rows])
+    else:
+        console.say(f"no API keys for {args.name}")
+
+
+async def apikeyRevoke(store: IStore, args: argparse.Namespace, console: Console) -> None:
+    await existingAccount(store, args.name)
+    if not await store.revokeApiKey(args.name, args.keyid):
+        raise CommandError(f"account {args.name} has no active API key {args.keyid}")
+    console.say(f"API key {args.keyid} revoked")
+
+
+async def senderAdd(store: IStore, args: argparse.Namespace, console: Console) -> None:
+    kind, value = args.sender
+    try:
+        await store.addSender(Sender(account=args.name, value=value, kind=kind))
+    except NotFound:
+        raise CommandError(f"unknown account: {args.name}") from None
+    except AlreadyExists:
+        raise CommandError(f"sender {value} is registered to {args.name} already") from None
+    console.say(f"sender {value} ({kind}) added to {args.name}")
+
+
+async def senderList(store: IStore, args: argparse.Namespace, console: Console) -> None:
+    await existingAccount(store, args.name)
+    senders = await store.listSenders(args.name)
+    if args.json:
+        console.printJson([{"value": s.value, "kind": s.kind} for s in senders])
+    elif senders:
+        console.printTable([("SENDER", "KIND")] + [(s.value, s.kind) for s in senders])
+    else:
+        console.say(f"no senders for {args.name}")
+
+
+async def senderRemove(store: IStore, args: argparse.Namespace, console: Console) -> None:
+    await existingAccount(store, args.name)
+    try:
+        _, value = senderValue(args.sender)
+    except argparse.ArgumentTypeError:
+        value = args.sender  # not valid now; may still be stored as written
+    if not await store.removeSender(args.name, value):
+        raise CommandError(f"sender {args.sender} is not registered to {args.name}")
+    console.say(f"sender {value} removed from {args.name}")
+
+
+async def status(store: IStore, args: argparse.Namespace, console: Console) -> None:
+    document = statusDocument(args.id, await store.statusTrail(args.id))
+    events = document["SAPnotification"]["status"]
+    if args.json:
+        console.printJson(document)
+    elif events:
+        console.printTable(
+            [("TIMESTAMP (UTC)", "RECIPIENT", "STATUS", "TEXT")]
+            + [(e["timestamp"], e["recipient"], e["statusCode"], e["statusText"]) for e in events]
+        )
+    else:
+        raise CommandError(f"no status for notification {args.id} (unknown or expired)")
+
+
+async def queueStats(store: IStore, args: argparse.Namespace, console: Console) -> None:
+    stats = await store.stats()
+    counts = {"queued": stats.queued, "deferred": stats.deferred, "in_flight": stats.in_flight}
+    if args.json:
+        console.printJson(counts)
+    else:
+        console.printTable([(f"{state}:", str(count)) for state, count in counts.items()])
+
+
+# -- the command line --
+
+
+class UsageError(CommandError):
+    """The command line does not parse (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises UsageError instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        where = self.prog.removeprefix(PROG).strip()
+        raise UsageError(f"{where + ': ' if where else ''}{message}")
+
+
+def _command(
+    group: Any, name: str, handler: Handler, help: str, listing: bool = False
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = group.add_parser(name, help=help, description=help)
+    parser.set_defaults(handler=handler, prepare=None)
+    if listing:
+        parser.add_argument("--json", action="store_true", help="print one JSON document")
+    return parser
+
+
+def _accountCommands(group: Any) -> None:
+    add = _command(group, "add", accountAdd, "create an enabled account")
+    add.add_argument("name", type=accountName)
+    add.add_argument(
+        "--password-stdin", action="store_true", help="read the password from stdin (one line)"
+    )
+    add.set_defaults(prepare=readPassword)
+    _command(group, "list", accountList, "list the accounts", listing=True)
+    for name, handler, help in [
+        ("show", accountShow, "show an account's settings"),
+        ("disable", accountDisable, "refuse the account's logins and messages"),
+        ("enable", accountEnable, "enable a disabled account"),
+    ]:
+        command = _command(group, name, handler, help, listing=name == "show")
+        command.add_argument("name")
+
+    change = _command(group, "set", accountSet, "change an account's settings")
+    change.add_argument("name")
+    change.set_defaults(prepare=collectSettings)
+    options: list[tuple[str, str, Any, str]] = [
+        ("--sms", "sms_enabled", onOff, "on|off"),
+        ("--sms-segments", "sms_segments", smsSegments, "N"),
+        ("--rate", "rate_per_second", rate, "N/s|none"),
+        ("--daily-quota", "daily_quota", optionalLimit, "N|none"),
+        ("--networks", "networks", networks, "CIDR,..."),
+        ("--require-alternative", "require_alternative", onOff, "on|off"),
+        ("--require-rcpt-headers", "require_rcpt_headers", onOff, "on|off"),
+        ("--max-message-size", "max_message_size", optionalLimit, "N|none"),
+        ("--max-recipients", "max_recipients", optionalLimit, "N|none"),
+    ]
+    for flag, dest, convert, metavar in options:
+        change.add_argument(
+            flag, dest=dest, type=convert, metavar=metavar, default=argparse.SUPPRESS
+        )
+    change.add_argument(
+        "--attachments", choices=("allow", "strip", "refuse"), default=argparse.SUPPRESS
+    )
+
+
+def _apikeyCommands(group: Any) -> None:
+    create = _command(group, "create", apikeyCreate, "make an API key and print it (once)")
+    create.add_argument("name")
+    _command(group, "list", apikeyList, "list an account's API keys", listing=True).add_argument(
+        "name"
+    )
+    revoke = _command(group, "revoke", apikeyRevoke, "revoke an API key")
+    revoke.add_argument("name")
+    revoke.add_argument("keyid")
+
+
+def _senderCommands(group: Any) -> None:
+    add = _command(group, "add", senderAdd, "register a domain, address or SMS sender id")
+    add.add_argument("name")
+    add.add_argument("sender", type=senderValue, metavar="DOMAIN|ADDRESS|SMS-SENDER-ID")
+    _command(group, "list", senderList, "list an account's senders", listing=True).add_argument(
+        "name"
+    )
+    remove = _command(group, "remove", senderRemove, "unregister a sender")
+    remove.add_argument("name")
+    remove.add_argument("sender")
+
+
+def buildParser() -> argparse.ArgumentParser:
+    """The whole ``mailrelay`` command line."""
+    parser = _Parser(prog=PROG, description="Administer a mailrelay instance.")
+    parser.add_argument("--config", metavar="FILE", help="configuration file (mailrelay.toml)")
+    topics = parser.add_subparsers(dest="topic", required=True, metavar="COMMAND")
+    for name, help, addCommands in [
+        ("account", "customer accounts", _accountCommands),
+        ("apikey", "API keys of an account", _apikeyCommands),
+        ("sender", "senders registered to an account", _senderCommands),
+    ]:
+        topic = topics.add_parser(name, help=help, description=help)
+        addCommands(topic.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    command = _command(topics, "status", status, "a notification's status trail", listing=True)
+    command.add_argument("id", metavar="NOTIFICATION_ID")
+    queue = topics.add_parser("queue", help="the delivery queue", description="the delivery queue")
+    queueCommands = queue.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _command(queueCommands, "stats", queueStats, "count queued messages", listing=True)
+    return parser
+
+
+async def execute(reactor: Any, argv: Sequence[str], console: Console | None = None) -> int:
+    """
+    Run one command line (without the program name) against the configured store, on a
+    running reactor. Returns the exit status; a failure has printed its one line on stderr.
+    """
+    console = console or Console()
+    try:
+        args = buildParser().parse_args(argv)
+        config = loadConfig(args.config)
+        if args.prepare is not None:
+            args.prepare(args, console)
+        store = makeStore(config, reactor)
+        await store.open()
+        try:
+            await args.handler(store, args, console)
+        finally:
+            await store.close()
+    except UsageError as e:
+        console.fail(str(e))
+        return EXIT_USAGE
+    except (CommandError, ConfigError, StoreError) as e:
+        console.fail(str(e))
+        return EXIT_FAILURE
+    except (KeyboardInterrupt, EOFError):
+        console.fail("interrupted")
+        return EXIT_FAILURE
+    except Exception as e:  # one line for the operator, whatever went wrong
+        console.fail(f"internal error: {e!r}")
+        return EXIT_FAILURE
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """The console script's entry point: ``execute`` the command line, exit with its status."""
+    arguments = sys.argv[1:] if argv is None else argv
+
+    async def run(reactor: Any) -> None:
+        raise SystemExit(await execute(reactor, arguments))
+
+    task.react(run)
+
+
+if __name__ == "__main__":
+    main()
