@@ -26,6 +26,7 @@ from mailrelay.smtp.listener import listenerFactory, listenerSettings
 from mailrelay.store import makeStore
 from mailrelay.submission import Submissions
 from mailrelay.tls import certificatePaths, contextFactory
+from mailrelay.web import makeWebSite, serviceListeners
 
 log = Logger()
 
@@ -122,4 +123,17 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             spoolDir=str(spoolDir),
         )
         _listen(root, reactor, listener.endpoint, listenerFactory(settings))
+    _listen(
+        root,
+        reactor,
+        config.web.endpoint,
+        makeWebSite(
+            store,
+            portal,
+            throttle,
+            config,
+            reactor,
+            listenersUp=serviceListeners(root, [lc.endpoint for lc in config.listeners]),
+        ),
+    )
     return root
