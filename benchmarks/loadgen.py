@@ -108,6 +108,15 @@ class LoadResult:
         busiest = max(self.loadgen_cpu_s, default=0.0)
         return 100 * busiest / self.window_s if self.window_s > 0 else 0.0
 
+    @property
+    def other_cpu_pct(self) -> float | None:
+        """CPU used during the window by everything but the server and the load generator,
+        in percent of one core: other work on the machine that may have skewed the run."""
+        if self.server is None or self.window_s <= 0:
+            return None
+        other = self.server.machine_busy_s - self.server.cpu_s - sum(self.loadgen_cpu_s)
+        return max(0.0, 100 * other / self.window_s)
+
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "msgs_per_s": round(self.msgs_per_s, 1),
@@ -122,6 +131,7 @@ class LoadResult:
             out["server_cpu_s"] = round(self.server.cpu_s, 3)
             out["server_cpu_per_1k_s"] = self.server_cpu_per_1k
             out["server_peak_rss_kib"] = self.server.peak_rss_kib
+            out["other_cpu_pct"] = round(self.other_cpu_pct or 0.0, 1)
         return out
 
 
@@ -176,6 +186,7 @@ class _Load:
         self.aborted = False
         self.result = WorkerResult()
         self._cpu0 = 0.0
+        self._cpu1 = 0.0
 
     def more(self) -> bool:
         return not self.aborted and self.remaining > 0 and time.monotonic() < self.t_end
@@ -191,6 +202,7 @@ class _Load:
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         loop.call_later(max(0.0, self.t_start - now), self._cpu_start)
+        loop.call_later(max(0.0, self.t_end - now), self._cpu_end)
         tasks = [loop.create_task(self._slot()) for _ in range(self.concurrency)]
         _, pending = await asyncio.wait(tasks, timeout=self.t_end + self.cfg.grace - now)
         if pending:  # the server stopped answering: give up on what is in flight
@@ -202,11 +214,14 @@ class _Load:
             await asyncio.wait(pending, timeout=5)
             self.result.errors["aborted"] += len(pending)
         self.result.exhausted = self.remaining == 0
-        self.result.cpu_s = time.process_time() - self._cpu0
+        self.result.cpu_s = (self._cpu1 or time.process_time()) - self._cpu0
         return self.result
 
     def _cpu_start(self) -> None:
         self._cpu0 = time.process_time()
+
+    def _cpu_end(self) -> None:
+        self._cpu1 = time.process_time()
 
     async def _slot(self) -> None:
         """One concurrent session slot: sessions one after another until the run is over."""

@@ -19,6 +19,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes on the machine have used (every core, everything but idle)."""
+    with open("/proc/stat", "rb") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / _TICKS
+
+
 def _status_kib(pid: int, key: bytes) -> int:
     with open(f"/proc/{pid}/status", "rb") as f:
         for line in f:
@@ -53,6 +61,7 @@ class ServerUsage:
 
     cpu_s: float = 0.0
     peak_rss_kib: int = 0
+    machine_busy_s: float = 0.0  # the whole machine's CPU use over the same window
 
 
 class ServerMonitor(threading.Thread):
@@ -88,6 +97,7 @@ class ServerMonitor(threading.Thread):
     def _measure(self) -> None:
         self._stop_early.wait(max(0.0, self.start_at - time.monotonic()))
         cpu0 = cpu_seconds(self.pid)
+        busy0 = machine_busy_seconds()
         hwm_reset = reset_peak(self.pid)
         peak = rss_kib(self.pid)
         while (left := self.end_at - time.monotonic()) > 0:
@@ -95,5 +105,6 @@ class ServerMonitor(threading.Thread):
                 break
             peak = max(peak, rss_kib(self.pid))
         self.usage.cpu_s = cpu_seconds(self.pid) - cpu0
+        self.usage.machine_busy_s = machine_busy_seconds() - busy0
         hwm = peak_rss_kib(self.pid) if hwm_reset else 0
         self.usage.peak_rss_kib = max(peak, hwm)

@@ -46,8 +46,8 @@ def _reference(rows: list[Row], scenario: Scenario) -> Row | None:
 def load_table(rows: list[Row]) -> str:
     head = (
         "| scenario | server | msgs/s | vs twisted | p50 ms | p99 ms | srv CPU s/1k msgs "
-        "| srv CPU % | peak RSS MiB | loadgen CPU % | errors |\n"
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|\n"
+        "| srv CPU % | peak RSS MiB | loadgen CPU % | other CPU % | errors |\n"
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|\n"
     )
     lines = []
     for row in rows:
@@ -56,7 +56,7 @@ def load_table(rows: list[Row]) -> str:
         res = row.result
         if not isinstance(res, LoadResult):
             lines.append(
-                f"| {row.scenario.name} | {row.server} | failed: {row.failure} |" + " |" * 8
+                f"| {row.scenario.name} | {row.server} | failed: {row.failure} |" + " |" * 9
             )
             continue
         ref = _reference(rows, row.scenario)
@@ -65,10 +65,12 @@ def load_table(rows: list[Row]) -> str:
         cpu_1k = f"{res.server_cpu_per_1k:.3f}" if res.server_cpu_per_1k is not None else "-"
         cpu_pct = f"{100 * srv.cpu_s / res.window_s:.0f}" if srv and res.window_s else "-"
         rss = f"{srv.peak_rss_kib / 1024:.0f}" if srv else "-"
+        other = f"{res.other_cpu_pct:.0f}" if res.other_cpu_pct is not None else "-"
         lines.append(
             f"| {row.scenario.name} | {row.server} | {res.msgs_per_s:,.0f} "
             f"| {_ratio(res.msgs_per_s, ref_rate)} | {res.p50_ms:.2f} | {res.p99_ms:.2f} "
-            f"| {cpu_1k} | {cpu_pct} | {rss} | {res.loadgen_cpu_pct:.0f} | {_errors(res.errors)} |"
+            f"| {cpu_1k} | {cpu_pct} | {rss} | {res.loadgen_cpu_pct:.0f} | {other} "
+            f"| {_errors(res.errors)} |"
         )
     return head + "\n".join(lines) + "\n" if lines else ""
 

@@ -19,7 +19,14 @@ from pathlib import Path
 
 from benchmarks import adapters
 from benchmarks.certs import make_cert
-from benchmarks.loadgen import LoadConfig, hold_idle, raise_fd_limit, run_load
+from benchmarks.loadgen import (
+    IdleResult,
+    LoadConfig,
+    LoadResult,
+    hold_idle,
+    raise_fd_limit,
+    run_load,
+)
 from benchmarks.report import Row, document
 from benchmarks.scenarios import FULL, QUICK, Scenario
 
@@ -67,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, help="measurement window per run, s")
     p.add_argument("--warmup", type=float, help="warm-up before each window, s")
     p.add_argument("--loadgen-processes", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=1, help="run each pair N times, keep the best")
     p.add_argument("--keep", type=Path, metavar="DIR", help="keep server logs and data here")
     p.add_argument("--no-record", action="store_true", help="don't append to RESULTS.md")
     return p
@@ -78,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration is None:
         args.duration = 1.5 if args.quick else 10.0
     if args.warmup is None:
-        args.warmup = 0.3 if args.quick else 1.0
+        args.warmup = 1.0
     raise_fd_limit()  # servers inherit it: the idle scenarios need thousands of descriptors
     notes: list[str] = []
     servers = []
@@ -101,7 +109,12 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(workdir, ignore_errors=True)  # fresh state, also under --keep
                 workdir.mkdir()
                 print(f"{scenario.name} on {adapter.name} ...", file=sys.stderr, flush=True)
-                rows.append(_one(adapter, scenario, workdir, cert, key, args))
+                tries = [_one(adapter, scenario, workdir, cert, key, args)]
+                for _ in range(args.repeat - 1):
+                    shutil.rmtree(workdir)
+                    workdir.mkdir()
+                    tries.append(_one(adapter, scenario, workdir, cert, key, args))
+                rows.append(_best(tries))
 
     command = "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv)
     text = document(rows, command.strip(), notes)
@@ -110,6 +123,19 @@ def main(argv: list[str] | None = None) -> int:
         with RESULTS.open("a") as f:
             f.write("\n" + text)
     return 0
+
+
+def _best(tries: list[Row]) -> Row:
+    """The fastest try (other work on the machine only ever slows a run down)."""
+
+    def score(row: Row) -> float:
+        if isinstance(row.result, LoadResult):
+            return row.result.msgs_per_s
+        if isinstance(row.result, IdleResult) and row.result.kib_per_conn is not None:
+            return -row.result.kib_per_conn
+        return float("-inf")
+
+    return max(tries, key=score)
 
 
 def _one(
