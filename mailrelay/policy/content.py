@@ -6,7 +6,7 @@ first empty line) is split off and checked line by line here; the fields a rule 
 To:/Cc:, a multipart Content-Type) are parsed by ``email.policy.SMTP``'s header classes, after
 a fast path for the common ``Name <addr@domain>`` forms; the block is edited as lines and the
 body passed through as the same bytes. The whole MIME tree is parsed with
-``BytesParser(policy=SMTP)``, once, only when a rule needs the structure: "text and html" or
+``BytesParser(policy=_POLICY)``, once, only when a rule needs the structure: "text and html" or
 attachments strip/refuse on a multipart message, and the text of an SMS. Only stripping an
 attachment re-serialises the body.
 
@@ -27,7 +27,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email.generator import BytesGenerator
-from email.headerregistry import AddressHeader, BaseHeader, ContentTypeHeader
+from email.headerregistry import (
+    AddressHeader,
+    BaseHeader,
+    ContentDispositionHeader,
+    ContentTypeHeader,
+    HeaderRegistry,
+)
 from email.message import EmailMessage, Message
 from email.parser import BytesHeaderParser, BytesParser
 from email.policy import SMTP
@@ -58,7 +64,20 @@ _ADDR_SPEC = r"([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+)"
 _SIMPLE_ADDRESS = re.compile(
     rf"[ \t]*(?:(?:\"[^\"\\]*\"|[A-Za-z0-9 .'_-]*)[ \t]*<{_ADDR_SPEC}>|{_ADDR_SPEC})[ \t]*"
 )
-_GENERATOR_POLICY = SMTP.clone(refold_source="none")
+_HEADER_REGISTRY = HeaderRegistry()
+
+
+@functools.lru_cache(maxsize=512)
+def _headerFactory(name: str, value: str) -> BaseHeader:
+    """
+    ``email.policy.SMTP``'s header factory, remembered: the parser asks for a part's parsed
+    Content-Type a dozen times, and each time parses it again; header objects are immutable.
+    """
+    return cast(BaseHeader, _HEADER_REGISTRY(name, value))
+
+
+_POLICY = SMTP.clone(header_factory=_headerFactory)
+_GENERATOR_POLICY = _POLICY.clone(refold_source="none")
 _BROKEN_STRUCTURE = (
     email.errors.NoBoundaryInMultipartDefect,
     email.errors.StartBoundaryNotFoundDefect,
@@ -170,13 +189,13 @@ class _Header:
     def parsed(self, field: _Field) -> BaseHeader:
         """The field parsed by ``email.policy.SMTP``'s header classes."""
         with _hostile(f"The {field.name.title()}: header cannot be parsed"):
-            return cast(BaseHeader, SMTP.header_factory(field.name, self.text(field)))
+            return _headerFactory(field.name, self.text(field))
 
     @functools.cached_property
     def message(self) -> Message:
         """The whole header as an ``email`` message without body, for the rarer rules."""
         with _hostile("The header cannot be parsed"):
-            return BytesHeaderParser(policy=SMTP).parsebytes(self.block + b"\r\n\r\n")
+            return BytesHeaderParser(policy=_POLICY).parsebytes(self.block + b"\r\n\r\n")
 
     def without(self, removed: Sequence[_Field]) -> bytes:
         if not removed:
@@ -290,17 +309,38 @@ def _checkRcptHeaders(
                 )
 
 
-def _isAttachment(part: Message) -> bool:
-    if part.get_content_maintype() == "message":
-        return True
-    disposition = part.get_content_disposition()
-    if disposition is not None:
-        return disposition == "attachment"
-    return not part.is_multipart() and part.get_filename() is not None
+@dataclass(frozen=True)
+class _Part:
+    """One MIME part with what the rules ask of it, its headers parsed once."""
 
+    message: Message
+    contentType: str
+    filename: str | None
+    isAttachment: bool
 
-def _describe(part: Message) -> str:
-    return part.get_filename() or part.get_content_type()
+    @classmethod
+    def of(cls, part: Message) -> _Part:
+        header = cast(ContentTypeHeader | None, part.get("content-type"))
+        if header is None:
+            contentType, params = part.get_default_type(), {}
+        else:
+            contentType, params = header.content_type, dict(header.params)
+        disposition = cast(ContentDispositionHeader | None, part.get("content-disposition"))
+        kind, filename = None, None
+        if disposition is not None:
+            kind, filename = disposition.content_disposition, disposition.params.get("filename")
+        filename = (filename or params.get("name") or "").strip() or None
+        if contentType.startswith("message/"):
+            isAttachment = True  # a forwarded message is a file, whatever its disposition
+        elif kind:
+            isAttachment = kind == "attachment"
+        else:
+            isAttachment = filename is not None and not contentType.startswith("multipart/")
+        return cls(part, contentType, filename, isAttachment)
+
+    @property
+    def description(self) -> str:
+        return self.filename or self.contentType
 
 
 class _Tree:
@@ -314,7 +354,7 @@ class _Tree:
     def root(self) -> Message:
         if self._root is None:
             with _hostile("The MIME structure cannot be parsed"):
-                self._root = BytesParser(policy=SMTP).parsebytes(self._raw)
+                self._root = BytesParser(policy=_POLICY).parsebytes(self._raw)
                 defects = [d for part in self._root.walk() for d in part.defects]
             for defect in defects:
                 if isinstance(defect, _BROKEN_STRUCTURE):
@@ -322,19 +362,18 @@ class _Tree:
         return self._root
 
 
-def _leaves(part: Message) -> Iterator[tuple[Message, bool]]:
-    """Every leaf of the tree with whether it is an attachment; attachments are not entered."""
-    if _isAttachment(part):
-        yield part, True
-    elif part.is_multipart():
-        for sub in cast(list[Message], part.get_payload()):
+def _leaves(message: Message) -> Iterator[_Part]:
+    """Every leaf of the tree, and every attachment (which is not entered)."""
+    part = _Part.of(message)
+    if not part.isAttachment and message.is_multipart():
+        for sub in cast(list[Message], message.get_payload()):
             yield from _leaves(sub)
     else:
-        yield part, False
+        yield part
 
 
 def _checkAlternative(root: Message) -> None:
-    types = {p.get_content_type() for p, attached in _leaves(root) if not attached}
+    types = {part.contentType for part in _leaves(root) if not part.isAttachment}
     missing = [t for t in ("text/plain", "text/html") if t not in types]
     if missing:
         raise _refuse(
@@ -343,13 +382,14 @@ def _checkAlternative(root: Message) -> None:
         )
 
 
-def _strip(part: Message) -> list[str]:
-    """Remove the attachments under ``part`` (and multiparts left empty); their names."""
+def _strip(message: Message) -> list[str]:
+    """Remove the attachments under ``message`` (and multiparts left empty); their names."""
     removed: list[str] = []
     kept: list[Message | str] = []
-    for sub in cast(list[Message], part.get_payload()):
-        if _isAttachment(sub):
-            removed.append(_describe(sub))
+    for sub in cast(list[Message], message.get_payload()):
+        part = _Part.of(sub)
+        if part.isAttachment:
+            removed.append(part.description)
             continue
         if sub.is_multipart():
             removed.extend(_strip(sub))
@@ -357,7 +397,7 @@ def _strip(part: Message) -> list[str]:
                 continue
         kept.append(sub)
     if removed:
-        part.set_payload(kept)
+        message.set_payload(kept)
     return removed
 
 
@@ -371,14 +411,10 @@ def _body(root: Message) -> bytes:
 
 
 def _smsText(root: Message, account: Account) -> tuple[str, SmsLength]:
-    for part, attached in _leaves(root):
-        if not attached and part.get_content_type() == "text/plain":
-            try:
-                text = cast(EmailMessage, part).get_content()
-            except Exception:  # unknown charsets and broken encodings alike
-                raise _refuse(
-                    "The text/plain part cannot be decoded (charset or encoding)"
-                ) from None
+    for part in _leaves(root):
+        if not part.isAttachment and part.contentType == "text/plain":
+            with _hostile("The text/plain part cannot be decoded (charset or encoding)"):
+                text = cast(EmailMessage, part.message).get_content()
             text = text.replace("\r\n", "\n").rstrip()
             if not text:
                 raise _refuse("The text/plain body is empty; there is nothing to send as SMS")
@@ -425,11 +461,13 @@ def _structureRules(
     stripped: list[str] = []
     body = None
     if account.attachments != "allow":
-        if not isMultipart and _isAttachment(header.message):
-            raise _refuse(f"The message is only an attachment ({_describe(header.message)})")
+        if not isMultipart:
+            part = _Part.of(header.message)
+            if part.isAttachment:
+                raise _refuse(f"The message is only an attachment ({part.description})")
         attachments = []
         if isMultipart:
-            attachments = [_describe(p) for p, attached in _leaves(tree.root) if attached]
+            attachments = [p.description for p in _leaves(tree.root) if p.isAttachment]
         if attachments and account.attachments == "refuse":
             raise _refuse(f"This account does not accept attachments (found {attachments[0]})")
         if attachments:
