@@ -47,7 +47,8 @@ class IAccountStore(Interface):
         """The key with this hash, if not revoked. Returns Deferred[ApiKey | None]."""
 
     def listApiKeys(account: str):
-        """Returns Deferred[list[ApiKey]], oldest first."""
+        """The account's active (not revoked) keys. Returns Deferred[list[ApiKey]], oldest
+        first."""
 
     def revokeApiKey(account: str, keyId: str):
         """Returns Deferred[bool]: whether a key was revoked."""
@@ -91,7 +92,8 @@ class IStatusStore(Interface):
         """Returns Deferred[Notification | None]."""
 
     def addEvents(events):
-        """Append StatusEvents. Returns Deferred[None]."""
+        """Append StatusEvents of stored notifications. Returns Deferred[None]; a backend may
+        fail with NotFound for an unknown or expired notification."""
 
     def statusTrail(notificationId: str):
         """All events of a notification, oldest first. Returns Deferred[list[StatusEvent]]."""
