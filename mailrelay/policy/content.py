@@ -49,7 +49,12 @@ from mailrelay.policy.addresses import (
 )
 from mailrelay.policy.headers import KNOWN_OPTIONS, isOptionHeader, parseHeaderOptions
 from mailrelay.policy.phones import PhoneNumberError, isSmsDomain, normalisePhoneNumber
-from mailrelay.policy.senders import EnvelopeSender, checkHeaderSenders, normaliseSenderId
+from mailrelay.policy.senders import (
+    EnvelopeSender,
+    SenderIdError,
+    checkHeaderSenders,
+    normaliseSenderId,
+)
 from mailrelay.policy.sms import SmsLength, checkSmsText
 from mailrelay.smtp.replies import (
     BARE_LINE_ENDING,
@@ -278,7 +283,7 @@ def _checkFrom(
         try:
             if normaliseSenderId(written) == envelopeSender.value:
                 return None
-        except ValueError:
+        except SenderIdError:
             pass  # not a sender id: an address, checked below
     mailboxes = _addresses(header, "from")
     if not mailboxes:
