@@ -16,6 +16,7 @@ from typing import Any
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -378,6 +379,20 @@ class AuthenticationTests(WebSiteTestsBase):
             self.throttle.failed("127.0.0.1")
         response, _ = await self.get("/acme/notifications/id/1")
         self.assertEqual(response.code, 429)
+
+    async def test_secretsNeverLogged(self) -> None:
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        nid = await self.enqueue()
+        await self.get(f"/acme/notifications/id/{nid}")
+        await self.get(f"/acme/notifications/id/{nid}", auth=("acme", "wrong-" + PASSWORD))
+        await self.get(f"/acme/notifications/id/{nid}", auth=("App", self.apiKey))
+        self.assertTrue(events)
+        logged = "\n".join(f"{formatEvent(e)} {e!r}" for e in events)
+        for secret in (PASSWORD, self.apiKey, basic("acme", PASSWORD).decode()[6:]):
+            self.assertNotIn(secret, logged)
+        self.assertNotIn("authorization", logged.lower())
 
     async def test_successClearsFailures(self) -> None:
         for _ in range(MAX_FAILURES - 1):
