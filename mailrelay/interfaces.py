@@ -135,14 +135,15 @@ class IMessageDelivery(Interface):
 
     account = Attribute("The model.Account this avatar submits as.")
 
-    def validateFrom(session, sender: str):
+    def validateFrom(session, sender: str, smtputf8: bool):
         """Decide MAIL FROM. ``sender`` is the path without brackets ('' for the null sender).
-        Returns Deferred[str]: the sender as it will be stored."""
+        Returns Deferred[sender value]: whatever the avatar wants handed back as ``sender``
+        to validateTo and deliverMessage for this transaction."""
 
-    def validateTo(session, sender: str, recipient: str, accepted):
+    def validateTo(session, sender, recipient: str, accepted, smtputf8: bool):
         """Decide one RCPT TO, given the recipients already accepted (a sequence of Recipient).
         Returns Deferred[model.Recipient]."""
 
-    def deliverMessage(session, sender: str, recipients, message: bytes):
+    def deliverMessage(session, sender, recipients, message: bytes):
         """Check the complete message and store it durably with its recipients.
         Returns Deferred[str]: the notification id, fired only once the store has it on disk."""

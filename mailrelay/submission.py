@@ -1,9 +1,10 @@
 """
 The account's avatar: decides MAIL, RCPT and the end of DATA, and stores what it accepts.
 
-The decisions themselves are the pure functions of :mod:`mailrelay.policy`; this module fetches
-what they need from the store, calls them in order, and turns an accepted message into a
-durably queued notification.
+The decisions are the pure functions of :mod:`mailrelay.policy`; this module fetches what they
+need from the store, calls them at the right moment, and turns an accepted message into a
+durably queued notification. Nothing is stored before the end of DATA, and nothing refused is
+stored at all.
 """
 
 from __future__ import annotations
@@ -17,19 +18,24 @@ from zope.interface import implementer
 
 from mailrelay.config import Config
 from mailrelay.interfaces import IMessageDelivery, IStore
-from mailrelay.model import Account, Notification, Recipient, SessionInfo, fromTimestamp
-from mailrelay.smtp import replies
+from mailrelay.model import Account, Notification, Recipient, Sender, SessionInfo, fromTimestamp
+from mailrelay.policy.content import prepareMessage
+from mailrelay.policy.limits import RateLimiter, checkDailyQuota, startOfDay
+from mailrelay.policy.received import receivedHeader
+from mailrelay.policy.recipients import checkRecipientCount, classifyRecipient
+from mailrelay.policy.senders import EnvelopeSender, checkEnvelopeSender
 
 log = Logger()
 
 
 class Submissions:
-    """What every avatar shares (store, config, clock); makes one avatar per login."""
+    """What every avatar shares (store, config, clock, rate limiter); makes one per login."""
 
     def __init__(self, store: IStore, config: Config, clock: Any) -> None:
         self.store = store
         self.config = config
         self.clock = clock
+        self.rateLimiter = RateLimiter(clock.seconds)
 
     def __call__(self, account: Account) -> AccountSubmission:
         return AccountSubmission(account, self)
@@ -40,52 +46,93 @@ class AccountSubmission:
     def __init__(self, account: Account, shared: Submissions) -> None:
         self.account = account
         self._shared = shared
-        self._senders: list[Any] | None = None
+        # Fetched at the first MAIL of a session and kept for its life: a sender registered
+        # while a client stays connected counts from its next connection.
+        self._senders: tuple[Sender, ...] | None = None
 
     @inlineCallbacks
-    def validateFrom(self, session: SessionInfo, sender: str) -> Any:
+    def validateFrom(self, session: SessionInfo, sender: str, smtputf8: bool = False) -> Any:
+        """MAIL: the account's rate and quota, then the sender. Returns the EnvelopeSender."""
+        account, store = self.account, self._shared.store
+        self._shared.rateLimiter.check(account)
+        if account.daily_quota is not None:
+            now = fromTimestamp(self._shared.clock.seconds())
+            acceptedToday = yield store.acceptedSince(account.name, startOfDay(now))
+            checkDailyQuota(account, acceptedToday)
         if self._senders is None:
-            self._senders = yield self._shared.store.listSenders(self.account.name)
-        lowered = sender.lower()
-        domain = lowered.rpartition("@")[2]
-        for registered in self._senders:
-            if registered.value.lower() in (lowered, domain):
-                return sender
-        raise replies.Refused(replies.SENDER_NOT_ALLOWED)
+            self._senders = tuple((yield store.listSenders(account.name)))
+        return checkEnvelopeSender(sender, account, self._senders, smtputf8=smtputf8)
 
     def validateTo(
-        self, session: SessionInfo, sender: str, recipient: str, accepted: Sequence[Recipient]
+        self,
+        session: SessionInfo,
+        sender: EnvelopeSender,
+        recipient: str,
+        accepted: Sequence[Recipient],
+        smtputf8: bool = False,
     ) -> Recipient:
-        if "@" not in recipient:
-            raise replies.Refused(replies.BAD_RECIPIENT_SYNTAX)
-        return Recipient(recipient, "email")
+        """RCPT: the recipient limit, then the address and its channel."""
+        checkRecipientCount(len(accepted), self.account, self._shared.config.limits.max_recipients)
+        return classifyRecipient(
+            recipient,
+            self.account,
+            self._shared.config.sms.domains,
+            sender=sender,
+            smtputf8=smtputf8,
+        )
 
     @inlineCallbacks
     def deliverMessage(
         self,
         session: SessionInfo,
-        sender: str,
+        sender: EnvelopeSender,
         recipients: Sequence[Recipient],
         message: bytes,
     ) -> Any:
-        store = self._shared.store
-        notificationId = store.nextNotificationId()
+        """End of DATA: content rules, then the durable store. Returns the notification id."""
+        shared = self._shared
+        config = shared.config
+        now = fromTimestamp(shared.clock.seconds())
+        notificationId = shared.store.nextNotificationId()
+        received = receivedHeader(
+            hostname=config.hostname,
+            helo=session.helo,
+            clientAddress=session.client_address,
+            tlsInfo=session.tls_version,
+            authenticated=session.authenticated,
+            notificationId=notificationId,
+            now=now,
+            recipients=recipients,
+        )
+        prepared = prepareMessage(
+            message,
+            self.account,
+            recipients,
+            senders=self._senders or (),
+            hostname=config.hostname,
+            now=now,
+            envelopeSender=sender,
+            smsDomains=config.sms.domains,
+            notificationId=notificationId,
+            received=received,
+        )
         notification = Notification(
             notification_id=notificationId,
             account=self.account.name,
-            sender=sender,
+            sender=sender.value,
             recipients=tuple(recipients),
-            size=len(message),
-            received_at=fromTimestamp(self._shared.clock.seconds()),
+            size=len(prepared.data),
+            received_at=now,
+            options=prepared.options,
             client_address=session.client_address,
             helo=session.helo,
         )
-        yield store.enqueue(notification, message)
+        yield shared.store.enqueue(notification, prepared.data)
         log.info(
             "accepted {id} from {account}: {count} recipient(s), {size} bytes",
             id=notificationId,
             account=self.account.name,
             count=len(recipients),
-            size=len(message),
+            size=notification.size,
         )
         return notificationId

@@ -19,6 +19,7 @@ from mailrelay.smtp.replies import Reply
 from tests.smtp_fixture import ACCOUNT, PASSWORD, SENDER_DOMAIN, ProtocolHarness, plain
 
 FROM = f"<app@{SENDER_DOMAIN}>"
+HEADER = f"From: app@{SENDER_DOMAIN}\r\n"
 _ACCEPTED = re.compile(r"^250 2\.0\.0 OK id=(\d+)$")
 
 
@@ -388,7 +389,7 @@ class TransactionTests(ProtocolTestCase):
     @inlineCallbacks
     def test_messageAccepted(self) -> Any:
         yield self.transaction(recipients=2)
-        lines = yield self.session.send("Subject: hi\r\n\r\n..dotted\r\nbody\r\n.\r\n")
+        lines = yield self.session.send(HEADER + "Subject: hi\r\n\r\n..dotted\r\nbody\r\n.\r\n")
         match = _ACCEPTED.match(lines[-1])
         self.assertIsNotNone(match, lines)
         notificationId = match.group(1)
@@ -405,7 +406,7 @@ class TransactionTests(ProtocolTestCase):
     @inlineCallbacks
     def test_secondMessageOnSameConnection(self) -> Any:
         yield self.transaction()
-        yield self.session.send("Subject: one\r\n\r\nx\r\n.\r\n")
+        yield self.session.send(HEADER + "Subject: one\r\n\r\nx\r\n.\r\n")
         self.assertReply((yield self.session.command(f"MAIL FROM:{FROM}")), replies.SENDER_OK)
 
     @inlineCallbacks
@@ -445,14 +446,16 @@ class TransactionTests(ProtocolTestCase):
     @inlineCallbacks
     def test_actualSizeTooBig(self) -> Any:
         yield self.transaction()
-        lines = yield self.session.send("Subject: big\r\n\r\n" + ("x" * 70 + "\r\n") * 40 + ".\r\n")
+        lines = yield self.session.send(
+            HEADER + "Subject: big\r\n\r\n" + ("x" * 70 + "\r\n") * 40 + ".\r\n"
+        )
         self.assertTrue(lines[-1].startswith("552 5.3.4 "))
         self.assertEqual((yield self.queued()), 0)
 
     @inlineCallbacks
     def test_bareLineFeedRefused(self) -> Any:
         yield self.transaction()
-        lines = yield self.session.send("Subject: x\r\n\r\nline\n.\nstill data\r\n.\r\n")
+        lines = yield self.session.send(HEADER + "Subject: x\r\n\r\nline\n.\nstill data\r\n.\r\n")
         self.assertTrue(lines[-1].startswith("550 5.6.0 "), lines)
         self.assertEqual((yield self.queued()), 0)
 
@@ -472,7 +475,7 @@ class TransactionTests(ProtocolTestCase):
         """Nothing half-accepted: a store failure answers 451 4.3.0 so the client retries."""
         yield self.transaction()
         yield self.harness.store.close()
-        lines = yield self.session.send("Subject: x\r\n\r\nbody\r\n.\r\n")
+        lines = yield self.session.send(HEADER + "Subject: x\r\n\r\nbody\r\n.\r\n")
         self.assertTrue(lines[-1].startswith("451 4.3.0 "), lines)
         self.flushLoggedErrors()
 
@@ -488,7 +491,9 @@ class TransactionTests(ProtocolTestCase):
         for line in lines[1:51]:
             self.assertReply(line, replies.RECIPIENT_OK)
         self.assertTrue(lines[51].startswith("354 "))
-        lines = yield self.session.send("Subject: x\r\n\r\nbody\r\n.\r\nNOOP\r\n", replies=2)
+        lines = yield self.session.send(
+            HEADER + "Subject: x\r\n\r\nbody\r\n.\r\nNOOP\r\n", replies=2
+        )
         self.assertIsNotNone(_ACCEPTED.match(lines[0]), lines)
         self.assertReply(lines[1], replies.OK)
 
@@ -507,7 +512,9 @@ class TransactionTests(ProtocolTestCase):
         self.assertTrue(lines[3].startswith("553 5.1.3 "))
         self.assertReply(lines[4], replies.RECIPIENT_OK)
         self.assertTrue(lines[5].startswith("354 "))
-        lines = yield self.session.send("Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n", replies=2)
+        lines = yield self.session.send(
+            HEADER + "Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n", replies=2
+        )
         self.assertIsNotNone(_ACCEPTED.match(lines[0]))
         self.assertReply(lines[1], replies.BYE)
 

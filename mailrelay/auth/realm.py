@@ -7,8 +7,7 @@ account (from the store) and the client (the login's ``mind``, a SessionInfo) kn
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin
@@ -20,40 +19,9 @@ from zope.interface import implementer
 from mailrelay.auth.checkers import AccountPasswordChecker, APIKeyChecker
 from mailrelay.interfaces import IMessageDelivery, IStore
 from mailrelay.model import Account, SessionInfo
+from mailrelay.policy.limits import accountForNetwork, clientAllowed
 
 AvatarFactory = Callable[[Account], Any]
-
-
-def clientAllowed(account: Account, clientAddress: str) -> bool:
-    """Whether ``clientAddress`` lies in one of the account's networks (all, if it has none)."""
-    if not account.networks:
-        return True
-    try:
-        address = ipaddress.ip_address(clientAddress)
-    except ValueError:
-        return False
-    return any(address in ipaddress.ip_network(n, strict=False) for n in account.networks)
-
-
-def accountForNetwork(accounts: Sequence[Account], clientAddress: str) -> Account | None:
-    """
-    The enabled account whose networks hold ``clientAddress`` most specifically (longest
-    prefix), for relay by IP. Two accounts claiming the same most specific network is a
-    configuration error; the first by name wins, deterministically.
-    """
-    try:
-        address = ipaddress.ip_address(clientAddress)
-    except ValueError:
-        return None
-    best: tuple[int, Account] | None = None
-    for account in accounts:
-        if not account.enabled:
-            continue
-        for text in account.networks:
-            network = ipaddress.ip_network(text, strict=False)
-            if address in network and (best is None or network.prefixlen > best[0]):
-                best = (network.prefixlen, account)
-    return best[1] if best else None
 
 
 def _noLogout() -> None:

@@ -129,6 +129,9 @@ def mailOptions(parameters: Parameters) -> MailOptions:
             if value is not None:
                 raise _refuse("SMTPUTF8 takes no value")
             smtputf8 = True
+        elif keyword == "AUTH":
+            # RFC 4954 §5: the submitter's identity, which a server may ignore; we know it.
+            continue
         else:
             raise Refused(UNKNOWN_PARAMETER.withText(f"Unsupported MAIL parameter {keyword}"))
     return MailOptions(size, body, smtputf8)

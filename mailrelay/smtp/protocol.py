@@ -26,10 +26,10 @@ from mailrelay import metrics
 from mailrelay.auth.credentials import credentialsFor
 from mailrelay.interfaces import IMessageDelivery
 from mailrelay.model import Recipient, SessionInfo
+from mailrelay.policy.arguments import mailOptions, parsePathArgument
 from mailrelay.smtp import replies
 from mailrelay.smtp.data import DataReader
 from mailrelay.smtp.listener import ListenerSettings
-from mailrelay.smtp.paths import PathError, splitPath
 from mailrelay.smtp.replies import Reply
 
 # RFC 5321 allows 512 octets for a command line; AUTH responses may be up to 12288 (RFC 4954).
@@ -41,7 +41,6 @@ _HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DE
 # Replies that mean the client does not speak SMTP properly (not policy refusals): too many of
 # them on one connection and it is closed.
 _PROTOCOL_ERRORS = frozenset({500, 501, 502, 503, 504, 555})
-_MAIL_PARAMETERS = frozenset({"SIZE", "BODY", "SMTPUTF8", "AUTH"})
 
 CommandResult = Reply | Deferred[Reply] | None
 
@@ -50,7 +49,8 @@ CommandResult = Reply | Deferred[Reply] | None
 class Transaction:
     """One mail transaction: from MAIL to the end of DATA (or RSET)."""
 
-    sender: str
+    sender: Any  # what the avatar's validateFrom returned; handed back to it
+    smtputf8: bool = False
     recipients: list[Recipient] = field(default_factory=list)
     rcptAttempts: int = 0
 
@@ -446,25 +446,24 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         if not argument[:5].upper() == "FROM:":
             return replies.SYNTAX_ERROR.withText("Syntax: MAIL FROM:<address>")
         try:
-            sender, parameters = splitPath(argument[5:], allowEmpty=True)
-        except PathError as e:
-            return replies.SYNTAX_ERROR.withText(str(e))
-        for name, value in parameters.items():
-            if name not in _MAIL_PARAMETERS:
-                return replies.UNKNOWN_PARAMETER.withText(f"Unsupported MAIL parameter {name}")
-            if name == "SIZE":
-                if value is None or not value.isdigit():
-                    return replies.SYNTAX_ERROR.withText("SIZE needs a number")
-                if int(value) > self.settings.limits.max_message_size:
-                    return replies.MESSAGE_TOO_BIG
-            elif name == "BODY" and (value or "").upper() not in ("7BIT", "8BITMIME"):
-                return replies.SYNTAX_ERROR.withText("BODY must be 7BIT or 8BITMIME")
+            sender, parameters = parsePathArgument(argument[5:], allowNull=True)
+            options = mailOptions(parameters)
+        except replies.Refused as e:
+            return e.reply
+        if options.size is not None and options.size > self.settings.limits.max_message_size:
+            return replies.MESSAGE_TOO_BIG
         d = self._avatarForMail()
         if isinstance(d, Reply):
             return d
-        d.addCallback(lambda avatar: avatar.validateFrom(self._session(), sender))
-        d.addCallback(self._senderAccepted)
-        return d
+
+        def validate(avatar: Any) -> Any:
+            return avatar.validateFrom(self._session(), sender, options.smtputf8)
+
+        def accepted(validated: Any) -> Reply:
+            self._transaction = Transaction(validated, smtputf8=options.smtputf8)
+            return replies.SENDER_OK
+
+        return d.addCallback(validate).addCallback(accepted)
 
     def _avatarForMail(self) -> Deferred[Any] | Reply:
         if self._avatar is not None:
@@ -483,10 +482,6 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
 
         return d.addCallback(found)
 
-    def _senderAccepted(self, sender: str) -> Reply:
-        self._transaction = Transaction(sender)
-        return replies.SENDER_OK
-
     def smtp_RCPT(self, argument: str) -> CommandResult:
         transaction = self._transaction
         if transaction is None:
@@ -494,9 +489,9 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         if not argument[:3].upper() == "TO:":
             return replies.SYNTAX_ERROR.withText("Syntax: RCPT TO:<address>")
         try:
-            recipient, parameters = splitPath(argument[3:], allowEmpty=False)
-        except PathError as e:
-            return replies.SYNTAX_ERROR.withText(str(e))
+            recipient, parameters = parsePathArgument(argument[3:])
+        except replies.Refused as e:
+            return e.reply
         if parameters:
             name = next(iter(parameters))
             return replies.UNKNOWN_PARAMETER.withText(f"Unsupported RCPT parameter {name}")
@@ -509,6 +504,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
             transaction.sender,
             recipient,
             tuple(transaction.recipients),
+            transaction.smtputf8,
         )
 
         def accepted(accepted: Recipient) -> Reply:
