@@ -366,7 +366,7 @@ class AuthenticationTests(WebSiteTestsBase):
             await self.assertUnauthorized(auth=("acme", "wrong"))
         # Now even the right password is not checked.
         response, body = await self.get("/acme/notifications/id/1")
-        self.assertEqual(response.code, 429, body)
+        self.assertEqual((response.code, response.phrase), (429, b"Too Many Requests"), body)
         self.assertEqual(header(response, "Retry-After"), "300")
         self.assertError(json.loads(body), 429)
         # The failure window passes: logins are checked again.

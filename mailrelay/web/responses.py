@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 from twisted.logger import Logger
@@ -67,7 +68,8 @@ def errorResponse(
 
 def writeResponse(request: IRequest, response: Response) -> None:
     """Write ``response`` on ``request`` and finish it."""
-    request.setResponseCode(response.code)
+    # The reason phrase from the standard library: twisted.web's table lacks some (429).
+    request.setResponseCode(response.code, HTTPStatus(response.code).phrase.encode("ascii"))
     request.setHeader(b"Server", SERVER_NAME)
     request.setHeader(b"Content-Type", response.contentType.encode("ascii"))
     request.setHeader(b"Content-Length", b"%d" % len(response.body))
