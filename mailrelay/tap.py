@@ -9,6 +9,8 @@ can drop root after binding ports 25/465/587.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -60,11 +62,21 @@ class StoreService(Service):
 
     def _failed(self, failure: Any) -> None:
         log.failure("cannot open the store; stopping", failure)
+        # twistd itself always exits 0 once the reactor stops; a service manager must see
+        # this start fail (systemd's Restart=on-failure), so leave with status 1 once the
+        # shutdown (listeners closed, logs written) is complete.
+        self._reactor.addSystemEventTrigger("after", "shutdown", _exitFailed)
         self._reactor.stop()
 
     def stopService(self) -> Any:
         super().stopService()
         return self.store.close()
+
+
+def _exitFailed() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 class ThreadPoolService(Service):
