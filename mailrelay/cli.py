@@ -219,17 +219,10 @@ def readPassword(args: argparse.Namespace, console: Console) -> None:
     args.passwordHash = hashPassword(password)
 
 
-ACCOUNT_SETTINGS = (
-    "sms_enabled",
-    "sms_segments",
-    "rate_per_second",
-    "daily_quota",
-    "networks",
-    "require_alternative",
-    "require_rcpt_headers",
-    "attachments",
-    "max_message_size",
-    "max_recipients",
+ACCOUNT_SETTINGS = tuple(
+    f.name
+    for f in dataclasses.fields(Account)
+    if f.name not in ("name", "password_hash", "enabled")
 )
 """The Account fields ``account set`` changes; its options use these names as ``dest``."""
 

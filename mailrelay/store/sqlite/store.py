@@ -20,6 +20,7 @@ SQLite's locks serialise their writes, and a busy timeout makes each wait its tu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import time
@@ -280,21 +281,7 @@ class SQLiteStore:
 # The work functions below run on a database thread, inside a transaction the thread manages
 # (writes) or in autocommit mode (reads).
 
-_ACCOUNT_FIELDS = (
-    "name",
-    "password_hash",
-    "enabled",
-    "sms_enabled",
-    "sms_segments",
-    "rate_per_second",
-    "daily_quota",
-    "networks",
-    "require_alternative",
-    "require_rcpt_headers",
-    "attachments",
-    "max_message_size",
-    "max_recipients",
-)
+_ACCOUNT_FIELDS = tuple(f.name for f in dataclasses.fields(Account))
 """The accounts table's columns, named as the Account fields, in the order of _accountRow."""
 _ACCOUNT_COLUMNS = ", ".join(_ACCOUNT_FIELDS)
 
