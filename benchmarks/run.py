@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration is None:
         args.duration = 1.5 if args.quick else 10.0
     if args.warmup is None:
-        args.warmup = 1.0
+        args.warmup = 1.0 if args.quick else 2.0
     raise_fd_limit()  # servers inherit it: the idle scenarios need thousands of descriptors
     notes: list[str] = []
     servers = []
