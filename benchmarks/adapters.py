@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from benchmarks.scenarios import Scenario
 
 REPO = Path(__file__).resolve().parent.parent
 USER = "bench"
@@ -36,19 +40,11 @@ class Listener:
 @dataclass
 class RunningServer:
     name: str
-    process: subprocess.Popen[bytes]
-    listeners: dict[str, Listener]
+    pid: int
+    listeners: dict[str, Listener]  # by security: plain, starttls, tls
     log_path: Path
-    helpers: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 10 s; helpers (e.g. redis) last."""
-        for proc in [self.process, *self.helpers]:
-            _terminate(proc)
+    stop: Callable[[], None]  # stop it and everything it needed; returns when all is gone
+    tree: bool = False  # a process tree: its children's CPU and memory count too
 
 
 class ServerAdapter(Protocol):
@@ -58,6 +54,9 @@ class ServerAdapter(Protocol):
 
     def unavailable(self) -> str | None:
         """Why this server cannot run here, or None when it can."""
+
+    def skip(self, scenario: Scenario) -> str | None:
+        """Why this server sits out ``scenario`` (e.g. it has no AUTH), or None."""
 
     def start(self, workdir: Path, cert: Path, key: Path) -> RunningServer:
         """Start the server (fresh state under ``workdir``); return once it accepts."""
@@ -81,7 +80,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def wait_until_serving(
-    proc: subprocess.Popen[bytes], ports: list[int], log_path: Path, timeout: float = 60.0
+    exited: Callable[[], bool], ports: list[int], log_path: Path, timeout: float = 60.0
 ) -> None:
     """
     Poll until the first port answers with a 220 greeting and every other port accepts
@@ -90,9 +89,9 @@ def wait_until_serving(
     deadline = time.monotonic() + timeout
     waiting = list(ports)
     while waiting and time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{tail}")
+        if exited():
+            tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+            raise RuntimeError(f"server exited:\n{tail}")
         with (
             contextlib.suppress(OSError),
             socket.create_connection(("127.0.0.1", waiting[0]), 1) as s,
@@ -104,7 +103,6 @@ def wait_until_serving(
                 continue
         time.sleep(0.1)
     if waiting:
-        _terminate(proc)
         raise RuntimeError(f"port {waiting[0]} not serving within {timeout:.0f} s; see {log_path}")
 
 
@@ -125,6 +123,9 @@ class BaselineScript:
     def unavailable(self) -> str | None:
         return None
 
+    def skip(self, scenario: Scenario) -> str | None:
+        return None
+
     def start(self, workdir: Path, cert: Path, key: Path) -> RunningServer:
         ports = {sec: free_port() for sec in ("plain", "starttls", "tls")}
         log_path = workdir / f"{self.name}.log"
@@ -140,13 +141,17 @@ class BaselineScript:
             f"--password={PASSWORD}",
         ]
         proc = _spawn(cmd, log_path)
-        wait_until_serving(proc, list(ports.values()), log_path)
+        try:
+            wait_until_serving(lambda: proc.poll() is not None, list(ports.values()), log_path)
+        except BaseException:
+            _terminate(proc)
+            raise
         listeners = {
             "plain": Listener("127.0.0.1", ports["plain"]),
             "starttls": Listener("127.0.0.1", ports["starttls"], USER, PASSWORD),
             "tls": Listener("127.0.0.1", ports["tls"], USER, PASSWORD),
         }
-        return RunningServer(self.name, proc, listeners, log_path)
+        return RunningServer(self.name, proc.pid, listeners, log_path, lambda: _terminate(proc))
 
 
 TWISTED = BaselineScript("twisted-plain", "twisted_plain.py")
@@ -214,6 +219,9 @@ class Mailrelay:
                 return "redis-server is not installed"
         return None
 
+    def skip(self, scenario: Scenario) -> str | None:
+        return None
+
     def _cli(self, config: Path, *args: str, stdin: bytes = b"") -> None:
         cmd = [sys.executable, "-m", "mailrelay.cli", "--config", str(config), *args]
         done = subprocess.run(
@@ -273,7 +281,11 @@ class Mailrelay:
             }
             proc = _spawn(cmd, log_path, cwd=REPO, env=env)
             smtp_ports = [ports[sec] for sec in ("plain", "starttls", "tls")]
-            wait_until_serving(proc, smtp_ports, log_path)
+            try:
+                wait_until_serving(lambda: proc.poll() is not None, smtp_ports, log_path)
+            except BaseException:
+                _terminate(proc)
+                raise
         except BaseException:
             for helper in helpers:
                 _terminate(helper)
@@ -283,8 +295,141 @@ class Mailrelay:
             "starttls": Listener("127.0.0.1", ports["starttls"], USER, PASSWORD),
             "tls": Listener("127.0.0.1", ports["tls"], USER, PASSWORD),
         }
-        return RunningServer(self.name, proc, listeners, log_path, helpers)
+
+        def stop() -> None:
+            for each in [proc, *helpers]:  # the server first, then what it uses
+                _terminate(each)
+
+        return RunningServer(self.name, proc.pid, listeners, log_path, stop)
 
 
-_ADAPTERS: list[ServerAdapter] = [TWISTED, AIOSMTPD, Mailrelay("sqlite"), Mailrelay("redis")]
+POSTFIX_MAIN = """\
+compatibility_level = 3.6
+queue_directory = {workdir}/spool
+data_directory = {workdir}/data
+maillog_file_prefixes = {workdir}
+maillog_file = {workdir}/maillog
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = bench.local
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mydestination =
+relay_domains =
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+smtpd_recipient_restrictions = permit_mynetworks, reject
+# Queue every message durably (cleanup fsyncs the queue file before smtpd says 250), then
+# discard it: no mail leaves the machine.
+default_transport = discard:benchmark
+relay_transport = discard:benchmark
+local_transport = discard:benchmark
+smtpd_peername_lookup = no
+smtp_dns_support_level = disabled
+default_process_limit = 600
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+smtpd_client_message_rate_limit = 0
+in_flow_delay = 0
+"""
+
+# Only what an accepting, discarding Postfix needs; nothing chrooted; SMTP on one loopback port.
+POSTFIX_MASTER = """\
+127.0.0.1:{port} inet n - n - - smtpd
+pickup    unix  n - n 60 1 pickup
+cleanup   unix  n - n - 0 cleanup
+qmgr      unix  n - n 300 1 qmgr
+rewrite   unix  - - n - - trivial-rewrite
+bounce    unix  - - n - 0 bounce
+defer     unix  - - n - 0 bounce
+trace     unix  - - n - 0 bounce
+verify    unix  - - n - 1 verify
+flush     unix  n - n 1000? 0 flush
+proxymap  unix  - - n - - proxymap
+showq     unix  n - n - - showq
+error     unix  - - n - - error
+retry     unix  - - n - - error
+discard   unix  - - n - - discard
+anvil     unix  - - n - 1 anvil
+scache    unix  - - n - 1 scache
+postlog   unix-dgram n - n - 1 postlogd
+"""
+
+
+@dataclass
+class Postfix:
+    """
+    A private Postfix instance (``postfix -c DIR``) on one loopback port: smtpd accepts from
+    127.0.0.0/8 without AUTH, cleanup writes the queue file with fsync before the 250, and the
+    queue manager hands it to ``discard``. Its own durable accept rate is the peer figure.
+    Never touches the system instance or port 25. Needs root (Postfix's master runs as root).
+    """
+
+    name: str = "postfix"
+
+    def unavailable(self) -> str | None:
+        if not Path("/usr/sbin/postfix").exists():
+            return "postfix is not installed (Debian package postfix)"
+        if os.geteuid() != 0:
+            return "a private Postfix instance needs root"
+        return None
+
+    def skip(self, scenario: Scenario) -> str | None:
+        if scenario.idle:
+            return "n/a: a process per session (5 000 idle sessions are 5 000 smtpd processes)"
+        if scenario.security != "plain":
+            return "n/a: no SASL set up for AUTH"
+        return None
+
+    def _postfix(self, conf: Path, command: str) -> None:
+        subprocess.run(
+            ["/usr/sbin/postfix", "-c", str(conf), command],
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+
+    def start(self, workdir: Path, cert: Path, key: Path) -> RunningServer:
+        conf, data = workdir / "conf", workdir / "data"
+        for directory in (conf, workdir / "spool", data):
+            directory.mkdir()
+        postfix_user = pwd.getpwnam("postfix")
+        os.chown(data, postfix_user.pw_uid, postfix_user.pw_gid)
+        port = free_port()
+        (conf / "main.cf").write_text(POSTFIX_MAIN.format(workdir=workdir))
+        (conf / "master.cf").write_text(POSTFIX_MASTER.format(port=port))
+        log_path = workdir / "maillog"
+        self._postfix(conf, "start")
+        pid_file = workdir / "spool" / "pid" / "master.pid"
+        deadline = time.monotonic() + 10
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pid = int(pid_file.read_text().split()[0])
+
+        def stop() -> None:
+            with contextlib.suppress(subprocess.SubprocessError):
+                self._postfix(conf, "stop")
+            end = time.monotonic() + 10
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < end:
+                time.sleep(0.05)
+            if Path(f"/proc/{pid}").exists():
+                with contextlib.suppress(subprocess.SubprocessError):
+                    self._postfix(conf, "abort")
+
+        try:
+            wait_until_serving(lambda: not Path(f"/proc/{pid}").exists(), [port], log_path)
+        except BaseException:
+            stop()
+            raise
+        listeners = {"plain": Listener("127.0.0.1", port)}
+        return RunningServer(self.name, pid, listeners, log_path, stop, tree=True)
+
+
+_ADAPTERS: list[ServerAdapter] = [
+    TWISTED,
+    AIOSMTPD,
+    Mailrelay("sqlite"),
+    Mailrelay("redis"),
+    Postfix(),
+]
 ALL: dict[str, ServerAdapter] = {a.name: a for a in _ADAPTERS}

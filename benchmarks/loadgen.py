@@ -343,15 +343,20 @@ def _percentile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run_load(cfg: LoadConfig, server_pid: int | None = None) -> LoadResult:
-    """Run one load and return the merged result (blocks until the run is over)."""
+def run_load(
+    cfg: LoadConfig, server_pid: int | None = None, server_tree: bool = False
+) -> LoadResult:
+    """
+    Run one load and return the merged result (blocks until the run is over). With
+    ``server_tree``, the server's CPU and memory include its child processes.
+    """
     processes = max(1, min(cfg.processes, cfg.concurrency))
     concurrency = _split(cfg.concurrency, processes)
     messages = _split(cfg.messages, processes) if cfg.messages else [0] * processes
     # Forked workers need a moment to start: give them a common start line.
     t_start = time.monotonic() + (0.3 if processes > 1 else 0.0) + cfg.warmup
     t_end = t_start + cfg.duration
-    monitor = ServerMonitor(server_pid, t_start, t_end) if server_pid else None
+    monitor = ServerMonitor(server_pid, t_start, t_end, tree=server_tree) if server_pid else None
     if processes == 1:
         if monitor:
             monitor.start()

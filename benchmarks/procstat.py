@@ -10,13 +10,62 @@ from dataclasses import dataclass
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds the process has used so far (all its threads)."""
+def _stat_fields(pid: int) -> list[bytes]:
     with open(f"/proc/{pid}/stat", "rb") as f:
         raw = f.read()
     # The command name may contain spaces and parentheses: fields start after the last ')'.
-    fields = raw[raw.rindex(b")") + 2 :].split()
+    return raw[raw.rindex(b")") + 2 :].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds the process has used so far (all its threads)."""
+    fields = _stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def descendants(pid: int) -> list[int]:
+    """The live descendants of ``pid`` (children, their children, ...)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent = int(_stat_fields(int(entry))[1])
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and all its descendants, the exited (reaped) ones included."""
+    fields = _stat_fields(pid)
+    total = sum(int(x) for x in fields[11:15]) / _TICKS  # utime, stime, cutime, cstime
+    for child in descendants(pid):
+        try:
+            total += cpu_seconds(child)
+        except OSError:
+            pass  # exited meanwhile: its parent's cutime/cstime has it now
+    return total
+
+
+def tree_pss_kib(pid: int) -> int:
+    """Proportional set size of a process tree, in KiB: shared pages are split, not repeated."""
+    total = 0
+    for each in [pid, *descendants(pid)]:
+        try:
+            with open(f"/proc/{each}/smaps_rollup", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            pass
+    return total
 
 
 def machine_busy_seconds() -> float:
@@ -70,15 +119,19 @@ class ServerMonitor(threading.Thread):
 
     Takes a CPU snapshot at each edge and samples RSS every ``interval`` seconds in between,
     so the peak is known even where VmHWM cannot be reset. Runs in a daemon thread that wakes
-    a few times a second: negligible next to the load it watches.
+    a few times a second: negligible next to the load it watches. With ``tree``, the process's
+    descendants count too (CPU, and memory as PSS): for servers with a process per session.
     """
 
-    def __init__(self, pid: int, start: float, end: float, interval: float = 0.25) -> None:
+    def __init__(
+        self, pid: int, start: float, end: float, interval: float = 0.25, tree: bool = False
+    ) -> None:
         super().__init__(name=f"monitor-{pid}", daemon=True)
         self.pid = pid
         self.start_at = start
         self.end_at = end
         self.interval = interval
+        self.tree = tree
         self.usage = ServerUsage()
         self._stop_early = threading.Event()
 
@@ -95,16 +148,18 @@ class ServerMonitor(threading.Thread):
             pass
 
     def _measure(self) -> None:
+        cpu = tree_cpu_seconds if self.tree else cpu_seconds
+        memory = tree_pss_kib if self.tree else rss_kib
         self._stop_early.wait(max(0.0, self.start_at - time.monotonic()))
-        cpu0 = cpu_seconds(self.pid)
+        cpu0 = cpu(self.pid)
         busy0 = machine_busy_seconds()
-        hwm_reset = reset_peak(self.pid)
-        peak = rss_kib(self.pid)
+        hwm_reset = not self.tree and reset_peak(self.pid)
+        peak = memory(self.pid)
         while (left := self.end_at - time.monotonic()) > 0:
             if self._stop_early.wait(min(self.interval, left)):
                 break
-            peak = max(peak, rss_kib(self.pid))
-        self.usage.cpu_s = cpu_seconds(self.pid) - cpu0
+            peak = max(peak, memory(self.pid))
+        self.usage.cpu_s = cpu(self.pid) - cpu0
         self.usage.machine_busy_s = machine_busy_seconds() - busy0
         hwm = peak_rss_kib(self.pid) if hwm_reset else 0
         self.usage.peak_rss_kib = max(peak, hwm)

@@ -56,7 +56,7 @@ def load_table(rows: list[Row]) -> str:
         res = row.result
         if not isinstance(res, LoadResult):
             lines.append(
-                f"| {row.scenario.name} | {row.server} | failed: {row.failure} |" + " |" * 9
+                f"| {row.scenario.name} | {row.server} | {row.failure} |" + " |" * 9
             )
             continue
         ref = _reference(rows, row.scenario)
@@ -87,7 +87,7 @@ def idle_table(rows: list[Row]) -> str:
         res = row.result
         if not isinstance(res, IdleResult):
             lines.append(
-                f"| {row.scenario.name} | {row.server} | failed: {row.failure} |" + " |" * 5
+                f"| {row.scenario.name} | {row.server} | {row.failure} |" + " |" * 5
             )
             continue
         ref = _reference(rows, row.scenario)

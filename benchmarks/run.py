@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,7 +32,7 @@ from benchmarks.report import Row, document
 from benchmarks.scenarios import FULL, QUICK, Scenario
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
-DEFAULT_SERVERS = ["twisted-plain", "aiosmtpd", "mailrelay-sqlite", "mailrelay-redis"]
+DEFAULT_SERVERS = ["twisted-plain", "aiosmtpd", "mailrelay-sqlite", "mailrelay-redis", "postfix"]
 
 
 def measure(server: adapters.RunningServer, scenario: Scenario, args: argparse.Namespace) -> Row:
@@ -54,7 +55,7 @@ def measure(server: adapters.RunningServer, scenario: Scenario, args: argparse.N
     )
     if scenario.idle:
         return Row(scenario, server.name, hold_idle(cfg, scenario.idle, server.pid))
-    return Row(scenario, server.name, run_load(cfg, server.pid))
+    return Row(scenario, server.name, run_load(cfg, server.pid, server.tree))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mailrelay-bench-") as tmp:
         base = args.keep or Path(tmp)
         base.mkdir(parents=True, exist_ok=True)
+        base.chmod(0o755)  # Postfix's unprivileged daemons must reach their data directory
         cert, key = make_cert(base)
         for scenario in scenarios:
             for adapter in servers:
@@ -146,11 +148,13 @@ def _one(
     key: Path,
     args: argparse.Namespace,
 ) -> Row:
+    if reason := adapter.skip(scenario):
+        return Row(scenario, adapter.name, failure=reason)
     try:
         server = adapter.start(workdir, cert, key)
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         print(f"  could not start: {exc}", file=sys.stderr)
-        return Row(scenario, adapter.name, failure="did not start")
+        return Row(scenario, adapter.name, failure="failed: did not start")
     try:
         row = measure(server, scenario, args)
     finally:
