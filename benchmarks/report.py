@@ -12,6 +12,7 @@ from pathlib import Path
 import twisted
 from benchmarks.loadgen import IdleResult, LoadResult
 from benchmarks.scenarios import Scenario
+from benchmarks.smtpsource import SourceResult
 
 REFERENCE = "twisted-plain"
 
@@ -55,9 +56,7 @@ def load_table(rows: list[Row]) -> str:
             continue
         res = row.result
         if not isinstance(res, LoadResult):
-            lines.append(
-                f"| {row.scenario.name} | {row.server} | {row.failure} |" + " |" * 9
-            )
+            lines.append(f"| {row.scenario.name} | {row.server} | {row.failure} |" + " |" * 9)
             continue
         ref = _reference(rows, row.scenario)
         ref_rate = ref.result.msgs_per_s if ref and isinstance(ref.result, LoadResult) else None
@@ -86,9 +85,7 @@ def idle_table(rows: list[Row]) -> str:
             continue
         res = row.result
         if not isinstance(res, IdleResult):
-            lines.append(
-                f"| {row.scenario.name} | {row.server} | {row.failure} |" + " |" * 5
-            )
+            lines.append(f"| {row.scenario.name} | {row.server} | {row.failure} |" + " |" * 5)
             continue
         ref = _reference(rows, row.scenario)
         ref_kib = ref.result.kib_per_conn if ref and isinstance(ref.result, IdleResult) else None
@@ -99,6 +96,32 @@ def idle_table(rows: list[Row]) -> str:
             f"| {res.rss_after_kib / 1024:.0f} | {_errors(res.errors)} |"
         )
     return head + "\n".join(lines) + "\n" if lines else ""
+
+
+def source_table(results: list[SourceResult]) -> str:
+    """Postfix's smtp-source against each server (10 sessions, 2 KiB, no pipelining)."""
+    if not results:
+        return ""
+    head = (
+        "| smtp-source run | server | msgs/s | vs twisted | srv CPU s/1k msgs | srv CPU % "
+        "| smtp-source CPU % | other CPU % | result |\n|---|---|--:|--:|--:|--:|--:|--:|---|\n"
+    )
+    lines = []
+    for res in results:
+        ref = next((r for r in results if r.label == res.label and r.server == REFERENCE), None)
+        if res.failure or res.usage is None:
+            lines.append(f"| {res.label} | {res.server} | - | - | - | - | - | - | {res.failure} |")
+            continue
+        per_1k = res.usage.cpu_s / res.messages * 1000
+        pct = 100 * res.usage.cpu_s / res.elapsed_s
+        client = 100 * res.client_cpu_s / res.elapsed_s
+        other = f"{res.other_cpu_pct:.0f}" if res.other_cpu_pct is not None else "-"
+        ratio = _ratio(res.msgs_per_s, ref.msgs_per_s if ref else None)
+        lines.append(
+            f"| {res.label} | {res.server} | {res.msgs_per_s:,.0f} | {ratio} | {per_1k:.3f} "
+            f"| {pct:.0f} | {client:.0f} | {other} | {res.messages:,} sent |"
+        )
+    return head + "\n".join(lines) + "\n"
 
 
 def machine() -> str:
@@ -128,10 +151,13 @@ def machine() -> str:
     )
 
 
-def document(rows: list[Row], command: str, notes: list[str]) -> str:
+def document(
+    rows: list[Row], command: str, notes: list[str], sources: list[SourceResult] | None = None
+) -> str:
     """The markdown section for one run."""
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [f"## {when}\n", f"`{command}`\n", f"Machine: {machine()}\n"]
-    parts += [t for t in (load_table(rows), idle_table(rows)) if t]
+    tables = (load_table(rows), idle_table(rows), source_table(sources or []))
+    parts += [t for t in tables if t]
     parts += [f"- {n}" for n in notes]
     return "\n".join(parts) + "\n"

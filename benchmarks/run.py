@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks import adapters
+from benchmarks import adapters, smtpsource
 from benchmarks.certs import make_cert
 from benchmarks.loadgen import (
     IdleResult,
@@ -30,6 +30,7 @@ from benchmarks.loadgen import (
 )
 from benchmarks.report import Row, document
 from benchmarks.scenarios import FULL, QUICK, Scenario
+from benchmarks.smtpsource import SourceResult, run_smtp_source
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 DEFAULT_SERVERS = ["twisted-plain", "aiosmtpd", "mailrelay-sqlite", "mailrelay-redis", "postfix"]
@@ -76,6 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, help="warm-up before each window, s")
     p.add_argument("--loadgen-processes", type=int, default=1)
     p.add_argument("--repeat", type=int, default=1, help="run each pair N times, keep the best")
+    p.add_argument(
+        "--smtp-source",
+        action=argparse.BooleanOptionalAction,
+        help="also drive every server with Postfix's smtp-source "
+        "(default: in full runs, where it is installed)",
+    )
+    p.add_argument("--smtp-source-messages", type=int, default=5000)
     p.add_argument("--keep", type=Path, metavar="DIR", help="keep server logs and data here")
     p.add_argument("--no-record", action="store_true", help="don't append to RESULTS.md")
     return p
@@ -88,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         args.duration = 1.5 if args.quick else 10.0
     if args.warmup is None:
         args.warmup = 1.0 if args.quick else 2.0
+    if args.smtp_source is None:
+        args.smtp_source = not args.quick and smtpsource.available()
     raise_fd_limit()  # servers inherit it: the idle scenarios need thousands of descriptors
     notes: list[str] = []
     servers = []
@@ -118,13 +128,54 @@ def main(argv: list[str] | None = None) -> int:
                     tries.append(_one(adapter, scenario, workdir, cert, key, args))
                 rows.append(_best(tries))
 
+        sources = _smtp_source_runs(servers, base, cert, key, args) if args.smtp_source else []
+
     command = "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv)
-    text = document(rows, command.strip(), notes)
+    text = document(rows, command.strip(), notes, sources)
     print(text)
     if not args.no_record:
         with RESULTS.open("a") as f:
             f.write("\n" + text)
     return 0
+
+
+def _smtp_source_runs(
+    servers: list[adapters.ServerAdapter],
+    base: Path,
+    cert: Path,
+    key: Path,
+    args: argparse.Namespace,
+) -> list[SourceResult]:
+    """Postfix's smtp-source against every server's plain listener, persistent and not."""
+    results = []
+    for persistent in (True, False):
+        scenario = Scenario(persistent=persistent)
+        for adapter in servers:
+            if adapter.skip(scenario):
+                continue
+            workdir = base / f"smtp-source-{scenario.name}-{adapter.name}"
+            shutil.rmtree(workdir, ignore_errors=True)
+            workdir.mkdir()
+            print(f"smtp-source {scenario.name} on {adapter.name} ...", file=sys.stderr, flush=True)
+            try:
+                server = adapter.start(workdir, cert, key)
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                print(f"  could not start: {exc}", file=sys.stderr)
+                continue
+            try:
+                result = run_smtp_source(
+                    adapter.name,
+                    server.listeners["plain"],
+                    server.pid,
+                    messages=args.smtp_source_messages,
+                    persistent=persistent,
+                    tree=server.tree,
+                )
+            finally:
+                server.stop()
+            print(f"  {result.msgs_per_s:,.0f} msgs/s {result.failure}", file=sys.stderr)
+            results.append(result)
+    return results
 
 
 def _best(tries: list[Row]) -> Row:
