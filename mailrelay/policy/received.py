@@ -10,6 +10,7 @@ every client-supplied text is reduced to printable ASCII so it cannot inject a h
 from __future__ import annotations
 
 import email.utils
+import functools
 import ipaddress
 import re
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ def _clean(text: str, default: str = "unknown") -> str:
     return cleaned or default
 
 
+@functools.lru_cache(maxsize=4096)
 def _literal(clientAddress: str) -> str:
     try:
         address = ipaddress.ip_address(clientAddress)
@@ -37,6 +39,12 @@ def _literal(clientAddress: str) -> str:
             return f"[{address.ipv4_mapped}]"
         return f"[IPv6:{address.compressed}]"
     return f"[{address}]"
+
+
+@functools.lru_cache(maxsize=8)
+def _dateField(second: datetime) -> str:
+    """RFC 5322 date-time of a whole second; many messages share one, so it is cached."""
+    return email.utils.format_datetime(second)
 
 
 def receivedHeader(
@@ -73,5 +81,5 @@ def receivedHeader(
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
     lines[-1] += ";"
-    lines.append(email.utils.format_datetime(now))
+    lines.append(_dateField(now.replace(microsecond=0)))
     return ("\r\n\t".join(lines) + "\r\n").encode("utf-8", "replace")
