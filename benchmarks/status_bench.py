@@ -219,7 +219,9 @@ def serve(notifications: int, authCache: float) -> None:
         pool.start()
         reactor.addSystemEventTrigger("before", "shutdown", pool.stop)
         config = parseConfig({"hostname": "bench.test", "data_dir": str(directory)})
-        portal, _ = makePortal(store, Submissions(store, config, reactor), reactor, pool)
+        portal, _ = makePortal(
+            store, Submissions(store, config, reactor), reactor, pool, rememberPasswords=authCache
+        )
         await store.addAccount("bench", hashPassword(PASSWORD))
         keyId, key, keyHash = newApiKey()
         await store.addApiKey("bench", keyId, keyHash)
@@ -250,7 +252,6 @@ def serve(notifications: int, authCache: float) -> None:
             LoginThrottle(reactor.seconds),
             config,
             reactor,
-            authCacheSeconds=authCache,
         )
         site.noisy = False
         port = reactor.listenTCP(0, site, interface="127.0.0.1")

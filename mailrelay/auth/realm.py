@@ -16,7 +16,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from mailrelay.auth.checkers import AccountPasswordChecker, APIKeyChecker
+from mailrelay.auth.checkers import AccountPasswordChecker, APIKeyChecker, VerifiedPasswords
 from mailrelay.interfaces import IMessageDelivery, IStore
 from mailrelay.model import Account, SessionInfo
 from mailrelay.policy.limits import accountForNetwork, clientAllowed
@@ -59,11 +59,16 @@ class SubmissionRealm:
 
 
 def makePortal(
-    store: IStore, makeAvatar: AvatarFactory, reactor: Any, threadpool: ThreadPool
+    store: IStore,
+    makeAvatar: AvatarFactory,
+    reactor: Any,
+    threadpool: ThreadPool,
+    rememberPasswords: float = 60.0,
 ) -> tuple[Portal, SubmissionRealm]:
-    """A portal with the password and API-key checkers, and its realm."""
+    """A portal with the password and API-key checkers, and its realm. A verified password is
+    remembered for ``rememberPasswords`` seconds (0: never; see mailrelay.auth.checkers)."""
     realm = SubmissionRealm(store, makeAvatar)
-    portal = Portal(
-        realm, [AccountPasswordChecker(store, reactor, threadpool), APIKeyChecker(store)]
-    )
+    verified = VerifiedPasswords(reactor, seconds=rememberPasswords)
+    passwords = AccountPasswordChecker(store, reactor, threadpool, verified)
+    portal = Portal(realm, [passwords, APIKeyChecker(store)])
     return portal, realm

@@ -80,11 +80,13 @@ class DataReader:
         if self.refusal is not None:
             return
         chunk = buffer[start:stop]
-        crlf = chunk.count(_CRLF)
-        if chunk.count(b"\r") != crlf or chunk.count(b"\n") != crlf:
+        lines = chunk.split(_CRLF)
+        # Each CRLF holds one CR and one LF, so any more of them than 2 per CRLF are bare.
+        lineEndings = len(chunk) - len(chunk.translate(None, _CRLF))
+        if lineEndings != 2 * (len(lines) - 1):
             self._refuse(replies.BARE_LINE_ENDING)
             return
-        if len(chunk) > self._maxLine and max(map(len, chunk.split(_CRLF))) > self._maxLine:
+        if max(map(len, lines)) > self._maxLine:
             self._refuse(replies.LINE_TOO_LONG.withText("Line too long; message discarded"))
             return
         if start == 2:

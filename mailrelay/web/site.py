@@ -207,16 +207,15 @@ def makeWebSite(
     config: Config,
     clock: IReactorTime,
     listenersUp: ListenerProbe = noListeners,
-    authCacheSeconds: float = 60.0,
 ) -> server.Site:
     """
     The site of the web endpoint. ``portal`` and ``throttle`` are the SMTP listeners' own, so a
     client's failures count the same over both; ``clock`` tells the time for the retention
     period, the throttle and timeouts; ``listenersUp`` reports the SMTP listeners for
-    ``/healthz``; ``authCacheSeconds`` is how long a verified password is remembered (0: never).
+    ``/healthz``.
     """
     root = WebRoot(
-        BasicLogin(portal, throttle, clock, cacheSeconds=authCacheSeconds),
+        BasicLogin(portal, throttle),
         NotificationStatus(store, clock, config.limits.status_retention_days),
         Health(store, clock, listenersUp),
         openAPIDocument(),
