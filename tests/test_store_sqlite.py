@@ -20,15 +20,17 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from mailrelay.config import ConfigError, parseConfig
 from mailrelay.interfaces import AlreadyExists, NotFound, StoreError
-from mailrelay.model import QueueStats, StatusEvent, fromTimestamp
+from mailrelay.model import QueueStats, Sender, StatusEvent, fromTimestamp
 from mailrelay.store import makeStore
 from mailrelay.store.sqlite import SQLiteStore
 from mailrelay.store.sqlite.migrate import schemaScripts, statements
+from mailrelay.store.sqlite.store import ACCOUNT_CACHE_SECONDS
 from tests.store_mixin import ALICE, PHONE, T0, StoreHelpersMixin, StoreTestsMixin
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -364,3 +366,24 @@ class SchemaTests(TestCase):
     def test_incompleteStatement(self) -> None:
         with self.assertRaises(StoreError):
             list(statements("CREATE TABLE a (x);\nCREATE TABLE b (\n"))
+
+
+class AccountDataRememberedTests(TestCase):
+    """Account, key and sender lookups are remembered briefly; own writes are seen at once."""
+
+    async def test_ownWritesSeenAtOnceOthersWithinASecond(self) -> None:
+        path = Path(self.mktemp())
+        path.mkdir()
+        first = SQLiteStore(path / "store.sqlite3", reactor)
+        second = SQLiteStore(path / "store.sqlite3", reactor)
+        for store in (first, second):
+            await store.open()
+            self.addCleanup(store.close)
+        await first.addAccount("acme", "hash")
+        await first.addSender(Sender("acme", "acme.example", "domain"))
+        self.assertEqual(len(await second.listSenders("acme")), 1)
+        await first.removeSender("acme", "acme.example")
+        self.assertEqual(await first.listSenders("acme"), [])  # its own write: at once
+        self.assertEqual(len(await second.listSenders("acme")), 1)  # another's: remembered...
+        await deferLater(reactor, ACCOUNT_CACHE_SECONDS + 0.05, lambda: None)
+        self.assertEqual(await second.listSenders("acme"), [])  # ...for at most a second

@@ -31,7 +31,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -50,9 +50,11 @@ from mailrelay.model import (
     StatusEvent,
 )
 from mailrelay.store.sqlite.migrate import upgrade
-from mailrelay.store.sqlite.threads import DatabaseThread, GroupCommitThread
+from mailrelay.store.sqlite.threads import DatabaseThread, GroupCommitThread, Work
 
 BUSY_TIMEOUT = 10.0
+ACCOUNT_CACHE_SECONDS = 1.0
+ACCOUNT_CACHE_ENTRIES = 10_000
 """Seconds a connection waits for another process's lock before giving up (-> StoreError)."""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -99,6 +101,11 @@ class SQLiteStore:
     notification ids (see :mod:`mailrelay.ids`); ``groupLimit`` caps how many writes share one
     commit; ``busyTimeout`` is how long to wait for another process's lock. Call :meth:`open`
     first and :meth:`close` last. ``commits`` counts the write transactions committed so far.
+
+    Accounts, API keys and senders are read on every login and every new session, and change
+    rarely: lookups of them are remembered for ``ACCOUNT_CACHE_SECONDS``. This process's own
+    changes clear what is remembered at once; another process's (the admin command line's)
+    are seen within that time.
     """
 
     name = "sqlite"
@@ -121,6 +128,7 @@ class SQLiteStore:
             "mailrelay-sqlite-writer", self._connectWriter, reactor, groupLimit
         )
         self._reader = DatabaseThread("mailrelay-sqlite-reader", self._connectReader, reactor)
+        self._accountData: dict[tuple[str, str], tuple[float, Any]] = {}
 
     def __repr__(self) -> str:
         return f"<SQLiteStore {str(self.path)!r}>"
@@ -185,41 +193,68 @@ class SQLiteStore:
 
     # -- accounts, API keys, senders --
 
+    def _remembered(self, key: tuple[str, str], work: Work) -> Deferred[Any]:
+        """``work``'s result on the reader thread, or what it gave less than a moment ago."""
+        now = self._reactor.seconds()
+        hit = self._accountData.get(key)
+        if hit is not None and hit[0] > now:
+            return succeed(hit[1])
+
+        def remember(value: Any) -> Any:
+            if len(self._accountData) >= ACCOUNT_CACHE_ENTRIES:
+                self._accountData.clear()
+            self._accountData[key] = (now + ACCOUNT_CACHE_SECONDS, value)
+            return value
+
+        return self._reader.submit(work).addCallback(remember)
+
+    def _changeAccountData(self, work: Work) -> Deferred[Any]:
+        """Run a write that changes accounts, keys or senders; forget what was remembered."""
+        self._accountData.clear()
+
+        def forget(result: Any) -> Any:
+            self._accountData.clear()
+            return result
+
+        return self._writer.submit(work).addBoth(forget)
+
     def addAccount(self, name: str, passwordHash: str) -> Deferred[Account]:
-        return self._writer.submit(partial(_addAccount, name=name, passwordHash=passwordHash))
+        return self._changeAccountData(partial(_addAccount, name=name, passwordHash=passwordHash))
 
     def getAccount(self, name: str) -> Deferred[Account | None]:
-        return self._reader.submit(partial(_getAccount, name=name))
+        return self._remembered(("account", name), partial(_getAccount, name=name))
 
     def listAccounts(self) -> Deferred[list[Account]]:
         return self._reader.submit(_listAccounts)
 
     def updateAccount(self, account: Account) -> Deferred[None]:
-        return self._writer.submit(partial(_updateAccount, account=account))
+        return self._changeAccountData(partial(_updateAccount, account=account))
 
     def addApiKey(self, account: str, keyId: str, keyHash: str) -> Deferred[ApiKey]:
         createdAt = int(self._reactor.seconds() * 1000)
-        return self._writer.submit(
+        return self._changeAccountData(
             partial(_addApiKey, account=account, keyId=keyId, keyHash=keyHash, createdAt=createdAt)
         )
 
     def findApiKey(self, keyHash: str) -> Deferred[ApiKey | None]:
-        return self._reader.submit(partial(_findApiKey, keyHash=keyHash))
+        return self._remembered(("apikey", keyHash), partial(_findApiKey, keyHash=keyHash))
 
     def listApiKeys(self, account: str) -> Deferred[list[ApiKey]]:
         return self._reader.submit(partial(_listApiKeys, account=account))
 
     def revokeApiKey(self, account: str, keyId: str) -> Deferred[bool]:
-        return self._writer.submit(partial(_revokeApiKey, account=account, keyId=keyId))
+        return self._changeAccountData(partial(_revokeApiKey, account=account, keyId=keyId))
 
     def addSender(self, sender: Sender) -> Deferred[None]:
-        return self._writer.submit(partial(_addSender, sender=sender))
+        return self._changeAccountData(partial(_addSender, sender=sender))
 
     def listSenders(self, account: str) -> Deferred[list[Sender]]:
-        return self._reader.submit(partial(_listSenders, account=account))
+        return self._remembered(
+            ("senders", account), partial(_listSenders, account=account)
+        ).addCallback(list)
 
     def removeSender(self, account: str, value: str) -> Deferred[bool]:
-        return self._writer.submit(partial(_removeSender, account=account, value=value))
+        return self._changeAccountData(partial(_removeSender, account=account, value=value))
 
     # -- the queue --
 
