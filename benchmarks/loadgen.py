@@ -234,12 +234,24 @@ class _Load:
                     await asyncio.sleep(0.05)  # the server refused us: don't spin
 
     async def _open(self) -> ReplyCounter:
-        """Connect, read the greeting, EHLO, STARTTLS and AUTH as configured."""
+        """Connect and greet (see _greet); a session that fails on the way is closed again."""
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         implicit = self.tls if cfg.security == "tls" else None
         _, proto = await loop.create_connection(ReplyCounter, cfg.host, cfg.port, ssl=implicit)
         self.live.add(proto)
+        try:
+            await self._greet(proto)
+        except BaseException:
+            self.live.discard(proto)
+            proto.abort()
+            raise
+        return proto
+
+    async def _greet(self, proto: ReplyCounter) -> None:
+        """Greeting, EHLO, then STARTTLS and AUTH as configured; decide on pipelining."""
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
         await expect(proto, "greeting", 220)
         caps = await ehlo(proto)
         if cfg.security == "starttls":
@@ -258,7 +270,6 @@ class _Load:
         proto.pipelining = cfg.pipelining == "on" or (
             cfg.pipelining == "auto" and b"PIPELINING" in caps
         )
-        return proto
 
     async def _session(self) -> None:
         proto = await self._open()
