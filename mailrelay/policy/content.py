@@ -47,7 +47,11 @@ from mailrelay.policy.addresses import (
     mailboxFromParts,
     parseMailbox,
 )
-from mailrelay.policy.headers import KNOWN_OPTIONS, isOptionHeader, parseHeaderOptions
+from mailrelay.policy.headers import (
+    KNOWN_OPTIONS,
+    OPTION_PREFIX,
+    parseHeaderOptions,
+)
 from mailrelay.policy.phones import PhoneNumberError, isSmsDomain, normalisePhoneNumber
 from mailrelay.policy.senders import (
     EnvelopeSender,
@@ -221,7 +225,8 @@ def _split(raw: bytes) -> tuple[bytes, int]:
 
 
 def _options(header: _Header) -> tuple[HeaderOptions, list[_Field], tuple[str, ...]]:
-    fields = [field for field in header.fields if isOptionHeader(field.name)]
+    # Field names are lower-cased already: a prefix test is isOptionHeader without the call.
+    fields = [field for field in header.fields if field.name.startswith(OPTION_PREFIX)]
     if not fields:
         return HeaderOptions(), [], ()
     pairs = []

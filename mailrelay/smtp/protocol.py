@@ -80,6 +80,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         self._reader: DataReader | None = None
         self._lineHandler: Callable[[bytes], CommandResult] | None = None
         self._clientAddress = ""
+        self._sessionInfo: SessionInfo | None = None
 
     def callLater(self, period: float, func: Callable[[], object]) -> Any:
         """TimeoutMixin's clock: the listener's (a task.Clock in tests)."""
@@ -117,12 +118,12 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
     def _reply(self, reply: Reply) -> None:
         if reply.code in _PROTOCOL_ERRORS:
             self._badCommands += 1
-        self._write(reply.toBytes())
+        self._write(reply.wire)
         if self._badCommands > MAX_BAD_COMMANDS and not self._closing:
             self._closeWith(replies.TOO_MANY_ERRORS)
 
     def _closeWith(self, reply: Reply) -> None:
-        self._write(reply.toBytes())
+        self._write(reply.wire)
         self._closing = True
         self._buffer = b""
         self._pos = 0
@@ -239,13 +240,23 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
     # -- session state ---------------------------------------------------------------------
 
     def _session(self) -> SessionInfo:
-        return SessionInfo(
-            client_address=self._clientAddress,
-            listener=self.settings.name,
-            helo=self._helo or "",
-            tls_version=self._currentTLSVersion(),
-            authenticated=self._authenticated,
-        )
+        """What the avatar may know of this session; made again only when any of it changed."""
+        tlsVersion = self._currentTLSVersion()
+        session = self._sessionInfo
+        if (
+            session is None
+            or session.helo != (self._helo or "")
+            or session.tls_version != tlsVersion
+            or session.authenticated != self._authenticated
+        ):
+            session = self._sessionInfo = SessionInfo(
+                client_address=self._clientAddress,
+                listener=self.settings.name,
+                helo=self._helo or "",
+                tls_version=tlsVersion,
+                authenticated=self._authenticated,
+            )
+        return session
 
     def _currentTLSVersion(self) -> str | None:
         if not self._tls:
@@ -332,7 +343,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
             return replies.BAD_SEQUENCE.withText("TLS already active")
         if argument:
             return replies.SYNTAX_ERROR.withText("Syntax: STARTTLS")
-        self._write(replies.READY_TLS.toBytes())
+        self._write(replies.READY_TLS.wire)
         # RFC 3207 §4.2: whatever the client sent after STARTTLS in the clear is not trusted,
         # and the session starts over as if newly connected.
         self._buffer, self._pos = b"", 0

@@ -7,6 +7,7 @@ Code and enhanced code are the contract; the text is for humans and may be speci
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -19,6 +20,11 @@ class Reply:
     def withText(self, text: str) -> Reply:
         """The same reply codes with another human-readable text."""
         return Reply(self.code, self.enhanced, text)
+
+    @functools.cached_property
+    def wire(self) -> bytes:
+        """The reply on the wire, made once per Reply (the named constants are reused)."""
+        return self.toBytes()
 
     def toBytes(self) -> bytes:
         """The reply on the wire; a text with newlines becomes a multi-line reply."""

@@ -262,9 +262,7 @@ class SQLiteStore:
         return self._newId()
 
     def enqueue(self, notification: Notification, message: bytes) -> Deferred[None]:
-        return self._writer.submit(
-            partial(_enqueue, notification=notification, message=bytes(message))
-        )
+        return self._writer.submit(_Enqueue(notification, bytes(message)))
 
     def acceptedSince(self, account: str, since: datetime) -> Deferred[int]:
         return self._reader.submit(partial(_acceptedSince, account=account, since=toMillis(since)))
@@ -474,15 +472,34 @@ def _requireId(notificationId: str) -> int:
     return number
 
 
-def _enqueue(connection: sqlite3.Connection, notification: Notification, message: bytes) -> None:
-    number = _requireId(notification.notification_id)
-    receivedAt = toMillis(notification.received_at)
-    options = notification.options
-    try:
-        connection.execute(
-            "INSERT INTO notifications (id, account, sender, size, received_at, bulk_id, "
-            "notify_url, notify_content_type, callback_data, intermediate_report, tracking_url, "
-            "client_address, helo) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+@dataclass(frozen=True)
+class _Enqueue:
+    """The write of one accepted notification; the writer batches consecutive ones."""
+
+    notification: Notification
+    message: bytes
+
+    def __call__(self, connection: sqlite3.Connection) -> None:
+        _enqueueAll(connection, [self])
+
+    @staticmethod
+    def runBatch(connection: sqlite3.Connection, works: Sequence[_Enqueue]) -> list[None]:
+        _enqueueAll(connection, works)
+        return [None] * len(works)
+
+
+def _enqueueAll(connection: sqlite3.Connection, works: Sequence[_Enqueue]) -> None:
+    """Insert notifications with their recipients, bodies, queue entries and CAAS_RECEIVED
+    events: one ``executemany`` per table for all of them."""
+    notifications, recipients, messages, queue, events = [], [], [], [], []
+    code = "CAAS_RECEIVED"
+    text = STATUS_TEXTS[code]
+    for work in works:
+        notification = work.notification
+        number = _requireId(notification.notification_id)
+        receivedAt = toMillis(notification.received_at)
+        options = notification.options
+        notifications.append(
             (
                 number,
                 notification.account,
@@ -497,29 +514,35 @@ def _enqueue(connection: sqlite3.Connection, notification: Notification, message
                 options.tracking_url,
                 notification.client_address,
                 notification.helo,
-            ),
+            )
+        )
+        for i, r in enumerate(notification.recipients):
+            recipients.append((number, i, r.address, r.channel))
+            events.append((number, r.address, r.channel, code, text, receivedAt))
+        messages.append((number, work.message))
+        queue.append((number, receivedAt))
+    try:
+        connection.executemany(
+            "INSERT INTO notifications (id, account, sender, size, received_at, bulk_id, "
+            "notify_url, notify_content_type, callback_data, intermediate_report, tracking_url, "
+            "client_address, helo) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            notifications,
         )
     except sqlite3.IntegrityError:
-        raise AlreadyExists(
-            f"notification exists already: {notification.notification_id}"
-        ) from None
-    recipients = notification.recipients
+        ids = ", ".join(w.notification.notification_id for w in works)
+        raise AlreadyExists(f"notification exists already: {ids}") from None
     connection.executemany(
         "INSERT INTO recipients (notification_id, position, address, channel) VALUES (?, ?, ?, ?)",
-        [(number, i, r.address, r.channel) for i, r in enumerate(recipients)],
+        recipients,
     )
-    connection.execute(
-        "INSERT INTO messages (notification_id, body) VALUES (?, ?)", (number, message)
+    connection.executemany("INSERT INTO messages (notification_id, body) VALUES (?, ?)", messages)
+    connection.executemany(
+        "INSERT INTO queue (notification_id, state, next_attempt) VALUES (?, 'queued', ?)", queue
     )
-    connection.execute(
-        "INSERT INTO queue (notification_id, state, next_attempt) VALUES (?, 'queued', ?)",
-        (number, receivedAt),
-    )
-    code = "CAAS_RECEIVED"
     connection.executemany(
         "INSERT INTO status_events (notification_id, address, channel, status_code, "
         "status_text, ts) VALUES (?, ?, ?, ?, ?, ?)",
-        [(number, r.address, r.channel, code, STATUS_TEXTS[code], receivedAt) for r in recipients],
+        events,
     )
 
 
