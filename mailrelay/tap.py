@@ -16,6 +16,7 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceCollection, MultiService, Service
 from twisted.internet import endpoints
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
@@ -92,11 +93,27 @@ class ThreadPoolService(Service):
         self.pool.stop()
 
 
+class ListenerService(StreamServerEndpointService):
+    """Listens on one endpoint; a port that cannot be bound stops the start with one line."""
+
+    def __init__(self, description: str, *args: Any) -> None:
+        super().__init__(*args)
+        self.description = description
+        self._raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise SystemExit(f"mailrelay: cannot listen on {self.description}: {e}") from None
+
+
 def _listen(parent: IServiceCollection, reactor: Any, endpoint: str, factory: Any) -> None:
-    service = StreamServerEndpointService(endpoints.serverFromString(reactor, endpoint), factory)
-    # Fail the start (and twistd) when a port cannot be bound, rather than log and carry on.
-    service._raiseSynchronously = True
-    service.setServiceParent(parent)
+    try:
+        serverEndpoint = endpoints.serverFromString(reactor, endpoint)
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"mailrelay: not a usable endpoint {endpoint!r}: {e}") from None
+    ListenerService(endpoint, serverEndpoint, factory).setServiceParent(parent)
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
@@ -118,7 +135,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     tlsContext = None
     if any(listener.security != "none" for listener in config.listeners):
-        tlsContext = contextFactory(*certificatePaths(config))
+        try:
+            tlsContext = contextFactory(*certificatePaths(config))
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"mailrelay: TLS: {e}") from None
     submissions = Submissions(store, config, reactor)
     portal, realm = makePortal(store, submissions, reactor, authPool)
     throttle = LoginThrottle(reactor.seconds)

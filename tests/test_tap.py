@@ -1,0 +1,79 @@
+"""Tests for mailrelay.tap: options, the service tree, and start-up failures in one line."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.python import usage
+from twisted.trial.unittest import TestCase
+
+from mailrelay.tap import ListenerService, Options, makeService
+
+
+class TapTests(TestCase):
+    def configFile(self, text: str) -> str:
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        path = directory / "mailrelay.toml"
+        path.write_text(f'data_dir = "{directory / "data"}"\n' + text)
+        return str(path)
+
+    def options(self, text: str) -> Options:
+        options = Options()
+        options.parseOptions(["--config", self.configFile(text)])
+        return options
+
+    def test_configErrorIsAUsageError(self) -> None:
+        options = Options()
+        path = self.configFile("[limits]\nmax_recipents = 5\n")
+        with self.assertRaises(usage.UsageError) as caught:
+            options.parseOptions(["--config", path])
+        self.assertIn("limits.max_recipents", str(caught.exception))
+
+    def test_serviceTree(self) -> None:
+        options = self.options(
+            '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\nsecurity = "starttls"\n'
+            '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\nsecurity = "tls"\n'
+            '[web]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
+        )
+        root = makeService(options, reactor)
+        listeners = [s for s in root if isinstance(s, ListenerService)]
+        self.assertEqual(len(listeners), 3)  # two SMTP listeners and the web endpoint
+        data = Path(options["config"]).parent / "data"
+        self.assertTrue((data / "selfsigned-cert.pem").exists())
+        self.assertEqual((data / "selfsigned-key.pem").stat().st_mode & 0o777, 0o600)
+
+    def test_badEndpoint(self) -> None:
+        options = self.options('[[listeners]]\nendpoint = "tcpx:25"\nsecurity = "none"\n')
+        with self.assertRaises(SystemExit) as caught:
+            makeService(options, reactor)
+        self.assertIn("tcpx:25", str(caught.exception))
+
+    def test_unreadableCertificate(self) -> None:
+        options = self.options(
+            '[tls]\ncertificate = "/nonexistent/cert.pem"\nkey = "/nonexistent/key.pem"\n'
+            '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
+        )
+        with self.assertRaises(SystemExit) as caught:
+            makeService(options, reactor)
+        self.assertIn("TLS", str(caught.exception))
+
+    def test_portInUse(self) -> None:
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        options = self.options(
+            f'[[listeners]]\nendpoint = "tcp:{port}:interface=127.0.0.1"\nsecurity = "none"\n'
+            '[web]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
+        )
+        root = makeService(options, reactor)
+        with self.assertRaises(SystemExit) as caught:
+            root.privilegedStartService()
+        self.assertIn(f"cannot listen on tcp:{port}", str(caught.exception))
+        for service in root:
+            if isinstance(service, ListenerService) and service._waitingForPort is not None:
+                service._waitingForPort.addCallback(lambda port: port.stopListening())
