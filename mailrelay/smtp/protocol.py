@@ -94,9 +94,8 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         metrics.connections.labels(self.settings.name).inc()
         metrics.sessions.labels(self.settings.name).inc()
         self.setTimeout(self.settings.limits.command_timeout)
-        if self.settings.throttle.blocked(self._clientAddress):
-            self._closeWith(replies.TOO_MANY_AUTH_FAILURES)
-            return
+        # A throttled address is refused at AUTH, not here: a relay-by-IP client behind the
+        # same NAT address as a password guesser must still get through.
         self._write(f"220 {self.settings.hostname} ESMTP\r\n".encode())
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
