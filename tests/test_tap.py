@@ -76,4 +76,7 @@ class TapTests(TestCase):
         self.assertIn(f"cannot listen on tcp:{port}", str(caught.exception))
         for service in root:
             if isinstance(service, ListenerService) and service._waitingForPort is not None:
-                service._waitingForPort.addCallback(lambda port: port.stopListening())
+                # The port that failed to bind leaves None here; any other is closed.
+                service._waitingForPort.addCallback(
+                    lambda port: port.stopListening() if port is not None else None
+                )
