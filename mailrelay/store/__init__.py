@@ -19,8 +19,10 @@ def makeStore(config: Config, reactor: Any) -> IStore:
     The store the configuration names, not yet opened (call ``open()`` on it).
 
     SQLite: ``<data_dir>/mailrelay.sqlite3``; ``data_dir`` is created with mode 0700 if missing
-    (it holds password hashes and message bodies). Raises ConfigError for a backend that cannot
-    be used and StoreError when ``data_dir`` cannot be created.
+    (it holds password hashes and message bodies). Redis: the server of ``redis_url``, keys
+    under ``mailrelay:``; ``instance_id = 0`` (the default) means "take a free instance number
+    from Redis at open", any other value is used as it is. Raises ConfigError for a backend
+    that cannot be used and StoreError when ``data_dir`` cannot be created.
     """
     if config.store.backend == "sqlite":
         from mailrelay.store.sqlite import SQLiteStore
@@ -31,4 +33,12 @@ def makeStore(config: Config, reactor: Any) -> IStore:
         except OSError as e:
             raise StoreError(f"cannot create data_dir {str(dataDir)!r}: {e.strerror}") from None
         return SQLiteStore(dataDir / SQLITE_FILE_NAME, reactor, config.store.instance_id)
-    raise ConfigError(f"store.backend: {config.store.backend} backend not available yet")
+    if config.store.backend == "redis":
+        from mailrelay.store.redis import RedisStore
+
+        instanceId = config.store.instance_id or None
+        try:
+            return RedisStore(config.store.redis_url, reactor, instanceId=instanceId)
+        except ValueError as e:
+            raise ConfigError(f"store.redis_url: {e}") from None
+    raise ConfigError(f"store.backend: no such backend: {config.store.backend!r}")

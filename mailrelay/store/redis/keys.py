@@ -1,0 +1,92 @@
+"""
+Where the Redis store keeps what, under one key prefix (``mailrelay:`` by default).
+
+Every timestamp is integer UTC milliseconds since the POSIX epoch; every string is UTF-8.
+
+===================================  =====================================================
+key                                  value
+===================================  =====================================================
+``account:<name>``                   hash: the Account's fields (absent field = None;
+                                     booleans ``1``/``0``; ``networks`` as JSON)
+``accounts``                         set of account names
+``apikey:<sha256>``                  hash ``key_id``, ``account``, ``created``, ``revoked``
+                                     (``1``/``0``); kept when revoked, so a hash stays taken
+``apikey-id:<keyId>``                string: the sha256 of that key (key ids are unique)
+``apikeys:<account>``                sorted set of the account's *active* keys' sha256,
+                                     scored by ``apikey-sequence`` (insertion order)
+``apikey-sequence``                  counter for the scores above
+``senders:<account>``                hash value -> kind (``domain``/``address``/``sms``)
+``notification:<id>``                hash: the Notification's fields, ``recipients`` as a
+                                     JSON list of ``[address, channel]``, ``received``;
+                                     ``attempts`` while deliveries are tried
+``body:<id>``                        string: the message bytes, until delivery completes
+``events:<id>``                      list of JSON ``[address, channel, code, text, ms]``,
+                                     appended (RPUSH) in insertion order
+``queue:queued``                     sorted sets of notification ids scored by the next
+``queue:deferred``                   attempt (``in_flight``: by the end of the worker's
+``queue:in_flight``                  lease); an id is in at most one of them
+``accepted:<account>``               sorted set of the account's ids by received time
+                                     (daily quotas: ``acceptedSince``)
+``received``                         sorted set of every id by received time (``expire``)
+``bulk:<n>:<account>:<bulkId>``      sorted set of ids by received time; ``n`` is the
+                                     account's length in UTF-8 bytes, so that colons in
+                                     names cannot make two pairs share a key
+``instance``                         counter handing out notification-id instance numbers
+===================================  =====================================================
+
+The Lua scripts in :mod:`mailrelay.store.redis.scripts` build some of these names themselves
+from the prefixes :class:`Keys` hands them (``Keys.notification("")`` and so on), so a change
+of naming here is a change there too.
+"""
+
+from __future__ import annotations
+
+QUEUE_STATES = ("queued", "deferred", "in_flight")
+
+
+class Keys:
+    """The names of the keys of one store, all starting with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.accounts = f"{prefix}accounts"
+        self.apiKeySequence = f"{prefix}apikey-sequence"
+        self.received = f"{prefix}received"
+        self.instance = f"{prefix}instance"
+        self.queues = tuple(f"{prefix}queue:{state}" for state in QUEUE_STATES)
+        """The ``queued``, ``deferred`` and ``in_flight`` sorted sets, in that order."""
+
+    def account(self, name: str) -> str:
+        return f"{self.prefix}account:{name}"
+
+    def apiKey(self, keyHash: str) -> str:
+        return f"{self.prefix}apikey:{keyHash}"
+
+    def apiKeyId(self, keyId: str) -> str:
+        return f"{self.prefix}apikey-id:{keyId}"
+
+    def apiKeys(self, account: str) -> str:
+        return f"{self.prefix}apikeys:{account}"
+
+    def senders(self, account: str) -> str:
+        return f"{self.prefix}senders:{account}"
+
+    def notification(self, notificationId: str) -> str:
+        return f"{self.prefix}notification:{notificationId}"
+
+    def body(self, notificationId: str) -> str:
+        return f"{self.prefix}body:{notificationId}"
+
+    def events(self, notificationId: str) -> str:
+        return f"{self.prefix}events:{notificationId}"
+
+    def accepted(self, account: str) -> str:
+        return f"{self.prefix}accepted:{account}"
+
+    @property
+    def bulkPrefix(self) -> str:
+        """What every bulk index key starts with (the expire script appends the rest)."""
+        return f"{self.prefix}bulk:"
+
+    def bulk(self, account: str, bulkId: str) -> str:
+        return f"{self.bulkPrefix}{len(account.encode())}:{account}:{bulkId}"

@@ -1,0 +1,686 @@
+"""
+The Redis store: everything mailrelay keeps, in one Redis server shared by several relays.
+
+Layout: see :mod:`mailrelay.store.redis.keys` (hashes for accounts, keys and notifications,
+sorted sets for the queue and the indexes, a list of JSON per status trail).
+
+Atomicity. :meth:`RedisStore.enqueue` writes everything about one notification -- its hash,
+body, ``CAAS_RECEIVED`` events, queue entry and index entries -- in ONE ``MULTI``/``EXEC``
+after ``WATCH``-ing the notification key and checking it is absent: another writer of that
+id makes ``EXEC`` do nothing (-> AlreadyExists). A command the server refuses while queueing
+(out of memory, no permission, ...) aborts the whole transaction, so nothing is half-stored.
+Every other check-then-write (account exists, key not taken, entry still queued) is a Lua
+script (:mod:`mailrelay.store.redis.scripts`), which Redis runs without anything in between.
+
+Durability (SPEC §6). The Deferred of :meth:`RedisStore.enqueue` fires only once ``EXEC`` has
+answered: the server has the message. That it is also *on disk* is the server's
+configuration: ``appendonly yes`` with ``appendfsync always`` (a warning is logged at open
+when the append-only file is off). With replicas, ``redis_url = "redis://host/0?wait=1"``
+adds ``WAIT 1 1000`` after each ``EXEC`` and fails the enqueue with StoreError unless that
+many replicas acknowledged within the time (``&wait_timeout=MS``, default 1000). Such a
+failure cannot take back what the primary already applied: the client retries (it got
+``451``), and the first copy is delivered as well.
+
+Relays sharing one Redis. Notification ids carry a 10-bit instance number
+(:mod:`mailrelay.ids`). Without ``instanceId`` the store takes one at :meth:`RedisStore.open`
+from ``INCR <prefix>instance`` modulo 1024: up to 1024 stores open at once get different
+numbers (every open, the admin command's too, takes the next one, so a store that stays open
+while 1024 others are opened after it shares its number with the newest). Give either every
+relay an explicit ``instanceId`` or none.
+
+Failures reach the caller as :class:`~mailrelay.interfaces.StoreError` (AlreadyExists /
+NotFound where the interface says), never as a txredisapi exception; an operation that gets
+no answer within ``timeout`` seconds (server down: the pool keeps reconnecting) fails so too.
+Account, API key and sender lookups are remembered for ``ACCOUNT_CACHE_SECONDS``, as in the
+SQLite store: this store's own writes clear them at once, other relays' are seen within that.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from datetime import datetime
+from typing import Any, TypeVar
+
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    TimeoutError,
+    succeed,
+)
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailrelay.ids import MAX_INSTANCE, NotificationIdGenerator
+from mailrelay.interfaces import AlreadyExists, IStore, NotFound, StoreError
+from mailrelay.model import (
+    STATUS_TEXTS,
+    Account,
+    ApiKey,
+    Notification,
+    QueueStats,
+    Sender,
+    StatusEvent,
+)
+from mailrelay.store.redis import scripts
+from mailrelay.store.redis.client import RedisClient, ResponseError
+from mailrelay.store.redis.codec import (
+    accountFields,
+    accountFromFields,
+    eventFromJSON,
+    eventJSON,
+    fieldsOf,
+    flatten,
+    notificationFields,
+    notificationFromFields,
+    text,
+)
+from mailrelay.store.redis.keys import Keys
+from mailrelay.store.redis.url import parseRedisURL
+from mailrelay.store.sqlite.store import (
+    ACCOUNT_CACHE_ENTRIES,
+    ACCOUNT_CACHE_SECONDS,
+    QueueEntry,
+    _idNumber,
+    fromMillis,
+    toMillis,
+)
+
+T = TypeVar("T")
+
+DEFAULT_PREFIX = "mailrelay:"
+DEFAULT_TIMEOUT = 10.0
+"""Seconds an operation may take, connecting included, before it fails with StoreError."""
+DEFAULT_POOL_SIZE = 10
+EXPIRE_BATCH = 500
+"""Notifications one expire script looks at: each script call blocks the server briefly."""
+
+
+@implementer(IStore)
+class RedisStore:
+    """
+    The Redis backend of :class:`~mailrelay.interfaces.IStore`.
+
+    ``url`` is ``redis://[[user]:password@]host[:port][/db][?wait=N&wait_timeout=MS]`` (see
+    :mod:`mailrelay.store.redis.url`; ValueError if it is not one); ``reactor`` tells the
+    time; ``instanceId`` goes into notification ids (None: allocated at open); every key
+    starts with ``keyPrefix``. Call :meth:`open` first and :meth:`close` last.
+    """
+
+    name = "redis"
+    log = Logger()
+    expireBatch = EXPIRE_BATCH
+
+    def __init__(
+        self,
+        url: str,
+        reactor: Any,
+        instanceId: int | None = None,
+        keyPrefix: str = DEFAULT_PREFIX,
+        timeout: float = DEFAULT_TIMEOUT,
+        poolSize: int = DEFAULT_POOL_SIZE,
+    ) -> None:
+        self.url = parseRedisURL(url)
+        if self.url.wait and self.url.waitTimeoutMs >= timeout * 1000:
+            raise ValueError(f"wait_timeout must be shorter than the store's {timeout:g} s")
+        if instanceId is not None and not 0 <= instanceId <= MAX_INSTANCE:
+            raise ValueError(f"instance id must be 0..{MAX_INSTANCE}, not {instanceId}")
+        self._reactor: IReactorTime = reactor
+        self._keys = Keys(keyPrefix)
+        self._timeout = timeout
+        self._poolSize = poolSize
+        self._instanceId = instanceId
+        self._newId: NotificationIdGenerator | None = None
+        if instanceId is not None:
+            self._newId = NotificationIdGenerator(instanceId, reactor.seconds)
+        self._client: RedisClient | None = None
+        self._closing = False
+        self._running: set[Deferred[Any]] = set()
+        self._accountData: dict[tuple[str, str], tuple[float, Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"<RedisStore redis://{self.url.address} prefix={self._keys.prefix!r}>"
+
+    @property
+    def instanceId(self) -> int | None:
+        """The instance number in this store's notification ids (None until allocated)."""
+        return self._instanceId
+
+    # -- running operations --
+
+    def _run(self, work: Callable[[RedisClient], Coroutine[Any, Any, T]]) -> Deferred[T]:
+        """``work(client)`` with the time limit, its failures as StoreError."""
+        if self._client is None or self._closing:
+            return _failed(StoreError(f"redis store {self.url.address} is not open"))
+        d = Deferred.fromCoroutine(work(self._client))
+        d.addTimeout(self._timeout, self._reactor)
+        d.addErrback(self._storeError)
+        self._running.add(d)
+        d.addBoth(self._finished, d)
+        return d
+
+    def _finished(self, result: Any, d: Deferred[Any]) -> Any:
+        self._running.discard(d)
+        return result
+
+    def _storeError(self, failure: Failure) -> Failure:
+        error = failure.value
+        if isinstance(error, StoreError | CancelledError):
+            return failure
+        if isinstance(error, TimeoutError):
+            reason = f"no answer within {self._timeout:g} s"
+        else:
+            reason = str(error) or type(error).__name__
+        raise StoreError(f"redis store {self.url.address}: {reason}") from error
+
+    # -- lifecycle --
+
+    async def _open(self) -> None:
+        client = RedisClient(self.url, self._timeout, self._poolSize)
+        probe = await client.probe()
+        try:
+            await probe.execute_command("PING")
+            if self._newId is None:
+                counter = await probe.execute_command("INCR", self._keys.instance)
+                self._instanceId = (counter - 1) % (MAX_INSTANCE + 1)
+                self._newId = NotificationIdGenerator(self._instanceId, self._reactor.seconds)
+            await self._checkPersistence(probe)
+        finally:
+            await probe.disconnect()
+        client.start()
+        try:
+            await client.command("PING")
+        except BaseException:
+            await client.stop()
+            raise
+        self._client = client
+
+    async def _checkPersistence(self, probe: Any) -> None:
+        try:
+            info = text(await probe.execute_command("INFO", "persistence"))
+        except ResponseError:
+            return  # INFO not allowed: nothing to say
+        if "aof_enabled:0" in info.split():
+            self.log.warn(
+                "redis at {address} has no append-only file (appendonly no): a message it "
+                "acknowledged is lost if the server stops before its next snapshot",
+                address=self.url.address,
+            )
+
+    def open(self) -> Deferred[None]:
+        """Connect, check the server answers, take an instance number. Deferred[None]."""
+        if self._client is not None:
+            return succeed(None)
+        self._closing = False
+        d = Deferred.fromCoroutine(self._open())
+        d.addTimeout(self._timeout, self._reactor)
+        d.addCallback(self._opened)
+        return d.addErrback(self._storeError)
+
+    def _opened(self, _: None) -> None:
+        self.log.info(
+            "redis store open: {address}, key prefix {prefix!r}, instance {instance}",
+            address=self.url.address,
+            prefix=self._keys.prefix,
+            instance=self._instanceId,
+        )
+
+    async def _close(self) -> None:
+        self._closing = True
+        # Let what was asked for finish (each within the timeout): its caller hears the outcome.
+        await DeferredList(list(self._running), consumeErrors=True)
+        client, self._client = self._client, None
+        if client is not None:
+            await client.stop()
+
+    def close(self) -> Deferred[None]:
+        """Wait for operations under way, then disconnect. Returns Deferred[None]."""
+        return Deferred.fromCoroutine(self._close())
+
+    def ping(self) -> Deferred[float]:
+        """One PING round trip. Returns Deferred[float] (seconds)."""
+
+        async def ping(client: RedisClient) -> float:
+            started = time.perf_counter()
+            await client.command("PING")
+            return time.perf_counter() - started
+
+        return self._run(ping)
+
+    # -- accounts, API keys, senders --
+
+    def _remembered(
+        self, key: tuple[str, str], work: Callable[[RedisClient], Coroutine[Any, Any, T]]
+    ) -> Deferred[T]:
+        """``work``'s result, or what it gave less than ACCOUNT_CACHE_SECONDS ago."""
+        now = self._reactor.seconds()
+        hit = self._accountData.get(key)
+        if hit is not None and hit[0] > now:
+            return succeed(hit[1])
+
+        def remember(value: T) -> T:
+            if len(self._accountData) >= ACCOUNT_CACHE_ENTRIES:
+                self._accountData.clear()
+            self._accountData[key] = (now + ACCOUNT_CACHE_SECONDS, value)
+            return value
+
+        return self._run(work).addCallback(remember)
+
+    def _changeAccountData(
+        self, work: Callable[[RedisClient], Coroutine[Any, Any, T]]
+    ) -> Deferred[T]:
+        """Run a write that changes accounts, keys or senders; forget what was remembered."""
+        self._accountData.clear()
+
+        def forget(result: Any) -> Any:
+            self._accountData.clear()
+            return result
+
+        return self._run(work).addBoth(forget)
+
+    def addAccount(self, name: str, passwordHash: str) -> Deferred[Account]:
+        account = Account(name=name, password_hash=passwordHash)
+
+        async def add(client: RedisClient) -> Account:
+            keys = self._keys
+            done = await client.eval(
+                scripts.ADD_ACCOUNT,
+                [keys.account(name), keys.accounts],
+                [name, *flatten(accountFields(account))],
+            )
+            if done == scripts.EXISTS:
+                raise AlreadyExists(f"account exists already: {name}")
+            return account
+
+        return self._changeAccountData(add)
+
+    def getAccount(self, name: str) -> Deferred[Account | None]:
+        async def get(client: RedisClient) -> Account | None:
+            fields = fieldsOf(await client.command("HGETALL", self._keys.account(name)))
+            return accountFromFields(name, fields) if fields else None
+
+        return self._remembered(("account", name), get)
+
+    def listAccounts(self) -> Deferred[list[Account]]:
+        async def listAll(client: RedisClient) -> list[Account]:
+            keys = self._keys
+            reply = await client.eval(scripts.LIST_ACCOUNTS, [keys.accounts], [keys.account("")])
+            accounts = [
+                accountFromFields(text(reply[i]), fieldsOf(reply[i + 1]))
+                for i in range(0, len(reply), 2)
+                if reply[i + 1]
+            ]
+            return sorted(accounts, key=lambda account: account.name)
+
+        return self._run(listAll)
+
+    def updateAccount(self, account: Account) -> Deferred[None]:
+        async def update(client: RedisClient) -> None:
+            done = await client.eval(
+                scripts.UPDATE_ACCOUNT,
+                [self._keys.account(account.name)],
+                flatten(accountFields(account)),
+            )
+            if done == scripts.MISSING:
+                raise NotFound(f"no such account: {account.name}")
+
+        return self._changeAccountData(update)
+
+    def addApiKey(self, account: str, keyId: str, keyHash: str) -> Deferred[ApiKey]:
+        createdAt = int(self._reactor.seconds() * 1000)
+
+        async def add(client: RedisClient) -> ApiKey:
+            keys = self._keys
+            done = await client.eval(
+                scripts.ADD_API_KEY,
+                [
+                    keys.account(account),
+                    keys.apiKey(keyHash),
+                    keys.apiKeyId(keyId),
+                    keys.apiKeys(account),
+                    keys.apiKeySequence,
+                ],
+                [keyId, account, str(createdAt), keyHash],
+            )
+            if done == scripts.MISSING:
+                raise NotFound(f"no such account: {account}")
+            if done == scripts.EXISTS:
+                raise AlreadyExists(f"API key exists already: {keyId}")
+            return ApiKey(key_id=keyId, account=account, created_at=fromMillis(createdAt))
+
+        return self._changeAccountData(add)
+
+    def findApiKey(self, keyHash: str) -> Deferred[ApiKey | None]:
+        async def find(client: RedisClient) -> ApiKey | None:
+            fields = fieldsOf(await client.command("HGETALL", self._keys.apiKey(keyHash)))
+            if not fields or fields["revoked"] != "0":
+                return None
+            return ApiKey(
+                key_id=fields["key_id"],
+                account=fields["account"],
+                created_at=fromMillis(int(fields["created"])),
+            )
+
+        return self._remembered(("apikey", keyHash), find)
+
+    def listApiKeys(self, account: str) -> Deferred[list[ApiKey]]:
+        async def listAll(client: RedisClient) -> list[ApiKey]:
+            keys = self._keys
+            reply = await client.eval(
+                scripts.LIST_API_KEYS, [keys.apiKeys(account)], [keys.apiKey("")]
+            )
+            apiKeys = [
+                ApiKey(
+                    key_id=text(reply[i]),
+                    account=text(reply[i + 1]),
+                    created_at=fromMillis(int(reply[i + 2])),
+                )
+                for i in range(0, len(reply), 3)
+            ]
+            # Insertion order, then by creation time: two relays' clocks may disagree a little.
+            return sorted(apiKeys, key=lambda key: key.created_at)
+
+        return self._run(listAll)
+
+    def revokeApiKey(self, account: str, keyId: str) -> Deferred[bool]:
+        async def revoke(client: RedisClient) -> bool:
+            keys = self._keys
+            done = await client.eval(
+                scripts.REVOKE_API_KEY,
+                [keys.apiKeyId(keyId), keys.apiKeys(account)],
+                [account, keys.apiKey("")],
+            )
+            return bool(done == scripts.DONE)
+
+        return self._changeAccountData(revoke)
+
+    def addSender(self, sender: Sender) -> Deferred[None]:
+        async def add(client: RedisClient) -> None:
+            keys = self._keys
+            done = await client.eval(
+                scripts.ADD_SENDER,
+                [keys.account(sender.account), keys.senders(sender.account)],
+                [sender.value, sender.kind],
+            )
+            if done == scripts.MISSING:
+                raise NotFound(f"no such account: {sender.account}")
+            if done == scripts.EXISTS:
+                raise AlreadyExists(f"sender exists already: {sender.value}")
+
+        return self._changeAccountData(add)
+
+    def listSenders(self, account: str) -> Deferred[list[Sender]]:
+        async def listAll(client: RedisClient) -> list[Sender]:
+            fields = fieldsOf(await client.command("HGETALL", self._keys.senders(account)))
+            return [
+                Sender(account=account, value=value, kind=kind)  # type: ignore[arg-type]
+                for value, kind in sorted(fields.items())
+            ]
+
+        return self._remembered(("senders", account), listAll).addCallback(list)
+
+    def removeSender(self, account: str, value: str) -> Deferred[bool]:
+        async def remove(client: RedisClient) -> bool:
+            return bool(await client.command("HDEL", self._keys.senders(account), value))
+
+        return self._changeAccountData(remove)
+
+    # -- the queue --
+
+    def nextNotificationId(self) -> str:
+        if self._newId is None:
+            raise StoreError("redis store: no instance number before open()")
+        return self._newId()
+
+    def enqueue(self, notification: Notification, message: bytes) -> Deferred[None]:
+        nid = notification.notification_id
+        if _idNumber(nid) is None:
+            return _failed(StoreError(f"not a notification id: {nid!r}"))
+        commands = self._enqueueCommands(notification, bytes(message))
+
+        async def enqueue(client: RedisClient) -> None:
+            await self._transaction(client, self._keys.notification(nid), commands)
+
+        return self._run(enqueue)
+
+    def _enqueueCommands(self, notification: Notification, message: bytes) -> list[list[Any]]:
+        """The writes of one accepted notification, for one MULTI/EXEC."""
+        keys = self._keys
+        nid = notification.notification_id
+        received = str(toMillis(notification.received_at))
+        code = "CAAS_RECEIVED"
+        events = [
+            eventJSON(StatusEvent(nid, r, code, STATUS_TEXTS[code], notification.received_at))
+            for r in notification.recipients
+        ]
+        commands: list[list[Any]] = [
+            ["HSET", keys.notification(nid), *flatten(notificationFields(notification))],
+            ["SET", keys.body(nid), message],
+            ["ZADD", keys.queues[0], received, nid],
+            ["ZADD", keys.accepted(notification.account), received, nid],
+            ["ZADD", keys.received, received, nid],
+        ]
+        if events:
+            commands.append(["RPUSH", keys.events(nid), *events])
+        bulkId = notification.options.bulk_id
+        if bulkId is not None:
+            commands.append(["ZADD", keys.bulk(notification.account, bulkId), received, nid])
+        return commands
+
+    async def _transaction(
+        self, client: RedisClient, absentKey: str, commands: list[list[Any]]
+    ) -> None:
+        """
+        Run ``commands`` in one MULTI/EXEC if ``absentKey`` does not exist (AlreadyExists
+        otherwise), then WAIT for replicas if the URL asks for it. On a connection of its own,
+        in two round trips: WATCH, EXISTS, MULTI; then the commands, EXEC (and WAIT).
+        """
+        connection = await client.reserve()
+        clean = False
+        try:
+            send = connection.execute_command
+            opened = await _all(
+                [send("WATCH", absentKey), send("EXISTS", absentKey), send("MULTI")]
+            )
+            if not all(ok for ok, _ in opened):
+                raise next(value for ok, value in opened if not ok).value
+            if opened[1][1]:
+                await send("DISCARD")  # ends the MULTI and the WATCH
+                clean = True
+                raise AlreadyExists(f"notification exists already: {absentKey}")
+            replies = [send(*command) for command in commands] + [send("EXEC")]
+            if self.url.wait:
+                replies.append(send("WAIT", self.url.wait, self.url.waitTimeoutMs))
+            outcome = await _all(replies)
+            # After EXEC (whatever it answered) the connection is outside MULTI and WATCH.
+            clean = all(ok or value.check(ResponseError) for ok, value in outcome)
+        finally:
+            client.giveBack(connection, clean)
+        _checkTransaction(outcome, len(commands), self.url.wait, absentKey)
+
+    def acceptedSince(self, account: str, since: datetime) -> Deferred[int]:
+        async def count(client: RedisClient) -> int:
+            return int(
+                await client.command(
+                    "ZCOUNT", self._keys.accepted(account), toMillis(since), "+inf"
+                )
+            )
+
+        return self._run(count)
+
+    def stats(self) -> Deferred[QueueStats]:
+        async def stats(client: RedisClient) -> QueueStats:
+            queued, deferred, inFlight = await client.eval(
+                scripts.STATS, list(self._keys.queues), []
+            )
+            return QueueStats(queued=queued, deferred=deferred, in_flight=inFlight)
+
+        return self._run(stats)
+
+    # -- delivery workers (not part of IStore yet) --
+
+    def claim(self, limit: int, leaseSeconds: float) -> Deferred[list[QueueEntry]]:
+        """
+        Take up to ``limit`` due queue entries (oldest due first) for delivery: they become
+        ``in_flight`` for ``leaseSeconds``; an entry whose lease runs out (its worker died) is
+        due again. Each claim counts as an attempt. Returns Deferred[list[QueueEntry]].
+        """
+        now = int(self._reactor.seconds() * 1000)
+        leaseUntil = now + int(leaseSeconds * 1000)
+
+        async def claim(client: RedisClient) -> list[QueueEntry]:
+            keys = self._keys
+            reply = await client.eval(
+                scripts.CLAIM,
+                list(keys.queues),
+                [now, limit, leaseUntil, keys.notification(""), keys.body("")],
+            )
+            entries = []
+            for rawId, attempts, fields, body in reply:
+                nid = text(rawId)
+                if not fields or body is None:
+                    raise StoreError(f"queued notification {nid} has no record or message")
+                notification = notificationFromFields(nid, fieldsOf(fields))
+                entries.append(QueueEntry(notification, bytes(body), int(attempts)))
+            return entries
+
+        return self._run(claim)
+
+    def complete(self, notificationId: str) -> Deferred[None]:
+        """Delivery is finished (sent or failed for good): leave the queue, drop the body."""
+
+        async def complete(client: RedisClient) -> None:
+            keys = self._keys
+            done = await client.eval(
+                scripts.COMPLETE, [*keys.queues, keys.body(notificationId)], [notificationId]
+            )
+            if done == scripts.MISSING:
+                raise NotFound(f"not in the queue: {notificationId}")
+
+        return self._run(complete)
+
+    def defer(self, notificationId: str, nextAttempt: datetime) -> Deferred[None]:
+        """Delivery failed for now: try again at ``nextAttempt``."""
+
+        async def defer(client: RedisClient) -> None:
+            done = await client.eval(
+                scripts.DEFER, list(self._keys.queues), [notificationId, toMillis(nextAttempt)]
+            )
+            if done == scripts.MISSING:
+                raise NotFound(f"not in the queue: {notificationId}")
+
+        return self._run(defer)
+
+    # -- status trails --
+
+    def getNotification(self, notificationId: str) -> Deferred[Notification | None]:
+        if _idNumber(notificationId) is None:
+            return succeed(None)
+
+        async def get(client: RedisClient) -> Notification | None:
+            key = self._keys.notification(notificationId)
+            fields = fieldsOf(await client.command("HGETALL", key))
+            return notificationFromFields(notificationId, fields) if fields else None
+
+        return self._run(get)
+
+    def addEvents(self, events: Iterable[StatusEvent]) -> Deferred[None]:
+        byNotification: dict[str, list[str]] = {}
+        for event in events:
+            byNotification.setdefault(event.notification_id, []).append(eventJSON(event))
+        if not byNotification:
+            return succeed(None)
+        keys: list[str] = []
+        args: list[Any] = []
+        for nid, encoded in byNotification.items():
+            keys += (self._keys.notification(nid), self._keys.events(nid))
+            args += (len(encoded), *encoded)
+
+        async def add(client: RedisClient) -> None:
+            if await client.eval(scripts.ADD_EVENTS, keys, args) == scripts.MISSING:
+                raise NotFound("status events for an unknown notification")
+
+        return self._run(add)
+
+    def statusTrail(self, notificationId: str) -> Deferred[list[StatusEvent]]:
+        if _idNumber(notificationId) is None:
+            return succeed([])
+
+        async def trail(client: RedisClient) -> list[StatusEvent]:
+            entries = await client.command("LRANGE", self._keys.events(notificationId), 0, -1)
+            events = [eventFromJSON(notificationId, entry) for entry in entries]
+            # Oldest first; sorted() is stable, so equal times keep the order they were added.
+            return sorted(events, key=lambda event: event.timestamp)
+
+        return self._run(trail)
+
+    def notificationsForBulk(self, account: str, bulkId: str) -> Deferred[list[str]]:
+        async def bulk(client: RedisClient) -> list[str]:
+            key = self._keys.bulk(account, bulkId)
+            reply = await client.command("ZRANGE", key, 0, -1, "WITHSCORES")
+            scored = [(float(reply[i + 1]), int(reply[i])) for i in range(0, len(reply), 2)]
+            return [str(number) for _, number in sorted(scored)]
+
+        return self._run(bulk)
+
+    def expire(self, before: datetime) -> Deferred[int]:
+        async def expire(client: RedisClient) -> int:
+            keys = self._keys
+            prefixes = [
+                keys.notification(""),
+                keys.body(""),
+                keys.events(""),
+                keys.accepted(""),
+                keys.bulkPrefix,
+            ]
+            deleted = offset = 0
+            while True:
+                gone, looked = await client.eval(
+                    scripts.EXPIRE,
+                    [keys.received, *keys.queues],
+                    [toMillis(before), offset, self.expireBatch, *prefixes],
+                )
+                deleted += gone
+                offset += looked - gone
+                if looked < self.expireBatch:
+                    return deleted
+
+        return self._run(expire)
+
+
+def _failed(error: Exception) -> Deferred[Any]:
+    d: Deferred[Any] = Deferred()
+    d.errback(error)
+    return d
+
+
+def _all(deferreds: list[Deferred[Any]]) -> Deferred[list[tuple[bool, Any]]]:
+    """Every reply, as (succeeded, value or Failure), once all have come."""
+    return DeferredList(deferreds, consumeErrors=True)
+
+
+def _checkTransaction(
+    outcome: list[tuple[bool, Any]], commandCount: int, wait: int, absentKey: str
+) -> None:
+    """Raise what the replies to ``commands..., EXEC[, WAIT]`` amount to, if not success."""
+    ok, executed = outcome[commandCount]
+    if not ok:
+        if executed.check(ResponseError):
+            # EXECABORT: the first refused command says why; nothing was applied.
+            refused = next((v for ok, v in outcome[:commandCount] if not ok), executed)
+            raise StoreError(f"nothing stored: {refused.getErrorMessage()}")
+        raise StoreError(f"no answer to EXEC, outcome unknown: {executed.getErrorMessage()}")
+    if executed is None:  # the WATCHed key was written in between
+        raise AlreadyExists(f"notification exists already: {absentKey}")
+    errors = [reply for reply in executed if isinstance(reply, Exception)]
+    if errors:
+        raise StoreError(f"stored in part only: {errors[0]}")
+    if wait:
+        ok, acknowledged = outcome[-1]
+        if not ok:
+            raise StoreError(f"WAIT for replicas failed: {acknowledged.getErrorMessage()}")
+        if acknowledged < wait:
+            raise StoreError(f"{acknowledged} of {wait} replicas acknowledged the message")

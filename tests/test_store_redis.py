@@ -1,0 +1,496 @@
+"""
+Tests for the Redis store against a real Redis server on 127.0.0.1:6379 (skipped when none
+answers there): the shared store suite, then what only the Redis store promises -- several
+relays on one server, atomic enqueue, WAIT for replicas, StoreError for every failure.
+
+Each test keeps its keys under a prefix of its own and deletes them afterwards. No mocks:
+failures come from a closed port, a restricted ACL user, and a private ``redis-server``
+process that is killed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SkipTest, TestCase
+
+from mailrelay.config import ConfigError, parseConfig
+from mailrelay.ids import INSTANCE_BITS, SEQUENCE_BITS
+from mailrelay.interfaces import AlreadyExists, NotFound, StoreError
+from mailrelay.model import Account, QueueStats, Sender, StatusEvent, fromTimestamp
+from mailrelay.store import makeStore
+from mailrelay.store.redis import RedisStore
+from mailrelay.store.redis.client import RedisClient
+from mailrelay.store.redis.url import RedisURL, parseRedisURL
+from mailrelay.store.sqlite.store import ACCOUNT_CACHE_SECONDS
+from tests.store_mixin import ALICE, BOB, PHONE, T0, StoreHelpersMixin, StoreTestsMixin
+
+HOST, PORT = "127.0.0.1", 6379
+URL = f"redis://{HOST}:{PORT}/0"
+BODY = b"Subject: hi\r\n\r\nhello\r\n"
+
+
+@functools.cache
+def redisAnswers() -> bool:
+    """Whether a Redis server answers PING on HOST:PORT (asked once per test run)."""
+    try:
+        with socket.create_connection((HOST, PORT), timeout=1) as connection:
+            connection.sendall(b"PING\r\n")
+            return connection.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def freePort() -> int:
+    """A TCP port nothing listens on (just now)."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def instanceOf(notificationId: str) -> int:
+    return (int(notificationId) >> SEQUENCE_BITS) & ((1 << INSTANCE_BITS) - 1)
+
+
+class RedisStoreTestsBase(StoreHelpersMixin, TestCase):
+    """
+    Makes Redis stores under a key prefix of the test's own (``self.store``: one), and has a
+    connection of its own (:meth:`redis`) to look at the server directly.
+    """
+
+    _prefix: str | None = None
+    _admin: Any = None
+
+    @property
+    def prefix(self) -> str:
+        if self._prefix is None:
+            self._prefix = f"mailrelay-test:{uuid.uuid4().hex}:"
+            self.addCleanup(self._closeAdmin)  # cleanups run last first: after the deletion
+            self.addCleanup(self._deleteKeys)
+        return self._prefix
+
+    def makeStore(self) -> Deferred[RedisStore]:
+        return Deferred.fromCoroutine(self.openStore())
+
+    async def openStore(self, url: str = URL, **kwargs: Any) -> RedisStore:
+        if not redisAnswers():
+            raise SkipTest(f"no redis server on {HOST}:{PORT}")
+        kwargs.setdefault("keyPrefix", self.prefix)
+        store = RedisStore(url, reactor, **kwargs)
+        await store.open()
+        self.addCleanup(store.close)
+        return store
+
+    async def redis(self, *args: Any) -> Any:
+        """One command on the test's own connection to the server."""
+        if self._admin is None:
+            self._admin = await RedisClient(parseRedisURL(URL), 5.0, 1).probe()
+        return await self._admin.execute_command(*args)
+
+    async def storedKeys(self) -> list[str]:
+        """Every key under the test's prefix."""
+        found: list[str] = []
+        cursor = 0
+        while True:
+            cursor, keys = await self.redis("SCAN", cursor, "MATCH", f"{self.prefix}*")
+            found += [key.decode() for key in keys]
+            cursor = int(cursor)
+            if cursor == 0:
+                return sorted(found)
+
+    async def _closeAdmin(self) -> None:
+        if self._admin is not None:
+            await self._admin.disconnect()
+
+    async def _deleteKeys(self) -> None:
+        keys = await self.storedKeys()
+        if keys:
+            await self.redis("DEL", *keys)
+
+
+class RedisStoreTests(StoreTestsMixin, RedisStoreTestsBase):
+    """The shared suite, against Redis."""
+
+    def finishDelivery(self, notificationId: str) -> Deferred[None]:
+        return self.store.complete(notificationId)
+
+
+class SharedServerTests(RedisStoreTestsBase):
+    """Several stores (relays) on one server; data outlives a store."""
+
+    async def test_instancesDiffer(self) -> None:
+        first = self.store
+        second = await self.openStore()
+        self.assertEqual((first.instanceId, second.instanceId), (0, 1))
+        ids: list[str] = []
+        for _ in range(2000):
+            ids += (first.nextNotificationId(), second.nextNotificationId())
+        self.assertEqual(len(set(ids)), len(ids))
+        self.assertEqual({instanceOf(i) for i in ids[0::2]}, {0})
+        self.assertEqual({instanceOf(i) for i in ids[1::2]}, {1})
+
+    async def test_instanceNumbersWrapAt1024(self) -> None:
+        await self.redis("SET", f"{self.prefix}instance", "1023")
+        last = await self.openStore()
+        wrapped = await self.openStore()
+        self.assertEqual((last.instanceId, wrapped.instanceId), (1023, 0))
+
+    async def test_explicitInstance(self) -> None:
+        before = await self.redis("GET", f"{self.prefix}instance")
+        store = await self.openStore(instanceId=7)
+        self.assertEqual(store.instanceId, 7)
+        self.assertEqual(instanceOf(store.nextNotificationId()), 7)
+        self.assertEqual(await self.redis("GET", f"{self.prefix}instance"), before)
+
+    async def test_reopen(self) -> None:
+        store = RedisStore(URL, reactor, keyPrefix=self.prefix)
+        await store.open()
+        self.store = store
+        account = await store.addAccount("acme", "h")
+        account = dataclasses.replace(account, sms_enabled=True, networks=("10.0.0.0/8",))
+        await store.updateAccount(account)
+        key = await store.addApiKey("acme", "k1", "a" * 64)
+        await store.addSender(Sender("acme", "acme.example", "domain"))
+        notification = await self.enqueued(bulkId="b1")
+        await store.close()
+
+        store = await self.openStore()
+        self.assertEqual(await store.getAccount("acme"), account)
+        self.assertEqual(await store.findApiKey("a" * 64), key)
+        self.assertEqual(
+            await store.listSenders("acme"), [Sender("acme", "acme.example", "domain")]
+        )
+        nid = notification.notification_id
+        self.assertEqual(await store.getNotification(nid), notification)
+        self.assertEqual(len(await store.statusTrail(nid)), 2)
+        self.assertEqual(await store.notificationsForBulk("acme", "b1"), [nid])
+        self.assertEqual(await store.stats(), QueueStats(queued=1, deferred=0, in_flight=0))
+        (entry,) = await store.claim(10, 60)
+        self.assertEqual(entry.message, BODY)
+
+    async def test_ownWritesSeenAtOnceOthersWithinASecond(self) -> None:
+        first = self.store
+        second = await self.openStore()
+        await first.addAccount("acme", "hash")
+        await first.addSender(Sender("acme", "acme.example", "domain"))
+        self.assertEqual(len(await second.listSenders("acme")), 1)
+        await first.removeSender("acme", "acme.example")
+        self.assertEqual(await first.listSenders("acme"), [])  # its own write: at once
+        self.assertEqual(len(await second.listSenders("acme")), 1)  # another's: remembered...
+        await deferLater(reactor, ACCOUNT_CACHE_SECONDS + 0.05, lambda: None)
+        self.assertEqual(await second.listSenders("acme"), [])  # ...for at most a second
+
+    async def test_namesWithColons(self) -> None:
+        """Account and bulk ids with colons in them never share an index key."""
+        first = await self.enqueued(account="a:b", bulkId="c")
+        second = await self.enqueued(account="a", bulkId="b:c")
+        self.assertEqual(await self.store.notificationsForBulk("a:b", "c"), [first.notification_id])
+        self.assertEqual(
+            await self.store.notificationsForBulk("a", "b:c"), [second.notification_id]
+        )
+
+    async def test_layout(self) -> None:
+        """The keys the module documentation promises, with the types it promises."""
+        await self.store.addAccount("acme", "h")
+        await self.store.addApiKey("acme", "k1", "a" * 64)
+        await self.store.addSender(Sender("acme", "acme.example", "domain"))
+        notification = await self.enqueued(bulkId="b1")
+        nid = notification.notification_id
+        expected = {
+            "account:acme": "hash",
+            "accounts": "set",
+            f"apikey:{'a' * 64}": "hash",
+            "apikey-id:k1": "string",
+            "apikeys:acme": "zset",
+            "apikey-sequence": "string",
+            "senders:acme": "hash",
+            f"notification:{nid}": "hash",
+            f"body:{nid}": "string",
+            f"events:{nid}": "list",
+            "queue:queued": "zset",
+            "accepted:acme": "zset",
+            "received": "zset",
+            "bulk:4:acme:b1": "zset",
+            "instance": "string",
+        }
+        keys = await self.storedKeys()
+        self.assertEqual(sorted(k.removeprefix(self.prefix) for k in keys), sorted(expected))
+        for name, kind in expected.items():
+            self.assertEqual(await self.redis("TYPE", self.prefix + name), kind, name)
+
+
+class EnqueueTests(RedisStoreTestsBase):
+    """One MULTI/EXEC per notification: all of it or none of it, on connections given back."""
+
+    async def test_refusedCommandLeavesNothing(self) -> None:
+        """
+        A user who may not write the bulk index: the server refuses that one command of the
+        transaction, so EXEC applies none of them. The connection is usable afterwards.
+        """
+        user, password = f"mailrelay-test-{uuid.uuid4().hex}", uuid.uuid4().hex
+        allowed = ["notification:*", "body:*", "events:*", "queue:*", "accepted:*", "received"]
+        patterns = [f"~{self.prefix}{pattern}" for pattern in allowed]
+        await self.redis("ACL", "SETUSER", user, "on", f">{password}", "+@all", *patterns)
+        self.addCleanup(self.redis, "ACL", "DELUSER", user)
+        url = f"redis://{user}:{password}@{HOST}:{PORT}/0"
+        store = await self.openStore(url, instanceId=1, poolSize=1)
+        self.store = store
+        before = await self.storedKeys()
+
+        with self.assertRaises(StoreError) as caught:
+            await self.enqueued(bulkId="b1")
+        self.assertIn("nothing stored", str(caught.exception))
+        self.assertIn("NOPERM", str(caught.exception))
+        self.assertEqual(await self.storedKeys(), before)
+        self.assertEqual(await store.stats(), QueueStats(0, 0, 0))
+
+        notification = await self.enqueued()  # the only connection is back in the pool
+        self.assertEqual(await store.getNotification(notification.notification_id), notification)
+
+    async def test_duplicatesGiveConnectionsBack(self) -> None:
+        store = await self.openStore(poolSize=2)
+        self.store = store
+        notification = await self.enqueued()
+        duplicates = [store.enqueue(notification, b"again") for _ in range(5)]
+        for d in duplicates:
+            with self.assertRaises(AlreadyExists):
+                await d
+        fresh = [self.notification() for _ in range(5)]
+        await gatherResults([store.enqueue(n, BODY) for n in fresh])
+        self.assertEqual((await store.stats()).queued, 6)
+        self.assertEqual(len(await store.statusTrail(notification.notification_id)), 2)
+
+    async def test_concurrentEnqueues(self) -> None:
+        notifications = [self.notification(recipients=(ALICE, BOB)) for _ in range(50)]
+        await gatherResults([self.store.enqueue(n, BODY) for n in notifications])
+        self.assertEqual((await self.store.stats()).queued, 50)
+        for n in notifications:
+            self.assertEqual(await self.store.getNotification(n.notification_id), n)
+
+    async def test_waitForReplicas(self) -> None:
+        """
+        ``?wait=1`` on a server without replicas: WAIT answers 0, so the enqueue fails (the
+        client will retry) although the primary has the message.
+        """
+        store = await self.openStore(f"{URL}?wait=1&wait_timeout=20")
+        self.store = store
+        with self.assertRaises(StoreError) as caught:
+            await self.enqueued()
+        self.assertIn("0 of 1 replicas", str(caught.exception))
+        self.assertEqual((await store.stats()).queued, 1)
+
+    async def test_notAnId(self) -> None:
+        notification = dataclasses.replace(self.notification(), notification_id="x1")
+        with self.assertRaises(StoreError):
+            await self.store.enqueue(notification, BODY)
+        self.assertEqual(await self.store.stats(), QueueStats(0, 0, 0))
+
+
+class DeliveryQueueTests(RedisStoreTestsBase):
+    """The claim / defer / complete methods delivery workers will use (as in SQLite)."""
+
+    async def test_claimDeferComplete(self) -> None:
+        notification = await self.enqueued(receivedAt=fromTimestamp(int(reactor.seconds()) - 1))
+        nid = notification.notification_id
+        (entry,) = await self.store.claim(10, leaseSeconds=60)
+        self.assertEqual((entry.notification, entry.attempts), (notification, 1))
+        self.assertEqual(entry.message, BODY)
+        self.assertEqual(await self.store.stats(), QueueStats(0, 0, 1))
+        self.assertEqual(await self.store.claim(10, leaseSeconds=60), [])  # leased
+
+        await self.store.defer(nid, fromTimestamp(reactor.seconds() - 1))
+        self.assertEqual(await self.store.stats(), QueueStats(0, 1, 0))
+        (entry,) = await self.store.claim(10, leaseSeconds=0)
+        self.assertEqual(entry.attempts, 2)
+        (entry,) = await self.store.claim(10, leaseSeconds=60)  # lease of 0 ran out
+        self.assertEqual(entry.attempts, 3)
+
+        await self.store.complete(nid)
+        self.assertEqual(await self.store.stats(), QueueStats(0, 0, 0))
+        self.assertEqual(await self.store.claim(10, leaseSeconds=60), [])
+        with self.assertRaises(NotFound):
+            await self.store.complete(nid)
+        with self.assertRaises(NotFound):
+            await self.store.defer(nid, T0)
+
+    async def test_claimOldestDueFirst(self) -> None:
+        later = await self.enqueued(receivedAt=T0 + timedelta(seconds=1))
+        first = await self.enqueued(receivedAt=T0)
+        sameTime = await self.enqueued(receivedAt=T0)
+        await self.enqueued(receivedAt=fromTimestamp(reactor.seconds() + 3600))  # not due
+        claimed = await self.store.claim(2, leaseSeconds=60)
+        self.assertEqual(
+            [e.notification for e in claimed], [first, sameTime]
+        )  # equal times: smaller id first
+        (entry,) = await self.store.claim(10, leaseSeconds=60)
+        self.assertEqual(entry.notification, later)
+
+    async def test_eventsForUnknownNotification(self) -> None:
+        known = await self.enqueued(recipients=(ALICE,))
+        events = [
+            StatusEvent(known.notification_id, ALICE, "CH_SENT", "Successful", T0),
+            StatusEvent(self.store.nextNotificationId(), PHONE, "CH_SENT", "Successful", T0),
+        ]
+        with self.assertRaises(NotFound):
+            await self.store.addEvents(events)
+        self.assertEqual(len(await self.store.statusTrail(known.notification_id)), 1)
+
+    async def test_expireInBatches(self) -> None:
+        """Expiry pages through ``received`` past the notifications it has to keep."""
+        self.store.expireBatch = 3
+        kept, gone = [], []
+        for i in range(10):
+            notification = await self.enqueued(receivedAt=T0 + timedelta(seconds=i))
+            if i % 3:
+                await self.store.complete(notification.notification_id)
+                gone.append(notification)
+            else:
+                kept.append(notification)
+        self.assertEqual(await self.store.expire(T0 + timedelta(days=1)), len(gone))
+        for notification in gone:
+            self.assertIsNone(await self.store.getNotification(notification.notification_id))
+        for notification in kept:
+            self.assertIsNotNone(await self.store.getNotification(notification.notification_id))
+        self.assertEqual(await self.store.acceptedSince("acme", T0), len(kept))
+
+
+class FailureTests(RedisStoreTestsBase):
+    """Every failure is a StoreError, raised in time, and the store recovers."""
+
+    async def assertStoreError(self, d: Deferred[Any]) -> StoreError:
+        try:
+            await d
+        except StoreError as e:
+            return e
+        self.fail("no StoreError")
+
+    async def test_unreachable(self) -> None:
+        store = RedisStore(f"redis://{HOST}:{freePort()}/0", reactor, keyPrefix=self.prefix)
+        started = time.monotonic()
+        error = await self.assertStoreError(store.open())
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertIn("refused", str(error))
+        await self.assertStoreError(store.getAccount("acme"))
+        await self.assertStoreError(store.enqueue(self.notification(), BODY))
+        self.assertRaises(StoreError, store.nextNotificationId)
+        await store.close()
+
+    async def test_badDatabaseOrPassword(self) -> None:
+        if not redisAnswers():
+            raise SkipTest(f"no redis server on {HOST}:{PORT}")
+        for url in (f"redis://{HOST}:{PORT}/4000", f"redis://:wrong@{HOST}:{PORT}/0"):
+            await self.assertStoreError(RedisStore(url, reactor, keyPrefix=self.prefix).open())
+
+    def test_badURL(self) -> None:
+        for url in (
+            "http://127.0.0.1/0",
+            "redis://127.0.0.1/zero",
+            "redis://127.0.0.1:99999/0",
+            "redis://127.0.0.1/0?colour=blue",
+            "redis://127.0.0.1/0?wait=many",
+        ):
+            self.assertRaises(ValueError, RedisStore, url, reactor)
+        self.assertRaises(ValueError, RedisStore, URL, reactor, instanceId=1024)
+
+    def test_parseURL(self) -> None:
+        self.assertEqual(parseRedisURL("redis://"), RedisURL())
+        parsed = parseRedisURL("redis://app:s%40cret@[::1]:6380/3?wait=2&wait_timeout=250")
+        self.assertEqual(
+            parsed, RedisURL("::1", 6380, 3, "app", "s@cret", wait=2, waitTimeoutMs=250)
+        )
+        self.assertEqual(parsed.address, "[::1]:6380/3")
+        self.assertNotIn("s@cret", repr(parsed))
+
+    async def test_serverGoesAwayAndComesBack(self) -> None:
+        """
+        A private server is killed: operations fail with StoreError within the timeout; once
+        it runs again the pool reconnects by itself.
+        """
+        if shutil.which("redis-server") is None:
+            raise SkipTest("redis-server is not installed")
+        port = freePort()
+        server = self.startServer(port)
+        store = await self.openStore(f"redis://{HOST}:{port}/0", timeout=0.5, poolSize=2)
+        await store.addAccount("acme", "h")
+        server.kill()
+        server.wait()
+
+        started = time.monotonic()
+        await self.assertStoreError(store.listAccounts())
+        self.assertLess(time.monotonic() - started, 1.5)
+
+        self.startServer(port)  # empty: it kept nothing
+        answer = await self.eventually(store.listAccounts, deadline=10)
+        self.assertEqual(answer, [])
+        await store.addAccount("acme", "h")
+
+    def startServer(self, port: int) -> subprocess.Popen[bytes]:
+        command = ["redis-server", "--bind", HOST, "--port", str(port), "--save", ""]
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        self.addCleanup(server.wait)
+        self.addCleanup(server.kill)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((HOST, port), timeout=1).close()
+                return server
+            except OSError:
+                time.sleep(0.02)
+        self.fail("redis-server did not start")
+
+    async def eventually(self, operation: Callable[[], Deferred[Any]], deadline: float) -> Any:
+        """``operation()``'s result once it stops failing with StoreError."""
+        end = time.monotonic() + deadline
+        while True:
+            try:
+                return await operation()
+            except StoreError:
+                if time.monotonic() > end:
+                    raise
+            await deferLater(reactor, 0.1, lambda: None)
+
+
+class MakeStoreTests(TestCase):
+    """makeStore's redis branch."""
+
+    def test_redis(self) -> None:
+        config = parseConfig({"store": {"backend": "redis", "redis_url": "redis://db.internal/2"}})
+        store = makeStore(config, reactor)
+        assert isinstance(store, RedisStore)
+        self.assertEqual((store.url.host, store.url.db), ("db.internal", 2))
+        self.assertIsNone(store.instanceId)  # instance_id 0: allocated at open
+
+    def test_explicitInstance(self) -> None:
+        config = parseConfig({"store": {"backend": "redis", "instance_id": 5}})
+        store = makeStore(config, reactor)
+        assert isinstance(store, RedisStore)
+        self.assertEqual(store.instanceId, 5)
+
+    def test_badURL(self) -> None:
+        config = parseConfig({"store": {"backend": "redis", "redis_url": "redis://h/x"}})
+        with self.assertRaises(ConfigError) as caught:
+            makeStore(config, reactor)
+        self.assertIn("store.redis_url", str(caught.exception))
+
+
+class AccountValuesTests(RedisStoreTestsBase):
+    """Field values that a careless encoding would turn into something else."""
+
+    async def test_numericLookingStrings(self) -> None:
+        account = Account(name="007", password_hash="1e5", networks=())
+        await self.store.addAccount(account.name, account.password_hash)
+        self.assertEqual(await self.store.getAccount("007"), account)
+        await self.store.addSender(Sender("007", "0123", "sms"))
+        self.assertEqual(await self.store.listSenders("007"), [Sender("007", "0123", "sms")])
