@@ -407,8 +407,11 @@ class StatusAndQueueTests(CLITestsBase):
 class ConfigTests(CLITestsBase):
     async def test_configErrors(self) -> None:
         badKey = self.writeConfig('data_dir = "x"\ncolour = "blue"\n', "bad.toml")
+        # A Redis store where no server listens (port 1): the error names the address.
         redis = self.writeConfig(
-            f'data_dir = "{self.dataDir}"\n[store]\nbackend = "redis"\n', "redis.toml"
+            f'data_dir = "{self.dataDir}"\n[store]\nbackend = "redis"\n'
+            'redis_url = "redis://127.0.0.1:1/0"\n',
+            "redis.toml",
         )
         notToml = self.writeConfig("this is = = not toml", "garbage.toml")
         results = await gatherResults(
@@ -423,7 +426,7 @@ class ConfigTests(CLITestsBase):
         )
         self.assertOneLineError(results[0], "missing.toml", code=1)
         self.assertOneLineError(results[1], "colour", code=1)
-        self.assertOneLineError(results[2], "redis backend not available yet", code=1)
+        self.assertOneLineError(results[2], "127.0.0.1:1", code=1)
         self.assertOneLineError(results[3], "not valid TOML", code=1)
         self.assertOneLineError(results[4], "nonsense", code=2)
         self.assertOneLineError(results[5], code=2)

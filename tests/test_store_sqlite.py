@@ -24,13 +24,13 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from mailrelay.config import ConfigError, parseConfig
+from mailrelay.config import parseConfig
 from mailrelay.interfaces import AlreadyExists, NotFound, StoreError
 from mailrelay.model import QueueStats, Sender, StatusEvent, fromTimestamp
 from mailrelay.store import makeStore
+from mailrelay.store.common import ACCOUNT_CACHE_SECONDS
 from mailrelay.store.sqlite import SQLiteStore
 from mailrelay.store.sqlite.migrate import schemaScripts, statements
-from mailrelay.store.sqlite.store import ACCOUNT_CACHE_SECONDS
 from tests.store_mixin import ALICE, PHONE, T0, StoreHelpersMixin, StoreTestsMixin
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -334,12 +334,6 @@ class MakeStoreTests(TestCase):
         assert isinstance(store, SQLiteStore)
         self.assertEqual(store.path, dataDir / "mailrelay.sqlite3")
         self.assertEqual(stat.S_IMODE(dataDir.stat().st_mode), 0o700)
-
-    def test_redisNotYet(self) -> None:
-        config = parseConfig({"store": {"backend": "redis"}})
-        with self.assertRaises(ConfigError) as caught:
-            makeStore(config, reactor)
-        self.assertIn("redis backend not available yet", str(caught.exception))
 
     def test_dataDirUncreatable(self) -> None:
         blocker = Path(self.mktemp())
