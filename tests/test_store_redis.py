@@ -31,10 +31,10 @@ from mailrelay.ids import INSTANCE_BITS, SEQUENCE_BITS
 from mailrelay.interfaces import AlreadyExists, NotFound, StoreError
 from mailrelay.model import Account, QueueStats, Sender, StatusEvent, fromTimestamp
 from mailrelay.store import makeStore
+from mailrelay.store.common import ACCOUNT_CACHE_SECONDS
 from mailrelay.store.redis import RedisStore
 from mailrelay.store.redis.client import RedisClient
 from mailrelay.store.redis.url import RedisURL, parseRedisURL
-from mailrelay.store.sqlite.store import ACCOUNT_CACHE_SECONDS
 from tests.store_mixin import ALICE, BOB, PHONE, T0, StoreHelpersMixin, StoreTestsMixin
 
 HOST, PORT = "127.0.0.1", 6379
@@ -145,7 +145,43 @@ class SharedServerTests(RedisStoreTestsBase):
         await self.redis("SET", f"{self.prefix}instance", "1023")
         last = await self.openStore()
         wrapped = await self.openStore()
-        self.assertEqual((last.instanceId, wrapped.instanceId), (1023, 0))
+        # 0 is leased by this test's own store (opened first), so the wrap goes on to 1.
+        self.assertEqual(self.store.instanceId, 0)
+        self.assertEqual((last.instanceId, wrapped.instanceId), (1023, 1))
+
+    async def test_leasedNumbersAreSkipped(self) -> None:
+        """The counter wrapping onto a number an open store holds does not hand it out again."""
+        await self.redis("SET", f"{self.prefix}instance", "1023")
+        holder = await self.openStore()  # takes 1023
+        await self.redis("SET", f"{self.prefix}instance", "1023")  # next INCR: 1023 again
+        other = await self.openStore()
+        self.assertEqual(holder.instanceId, 1023)
+        # 1023 is the holder's and 0 this test's own store's: the next free one is 1.
+        self.assertEqual(self.store.instanceId, 0)
+        self.assertEqual(other.instanceId, 1)
+
+    async def test_closeReleasesTheLease(self) -> None:
+        store = RedisStore(URL, reactor, keyPrefix=self.prefix)
+        await store.open()
+        lease = f"{self.prefix}instance-lease:{store.instanceId}"
+        self.assertIsNotNone(await self.redis("GET", lease))
+        ttl = await self.redis("TTL", lease)
+        self.assertTrue(0 < ttl <= 60, ttl)
+        await store.close()
+        self.assertIsNone(await self.redis("GET", lease))
+
+    async def test_renewalKeepsOrReplacesTheLease(self) -> None:
+        store = await self.openStore()
+        lease = f"{self.prefix}instance-lease:{store.instanceId}"
+        await self.redis("EXPIRE", lease, "5")
+        await store._renewLease()  # what the LoopingCall does every LEASE_SECONDS / 3
+        self.assertGreater(await self.redis("TTL", lease), 5)
+        # Lost (expired and taken by another store): the store moves to a free number.
+        lost = store.instanceId
+        await self.redis("SET", lease, "someone else")
+        await store._renewLease()
+        self.assertNotEqual(store.instanceId, lost)
+        self.assertNotEqual(instanceOf(store.nextNotificationId()), lost)
 
     async def test_explicitInstance(self) -> None:
         before = await self.redis("GET", f"{self.prefix}instance")
@@ -224,6 +260,7 @@ class SharedServerTests(RedisStoreTestsBase):
             "received": "zset",
             "bulk:4:acme:b1": "zset",
             "instance": "string",
+            f"instance-lease:{self.store.instanceId}": "string",
         }
         keys = await self.storedKeys()
         self.assertEqual(sorted(k.removeprefix(self.prefix) for k in keys), sorted(expected))

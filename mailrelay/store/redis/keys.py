@@ -56,6 +56,10 @@ class Keys:
         self.queues = tuple(f"{prefix}queue:{state}" for state in QUEUE_STATES)
         """The ``queued``, ``deferred`` and ``in_flight`` sorted sets, in that order."""
 
+    def instanceLease(self, number: int) -> str:
+        """Held (SET NX with an expiry, renewed) by the open store using instance ``number``."""
+        return f"{self.prefix}instance-lease:{number}"
+
     def account(self, name: str) -> str:
         return f"{self.prefix}account:{name}"
 

@@ -207,3 +207,18 @@ for _, id in ipairs(ids) do
 end
 return {deleted, #ids}
 """
+
+RENEW_LEASE = """
+-- KEYS: instance-lease:<n>; ARGV: token, seconds. 1 if still ours (and renewed), else 0.
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+RELEASE_LEASE = """
+-- KEYS: instance-lease:<n>; ARGV: token. Deletes the lease only if it is still ours.
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""

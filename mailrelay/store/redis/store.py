@@ -22,11 +22,13 @@ failure cannot take back what the primary already applied: the client retries (i
 ``451``), and the first copy is delivered as well.
 
 Relays sharing one Redis. Notification ids carry a 10-bit instance number
-(:mod:`mailrelay.ids`). Without ``instanceId`` the store takes one at :meth:`RedisStore.open`
-from ``INCR <prefix>instance`` modulo 1024: up to 1024 stores open at once get different
-numbers (every open, the admin command's too, takes the next one, so a store that stays open
-while 1024 others are opened after it shares its number with the newest). Give either every
-relay an explicit ``instanceId`` or none.
+(:mod:`mailrelay.ids`). Without ``instanceId`` the store leases one at :meth:`RedisStore.open`:
+it tries the numbers ``INCR <prefix>instance`` gives (modulo 1024) until ``SET NX`` takes
+``<prefix>instance-lease:<n>``, renews the lease every ``LEASE_SECONDS / 3`` while open and
+releases it at close. So no two open stores ever hold the same number, however many admin
+commands come and go; a store that cannot renew in time (the lease expired, e.g. after a long
+pause) logs it and takes a fresh number. At most 1024 stores can be open at once. Give either
+every relay an explicit ``instanceId`` or none.
 
 Failures reach the caller as :class:`~mailrelay.interfaces.StoreError` (AlreadyExists /
 NotFound where the interface says), never as a txredisapi exception; an operation that gets
@@ -37,6 +39,7 @@ SQLite store: this store's own writes clear them at once, other relays' are seen
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from datetime import datetime
@@ -50,6 +53,7 @@ from twisted.internet.defer import (
     succeed,
 )
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -64,6 +68,14 @@ from mailrelay.model import (
     QueueStats,
     Sender,
     StatusEvent,
+)
+from mailrelay.store.common import (
+    ACCOUNT_CACHE_ENTRIES,
+    ACCOUNT_CACHE_SECONDS,
+    QueueEntry,
+    fromMillis,
+    idNumber,
+    toMillis,
 )
 from mailrelay.store.redis import scripts
 from mailrelay.store.redis.client import RedisClient, ResponseError
@@ -80,18 +92,12 @@ from mailrelay.store.redis.codec import (
 )
 from mailrelay.store.redis.keys import Keys
 from mailrelay.store.redis.url import parseRedisURL
-from mailrelay.store.sqlite.store import (
-    ACCOUNT_CACHE_ENTRIES,
-    ACCOUNT_CACHE_SECONDS,
-    QueueEntry,
-    _idNumber,
-    fromMillis,
-    toMillis,
-)
 
 T = TypeVar("T")
 
 DEFAULT_PREFIX = "mailrelay:"
+LEASE_SECONDS = 60
+"""How long an instance-number lease lasts unless renewed (every third of it)."""
 DEFAULT_TIMEOUT = 10.0
 """Seconds an operation may take, connecting included, before it fails with StoreError."""
 DEFAULT_POOL_SIZE = 10
@@ -133,6 +139,9 @@ class RedisStore:
         self._timeout = timeout
         self._poolSize = poolSize
         self._instanceId = instanceId
+        self._leased = False
+        self._leaseToken = secrets.token_hex(16)
+        self._leaseRenewal: LoopingCall | None = None
         self._newId: NotificationIdGenerator | None = None
         if instanceId is not None:
             self._newId = NotificationIdGenerator(instanceId, reactor.seconds)
@@ -183,10 +192,8 @@ class RedisStore:
         probe = await client.probe()
         try:
             await probe.execute_command("PING")
-            if self._newId is None:
-                counter = await probe.execute_command("INCR", self._keys.instance)
-                self._instanceId = (counter - 1) % (MAX_INSTANCE + 1)
-                self._newId = NotificationIdGenerator(self._instanceId, self._reactor.seconds)
+            if self._leased or self._newId is None:
+                await self._leaseInstance(probe)
             await self._checkPersistence(probe)
         finally:
             await probe.disconnect()
@@ -197,6 +204,55 @@ class RedisStore:
             await client.stop()
             raise
         self._client = client
+        if self._leased:
+            self._leaseRenewal = LoopingCall(lambda: Deferred.fromCoroutine(self._renewLease()))
+            self._leaseRenewal.clock = self._reactor
+            self._leaseRenewal.start(LEASE_SECONDS / 3, now=False)
+
+    async def _leaseInstance(self, connection: Any) -> None:
+        """Take an instance number no other open store holds (see the module docstring)."""
+        for _ in range(MAX_INSTANCE + 1):
+            counter = await connection.execute_command("INCR", self._keys.instance)
+            number = (counter - 1) % (MAX_INSTANCE + 1)
+            lease = self._keys.instanceLease(number)
+            taken = await connection.execute_command(
+                "SET", lease, self._leaseToken, "NX", "EX", LEASE_SECONDS
+            )
+            if taken is not None:
+                self._leased = True
+                self._instanceId = number
+                self._newId = NotificationIdGenerator(number, self._reactor.seconds)
+                return
+        raise StoreError(f"redis store: all {MAX_INSTANCE + 1} instance numbers are leased")
+
+    async def _renewLease(self) -> None:
+        client, number = self._client, self._instanceId
+        if client is None or number is None:
+            return
+        key = self._keys.instanceLease(number)
+        try:
+            ours = await client.eval(scripts.RENEW_LEASE, [key], [self._leaseToken, LEASE_SECONDS])
+            if not ours:
+                self.log.error(
+                    "redis store lost its lease on instance number {instance}; taking another",
+                    instance=number,
+                )
+                connection = await client.reserve()
+                try:
+                    await self._leaseInstance(connection)
+                finally:
+                    client.giveBack(connection, clean=True)
+        except Exception as e:
+            self.log.warn("redis store could not renew its instance lease: {error}", error=e)
+
+    async def _releaseLease(self, client: RedisClient) -> None:
+        if not self._leased or self._instanceId is None:
+            return
+        key = self._keys.instanceLease(self._instanceId)
+        try:
+            await client.eval(scripts.RELEASE_LEASE, [key], [self._leaseToken])
+        except Exception as e:
+            self.log.warn("redis store could not release its instance lease: {error}", error=e)
 
     async def _checkPersistence(self, probe: Any) -> None:
         try:
@@ -232,8 +288,12 @@ class RedisStore:
         self._closing = True
         # Let what was asked for finish (each within the timeout): its caller hears the outcome.
         await DeferredList(list(self._running), consumeErrors=True)
+        if self._leaseRenewal is not None and self._leaseRenewal.running:
+            self._leaseRenewal.stop()
+        self._leaseRenewal = None
         client, self._client = self._client, None
         if client is not None:
+            await self._releaseLease(client)
             await client.stop()
 
     def close(self) -> Deferred[None]:
@@ -437,7 +497,7 @@ class RedisStore:
 
     def enqueue(self, notification: Notification, message: bytes) -> Deferred[None]:
         nid = notification.notification_id
-        if _idNumber(nid) is None:
+        if idNumber(nid) is None:
             return _failed(StoreError(f"not a notification id: {nid!r}"))
         commands = self._enqueueCommands(notification, bytes(message))
 
@@ -577,7 +637,7 @@ class RedisStore:
     # -- status trails --
 
     def getNotification(self, notificationId: str) -> Deferred[Notification | None]:
-        if _idNumber(notificationId) is None:
+        if idNumber(notificationId) is None:
             return succeed(None)
 
         async def get(client: RedisClient) -> Notification | None:
@@ -606,7 +666,7 @@ class RedisStore:
         return self._run(add)
 
     def statusTrail(self, notificationId: str) -> Deferred[list[StatusEvent]]:
-        if _idNumber(notificationId) is None:
+        if idNumber(notificationId) is None:
             return succeed([])
 
         async def trail(client: RedisClient) -> list[StatusEvent]:
