@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mailrelay.model import Account, HeaderOptions, Notification, Recipient, StatusEvent
-from mailrelay.store.sqlite.store import fromMillis, toMillis
+from mailrelay.store.common import fromMillis, toMillis
 
 _COMPACT = (",", ":")
 

@@ -1,5 +1,6 @@
 """The embedded SQLite store (the default backend)."""
 
-from mailrelay.store.sqlite.store import QueueEntry, SQLiteStore
+from mailrelay.store.common import QueueEntry
+from mailrelay.store.sqlite.store import SQLiteStore
 
 __all__ = ["QueueEntry", "SQLiteStore"]

@@ -26,7 +26,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -49,47 +49,21 @@ from mailrelay.model import (
     Sender,
     StatusEvent,
 )
+from mailrelay.store.common import (
+    ACCOUNT_CACHE_ENTRIES,
+    ACCOUNT_CACHE_SECONDS,
+    QueueEntry,
+    fromMillis,
+    idNumber,
+    toMillis,
+)
 from mailrelay.store.sqlite.migrate import upgrade
 from mailrelay.store.sqlite.threads import DatabaseThread, GroupCommitThread, Work
 
 BUSY_TIMEOUT = 10.0
-ACCOUNT_CACHE_SECONDS = 1.0
-ACCOUNT_CACHE_ENTRIES = 10_000
 """Seconds a connection waits for another process's lock before giving up (-> StoreError)."""
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MILLISECOND = timedelta(milliseconds=1)
 _PENDING_STATES = ("queued", "deferred", "in_flight")
-
-
-def toMillis(moment: datetime) -> int:
-    """Integer UTC milliseconds since the epoch (a naive datetime is taken to be UTC)."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return (moment - _EPOCH) // _MILLISECOND
-
-
-def fromMillis(millis: int) -> datetime:
-    """The timezone-aware UTC datetime of a stored timestamp."""
-    return _EPOCH + timedelta(milliseconds=millis)
-
-
-def _idNumber(notificationId: str) -> int | None:
-    """The integer a notification id is stored as, or None if it cannot be one of ours."""
-    if notificationId.isascii() and notificationId.isdigit():
-        number = int(notificationId)
-        if number < 2**63 and str(number) == notificationId:
-            return number
-    return None
-
-
-@dataclass(frozen=True)
-class QueueEntry:
-    """A notification claimed by a delivery worker: what to send and how often it was tried."""
-
-    notification: Notification
-    message: bytes
-    attempts: int
 
 
 @implementer(IStore)
@@ -466,7 +440,7 @@ def _removeSender(connection: sqlite3.Connection, account: str, value: str) -> b
 
 
 def _requireId(notificationId: str) -> int:
-    number = _idNumber(notificationId)
+    number = idNumber(notificationId)
     if number is None:
         raise StoreError(f"not a notification id: {notificationId!r}")
     return number
@@ -598,7 +572,7 @@ def _loadNotification(connection: sqlite3.Connection, number: int) -> Notificati
 
 
 def _getNotification(connection: sqlite3.Connection, notificationId: str) -> Notification | None:
-    number = _idNumber(notificationId)
+    number = idNumber(notificationId)
     if number is None:
         return None
     connection.execute("BEGIN")  # one snapshot for the notification and its recipients
@@ -634,7 +608,7 @@ def _addEvents(connection: sqlite3.Connection, events: tuple[StatusEvent, ...]) 
 
 
 def _statusTrail(connection: sqlite3.Connection, notificationId: str) -> list[StatusEvent]:
-    number = _idNumber(notificationId)
+    number = idNumber(notificationId)
     if number is None:
         return []
     rows = connection.execute(
