@@ -14,6 +14,7 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, maybeDeferred
 from zope.interface.verify import verifyObject
 
@@ -27,7 +28,11 @@ from mailrelay.model import (
     Recipient,
     Sender,
     StatusEvent,
+    fromTimestamp,
 )
+
+BODY = b"Subject: hi\r\n\r\nhello\r\n"
+"""The message every helper-made notification carries."""
 
 T0 = datetime(2015, 3, 8, 14, 58, 30, 252000, tzinfo=UTC)
 """A moment with whole milliseconds, the precision every backend keeps."""
@@ -87,7 +92,7 @@ class StoreHelpersMixin:
 
     async def enqueued(self, **kwargs: Any) -> Notification:
         notification = self.notification(**kwargs)
-        await self.store.enqueue(notification, b"Subject: hi\r\n\r\nhello\r\n")
+        await self.store.enqueue(notification, BODY)
         return notification
 
 
@@ -317,3 +322,66 @@ class StoreTestsMixin(StoreHelpersMixin):
         for kept in (new, stillQueued):
             self.assertEqual(await self.store.getNotification(kept.notification_id), kept)
         self.assertEqual(await self.store.expire(T0 + timedelta(days=7)), 0)
+
+
+class DeliveryQueueTestsMixin:
+    """
+    The claim / defer / complete methods delivery workers will use (not in IStore yet; both
+    backends have them), and addEvents for notifications that do not exist.
+    """
+
+    store: Any
+
+    async def test_claimDeferComplete(self) -> None:
+        notification = await self.enqueued(receivedAt=fromTimestamp(int(reactor.seconds()) - 1))
+        nid = notification.notification_id
+        (entry,) = await self.store.claim(10, leaseSeconds=60)
+        self.assertEqual((entry.notification, entry.attempts), (notification, 1))
+        self.assertEqual(entry.message, BODY)
+        self.assertEqual(await self.store.stats(), QueueStats(0, 0, 1))
+        self.assertEqual(await self.store.claim(10, leaseSeconds=60), [])  # leased
+
+        await self.store.defer(nid, fromTimestamp(reactor.seconds() - 1))
+        self.assertEqual(await self.store.stats(), QueueStats(0, 1, 0))
+        (entry,) = await self.store.claim(10, leaseSeconds=0)
+        self.assertEqual(entry.attempts, 2)
+        (entry,) = await self.store.claim(10, leaseSeconds=60)  # lease of 0 ran out
+        self.assertEqual(entry.attempts, 3)
+
+        await self.store.complete(nid)
+        self.assertEqual(await self.store.stats(), QueueStats(0, 0, 0))
+        self.assertEqual(await self.store.claim(10, leaseSeconds=60), [])
+        with self.assertRaises(NotFound):
+            await self.store.complete(nid)
+        with self.assertRaises(NotFound):
+            await self.store.defer(nid, T0)
+
+    async def test_claimNotDueYet(self) -> None:
+        await self.enqueued(receivedAt=fromTimestamp(reactor.seconds() + 3600))
+        self.assertEqual(await self.store.claim(10, leaseSeconds=60), [])
+
+    async def test_claimOldestDueFirst(self) -> None:
+        later = await self.enqueued(receivedAt=T0 + timedelta(seconds=1))
+        first = await self.enqueued(receivedAt=T0)
+        sameTime = await self.enqueued(receivedAt=T0)
+        await self.enqueued(receivedAt=fromTimestamp(reactor.seconds() + 3600))  # not due
+        claimed = await self.store.claim(2, leaseSeconds=60)
+        # Equal times: the smaller id first.
+        self.assertEqual([e.notification for e in claimed], [first, sameTime])
+        (entry,) = await self.store.claim(10, leaseSeconds=60)
+        self.assertEqual(entry.notification, later)
+
+    async def test_eventsForUnknownNotification(self) -> None:
+        known = await self.enqueued(recipients=(ALICE,))
+        events = [
+            StatusEvent(known.notification_id, ALICE, "CH_SENT", "Successful", T0),
+            StatusEvent(self.store.nextNotificationId(), PHONE, "CH_SENT", "Successful", T0),
+        ]
+        with self.assertRaises(NotFound):
+            await self.store.addEvents(events)
+        self.assertEqual(len(await self.store.statusTrail(known.notification_id)), 1)
+
+    async def test_expireAfterComplete(self) -> None:
+        notification = await self.enqueued(receivedAt=T0)
+        await self.store.complete(notification.notification_id)
+        self.assertEqual(await self.store.expire(T0 + timedelta(milliseconds=1)), 1)

@@ -28,18 +28,25 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from mailrelay.config import ConfigError, parseConfig
 from mailrelay.ids import INSTANCE_BITS, SEQUENCE_BITS
-from mailrelay.interfaces import AlreadyExists, NotFound, StoreError
-from mailrelay.model import Account, QueueStats, Sender, StatusEvent, fromTimestamp
+from mailrelay.interfaces import AlreadyExists, StoreError
+from mailrelay.model import Account, QueueStats, Sender
 from mailrelay.store import makeStore
 from mailrelay.store.common import ACCOUNT_CACHE_SECONDS
 from mailrelay.store.redis import RedisStore
 from mailrelay.store.redis.client import RedisClient
 from mailrelay.store.redis.url import RedisURL, parseRedisURL
-from tests.store_mixin import ALICE, BOB, PHONE, T0, StoreHelpersMixin, StoreTestsMixin
+from tests.store_mixin import (
+    ALICE,
+    BOB,
+    BODY,
+    T0,
+    DeliveryQueueTestsMixin,
+    StoreHelpersMixin,
+    StoreTestsMixin,
+)
 
 HOST, PORT = "127.0.0.1", 6379
 URL = f"redis://{HOST}:{PORT}/0"
-BODY = b"Subject: hi\r\n\r\nhello\r\n"
 
 
 @functools.cache
@@ -335,55 +342,7 @@ class EnqueueTests(RedisStoreTestsBase):
         self.assertEqual(await self.store.stats(), QueueStats(0, 0, 0))
 
 
-class DeliveryQueueTests(RedisStoreTestsBase):
-    """The claim / defer / complete methods delivery workers will use (as in SQLite)."""
-
-    async def test_claimDeferComplete(self) -> None:
-        notification = await self.enqueued(receivedAt=fromTimestamp(int(reactor.seconds()) - 1))
-        nid = notification.notification_id
-        (entry,) = await self.store.claim(10, leaseSeconds=60)
-        self.assertEqual((entry.notification, entry.attempts), (notification, 1))
-        self.assertEqual(entry.message, BODY)
-        self.assertEqual(await self.store.stats(), QueueStats(0, 0, 1))
-        self.assertEqual(await self.store.claim(10, leaseSeconds=60), [])  # leased
-
-        await self.store.defer(nid, fromTimestamp(reactor.seconds() - 1))
-        self.assertEqual(await self.store.stats(), QueueStats(0, 1, 0))
-        (entry,) = await self.store.claim(10, leaseSeconds=0)
-        self.assertEqual(entry.attempts, 2)
-        (entry,) = await self.store.claim(10, leaseSeconds=60)  # lease of 0 ran out
-        self.assertEqual(entry.attempts, 3)
-
-        await self.store.complete(nid)
-        self.assertEqual(await self.store.stats(), QueueStats(0, 0, 0))
-        self.assertEqual(await self.store.claim(10, leaseSeconds=60), [])
-        with self.assertRaises(NotFound):
-            await self.store.complete(nid)
-        with self.assertRaises(NotFound):
-            await self.store.defer(nid, T0)
-
-    async def test_claimOldestDueFirst(self) -> None:
-        later = await self.enqueued(receivedAt=T0 + timedelta(seconds=1))
-        first = await self.enqueued(receivedAt=T0)
-        sameTime = await self.enqueued(receivedAt=T0)
-        await self.enqueued(receivedAt=fromTimestamp(reactor.seconds() + 3600))  # not due
-        claimed = await self.store.claim(2, leaseSeconds=60)
-        self.assertEqual(
-            [e.notification for e in claimed], [first, sameTime]
-        )  # equal times: smaller id first
-        (entry,) = await self.store.claim(10, leaseSeconds=60)
-        self.assertEqual(entry.notification, later)
-
-    async def test_eventsForUnknownNotification(self) -> None:
-        known = await self.enqueued(recipients=(ALICE,))
-        events = [
-            StatusEvent(known.notification_id, ALICE, "CH_SENT", "Successful", T0),
-            StatusEvent(self.store.nextNotificationId(), PHONE, "CH_SENT", "Successful", T0),
-        ]
-        with self.assertRaises(NotFound):
-            await self.store.addEvents(events)
-        self.assertEqual(len(await self.store.statusTrail(known.notification_id)), 1)
-
+class DeliveryQueueTests(DeliveryQueueTestsMixin, RedisStoreTestsBase):
     async def test_expireInBatches(self) -> None:
         """Expiry pages through ``received`` past the notifications it has to keep."""
         self.store.expireBatch = 3

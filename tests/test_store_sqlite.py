@@ -12,7 +12,6 @@ import signal
 import sqlite3
 import stat
 import sys
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +24,18 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from mailrelay.config import parseConfig
-from mailrelay.interfaces import AlreadyExists, NotFound, StoreError
-from mailrelay.model import QueueStats, Sender, StatusEvent, fromTimestamp
+from mailrelay.interfaces import AlreadyExists, StoreError
+from mailrelay.model import QueueStats, Sender
 from mailrelay.store import makeStore
 from mailrelay.store.common import ACCOUNT_CACHE_SECONDS
 from mailrelay.store.sqlite import SQLiteStore
 from mailrelay.store.sqlite.migrate import schemaScripts, statements
-from tests.store_mixin import ALICE, PHONE, T0, StoreHelpersMixin, StoreTestsMixin
+from tests.store_mixin import (
+    ALICE,
+    DeliveryQueueTestsMixin,
+    StoreHelpersMixin,
+    StoreTestsMixin,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -282,46 +286,8 @@ class FailureTests(SQLiteStoreTestsBase):
         self.assertEqual(await self.store.stats(), QueueStats(0, 0, 0))
 
 
-class DeliveryQueueTests(SQLiteStoreTestsBase):
-    """The claim / defer / complete methods delivery workers will use."""
-
-    async def test_claimDeferComplete(self) -> None:
-        notification = await self.enqueued(receivedAt=fromTimestamp(int(reactor.seconds()) - 1))
-        nid = notification.notification_id
-        (entry,) = await self.store.claim(10, leaseSeconds=60)
-        self.assertEqual((entry.notification, entry.attempts), (notification, 1))
-        self.assertEqual(entry.message, b"Subject: hi\r\n\r\nhello\r\n")
-        self.assertEqual(await self.store.stats(), QueueStats(0, 0, 1))
-        self.assertEqual(await self.store.claim(10, leaseSeconds=60), [])  # leased
-
-        await self.store.defer(nid, fromTimestamp(reactor.seconds() - 1))
-        self.assertEqual(await self.store.stats(), QueueStats(0, 1, 0))
-        (entry,) = await self.store.claim(10, leaseSeconds=0)
-        self.assertEqual(entry.attempts, 2)
-        (entry,) = await self.store.claim(10, leaseSeconds=60)  # lease of 0 ran out
-        self.assertEqual(entry.attempts, 3)
-
-        await self.store.complete(nid)
-        self.assertEqual(await self.store.stats(), QueueStats(0, 0, 0))
-        self.assertEqual(await self.store.claim(10, leaseSeconds=60), [])
-        with self.assertRaises(NotFound):
-            await self.store.complete(nid)
-        with self.assertRaises(NotFound):
-            await self.store.defer(nid, T0)
-
-    async def test_claimNotDueYet(self) -> None:
-        await self.enqueued(receivedAt=fromTimestamp(reactor.seconds() + 3600))
-        self.assertEqual(await self.store.claim(10, leaseSeconds=60), [])
-
-    async def test_eventsForUnknownNotification(self) -> None:
-        event = StatusEvent(self.store.nextNotificationId(), PHONE, "CH_SENT", "Successful", T0)
-        with self.assertRaises(NotFound):
-            await self.store.addEvents([event])
-
-    async def test_expireAfterComplete(self) -> None:
-        notification = await self.enqueued(receivedAt=T0)
-        await self.store.complete(notification.notification_id)
-        self.assertEqual(await self.store.expire(T0 + timedelta(milliseconds=1)), 1)
+class DeliveryQueueTests(DeliveryQueueTestsMixin, SQLiteStoreTestsBase):
+    pass
 
 
 class MakeStoreTests(TestCase):
