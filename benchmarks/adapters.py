@@ -131,7 +131,8 @@ class BaselineScript:
         log_path = workdir / f"{self.name}.log"
         cmd = [
             sys.executable,
-            str(REPO / "benchmarks" / "servers" / self.script),
+            "-m",
+            f"benchmarks.servers.{Path(self.script).stem}",
             f"--port={ports['plain']}",
             f"--starttls-port={ports['starttls']}",
             f"--tls-port={ports['tls']}",
@@ -140,7 +141,7 @@ class BaselineScript:
             f"--user={USER}",
             f"--password={PASSWORD}",
         ]
-        proc = _spawn(cmd, log_path)
+        proc = _spawn(cmd, log_path, cwd=REPO)
         try:
             wait_until_serving(lambda: proc.poll() is not None, list(ports.values()), log_path)
         except BaseException:

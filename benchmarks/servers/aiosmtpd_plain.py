@@ -15,10 +15,11 @@ import argparse
 import asyncio
 import os
 import ssl
-from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from benchmarks.servers import baselineArguments, checkedArguments
 
 
 class DiscardingHandler:
@@ -94,22 +95,9 @@ async def _main(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="aiosmtpd baseline (stores nothing)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--starttls-port", type=int)
-    p.add_argument("--tls-port", type=int)
-    p.add_argument("--cert")
-    p.add_argument("--key")
-    p.add_argument("--user", default="bench")
-    p.add_argument("--password", default="bench-password")
-    p.add_argument("--pidfile")
+    p = baselineArguments("aiosmtpd baseline (stores nothing)")
     p.add_argument("--uvloop", action="store_true")
-    args = p.parse_args(argv)
-    if (args.starttls_port or args.tls_port) and not (args.cert and args.key):
-        p.error("TLS listeners need --cert and --key")
-    if args.pidfile:
-        Path(args.pidfile).write_text(f"{os.getpid()}\n")
+    args = checkedArguments(p, argv)
     factory = None
     if args.uvloop:
         import uvloop

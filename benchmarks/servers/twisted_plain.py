@@ -32,6 +32,8 @@ from twisted.python import log
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from benchmarks.servers import baselineArguments, checkedArguments
+
 
 @implementer(smtp.IMessage)
 class DiscardingMessage:
@@ -125,22 +127,9 @@ def listen(reactor: IReactorCore, args: argparse.Namespace) -> list[Deferred[ILi
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="plain Twisted ESMTP baseline (stores nothing)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--starttls-port", type=int)
-    p.add_argument("--tls-port", type=int)
-    p.add_argument("--cert")
-    p.add_argument("--key")
-    p.add_argument("--user", default="bench")
-    p.add_argument("--password", default="bench-password")
-    p.add_argument("--pidfile")
+    p = baselineArguments("plain Twisted ESMTP baseline (stores nothing)")
     p.add_argument("--verbose", action="store_true")
-    args = p.parse_args(argv)
-    if (args.starttls_port is not None or args.tls_port is not None) and not (
-        args.cert and args.key
-    ):
-        p.error("TLS listeners need --cert and --key")
+    args = checkedArguments(p, argv)
 
     from twisted.internet import (
         reactor,  # epoll on Linux; imported late so tests can reuse listen()
@@ -148,8 +137,6 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.verbose:
         log.startLogging(sys.stderr)
-    if args.pidfile:
-        Path(args.pidfile).write_text(f"{os.getpid()}\n")
 
     def failed(reason: Failure) -> None:
         log.err(reason)
