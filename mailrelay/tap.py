@@ -16,6 +16,7 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceCollection, MultiService, Service
 from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
@@ -50,16 +51,36 @@ class Options(usage.Options):
 
 
 class StoreService(Service):
-    """Opens the store when the service starts and closes it (after the listeners) on stop."""
+    """Opens the store when the service starts and closes it (after the listeners) on stop.
+
+    Listening sockets are bound before the store is open (privilegedStartService runs first);
+    :meth:`whenReady` is how sessions wait for it before they greet anyone.
+    """
 
     def __init__(self, store: IStore, reactor: Any) -> None:
         self.store = store
         self._reactor = reactor
+        self.ready = False
+        self._waiting: list[Deferred[None]] = []
+
+    def whenReady(self) -> Deferred[None]:
+        """A Deferred that fires once the store is open (at once if it is)."""
+        if self.ready:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        return d
 
     def startService(self) -> None:
         super().startService()
         d = self.store.open()
-        d.addErrback(self._failed)
+        d.addCallbacks(self._opened, self._failed)
+
+    def _opened(self, _: object) -> None:
+        self.ready = True
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
 
     def _failed(self, failure: Any) -> None:
         log.failure("cannot open the store; stopping", failure)
@@ -129,7 +150,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     root = MultiService()
     store = makeStore(config, reactor)
-    StoreService(store, reactor).setServiceParent(root)
+    storeService = StoreService(store, reactor)
+    storeService.setServiceParent(root)
     authPool = ThreadPool(minthreads=1, maxthreads=2, name="mailrelay-auth")
     ThreadPoolService(authPool).setServiceParent(root)
 
@@ -153,6 +175,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             tlsContext=tlsContext,
             networkLogin=realm.networkLogin,
             spoolDir=str(spoolDir),
+            whenReady=storeService.whenReady,
         )
         _listen(root, reactor, listener.endpoint, listenerFactory(settings))
     _listen(

@@ -563,3 +563,22 @@ class RelayByNetworkTests(ProtocolTestCase):
         yield outsider.command("EHLO erp.test")
         reply = yield outsider.command(f"MAIL FROM:{FROM}")
         self.assertTrue(reply.startswith("530 5.7.0 "))
+
+
+class StoreNotReadyTests(ProtocolTestCase):
+    """Just after start, sessions wait for the store before greeting (no 451s meanwhile)."""
+
+    @inlineCallbacks
+    def test_greetingWaitsForTheStore(self) -> Any:
+        from twisted.internet.defer import Deferred
+
+        ready: Deferred[None] = Deferred()
+        session = self.harness.connect(whenReady=lambda: ready)
+        self.assertEqual(session.greeting, [])
+        session.protocol.dataReceived(b"EHLO client.test\r\nNOOP\r\n")
+        self.assertEqual(session.take(), [])  # nothing answered before the greeting
+        ready.callback(None)
+        lines = yield session.send(b"", replies=3)
+        self.assertEqual(lines[0], "220 relay.test ESMTP")
+        self.assertTrue(lines[1].startswith("250-relay.test greets client.test"))
+        self.assertReply(lines[-1], replies.OK)

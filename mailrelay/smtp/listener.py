@@ -38,6 +38,8 @@ class ListenerSettings:
     # For auth = "network": (session) -> Deferred[(avatar, logout) | None]
     networkLogin: Callable[[Any], Any] | None = None
     spoolDir: str | None = None
+    # () -> Deferred firing once the store is open; sessions greet only then.
+    whenReady: Callable[[], Any] | None = None
 
 
 class SubmissionFactory(Factory):
@@ -66,6 +68,7 @@ def listenerSettings(
     tlsContext: Any,
     networkLogin: Callable[[Any], Any] | None,
     spoolDir: str | None,
+    whenReady: Callable[[], Any] | None = None,
 ) -> ListenerSettings:
     """The settings of one configured listener."""
     return ListenerSettings(
@@ -81,6 +84,7 @@ def listenerSettings(
         tlsContext=tlsContext if listener.security != "none" else None,
         networkLogin=networkLogin if listener.auth == "network" else None,
         spoolDir=spoolDir,
+        whenReady=whenReady,
     )
 
 

@@ -96,7 +96,22 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         self.setTimeout(self.settings.limits.command_timeout)
         # A throttled address is refused at AUTH, not here: a relay-by-IP client behind the
         # same NAT address as a password guesser must still get through.
+        whenReady = self.settings.whenReady
+        if whenReady is None:
+            self._greet()
+            return
+        # Just after start the store may still be opening: the client waits for the greeting
+        # (commands sent meanwhile wait too) rather than meeting 451s.
+        self._blocked = True
+        d = whenReady()
+        d.addCallback(lambda _: self._greet())
+
+    def _greet(self) -> None:
+        if self._closing:
+            return
         self._write(f"220 {self.settings.hostname} ESMTP\r\n".encode())
+        if self._blocked:
+            self._answerLater(None)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.setTimeout(None)
