@@ -188,6 +188,7 @@ backend = "{backend}"
 {store_extra}
 [limits]
 max_recipients = 1000
+max_connections_per_client = 20000
 
 [delivery]
 mode = "hold"   # measure intake: accepted messages stay queued, no outbound traffic

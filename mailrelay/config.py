@@ -60,6 +60,8 @@ class LimitsConfig:
     status_retention_days: int = 7
     max_auth_failures: int = 3
     max_line_length: int = 1000  # octets including CRLF, RFC 5321 §4.5.3.1.6
+    max_connections: int = 20000  # SMTP connections open at once, all listeners together
+    max_connections_per_client: int = 1000  # from one client address
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,8 @@ def _validate(config: Config) -> Config:
         "data_timeout",
         "status_retention_days",
         "max_auth_failures",
+        "max_connections",
+        "max_connections_per_client",
     ):
         _positive(f"limits.{name}", getattr(config.limits, name))
     if config.limits.max_line_length < 100:

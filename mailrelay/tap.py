@@ -26,7 +26,7 @@ from mailrelay.auth.realm import makePortal
 from mailrelay.auth.throttle import LoginThrottle
 from mailrelay.config import Config, ConfigError, loadConfig
 from mailrelay.interfaces import IStore
-from mailrelay.smtp.listener import listenerFactory, listenerSettings
+from mailrelay.smtp.listener import ConnectionCounter, listenerFactory, listenerSettings
 from mailrelay.store import makeStore
 from mailrelay.submission import Submissions
 from mailrelay.tls import certificatePaths, contextFactory
@@ -164,6 +164,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     submissions = Submissions(store, config, reactor)
     portal, realm = makePortal(store, submissions, reactor, authPool)
     throttle = LoginThrottle(reactor.seconds)
+    connections = ConnectionCounter(
+        config.limits.max_connections, config.limits.max_connections_per_client
+    )
     for listener in config.listeners:
         settings = listenerSettings(
             listener,
@@ -176,6 +179,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             networkLogin=realm.networkLogin,
             spoolDir=str(spoolDir),
             whenReady=storeService.whenReady,
+            connections=connections,
         )
         _listen(root, reactor, listener.endpoint, listenerFactory(settings))
     _listen(

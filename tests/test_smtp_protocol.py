@@ -582,3 +582,30 @@ class StoreNotReadyTests(ProtocolTestCase):
         self.assertEqual(lines[0], "220 relay.test ESMTP")
         self.assertTrue(lines[1].startswith("250-relay.test greets client.test"))
         self.assertReply(lines[-1], replies.OK)
+
+
+class ConnectionLimitTests(ProtocolTestCase):
+    """limits.max_connections and max_connections_per_client: 421 4.7.0, then close."""
+
+    def test_limits(self) -> None:
+        from twisted.python.failure import Failure
+
+        from mailrelay.smtp.listener import ConnectionCounter
+
+        counter = ConnectionCounter(maxTotal=2, maxPerClient=1)
+        first = self.harness.connect(clientAddress="192.0.2.1", connections=counter)
+        self.assertEqual(first.greeting, ["220 relay.test ESMTP"])
+        again = self.harness.connect(clientAddress="192.0.2.1", connections=counter)
+        self.assertTrue(again.greeting[0].startswith("421 4.7.0 "))
+        self.assertTrue(again.transport.disconnecting)
+        again.protocol.connectionLost(Failure(ConnectionError()))
+        other = self.harness.connect(clientAddress="192.0.2.2", connections=counter)
+        self.assertEqual(other.greeting, ["220 relay.test ESMTP"])
+        third = self.harness.connect(clientAddress="192.0.2.3", connections=counter)
+        self.assertReply(third.greeting[0], replies.TOO_MANY_CONNECTIONS)
+        third.protocol.connectionLost(Failure(ConnectionError()))
+        self.assertEqual(counter.total, 2)
+        first.protocol.connectionLost(Failure(ConnectionError()))
+        self.assertEqual(counter.total, 1)
+        back = self.harness.connect(clientAddress="192.0.2.1", connections=counter)
+        self.assertEqual(back.greeting, ["220 relay.test ESMTP"])

@@ -21,6 +21,34 @@ from mailrelay.auth.throttle import LoginThrottle
 from mailrelay.config import LimitsConfig, ListenerConfig
 
 
+class ConnectionCounter:
+    """Open SMTP connections, in all and per client address, shared by every listener."""
+
+    def __init__(self, maxTotal: int, maxPerClient: int) -> None:
+        self.maxTotal = maxTotal
+        self.maxPerClient = maxPerClient
+        self.total = 0
+        self._perClient: dict[str, int] = {}
+
+    def acquire(self, client: str) -> bool:
+        """Count a new connection from ``client``; False (and not counted) if over a limit."""
+        count = self._perClient.get(client, 0)
+        if self.total >= self.maxTotal or count >= self.maxPerClient:
+            return False
+        self.total += 1
+        self._perClient[client] = count + 1
+        return True
+
+    def release(self, client: str) -> None:
+        """Forget a connection counted by :meth:`acquire`."""
+        self.total -= 1
+        count = self._perClient[client] - 1
+        if count:
+            self._perClient[client] = count
+        else:
+            del self._perClient[client]
+
+
 @dataclass(frozen=True)
 class ListenerSettings:
     """Everything a session on one listener needs to know, shared by all its connections."""
@@ -40,6 +68,7 @@ class ListenerSettings:
     spoolDir: str | None = None
     # () -> Deferred firing once the store is open; sessions greet only then.
     whenReady: Callable[[], Any] | None = None
+    connections: ConnectionCounter | None = None
 
 
 class SubmissionFactory(Factory):
@@ -69,6 +98,7 @@ def listenerSettings(
     networkLogin: Callable[[Any], Any] | None,
     spoolDir: str | None,
     whenReady: Callable[[], Any] | None = None,
+    connections: ConnectionCounter | None = None,
 ) -> ListenerSettings:
     """The settings of one configured listener."""
     return ListenerSettings(
@@ -85,6 +115,7 @@ def listenerSettings(
         networkLogin=networkLogin if listener.auth == "network" else None,
         spoolDir=spoolDir,
         whenReady=whenReady,
+        connections=connections,
     )
 
 

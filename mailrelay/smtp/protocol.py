@@ -81,6 +81,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         self._lineHandler: Callable[[bytes], CommandResult] | None = None
         self._clientAddress = ""
         self._sessionInfo: SessionInfo | None = None
+        self._counted = False  # whether settings.connections counts this connection
 
     def callLater(self, period: float, func: Callable[[], object]) -> Any:
         """TimeoutMixin's clock: the listener's (a task.Clock in tests)."""
@@ -94,6 +95,12 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         metrics.connections.labels(self.settings.name).inc()
         metrics.sessions.labels(self.settings.name).inc()
         self.setTimeout(self.settings.limits.command_timeout)
+        counter = self.settings.connections
+        if counter is not None:
+            if not counter.acquire(self._clientAddress):
+                self._closeWith(replies.TOO_MANY_CONNECTIONS)
+                return
+            self._counted = True
         # A throttled address is refused at AUTH, not here: a relay-by-IP client behind the
         # same NAT address as a password guesser must still get through.
         whenReady = self.settings.whenReady
@@ -117,6 +124,10 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         self.setTimeout(None)
         self._closing = True
         metrics.sessions.labels(self.settings.name).dec()
+        if self._counted:
+            self._counted = False
+            assert self.settings.connections is not None
+            self.settings.connections.release(self._clientAddress)
         if self._reader is not None:
             self._reader.close()
             self._reader = None
