@@ -609,3 +609,87 @@ class ConnectionLimitTests(ProtocolTestCase):
         self.assertEqual(counter.total, 1)
         back = self.harness.connect(clientAddress="192.0.2.1", connections=counter)
         self.assertEqual(back.greeting, ["220 relay.test ESMTP"])
+
+
+class ChunkingTests(ProtocolTestCase):
+    """BDAT (RFC 3030): exact byte counts, no dot-stuffing, refused chunks still read."""
+
+    MESSAGE = HEADER.encode() + b"Subject: chunked\r\n\r\n.leading dot stays\r\nbody\r\n"
+
+    @inlineCallbacks
+    def begin(self) -> Any:
+        yield self.session.login()
+        self.assertReply((yield self.session.command(f"MAIL FROM:{FROM}")), replies.SENDER_OK)
+        reply = yield self.session.command("RCPT TO:<a@example.org>")
+        self.assertReply(reply, replies.RECIPIENT_OK)
+
+    @inlineCallbacks
+    def storedMessage(self, reply: str) -> Any:
+        match = _ACCEPTED.match(reply)
+        self.assertIsNotNone(match, reply)
+        assert match is not None
+        entries = yield self.harness.store.claim(10, 60)
+        [entry] = [e for e in entries if e.notification.notification_id == match.group(1)]
+        return entry.message
+
+    @inlineCallbacks
+    def test_advertised(self) -> Any:
+        lines = yield self.session.send("EHLO client.test\r\n")
+        self.assertIn("250-CHUNKING", lines)
+
+    @inlineCallbacks
+    def test_oneChunk(self) -> Any:
+        yield self.begin()
+        lines = yield self.session.send(b"BDAT %d LAST\r\n" % len(self.MESSAGE) + self.MESSAGE)
+        stored = yield self.storedMessage(lines[-1])
+        self.assertTrue(stored.endswith(self.MESSAGE.split(b"\r\n\r\n", 1)[1]))
+        self.assertIn(b"\r\n.leading dot stays\r\n", stored)  # no dot-stuffing with BDAT
+
+    @inlineCallbacks
+    def test_pipelinedChunksAcrossReads(self) -> Any:
+        yield self.begin()
+        first, second = self.MESSAGE[:30], self.MESSAGE[30:]
+        wire = b"BDAT 30\r\n" + first + b"BDAT %d LAST\r\n" % len(second) + second + b"NOOP\r\n"
+        for i in range(0, len(wire), 7):  # arrives in small pieces
+            self.session.protocol.dataReceived(wire[i : i + 7])
+        lines = yield self.session.send(b"", replies=3)
+        self.assertEqual(lines[0], "250 2.0.0 30 octets received")
+        stored = yield self.storedMessage(lines[1])
+        self.assertIn(b"Subject: chunked", stored)
+        self.assertReply(lines[2], replies.OK)
+
+    @inlineCallbacks
+    def test_refusedChunkIsReadNotExecuted(self) -> Any:
+        yield self.session.login()
+        lines = yield self.session.send(b"BDAT 6\r\nQUIT\r\nNOOP\r\n", replies=2)
+        self.assertReply(lines[0], replies.BAD_SEQUENCE)
+        self.assertReply(lines[1], replies.OK)
+        self.assertFalse(self.session.transport.disconnecting)
+
+    @inlineCallbacks
+    def test_tooBig(self) -> Any:
+        yield self.begin()
+        lines = yield self.session.send(b"BDAT 2001 LAST\r\n" + b"x" * 2001 + b"NOOP\r\n", 2)
+        self.assertTrue(lines[0].startswith("552 5.3.4 "))
+        self.assertReply(lines[1], replies.OK)
+        self.assertEqual((yield self.queued()), 0)
+
+    @inlineCallbacks
+    def test_bareLineFeedRefused(self) -> Any:
+        yield self.begin()
+        message = HEADER.encode() + b"\r\nline\nmore\r\n"
+        lines = yield self.session.send(b"BDAT %d LAST\r\n" % len(message) + message)
+        self.assertTrue(lines[-1].startswith("550 5.6.0 "), lines)
+        self.assertEqual((yield self.queued()), 0)
+
+    @inlineCallbacks
+    def test_dataAfterBdat(self) -> Any:
+        yield self.begin()
+        yield self.session.send(b"BDAT 5\r\nFrom:")
+        self.assertReply((yield self.session.command("DATA")), replies.BAD_SEQUENCE)
+
+    @inlineCallbacks
+    def test_syntax(self) -> Any:
+        yield self.begin()
+        for bad in ("BDAT", "BDAT x", "BDAT 5 FIRST", "BDAT -1"):
+            self.assertReply((yield self.session.command(bad)), replies.SYNTAX_ERROR)

@@ -26,6 +26,30 @@ _END = b"\r\n.\r\n"
 SPOOL_IN_MEMORY = 1024 * 1024
 
 
+def lineProblem(text: bytes, maxLine: int) -> Reply | None:
+    """
+    Why ``text`` (whole lines, each ending in CRLF) cannot be a message: a bare CR or LF, or a
+    line longer than ``maxLine`` octets without its CRLF. None if it can.
+    """
+    # Each CRLF holds one CR and one LF, so any more of them than 2 per CRLF are bare.
+    lineEndings = len(text) - len(text.translate(None, _CRLF))
+    if lineEndings != 2 * text.count(_CRLF):
+        return replies.BARE_LINE_ENDING
+    # If every aligned window of half the limit holds an LF, no two LFs are a limit or more
+    # apart: a few C-level finds instead of splitting into every line. Only text with an
+    # LF-less window is split to measure its lines exactly.
+    window = (maxLine + 2) // 2
+    for position in range(0, len(text), window):
+        if text.find(b"\n", position, position + window) < 0:
+            if max(map(len, text.split(_CRLF))) > maxLine:
+                return LINE_TOO_LONG_IN_MESSAGE
+            break
+    return None
+
+
+LINE_TOO_LONG_IN_MESSAGE = replies.LINE_TOO_LONG.withText("Line too long; message discarded")
+
+
 class DataReader:
     """
     Collects one message's text from ``feed`` calls until the end marker.
@@ -70,7 +94,7 @@ class DataReader:
         if len(self._carry) > self._maxLine + 1:
             # A line that never ends: refuse the message and keep only what could still be
             # the start of a CRLF . CRLF, so a client cannot make us buffer without bound.
-            self._refuse(replies.LINE_TOO_LONG.withText("Line too long; message discarded"))
+            self._refuse(LINE_TOO_LONG_IN_MESSAGE)
             self._carry = self._carry[-1:]
             self._atLineStart = False
         return None
@@ -80,13 +104,9 @@ class DataReader:
         if self.refusal is not None:
             return
         chunk = buffer[start:stop]
-        # Each CRLF holds one CR and one LF, so any more of them than 2 per CRLF are bare.
-        lineEndings = len(chunk) - len(chunk.translate(None, _CRLF))
-        if lineEndings != 2 * chunk.count(_CRLF):
-            self._refuse(replies.BARE_LINE_ENDING)
-            return
-        if self._hasLongLine(chunk):
-            self._refuse(replies.LINE_TOO_LONG.withText("Line too long; message discarded"))
+        problem = lineProblem(chunk, self._maxLine)
+        if problem is not None:
+            self._refuse(problem)
             return
         if start == 2:
             # Undo dot-stuffing (RFC 5321 §4.5.2): a line's leading dot is removed. The CRLF
@@ -99,17 +119,6 @@ class DataReader:
             self._refuse(replies.MESSAGE_TOO_BIG)
             return
         self._store(chunk)
-
-    def _hasLongLine(self, chunk: bytes) -> bool:
-        """Whether a line of ``chunk`` (whole CRLF-ended lines) is longer than the limit."""
-        # If every aligned window of half the limit holds an LF, no two LFs are a limit or
-        # more apart: a few C-level finds per chunk instead of splitting it into every line.
-        # Only a chunk with an LF-less window is split to measure its lines exactly.
-        window = (self._maxLine + 2) // 2
-        for position in range(0, len(chunk), window):
-            if chunk.find(b"\n", position, position + window) < 0:
-                return max(map(len, chunk.split(_CRLF))) > self._maxLine
-        return False
 
     def _store(self, chunk: bytes) -> None:
         if self._spool is not None:

@@ -28,7 +28,7 @@ from mailrelay.interfaces import IMessageDelivery
 from mailrelay.model import Recipient, SessionInfo
 from mailrelay.policy.arguments import mailOptions, parsePathArgument
 from mailrelay.smtp import replies
-from mailrelay.smtp.data import DataReader
+from mailrelay.smtp.data import DataReader, lineProblem
 from mailrelay.smtp.listener import ListenerSettings
 from mailrelay.smtp.replies import Reply
 
@@ -53,6 +53,18 @@ class Transaction:
     smtputf8: bool = False
     recipients: list[Recipient] = field(default_factory=list)
     rcptAttempts: int = 0
+    chunks: list[bytes] | None = None  # BDAT chunks so far (None: no BDAT yet)
+    chunkedSize: int = 0
+
+
+@dataclass
+class Chunk:
+    """A BDAT chunk being read: its bytes are read (and kept or thrown away) before replying."""
+
+    remaining: int
+    size: int
+    last: bool
+    refusal: Reply | None
 
 
 class SubmissionProtocol(Protocol, TimeoutMixin):
@@ -78,6 +90,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         self._badCommands = 0
         self._transaction: Transaction | None = None
         self._reader: DataReader | None = None
+        self._chunk: Chunk | None = None
         self._lineHandler: Callable[[bytes], CommandResult] | None = None
         self._clientAddress = ""
         self._sessionInfo: SessionInfo | None = None
@@ -172,6 +185,10 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         self._processing = True
         try:
             while not self._blocked and not self._closing:
+                if self._chunk is not None:
+                    if not self._takeChunk():
+                        break
+                    continue
                 if self._reader is not None:
                     if self._pos >= len(self._buffer):
                         break
@@ -330,6 +347,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
             "PIPELINING",
             f"SIZE {self.settings.limits.max_message_size}",
             "8BITMIME",
+            "CHUNKING",
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
         ]
@@ -558,6 +576,8 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
             if transaction.rcptAttempts:
                 return replies.NO_VALID_RECIPIENTS
             return replies.BAD_SEQUENCE.withText("Need RCPT before DATA")
+        if transaction.chunks is not None:
+            return replies.BAD_SEQUENCE.withText("DATA after BDAT; send BDAT ... LAST")
         if argument:
             return replies.SYNTAX_ERROR.withText("Syntax: DATA")
         limits = self.settings.limits
@@ -585,6 +605,10 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
             return
         message = reader.message()
         reader.close()
+        self._deliver(transaction, message)
+
+    def _deliver(self, transaction: Transaction, message: bytes) -> None:
+        """Hand a complete message to the avatar; answer with its notification id."""
         d = maybeDeferred(
             self._avatar.deliverMessage,
             self._session(),
@@ -596,6 +620,77 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         d.addErrback(self._replyForFailure)
         d.addCallback(self._countMessage)
         self._run(d)
+
+    # -- CHUNKING (RFC 3030) ---------------------------------------------------------------
+
+    def smtp_BDAT(self, argument: str) -> CommandResult:
+        words = argument.split()
+        if (
+            not 1 <= len(words) <= 2
+            or not (words[0].isascii() and words[0].isdigit())
+            or (len(words) == 2 and words[1].upper() != "LAST")
+        ):
+            return replies.SYNTAX_ERROR.withText("Syntax: BDAT size [LAST]")
+        size, last = int(words[0]), len(words) == 2
+        transaction = self._transaction
+        refusal: Reply | None = None
+        if transaction is None:
+            refusal = replies.BAD_SEQUENCE.withText("Need MAIL before BDAT")
+        elif not transaction.recipients:
+            refusal = (
+                replies.NO_VALID_RECIPIENTS
+                if transaction.rcptAttempts
+                else replies.BAD_SEQUENCE.withText("Need RCPT before BDAT")
+            )
+        elif transaction.chunkedSize + size > self.settings.limits.max_message_size:
+            refusal = replies.MESSAGE_TOO_BIG
+        if refusal is None and transaction is not None and transaction.chunks is None:
+            transaction.chunks = []
+        # The chunk's bytes follow whatever the answer: they are read, never taken for commands.
+        self._chunk = Chunk(size, size, last, refusal)
+        return None
+
+    def _takeChunk(self) -> bool:
+        """Read what has arrived of the current BDAT chunk; False when more must come."""
+        chunk = self._chunk
+        assert chunk is not None
+        available = len(self._buffer) - self._pos
+        if chunk.remaining and not available:
+            return False
+        taken = min(chunk.remaining, available)
+        if chunk.refusal is None and taken:
+            assert self._transaction is not None and self._transaction.chunks is not None
+            self._transaction.chunks.append(self._buffer[self._pos : self._pos + taken])
+        self._buffer, self._pos = self._buffer[self._pos + taken :], 0
+        chunk.remaining -= taken
+        if chunk.remaining:
+            return False
+        self._chunk = None
+        self._chunkDone(chunk)
+        return True
+
+    def _chunkDone(self, chunk: Chunk) -> None:
+        transaction = self._transaction
+        if chunk.refusal is not None:
+            if transaction is not None and chunk.refusal.code >= 500:
+                self._transaction = None  # RFC 3030 §4: a refused chunk ends the message
+            if chunk.refusal is replies.MESSAGE_TOO_BIG:
+                metrics.messages.labels(str(chunk.refusal.code)).inc()
+            self._reply(chunk.refusal)
+            return
+        assert transaction is not None and transaction.chunks is not None
+        transaction.chunkedSize += chunk.size
+        if not chunk.last:
+            self._reply(Reply(250, "2.0.0", f"{chunk.size} octets received"))
+            return
+        self._transaction = None
+        message = b"".join(transaction.chunks)
+        problem = lineProblem(message, self.settings.limits.max_line_length - 2)
+        if problem is not None:
+            metrics.messages.labels(str(problem.code)).inc()
+            self._reply(problem)
+            return
+        self._deliver(transaction, message)
 
     def _countMessage(self, reply: Reply) -> Reply:
         metrics.messages.labels(str(reply.code)).inc()
