@@ -25,7 +25,7 @@ from twisted.python.threadpool import ThreadPool
 from mailrelay.auth.realm import makePortal
 from mailrelay.auth.throttle import LoginThrottle
 from mailrelay.config import Config, ConfigError, loadConfig
-from mailrelay.interfaces import IStore
+from mailrelay.interfaces import IStore, StoreError
 from mailrelay.smtp.listener import ConnectionCounter, listenerFactory, listenerSettings
 from mailrelay.store import makeStore
 from mailrelay.submission import Submissions
@@ -144,12 +144,16 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
         reactor = globalReactor
     config: Config = getattr(options, "loadedConfig", None) or loadConfig(options["config"])
-    config.dataPath.mkdir(mode=0o700, parents=True, exist_ok=True)
     spoolDir = config.dataPath / "spool"
-    spoolDir.mkdir(mode=0o700, exist_ok=True)
+    try:
+        spoolDir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        store = makeStore(config, reactor)
+    except OSError as e:
+        raise SystemExit(f"mailrelay: data_dir {config.data_dir!r}: {e.strerror or e}") from None
+    except (StoreError, ConfigError) as e:
+        raise SystemExit(f"mailrelay: {e}") from None
 
     root = MultiService()
-    store = makeStore(config, reactor)
     storeService = StoreService(store, reactor)
     storeService.setServiceParent(root)
     authPool = ThreadPool(minthreads=1, maxthreads=2, name="mailrelay-auth")

@@ -80,3 +80,17 @@ class TapTests(TestCase):
                 service._waitingForPort.addCallback(
                     lambda port: port.stopListening() if port is not None else None
                 )
+
+    def test_dataDirUncreatable(self) -> None:
+        blocker = Path(self.mktemp())
+        blocker.write_text("a file where a directory should be")
+        options = Options()
+        path = blocker.parent / "uncreatable.toml"
+        path.write_text(
+            f'data_dir = "{blocker / "data"}"\n[[listeners]]\nendpoint = "tcp:0"\n'
+            'security = "none"\n'
+        )
+        options.parseOptions(["--config", str(path)])
+        with self.assertRaises(SystemExit) as caught:
+            makeService(options, reactor)
+        self.assertIn("data_dir", str(caught.exception))
