@@ -693,3 +693,16 @@ class ChunkingTests(ProtocolTestCase):
         yield self.begin()
         for bad in ("BDAT", "BDAT x", "BDAT 5 FIRST", "BDAT -1"):
             self.assertReply((yield self.session.command(bad)), replies.SYNTAX_ERROR)
+
+
+class ClientTextInRepliesTests(ProtocolTestCase):
+    """Client input never puts control characters into a reply."""
+
+    @inlineCallbacks
+    def test_ehloWithControlCharacters(self) -> Any:
+        reply = yield self.session.command("EHLO evil\x1b[31m.example")
+        self.assertReply(reply, replies.SYNTAX_ERROR)
+
+    def test_replyTextIsNeutralised(self) -> None:
+        reply = replies.SYNTAX_ERROR.withText("bad \x1b[2J\rinjected\x00")
+        self.assertEqual(reply.toBytes(), b"501 5.5.4 bad ?[2J?injected?\r\n")

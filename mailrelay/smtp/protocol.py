@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,13 @@ _HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DE
 _PROTOCOL_ERRORS = frozenset({500, 501, 502, 503, 504, 555})
 
 CommandResult = Reply | Deferred[Reply] | None
+# A HELO/EHLO argument: a domain or address literal, no white space or control characters
+# (lenient beyond that: clients send all sorts of names, and the name decides nothing).
+_HELO_NAME = re.compile(r"[^\x00-\x20\x7f]{1,255}")
+
+
+def _isHeloName(argument: str) -> bool:
+    return _HELO_NAME.fullmatch(argument) is not None
 
 
 @dataclass
@@ -329,7 +337,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
     # -- commands --------------------------------------------------------------------------
 
     def smtp_HELO(self, argument: str) -> CommandResult:
-        if not argument or " " in argument:
+        if not _isHeloName(argument):
             return replies.SYNTAX_ERROR.withText("Syntax: HELO hostname")
         self._helo = argument
         self._esmtp = False
@@ -337,7 +345,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         return Reply(250, None, f"{self.settings.hostname}")
 
     def smtp_EHLO(self, argument: str) -> CommandResult:
-        if not argument or " " in argument:
+        if not _isHeloName(argument):
             return replies.SYNTAX_ERROR.withText("Syntax: EHLO hostname")
         self._helo = argument
         self._esmtp = True

@@ -8,7 +8,10 @@ Code and enhanced code are the contract; the text is for humans and may be speci
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -27,8 +30,12 @@ class Reply:
         return self.toBytes()
 
     def toBytes(self) -> bytes:
-        """The reply on the wire; a text with newlines becomes a multi-line reply."""
-        lines = self.text.split("\n") or [""]
+        """
+        The reply on the wire; a text with newlines becomes a multi-line reply. Control
+        characters (which client input may carry into a reply's text) become ``?``: a reply
+        can neither break the line structure nor drive a client's terminal.
+        """
+        lines = [_CONTROL.sub("?", line) for line in self.text.split("\n")]
         prefix = f"{self.enhanced} " if self.enhanced else ""
         out = []
         for i, line in enumerate(lines):
