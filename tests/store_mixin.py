@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import deferLater
 from zope.interface.verify import verifyObject
 
 from mailrelay.interfaces import AlreadyExists, IStore, NotFound, StoreError
@@ -30,6 +31,7 @@ from mailrelay.model import (
     StatusEvent,
     fromTimestamp,
 )
+from mailrelay.store.common import ACCOUNT_CACHE_SECONDS
 
 BODY = b"Subject: hi\r\n\r\nhello\r\n"
 """The message every helper-made notification carries."""
@@ -385,3 +387,25 @@ class DeliveryQueueTestsMixin:
         notification = await self.enqueued(receivedAt=T0)
         await self.store.complete(notification.notification_id)
         self.assertEqual(await self.store.expire(T0 + timedelta(milliseconds=1)), 1)
+
+
+class RememberedAccountDataTestsMixin:
+    """
+    Account, key and sender lookups may be remembered for ACCOUNT_CACHE_SECONDS: a store sees
+    its own writes at once and another store's (another process's) within that time.
+    ``openSharing()`` opens a second store over the same data as ``self.store``.
+    """
+
+    store: Any
+
+    async def test_ownWritesSeenAtOnceOthersWithinASecond(self) -> None:
+        first = self.store
+        second = await self.openSharing()
+        await first.addAccount("acme", "hash")
+        await first.addSender(Sender("acme", "acme.example", "domain"))
+        self.assertEqual(len(await second.listSenders("acme")), 1)
+        await first.removeSender("acme", "acme.example")
+        self.assertEqual(await first.listSenders("acme"), [])  # its own write: at once
+        self.assertEqual(len(await second.listSenders("acme")), 1)  # another's: remembered...
+        await deferLater(reactor, ACCOUNT_CACHE_SECONDS + 0.05, lambda: None)
+        self.assertEqual(await second.listSenders("acme"), [])  # ...for at most a second

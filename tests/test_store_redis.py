@@ -31,7 +31,6 @@ from mailrelay.ids import INSTANCE_BITS, SEQUENCE_BITS
 from mailrelay.interfaces import AlreadyExists, StoreError
 from mailrelay.model import Account, QueueStats, Sender
 from mailrelay.store import makeStore
-from mailrelay.store.common import ACCOUNT_CACHE_SECONDS
 from mailrelay.store.redis import RedisStore
 from mailrelay.store.redis.client import RedisClient
 from mailrelay.store.redis.url import RedisURL, parseRedisURL
@@ -41,6 +40,7 @@ from tests.store_mixin import (
     BODY,
     T0,
     DeliveryQueueTestsMixin,
+    RememberedAccountDataTestsMixin,
     StoreHelpersMixin,
     StoreTestsMixin,
 )
@@ -125,6 +125,11 @@ class RedisStoreTestsBase(StoreHelpersMixin, TestCase):
         keys = await self.storedKeys()
         if keys:
             await self.redis("DEL", *keys)
+
+
+class AccountDataRememberedTests(RememberedAccountDataTestsMixin, RedisStoreTestsBase):
+    async def openSharing(self) -> RedisStore:
+        return await self.openStore()
 
 
 class RedisStoreTests(StoreTestsMixin, RedisStoreTestsBase):
@@ -222,18 +227,6 @@ class SharedServerTests(RedisStoreTestsBase):
         self.assertEqual(await store.stats(), QueueStats(queued=1, deferred=0, in_flight=0))
         (entry,) = await store.claim(10, 60)
         self.assertEqual(entry.message, BODY)
-
-    async def test_ownWritesSeenAtOnceOthersWithinASecond(self) -> None:
-        first = self.store
-        second = await self.openStore()
-        await first.addAccount("acme", "hash")
-        await first.addSender(Sender("acme", "acme.example", "domain"))
-        self.assertEqual(len(await second.listSenders("acme")), 1)
-        await first.removeSender("acme", "acme.example")
-        self.assertEqual(await first.listSenders("acme"), [])  # its own write: at once
-        self.assertEqual(len(await second.listSenders("acme")), 1)  # another's: remembered...
-        await deferLater(reactor, ACCOUNT_CACHE_SECONDS + 0.05, lambda: None)
-        self.assertEqual(await second.listSenders("acme"), [])  # ...for at most a second
 
     async def test_namesWithColons(self) -> None:
         """Account and bulk ids with colons in them never share an index key."""

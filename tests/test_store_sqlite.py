@@ -19,20 +19,19 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from mailrelay.config import parseConfig
 from mailrelay.interfaces import AlreadyExists, StoreError
-from mailrelay.model import QueueStats, Sender
+from mailrelay.model import QueueStats
 from mailrelay.store import makeStore
-from mailrelay.store.common import ACCOUNT_CACHE_SECONDS
 from mailrelay.store.sqlite import SQLiteStore
 from mailrelay.store.sqlite.migrate import schemaScripts, statements
 from tests.store_mixin import (
     ALICE,
     DeliveryQueueTestsMixin,
+    RememberedAccountDataTestsMixin,
     StoreHelpersMixin,
     StoreTestsMixin,
 )
@@ -328,22 +327,6 @@ class SchemaTests(TestCase):
             list(statements("CREATE TABLE a (x);\nCREATE TABLE b (\n"))
 
 
-class AccountDataRememberedTests(TestCase):
-    """Account, key and sender lookups are remembered briefly; own writes are seen at once."""
-
-    async def test_ownWritesSeenAtOnceOthersWithinASecond(self) -> None:
-        path = Path(self.mktemp())
-        path.mkdir()
-        first = SQLiteStore(path / "store.sqlite3", reactor)
-        second = SQLiteStore(path / "store.sqlite3", reactor)
-        for store in (first, second):
-            await store.open()
-            self.addCleanup(store.close)
-        await first.addAccount("acme", "hash")
-        await first.addSender(Sender("acme", "acme.example", "domain"))
-        self.assertEqual(len(await second.listSenders("acme")), 1)
-        await first.removeSender("acme", "acme.example")
-        self.assertEqual(await first.listSenders("acme"), [])  # its own write: at once
-        self.assertEqual(len(await second.listSenders("acme")), 1)  # another's: remembered...
-        await deferLater(reactor, ACCOUNT_CACHE_SECONDS + 0.05, lambda: None)
-        self.assertEqual(await second.listSenders("acme"), [])  # ...for at most a second
+class AccountDataRememberedTests(RememberedAccountDataTestsMixin, SQLiteStoreTestsBase):
+    async def openSharing(self) -> SQLiteStore:
+        return await self.openStore(self.store.path)
