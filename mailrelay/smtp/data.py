@@ -22,6 +22,7 @@ from mailrelay.smtp.replies import Reply
 
 _CRLF = b"\r\n"
 _END = b"\r\n.\r\n"
+_DOT_LINE = b"\r\n."
 # Messages up to this size stay in memory; larger ones are spooled to a temporary file.
 SPOOL_IN_MEMORY = 1024 * 1024
 
@@ -78,14 +79,18 @@ class DataReader:
         # lines) at the very start of the buffer as well as after any real CRLF.
         buffer = (_CRLF if self._atLineStart else b"") + self._carry + data
         offset = 2 if self._atLineStart else 0
-        end = buffer.find(_END)
-        if end >= 0:
-            self._take(buffer, offset, end + 2)
-            self._carry = b""
-            return buffer[end + 5 :]
+        # A line that starts with a dot is the end marker or dot-stuffed. Most buffers have
+        # none: one search then rules out both, and the unstuffing pass is skipped.
+        firstDot = buffer.find(_DOT_LINE)
+        if firstDot >= 0:
+            end = buffer.find(_END, firstDot)
+            if end >= 0:
+                self._take(buffer, offset, end + 2, stuffed=True)
+                self._carry = b""
+                return buffer[end + 5 :]
         lastLineEnd = buffer.rfind(_CRLF)
         if lastLineEnd >= offset:
-            self._take(buffer, offset, lastLineEnd + 2)
+            self._take(buffer, offset, lastLineEnd + 2, stuffed=firstDot >= 0)
             self._carry = buffer[lastLineEnd + 2 :]
             self._atLineStart = True
         else:
@@ -99,8 +104,9 @@ class DataReader:
             self._atLineStart = False
         return None
 
-    def _take(self, buffer: bytes, start: int, stop: int) -> None:
-        """Account for ``buffer[start:stop]``, complete lines each ending in CRLF."""
+    def _take(self, buffer: bytes, start: int, stop: int, stuffed: bool) -> None:
+        """Account for ``buffer[start:stop]``, complete lines each ending in CRLF; ``stuffed``:
+        whether any line of ``buffer`` may start with a dot."""
         if self.refusal is not None:
             return
         chunk = buffer[start:stop]
@@ -108,12 +114,13 @@ class DataReader:
         if problem is not None:
             self._refuse(problem)
             return
-        if start == 2:
+        if stuffed:
             # Undo dot-stuffing (RFC 5321 §4.5.2): a line's leading dot is removed. The CRLF
             # before the first line is the virtual one, so search from it and drop it after.
-            chunk = buffer[0:stop].replace(b"\r\n.", _CRLF)[2:]
-        else:
-            chunk = chunk.replace(b"\r\n.", _CRLF)
+            if start == 2:
+                chunk = buffer[0:stop].replace(_DOT_LINE, _CRLF)[2:]
+            else:
+                chunk = chunk.replace(_DOT_LINE, _CRLF)
         self.size += len(chunk)
         if self.size > self._maxSize:
             self._refuse(replies.MESSAGE_TOO_BIG)
