@@ -33,3 +33,14 @@ storeLatency = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
     registry=REGISTRY,
 )
+
+
+_messagesByCode: dict[int, Counter] = {}
+
+
+def countMessage(code: int) -> None:
+    """Count one message answered with ``code`` (the labelled child is looked up once)."""
+    child = _messagesByCode.get(code)
+    if child is None:
+        child = _messagesByCode[code] = messages.labels(str(code))
+    child.inc()

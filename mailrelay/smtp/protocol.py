@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -51,6 +51,10 @@ _HELO_NAME = re.compile(r"[^\x00-\x20\x7f]{1,255}")
 
 def _isHeloName(argument: str) -> bool:
     return _HELO_NAME.fullmatch(argument) is not None
+
+
+def _acceptedReply(notificationId: str) -> Reply:
+    return replies.ACCEPTED.withText(f"OK id={notificationId}")
 
 
 @dataclass
@@ -262,6 +266,20 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         if reply is not None:
             self._reply(reply)
         self._processBuffer()
+
+    def _decide(self, check: Callable[[], Any], then: Callable[[Any], Reply]) -> CommandResult:
+        """
+        Run one of the avatar's checks and answer with ``then(its result)``: at once when the
+        check answers at once (the common case, without a Deferred), later when it returns a
+        Deferred. A refusal becomes its reply, anything else unexpected a 451.
+        """
+        try:
+            result = check()
+        except Exception:
+            return self._replyForFailure(Failure())
+        if isinstance(result, Deferred):
+            return result.addCallback(then)
+        return then(result)
 
     def _replyForFailure(self, failure: Failure) -> Reply:
         if failure.check(replies.Refused):
@@ -514,22 +532,26 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
             return e.reply
         if options.size is not None and options.size > self.settings.limits.max_message_size:
             return replies.MESSAGE_TOO_BIG
-        d = self._avatarForMail()
-        if isinstance(d, Reply):
-            return d
 
-        def validate(avatar: Any) -> Any:
-            return avatar.validateFrom(self._session(), sender, options.smtputf8)
+        def validate(avatar: Any) -> CommandResult:
+            return self._decide(
+                lambda: avatar.validateFrom(self._session(), sender, options.smtputf8), accepted
+            )
 
         def accepted(validated: Any) -> Reply:
             self._transaction = Transaction(validated, smtputf8=options.smtputf8)
             return replies.SENDER_OK
 
-        return d.addCallback(validate).addCallback(accepted)
+        if self._avatar is not None:
+            return validate(self._avatar)
+        d = self._avatarForMail()
+        if isinstance(d, Reply):
+            return d
+        return d.addCallback(validate)
 
     def _avatarForMail(self) -> Deferred[Any] | Reply:
-        if self._avatar is not None:
-            return succeed(self._avatar)
+        """The avatar of a client that has not authenticated: by its address on a
+        relay-by-IP listener, else the reply that asks for AUTH."""
         if self.settings.authMode != "network":
             return replies.AUTH_REQUIRED
         networkLogin = self.settings.networkLogin
@@ -560,21 +582,23 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         transaction.rcptAttempts += 1
         if len(transaction.recipients) >= self.settings.limits.max_recipients:
             return replies.TOO_MANY_RECIPIENTS
-        d = maybeDeferred(
-            self._avatar.validateTo,
-            self._session(),
-            transaction.sender,
-            recipient,
-            tuple(transaction.recipients),
-            transaction.smtputf8,
-        )
+        avatar = self._avatar
 
         def accepted(accepted: Recipient) -> Reply:
             if accepted not in transaction.recipients:
                 transaction.recipients.append(accepted)
             return replies.RECIPIENT_OK
 
-        return d.addCallback(accepted)
+        return self._decide(
+            lambda: avatar.validateTo(
+                self._session(),
+                transaction.sender,
+                recipient,
+                tuple(transaction.recipients),
+                transaction.smtputf8,
+            ),
+            accepted,
+        )
 
     def smtp_DATA(self, argument: str) -> CommandResult:
         transaction = self._transaction
@@ -608,7 +632,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         assert transaction is not None
         if reader.refusal is not None:
             reader.close()
-            metrics.messages.labels(str(reader.refusal.code)).inc()
+            metrics.countMessage(reader.refusal.code)
             self._reply(reader.refusal)
             return
         message = reader.message()
@@ -617,17 +641,18 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
 
     def _deliver(self, transaction: Transaction, message: bytes) -> None:
         """Hand a complete message to the avatar; answer with its notification id."""
-        d = maybeDeferred(
-            self._avatar.deliverMessage,
-            self._session(),
-            transaction.sender,
-            tuple(transaction.recipients),
-            message,
+        avatar = self._avatar
+        result = self._decide(
+            lambda: avatar.deliverMessage(
+                self._session(), transaction.sender, tuple(transaction.recipients), message
+            ),
+            _acceptedReply,
         )
-        d.addCallback(lambda notificationId: replies.ACCEPTED.withText(f"OK id={notificationId}"))
-        d.addErrback(self._replyForFailure)
-        d.addCallback(self._countMessage)
-        self._run(d)
+        if isinstance(result, Deferred):
+            result.addErrback(self._replyForFailure).addCallback(self._countMessage)
+        elif result is not None:
+            self._countMessage(result)
+        self._run(result)
 
     # -- CHUNKING (RFC 3030) ---------------------------------------------------------------
 
@@ -683,7 +708,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
             if transaction is not None and chunk.refusal.code >= 500:
                 self._transaction = None  # RFC 3030 §4: a refused chunk ends the message
             if chunk.refusal is replies.MESSAGE_TOO_BIG:
-                metrics.messages.labels(str(chunk.refusal.code)).inc()
+                metrics.countMessage(chunk.refusal.code)
             self._reply(chunk.refusal)
             return
         assert transaction is not None and transaction.chunks is not None
@@ -695,11 +720,11 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         message = b"".join(transaction.chunks)
         problem = lineProblem(message, self.settings.limits.max_line_length - 2)
         if problem is not None:
-            metrics.messages.labels(str(problem.code)).inc()
+            metrics.countMessage(problem.code)
             self._reply(problem)
             return
         self._deliver(transaction, message)
 
     def _countMessage(self, reply: Reply) -> Reply:
-        metrics.messages.labels(str(reply.code)).inc()
+        metrics.countMessage(reply.code)
         return reply
