@@ -267,7 +267,9 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
             self._reply(reply)
         self._processBuffer()
 
-    def _decide(self, check: Callable[[], Any], then: Callable[[Any], Reply]) -> CommandResult:
+    def _decide(
+        self, check: Callable[[], Any], then: Callable[[Any], Reply]
+    ) -> Reply | Deferred[Reply]:
         """
         Run one of the avatar's checks and answer with ``then(its result)``: at once when the
         check answers at once (the common case, without a Deferred), later when it returns a
@@ -533,7 +535,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         if options.size is not None and options.size > self.settings.limits.max_message_size:
             return replies.MESSAGE_TOO_BIG
 
-        def validate(avatar: Any) -> CommandResult:
+        def validate(avatar: Any) -> Reply | Deferred[Reply]:
             return self._decide(
                 lambda: avatar.validateFrom(self._session(), sender, options.smtputf8), accepted
             )
@@ -650,7 +652,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         )
         if isinstance(result, Deferred):
             result.addErrback(self._replyForFailure).addCallback(self._countMessage)
-        elif result is not None:
+        else:
             self._countMessage(result)
         self._run(result)
 
