@@ -7,6 +7,7 @@ Real files under the trial temp directory; no mocks.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import signal
 import sqlite3
@@ -19,6 +20,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
@@ -330,3 +332,43 @@ class SchemaTests(TestCase):
 class AccountDataRememberedTests(RememberedAccountDataTestsMixin, SQLiteStoreTestsBase):
     async def openSharing(self) -> SQLiteStore:
         return await self.openStore(self.store.path)
+
+
+class WriteLockTests(SQLiteStoreTestsBase):
+    """With ``writeLock`` (several worker processes), each write transaction holds an
+    exclusive flock on the lock file: a writer waits for it in the kernel, not by polling."""
+
+    async def test_writeWaitsForTheLock(self) -> None:
+        path = self.databasePath()
+        lockPath = path.with_name("mailrelay.sqlite3.writelock")
+        store = self.store = await self.openStore(path, writeLock=lockPath)
+        holder = os.open(lockPath, os.O_RDWR)  # another process's writer, as far as flock sees
+        self.addCleanup(os.close, holder)
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        written = store.enqueue(self.notification(), b"body")
+        await deferLater(reactor, 0.3, lambda: None)
+        self.assertFalse(written.called, "the write did not wait for the lock")
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        await written
+        self.assertEqual((await store.stats()).queued, 1)
+
+    async def test_twoWritersOnOneFile(self) -> None:
+        """Two stores (as two workers) write to one database at once; nothing is lost."""
+        path = self.databasePath()
+        lockPath = path.with_name("mailrelay.sqlite3.writelock")
+        first = self.store = await self.openStore(path, writeLock=lockPath)
+        second = await self.openStore(path, writeLock=lockPath, instanceId=1)
+        notifications = []
+        writes = []
+        for store in (first, second) * 100:
+            self.store = store
+            notification = self.notification()
+            notifications.append(notification)
+            writes.append(store.enqueue(notification, b"body"))
+        await gatherResults(writes)
+        self.assertEqual(len({n.notification_id for n in notifications}), 200)
+        self.assertEqual((await first.stats()).queued, 200)
+        for notification in notifications[::17]:
+            self.assertEqual(
+                await second.getNotification(notification.notification_id), notification
+            )

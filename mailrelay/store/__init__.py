@@ -14,15 +14,18 @@ from mailrelay.interfaces import IStore, StoreError
 SQLITE_FILE_NAME = "mailrelay.sqlite3"
 
 
-def makeStore(config: Config, reactor: Any) -> IStore:
+def makeStore(config: Config, reactor: Any, processIndex: int = 0) -> IStore:
     """
-    The store the configuration names, not yet opened (call ``open()`` on it).
+    The store the configuration names, not yet opened (call ``open()`` on it), for the relay
+    process numbered ``processIndex`` (0: the main one; 1.. the other workers): it makes
+    notification ids with instance number ``instance_id + processIndex``.
 
     SQLite: ``<data_dir>/mailrelay.sqlite3``; ``data_dir`` is created with mode 0700 if missing
     (it holds password hashes and message bodies). Redis: the server of ``redis_url``, keys
     under ``mailrelay:``; ``instance_id = 0`` (the default) means "take a free instance number
     from Redis at open", any other value is used as it is. Raises ConfigError for a backend
-    that cannot be used and StoreError when ``data_dir`` cannot be created.
+    that cannot be used and StoreError when ``data_dir`` cannot be created. With several
+    workers, the SQLite store's writers take turns through a lock file beside the database.
     """
     if config.store.backend == "sqlite":
         from mailrelay.store.sqlite import SQLiteStore
@@ -32,11 +35,17 @@ def makeStore(config: Config, reactor: Any) -> IStore:
             dataDir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as e:
             raise StoreError(f"cannot create data_dir {str(dataDir)!r}: {e.strerror}") from None
-        return SQLiteStore(dataDir / SQLITE_FILE_NAME, reactor, config.store.instance_id)
+        path = dataDir / SQLITE_FILE_NAME
+        return SQLiteStore(
+            path,
+            reactor,
+            config.store.instance_id + processIndex,
+            writeLock=path.with_name(path.name + ".writelock") if config.workers > 1 else None,
+        )
     if config.store.backend == "redis":
         from mailrelay.store.redis import RedisStore
 
-        instanceId = config.store.instance_id or None
+        instanceId = config.store.instance_id + processIndex if config.store.instance_id else None
         try:
             return RedisStore(config.store.redis_url, reactor, instanceId=instanceId)
         except ValueError as e:

@@ -73,8 +73,10 @@ class SQLiteStore:
 
     ``reactor`` must run threads and tell time (the real reactor); ``instanceId`` goes into the
     notification ids (see :mod:`mailrelay.ids`); ``groupLimit`` caps how many writes share one
-    commit; ``busyTimeout`` is how long to wait for another process's lock. Call :meth:`open`
-    first and :meth:`close` last. ``commits`` counts the write transactions committed so far.
+    commit; ``busyTimeout`` is how long to wait for another process's lock; ``writeLock``, a
+    lock file that the relay's worker processes take turns on for each write transaction (they
+    queue on it instead of polling for SQLite's lock). Call :meth:`open` first and :meth:`close`
+    last. ``commits`` counts the write transactions committed so far.
 
     Accounts, API keys and senders are read on every login and every new session, and change
     rarely: lookups of them are remembered for ``ACCOUNT_CACHE_SECONDS``. This process's own
@@ -92,6 +94,7 @@ class SQLiteStore:
         instanceId: int = 0,
         groupLimit: int = 256,
         busyTimeout: float = BUSY_TIMEOUT,
+        writeLock: Path | None = None,
     ) -> None:
         self.path = Path(path)
         self._busyTimeout = busyTimeout
@@ -99,7 +102,7 @@ class SQLiteStore:
         self._threads: IReactorThreads = reactor
         self._newId = NotificationIdGenerator(instanceId, reactor.seconds)
         self._writer = GroupCommitThread(
-            "mailrelay-sqlite-writer", self._connectWriter, reactor, groupLimit
+            "mailrelay-sqlite-writer", self._connectWriter, reactor, groupLimit, writeLock
         )
         self._reader = DatabaseThread("mailrelay-sqlite-reader", self._connectReader, reactor)
         self._accountData: dict[tuple[str, str], tuple[float, Any]] = {}

@@ -13,11 +13,15 @@ one transaction and commits once, so one fsync covers many callers.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -192,14 +196,51 @@ class GroupCommitThread(DatabaseThread):
     of its own, so one bad request fails alone.
 
     ``commits`` counts successful COMMITs, so one can see the grouping at work.
+
+    ``writeLock`` names a lock file shared with the writers of other processes (the relay's
+    workers): each write transaction holds an exclusive ``flock`` on it, so a writer waits in
+    the kernel and starts the moment the other is done. Without it, SQLite's own busy handler
+    would poll with sleeps of up to 100 ms.
     """
 
     def __init__(
-        self, name: str, connect: Connect, reactor: IReactorThreads, groupLimit: int = 256
+        self,
+        name: str,
+        connect: Connect,
+        reactor: IReactorThreads,
+        groupLimit: int = 256,
+        writeLock: Path | None = None,
     ) -> None:
-        super().__init__(name, connect, reactor)
+        super().__init__(name, self._connectWithLock, reactor)
         self.groupLimit = groupLimit
         self.commits = 0
+        self._connectDatabase = connect
+        self._writeLockPath = writeLock
+        self._writeLock: int | None = None
+
+    def _connectWithLock(self) -> sqlite3.Connection:
+        if self._writeLockPath is not None:
+            self._writeLock = os.open(self._writeLockPath, os.O_RDWR | os.O_CREAT, 0o600)
+        return self._connectDatabase()
+
+    def _run(self) -> None:
+        try:
+            super()._run()
+        finally:
+            if self._writeLock is not None:
+                os.close(self._writeLock)
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """Hold the cross-process write lock (if any) for one write transaction."""
+        if self._writeLock is None:
+            yield
+            return
+        fcntl.flock(self._writeLock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._writeLock, fcntl.LOCK_UN)
 
     def _take(self) -> tuple[list[_Request], bool]:
         requests, stop = super()._take()
@@ -220,7 +261,8 @@ class GroupCommitThread(DatabaseThread):
         if connection is None or len(requests) == 1:
             return super()._execute(requests)
         try:
-            return self._runGroup(connection, requests)
+            with self._turn():
+                return self._runGroup(connection, requests)
         except Exception:
             _rollbackQuietly(connection)
             return [self._runOne(connection, r) for r in requests]
@@ -277,11 +319,15 @@ class GroupCommitThread(DatabaseThread):
 
     def _runOne(self, connection: sqlite3.Connection, request: _Request) -> _Outcome:
         try:
-            connection.execute("BEGIN IMMEDIATE")
-            result = request.work(connection)
-            connection.execute("COMMIT")
+            with self._turn():
+                connection.execute("BEGIN IMMEDIATE")
+                try:
+                    result = request.work(connection)
+                    connection.execute("COMMIT")
+                except Exception:
+                    _rollbackQuietly(connection)
+                    raise
         except Exception as e:
-            _rollbackQuietly(connection)
             return _Outcome(request, False, asStoreError(e))
         self.commits += 1
         return _Outcome(request, True, result)
