@@ -106,6 +106,21 @@ def wait_until_serving(
         raise RuntimeError(f"port {waiting[0]} not serving within {timeout:.0f} s; see {log_path}")
 
 
+def wait_for_log_lines(
+    exited: Callable[[], bool], needles: list[str], log_path: Path, timeout: float = 60.0
+) -> None:
+    """Poll the server's log until it holds every one of ``needles``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log_path.read_text(errors="replace") if log_path.exists() else ""
+        if all(needle in text for needle in needles):
+            return
+        if exited():
+            raise RuntimeError(f"server exited:\n{text[-2000:]}")
+        time.sleep(0.1)
+    raise RuntimeError(f"not in the log within {timeout:.0f} s: {needles}; see {log_path}")
+
+
 def _spawn(cmd: list[str], log_path: Path, **kwargs: Any) -> subprocess.Popen[bytes]:
     with log_path.open("wb") as log:
         return subprocess.Popen(
@@ -162,6 +177,7 @@ AIOSMTPD = BaselineScript("aiosmtpd", "aiosmtpd_plain.py")
 MAILRELAY_CONFIG = """\
 hostname = "bench.local"
 data_dir = "{data_dir}"
+workers = {workers}
 
 [tls]
 certificate = "{cert}"
@@ -205,10 +221,12 @@ class Mailrelay:
     """
 
     backend: str = "sqlite"
+    workers: int = 1
 
     @property
     def name(self) -> str:
-        return f"mailrelay-{self.backend}"
+        suffix = f"-{self.workers}w" if self.workers > 1 else ""
+        return f"mailrelay-{self.backend}{suffix}"
 
     def unavailable(self) -> str | None:
         for part in ("mailrelay/cli.py", "mailrelay/tap.py"):
@@ -262,6 +280,7 @@ class Mailrelay:
                 cert=cert,
                 key=key,
                 backend=self.backend,
+                workers=self.workers,
                 store_extra=store_extra,
                 **ports,
             )
@@ -285,6 +304,12 @@ class Mailrelay:
             smtp_ports = [ports[sec] for sec in ("plain", "starttls", "tls")]
             try:
                 wait_until_serving(lambda: proc.poll() is not None, smtp_ports, log_path)
+                # Sessions opened before a worker serves would all stay with the others.
+                wait_for_log_lines(
+                    lambda: proc.poll() is not None,
+                    [f"worker {i} serving" for i in range(1, self.workers)],
+                    log_path,
+                )
             except BaseException:
                 _terminate(proc)
                 raise
@@ -302,7 +327,7 @@ class Mailrelay:
             for each in [proc, *helpers]:  # the server first, then what it uses
                 _terminate(each)
 
-        return RunningServer(self.name, proc.pid, listeners, log_path, stop)
+        return RunningServer(self.name, proc.pid, listeners, log_path, stop, tree=self.workers > 1)
 
 
 POSTFIX_MAIN = """\
@@ -432,6 +457,7 @@ _ADAPTERS: list[ServerAdapter] = [
     AIOSMTPD,
     Mailrelay("sqlite"),
     Mailrelay("redis"),
+    Mailrelay("sqlite", workers=2),
     Postfix(),
 ]
 ALL: dict[str, ServerAdapter] = {a.name: a for a in _ADAPTERS}

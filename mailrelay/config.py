@@ -96,6 +96,7 @@ DEFAULT_LISTENERS = (
 class Config:
     hostname: str = field(default_factory=socket.getfqdn)
     data_dir: str = "./mailrelay-data"
+    workers: int = 1  # SMTP intake processes sharing the listening sockets
     tls: TLSConfig = TLSConfig()
     listeners: tuple[ListenerConfig, ...] = DEFAULT_LISTENERS
     web: WebConfig = WebConfig()
@@ -199,6 +200,7 @@ def _validate(config: Config) -> Config:
         raise ConfigError("limits.max_line_length: must be at least 100")
     if not 0 <= config.store.instance_id <= 1023:
         raise ConfigError("store.instance_id: must be 0..1023")
+    _validateWorkers(config)
     try:
         parseDuration(config.delivery.max_queue_lifetime)
     except ValueError as e:
@@ -211,6 +213,36 @@ def _validate(config: Config) -> Config:
                 f"delivery_reports.allow_networks[{i}]: not a network: {network!r}"
             ) from None
     return config
+
+
+MAX_WORKERS = 64
+# Endpoints whose listening socket another process can take over as it is (the PROXY header
+# of haproxy: and the TLS of ssl: live in the factory, which a worker would not have).
+WORKER_ENDPOINT_KINDS = frozenset({"tcp", "tcp6", "unix", "systemd"})
+
+
+def _validateWorkers(config: Config) -> None:
+    if not 1 <= config.workers <= MAX_WORKERS:
+        raise ConfigError(f"workers: must be 1..{MAX_WORKERS}, not {config.workers}")
+    if config.workers == 1:
+        return
+    for i, listener in enumerate(config.listeners):
+        kind = listener.endpoint.partition(":")[0].lower()
+        if kind not in WORKER_ENDPOINT_KINDS:
+            allowed = ", ".join(f"{k}:" for k in sorted(WORKER_ENDPOINT_KINDS))
+            raise ConfigError(
+                f"listeners[{i}].endpoint: with workers > 1 a listener must be one of "
+                f"{allowed}, not {listener.endpoint!r}"
+            )
+    # Each process makes ids with its own instance number: instance_id + its index.
+    if (config.store.backend == "sqlite" or config.store.instance_id) and (
+        config.store.instance_id + config.workers - 1 > 1023
+    ):
+        raise ConfigError(
+            f"store.instance_id: {config.workers} workers need instance numbers "
+            f"{config.store.instance_id}..{config.store.instance_id + config.workers - 1}, "
+            "beyond 1023"
+        )
 
 
 def parseConfig(table: dict[str, Any]) -> Config:

@@ -32,7 +32,8 @@ class Submissions:
         self.store = store
         self.config = config
         self.clock = clock
-        self.rateLimiter = RateLimiter(clock.seconds)
+        # Each worker process keeps its own buckets, so each allows its share of the rate.
+        self.rateLimiter = RateLimiter(clock.seconds, share=1 / config.workers)
 
     def __call__(self, account: Account) -> AccountSubmission:
         return AccountSubmission(account, self)

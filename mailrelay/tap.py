@@ -2,35 +2,41 @@
 ``twistd mailrelay``: the command-line options and the service tree.
 
 The tree is a MultiService: the store first (opened before anything can use it, closed last),
-the auth thread pool, then one StreamServerEndpointService per SMTP listener and one for the
-web resource. Listening sockets are bound in privilegedStartService, so ``--uid``/``--gid``
-can drop root after binding ports 25/465/587.
+the auth thread pool, then one StreamServerEndpointService per SMTP listener, the pool of
+worker processes (``workers > 1``) and the web resource. Listening sockets are bound in
+privilegedStartService, so ``--uid``/``--gid`` can drop root after binding ports 25/465/587
+(the workers start after that, as the unprivileged user).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceCollection, MultiService, Service
+from twisted.cred.portal import Portal
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from mailrelay.auth.realm import makePortal
-from mailrelay.auth.throttle import LoginThrottle
-from mailrelay.config import Config, ConfigError, loadConfig
+from mailrelay.auth.throttle import FAILED_LOGINS_PER_CLIENT, LoginThrottle
+from mailrelay.config import Config, ConfigError, ListenerConfig, loadConfig
 from mailrelay.interfaces import IStore, StoreError
 from mailrelay.smtp.listener import ConnectionCounter, listenerFactory, listenerSettings
 from mailrelay.store import makeStore
 from mailrelay.submission import Submissions
 from mailrelay.tls import certificatePaths, contextFactory
 from mailrelay.web import makeWebSite, serviceListeners
+from mailrelay.workers.pool import WorkerPool
 
 log = Logger()
 
@@ -121,39 +127,66 @@ class ListenerService(StreamServerEndpointService):
         super().__init__(*args)
         self.description = description
         self._raiseSynchronously = True
+        self.port: Any = None  # the IListeningPort, once bound
 
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
         except CannotListenError as e:
             raise SystemExit(f"mailrelay: cannot listen on {self.description}: {e}") from None
+        # StreamServerEndpointService keeps the port only inside this Deferred; the worker
+        # pool needs the listening socket itself to hand it to the other processes.
+        assert self._waitingForPort is not None
+        self._waitingForPort.addCallback(self._bound)
+
+    def _bound(self, port: Any) -> Any:
+        self.port = port
+        return port
 
 
-def _listen(parent: IServiceCollection, reactor: Any, endpoint: str, factory: Any) -> None:
+def _listen(
+    parent: IServiceCollection, reactor: Any, endpoint: str, factory: Any
+) -> ListenerService:
     try:
         serverEndpoint = endpoints.serverFromString(reactor, endpoint)
     except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"mailrelay: not a usable endpoint {endpoint!r}: {e}") from None
-    ListenerService(endpoint, serverEndpoint, factory).setServiceParent(parent)
+    service = ListenerService(endpoint, serverEndpoint, factory)
+    service.setServiceParent(parent)
+    return service
 
 
-def makeService(options: Options, reactor: Any = None) -> MultiService:
-    """The whole relay, built from the options' configuration."""
-    if reactor is None:
-        from twisted.internet import reactor as globalReactor
+@dataclass(frozen=True)
+class RelayCore:
+    """What every relay process builds the same way: the store and what stands on it."""
 
-        reactor = globalReactor
-    config: Config = getattr(options, "loadedConfig", None) or loadConfig(options["config"])
+    config: Config
+    store: IStore
+    portal: Portal
+    throttle: LoginThrottle
+    storeService: StoreService
+    connections: ConnectionCounter
+    listenerFactory: Callable[[ListenerConfig], IProtocolFactory]
+
+
+def buildCore(config: Config, reactor: Any, root: MultiService, processIndex: int = 0) -> RelayCore:
+    """
+    The store (started first, stopped last), the auth threads, the portal and the per-listener
+    protocol factories of relay process ``processIndex`` (0: the main one), added to ``root``.
+
+    With ``config.workers`` processes, the limits kept in memory are shared out: each process
+    allows its part of the connections, of the failed logins per address and of each account's
+    rate, so the relay as a whole never allows more than configured.
+    """
     spoolDir = config.dataPath / "spool"
     try:
         spoolDir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        store = makeStore(config, reactor)
+        store = makeStore(config, reactor, processIndex)
     except OSError as e:
         raise SystemExit(f"mailrelay: data_dir {config.data_dir!r}: {e.strerror or e}") from None
     except (StoreError, ConfigError) as e:
         raise SystemExit(f"mailrelay: {e}") from None
 
-    root = MultiService()
     storeService = StoreService(store, reactor)
     storeService.setServiceParent(root)
     authPool = ThreadPool(minthreads=1, maxthreads=2, name="mailrelay-auth")
@@ -167,11 +200,14 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             raise SystemExit(f"mailrelay: TLS: {e}") from None
     submissions = Submissions(store, config, reactor)
     portal, realm = makePortal(store, submissions, reactor, authPool)
-    throttle = LoginThrottle(reactor.seconds)
+    workers = config.workers
+    throttle = LoginThrottle(reactor.seconds, maxFailures=_share(FAILED_LOGINS_PER_CLIENT, workers))
     connections = ConnectionCounter(
-        config.limits.max_connections, config.limits.max_connections_per_client
+        _share(config.limits.max_connections, workers),
+        _share(config.limits.max_connections_per_client, workers),
     )
-    for listener in config.listeners:
+
+    def factory(listener: ListenerConfig) -> IProtocolFactory:
         settings = listenerSettings(
             listener,
             hostname=config.hostname,
@@ -185,15 +221,49 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             whenReady=storeService.whenReady,
             connections=connections,
         )
-        _listen(root, reactor, listener.endpoint, listenerFactory(settings))
+        return listenerFactory(settings)
+
+    return RelayCore(config, store, portal, throttle, storeService, connections, factory)
+
+
+def _share(limit: int, workers: int) -> int:
+    """One worker's part of a limit the whole relay keeps (rounded up: never 0)."""
+    return -(-limit // workers)
+
+
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    """The whole relay, built from the options' configuration: the main process, which also
+    starts the other ``workers - 1`` intake processes (:mod:`mailrelay.workers`)."""
+    if reactor is None:
+        from twisted.internet import reactor as globalReactor
+
+        reactor = globalReactor
+    config: Config = getattr(options, "loadedConfig", None) or loadConfig(options["config"])
+    root = MultiService()
+    core = buildCore(config, reactor, root)
+    listeners = [
+        _listen(root, reactor, listener.endpoint, core.listenerFactory(listener))
+        for listener in config.listeners
+    ]
+    pool = None
+    if config.workers > 1:
+        configPath = options["config"]
+        pool = WorkerPool(
+            reactor,
+            count=config.workers - 1,
+            configPath=None if configPath is None else os.path.abspath(configPath),
+            listeners=listeners,
+            openConnections=lambda: core.connections.total,
+        )
+        pool.setServiceParent(root)
     _listen(
         root,
         reactor,
         config.web.endpoint,
         makeWebSite(
-            store,
-            portal,
-            throttle,
+            core.store,
+            core.portal,
+            core.throttle,
             config,
             reactor,
             listenersUp=serviceListeners(root, [lc.endpoint for lc in config.listeners]),

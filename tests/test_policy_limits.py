@@ -34,6 +34,14 @@ class RateTests(RefusalMixin, SynchronousTestCase):
         self.clock.advance(10)
         self.assertEqual([self.limiter.allow(limited) for _ in range(3)], [True, True, False])
 
+    def test_shareOfTheRate(self) -> None:
+        """One of four worker processes allows a quarter of the account's rate."""
+        limiter = RateLimiter(self.clock.seconds, share=0.25)
+        limited = account(rate_per_second=8)
+        self.assertEqual([limiter.allow(limited) for _ in range(3)], [True, True, False])
+        self.clock.advance(0.5)
+        self.assertEqual([limiter.allow(limited) for _ in range(2)], [True, False])
+
     def test_slowRateHasBurstOfOne(self) -> None:
         slow = account(rate_per_second=0.1)
         self.assertTrue(self.limiter.allow(slow))

@@ -11,12 +11,15 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
+FAILED_LOGINS_PER_CLIENT = 10
+"""Failed logins from one address (within the window) before its logins are refused."""
+
 
 class LoginThrottle:
     def __init__(
         self,
         seconds: Callable[[], float],
-        maxFailures: int = 10,
+        maxFailures: int = FAILED_LOGINS_PER_CLIENT,
         window: float = 300.0,
         maxAddresses: int = 100_000,
     ) -> None:

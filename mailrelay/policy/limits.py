@@ -21,11 +21,14 @@ class RateLimiter:
     A token bucket per account: ``account.rate_per_second`` tokens flow in each second, up to
     a burst of ``max(1, rate)``; each message takes one. An account with no rate (None or not
     above 0) is not limited. ``seconds`` is the clock (``reactor.seconds`` or a ``task.Clock``).
-    The state is this process's: several relay instances each allow the full rate.
+    The state is this process's: several relay instances each allow the full rate. ``share``
+    is this process's part of it when one relay runs several worker processes (``1 / workers``:
+    together they never allow more than the account's rate).
     """
 
-    def __init__(self, seconds: Callable[[], float]) -> None:
+    def __init__(self, seconds: Callable[[], float], share: float = 1.0) -> None:
         self._seconds = seconds
+        self._share = share
         self._buckets: dict[str, tuple[float, float]] = {}
 
     def allow(self, account: Account) -> bool:
@@ -33,6 +36,7 @@ class RateLimiter:
         rate = account.rate_per_second
         if rate is None or rate <= 0:
             return True
+        rate *= self._share
         burst = max(1.0, rate)
         now = self._seconds()
         tokens, last = self._buckets.get(account.name, (burst, now))

@@ -1,0 +1,161 @@
+"""
+A worker process: ``python -m mailrelay.workers.child --index N [--config FILE]
+--listener POSITION:FD:FAMILY ...``, started by :class:`~mailrelay.workers.pool.WorkerPool`.
+
+It builds the same relay core as the main process (:func:`mailrelay.tap.buildCore`) and
+serves SMTP on the listening sockets it inherited: ``POSITION`` is the listener's place in the
+configuration, ``FD`` the inherited descriptor, ``FAMILY`` its address family. It logs to
+stderr (the main process relays the lines into its own log) and stops on SIGTERM, or when its
+stdin reaches end of file because the main process is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.stdio import StandardIO
+from twisted.logger import FileLogObserver, eventAsText, globalLogBeginner
+from zope.interface import implementer
+
+import mailrelay.smtp.protocol  # noqa: F401  (imported now, not at the first session)
+from mailrelay.config import Config, ConfigError, loadConfig
+from mailrelay.tap import RelayCore, buildCore
+from mailrelay.workers import balanceAccepts
+
+READY = b"ready\n"
+"""Written to stdout (the main process reads it) once the worker's store is open and its
+listeners accept: from then on its sessions are served."""
+
+
+@dataclass(frozen=True)
+class InheritedListener:
+    position: int
+    fd: int
+    family: int
+
+
+def _inheritedListener(text: str) -> InheritedListener:
+    try:
+        position, fd, family = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not POSITION:FD:FAMILY: {text!r}") from None
+    return InheritedListener(position, fd, family)
+
+
+class AdoptedListener(Service):
+    """Serves ``factory`` on an inherited listening socket while the service runs."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        listener: InheritedListener,
+        factory: Any,
+        openConnections: Callable[[], int],
+    ) -> None:
+        self.reactor = reactor
+        self.listener = listener
+        self.factory = factory
+        self.openConnections = openConnections
+        self.port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        # The reactor takes a duplicate of the descriptor; the inherited one is not needed.
+        self.port = self.reactor.adoptStreamPort(
+            self.listener.fd, self.listener.family, self.factory
+        )
+        os.close(self.listener.fd)
+        balanceAccepts(self.port, self.reactor, self.openConnections)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            return self.port.stopListening()
+        return None
+
+
+@implementer(IHalfCloseableProtocol)
+class _StopWhenParentGoes(Protocol):
+    """Watches stdin, a pipe from the main process: end of file means it is gone."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+
+    def tellReady(self, _: object = None) -> None:
+        if self.transport is not None:
+            self.transport.write(READY)
+
+    def readConnectionLost(self) -> None:
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.readConnectionLost()
+
+
+def buildWorker(
+    config: Config, reactor: Any, index: int, listeners: Sequence[InheritedListener]
+) -> tuple[MultiService, RelayCore]:
+    """The service tree of worker ``index`` (the relay core and the inherited listeners), and
+    the core."""
+    root = MultiService()
+    core = buildCore(config, reactor, root, processIndex=index)
+    for listener in listeners:
+        if not 0 <= listener.position < len(config.listeners):
+            raise SystemExit(f"mailrelay: worker {index}: no listener {listener.position}")
+        factory = core.listenerFactory(config.listeners[listener.position])
+        AdoptedListener(
+            reactor, listener, factory, lambda: core.connections.total
+        ).setServiceParent(root)
+    return root, core
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m mailrelay.workers.child",
+        description="A mailrelay intake worker (started by the main process, not by hand).",
+    )
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--config")
+    parser.add_argument("--listener", type=_inheritedListener, action="append", default=[])
+    args = parser.parse_args(argv)
+
+    observer = FileLogObserver(
+        sys.stderr, lambda event: (eventAsText(event, includeTimestamp=False) or "") + "\n"
+    )
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    try:
+        config = loadConfig(args.config)
+    except ConfigError as e:
+        raise SystemExit(f"mailrelay: configuration: {e}") from None
+
+    from twisted.internet import reactor
+
+    root, core = buildWorker(config, reactor, args.index, args.listener)
+    control = _StopWhenParentGoes(reactor)
+    # (typed after the Windows variant, which has no stdin/stdout arguments)
+    StandardIO(control, stdin=0, stdout=1, reactor=reactor)  # type: ignore[call-arg]
+    root.privilegedStartService()
+
+    def start() -> None:
+        root.startService()
+        core.storeService.whenReady().addCallback(control.tellReady)
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

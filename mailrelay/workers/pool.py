@@ -1,0 +1,207 @@
+"""
+The main process's side of the worker processes: start them with the listening sockets,
+restart one that ends, stop them with the relay.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailrelay.workers import balanceAccepts
+
+RESTART_DELAY = 1.0
+"""Seconds before a worker that ended is started again (doubled while it keeps failing)."""
+MAX_RESTART_DELAY = 60.0
+STABLE_AFTER = 30.0
+"""A worker that ran this long before it ended is restarted after RESTART_DELAY again."""
+STOP_TIMEOUT = 15.0
+"""Seconds a worker has to finish its sessions' writes and exit before it is killed."""
+MAX_LOG_LINE = 16384
+
+
+class WorkerProcess(ProcessProtocol):
+    """One running worker: relays its log lines, tells the pool when it ends."""
+
+    log = Logger()
+
+    def __init__(self, pool: WorkerPool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.startedAt = pool.reactor.seconds()
+        self.ended: Deferred[None] = Deferred()
+        self.ready = False
+        self.pid: int | None = None
+        self._partial = b""
+
+    def connectionMade(self) -> None:
+        self.pid = getattr(self.transport, "pid", None)
+
+    def outReceived(self, data: bytes) -> None:
+        # stdout carries control lines (stderr the log): "ready" once the worker serves.
+        if b"ready\n" in data and not self.ready:
+            self.ready = True
+            self.log.info("worker {index} serving (pid {pid})", index=self.index, pid=self.pid)
+
+    def errReceived(self, data: bytes) -> None:
+        self._relay(data)
+
+    def _relay(self, data: bytes) -> None:
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        if len(self._partial) > MAX_LOG_LINE:
+            lines.append(self._partial)
+            self._partial = b""
+        for line in lines:
+            text = line.decode("utf-8", "replace").rstrip()
+            if not text:
+                continue
+            if "#error]" in text or "#critical]" in text or text.startswith("mailrelay:"):
+                self.log.error("worker {index}: {line}", index=self.index, line=text)
+            else:
+                self.log.info("worker {index}: {line}", index=self.index, line=text)
+
+    def processEnded(self, reason: Failure) -> None:
+        if self._partial:
+            self._relay(b"\n")
+        self.pool.workerEnded(self, reason)
+        self.ended.callback(None)
+
+    def stop(self) -> None:
+        """Ask the worker to finish (it stops accepting, completes its writes, exits)."""
+        try:
+            self.transport.signalProcess("TERM")  # type: ignore[union-attr]
+        except (ProcessExitedAlready, OSError):
+            pass
+
+    def kill(self) -> None:
+        try:
+            self.transport.signalProcess("KILL")  # type: ignore[union-attr]
+        except (ProcessExitedAlready, OSError):
+            pass
+
+
+class WorkerPool(Service):
+    """
+    ``count`` worker processes (indexes 1..count; the main process is 0), each running
+    ``python -m mailrelay.workers.child`` on the same configuration with the listening sockets
+    of ``listeners`` (the main process's ListenerServices, bound before this service starts).
+
+    A worker that ends while the relay runs is logged and started again after a delay that
+    doubles while it keeps ending soon after its start. When the relay stops, each worker gets
+    SIGTERM (and is killed if it has not exited after ``STOP_TIMEOUT``); the stop completes
+    once all of them have exited. A worker also stops by itself when the main process is gone
+    (its stdin, a pipe from here, reaches end of file).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        count: int,
+        configPath: str | None,
+        listeners: Sequence[Any],
+        openConnections: Callable[[], int],
+        executable: str = sys.executable,
+    ) -> None:
+        self.reactor = reactor
+        self.count = count
+        self.configPath = configPath
+        self.listeners = list(listeners)
+        self.openConnections = openConnections
+        self.executable = executable
+        self.workers: dict[int, WorkerProcess] = {}
+        self.starts = 0  # workers started so far, restarts included
+        self._restartDelay: dict[int, float] = {}
+        self._pendingRestarts: dict[int, Any] = {}
+
+    def startService(self) -> None:
+        super().startService()
+        for listener in self.listeners:
+            balanceAccepts(listener.port, self.reactor, self.openConnections)
+        for index in range(1, self.count + 1):
+            self._start(index)
+
+    def command(self, index: int) -> tuple[list[str], dict[int, Any]]:
+        """The worker's argument list and its file descriptors (stdio, listening sockets)."""
+        args = [self.executable, "-m", "mailrelay.workers.child", "--index", str(index)]
+        if self.configPath is not None:
+            args += ["--config", self.configPath]
+        childFDs: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        for position, listener in enumerate(self.listeners):
+            port = listener.port
+            if port is None:
+                raise RuntimeError(f"listener {listener.description} is not bound")
+            fd = port.fileno()
+            childFDs[fd] = fd
+            args += ["--listener", f"{position}:{fd}:{int(port.socket.family)}"]
+        return args, childFDs
+
+    def _start(self, index: int) -> None:
+        self._pendingRestarts.pop(index, None)
+        args, childFDs = self.command(index)
+        worker = WorkerProcess(self, index)
+        self.reactor.spawnProcess(
+            worker, self.executable, args, env=dict(os.environ), childFDs=childFDs
+        )
+        self.workers[index] = worker
+        self.starts += 1
+        self.log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
+
+    def workerEnded(self, worker: WorkerProcess, reason: Failure) -> None:
+        if self.workers.get(worker.index) is worker:
+            del self.workers[worker.index]
+        if not self.running:
+            return
+        # A worker that keeps ending soon after its start waits twice as long each time.
+        ranFor = self.reactor.seconds() - worker.startedAt
+        previous = self._restartDelay.get(worker.index)
+        if previous is None or ranFor >= STABLE_AFTER:
+            delay = RESTART_DELAY
+        else:
+            delay = min(previous * 2, MAX_RESTART_DELAY)
+        self._restartDelay[worker.index] = delay
+        self.log.error(
+            "worker {index} (pid {pid}) ended: {reason}; starting it again in {delay:.0f} s",
+            index=worker.index,
+            pid=worker.pid,
+            reason=reason.getErrorMessage(),
+            delay=delay,
+        )
+        self._pendingRestarts[worker.index] = self.reactor.callLater(
+            delay, self._start, worker.index
+        )
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        for call in self._pendingRestarts.values():
+            if call.active():
+                call.cancel()
+        self._pendingRestarts.clear()
+        running = list(self.workers.values())
+        for worker in running:
+            worker.stop()
+
+        def killRemaining() -> None:
+            for worker in running:
+                worker.kill()
+
+        kill = self.reactor.callLater(STOP_TIMEOUT, killRemaining)
+        done = DeferredList([w.ended for w in running])
+
+        def stopped(result: Any) -> Any:
+            if kill.active():
+                kill.cancel()
+            return result
+
+        return done.addBoth(stopped)

@@ -1,0 +1,285 @@
+"""
+Several intake processes (``workers = N``): the configuration, the fair sharing of new
+connections, and a real ``twistd mailrelay`` with a worker process serving real SMTP clients.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import socket
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from mailrelay.config import ConfigError, parseConfig
+from mailrelay.ids import INSTANCE_BITS, SEQUENCE_BITS
+from mailrelay.tap import _share
+from mailrelay.workers import DELAY_PER_CONNECTION, MAX_ACCEPT_DELAY, balanceAccepts
+from tests.relay_fixture import (
+    CLIENT_TIMEOUT,
+    SENDER,
+    Listener,
+    RelayFiles,
+    RelayProcess,
+    addAccount,
+    freePort,
+)
+
+ACCEPTED = re.compile(rb"2\.0\.0 OK id=(\d+)")
+
+
+def instanceOf(notificationId: str) -> int:
+    """The instance number inside a notification id: which relay process made it."""
+    return (int(notificationId) >> SEQUENCE_BITS) & ((1 << INSTANCE_BITS) - 1)
+
+
+class WorkersConfigTests(SynchronousTestCase):
+    def test_default(self) -> None:
+        self.assertEqual(parseConfig({}).workers, 1)
+
+    def test_bounds(self) -> None:
+        for bad in (0, -1, 65):
+            with self.assertRaises(ConfigError) as caught:
+                parseConfig({"workers": bad})
+            self.assertIn("workers", str(caught.exception))
+        self.assertEqual(parseConfig({"workers": 64}).workers, 64)
+
+    def test_listenerKinds(self) -> None:
+        """A worker takes over a listening socket as it is: the PROXY header of haproxy: and
+        the TLS of ssl: would be lost, so with workers those are refused, naming the key."""
+        for endpoint in ("haproxy:tcp:25", "ssl:465:privateKey=k.pem"):
+            table = {"workers": 2, "listeners": [{"endpoint": "tcp:587"}, {"endpoint": endpoint}]}
+            with self.assertRaises(ConfigError) as caught:
+                parseConfig(table)
+            self.assertIn("listeners[1].endpoint", str(caught.exception))
+        for endpoint in (
+            "tcp:25",
+            "tcp6:25",
+            "unix:/run/mailrelay.sock",
+            "systemd:domain=INET:index=0",
+        ):
+            parseConfig({"workers": 2, "listeners": [{"endpoint": endpoint}]})
+        parseConfig({"workers": 1, "listeners": [{"endpoint": "haproxy:tcp:25"}]})
+
+    def test_instanceNumbers(self) -> None:
+        """Each process makes ids with instance_id + its index, which must stay <= 1023."""
+        parseConfig({"workers": 4, "store": {"instance_id": 1020}})
+        with self.assertRaises(ConfigError) as caught:
+            parseConfig({"workers": 5, "store": {"instance_id": 1020}})
+        self.assertIn("store.instance_id", str(caught.exception))
+        # Redis with instance_id 0 leases a free number per process: no range to check.
+        parseConfig({"workers": 64, "store": {"backend": "redis", "instance_id": 0}})
+
+    def test_share(self) -> None:
+        self.assertEqual([_share(10, n) for n in (1, 2, 3, 4, 64)], [10, 5, 4, 3, 1])
+
+
+class _Port:
+    """The parts of a listening tcp.Port that balanceAccepts uses."""
+
+    numberAccepts = 100
+    connected = True
+
+    def __init__(self) -> None:
+        self.reading = True
+        self.accepted = 0
+        self.numberAcceptsSeen: list[int] = []
+
+    def doRead(self) -> None:
+        self.numberAcceptsSeen.append(self.numberAccepts)
+        self.accepted += 1
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+    def startReading(self) -> None:
+        self.reading = True
+
+
+class BalanceAcceptsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.port = _Port()
+        self.open = 0
+        balanceAccepts(self.port, self.clock, lambda: self.open)
+
+    def test_idleProcessAcceptsAtOnce(self) -> None:
+        self.port.doRead()
+        self.assertEqual(self.port.accepted, 1)
+        self.assertEqual(self.port.numberAcceptsSeen, [1])  # one connection per wake-up
+
+    def test_busyProcessWaitsItsTurn(self) -> None:
+        """A process serving connections stops reading for a moment that grows with them,
+        then takes one connection (if another process has not taken it meanwhile)."""
+        self.open = 30
+        self.port.doRead()
+        self.assertEqual(self.port.accepted, 0)
+        self.assertFalse(self.port.reading)
+        self.clock.advance(30 * DELAY_PER_CONNECTION * 0.9)
+        self.assertFalse(self.port.reading)
+        self.clock.advance(30 * DELAY_PER_CONNECTION * 0.2)
+        self.assertTrue(self.port.reading)
+        self.port.doRead()
+        self.assertEqual(self.port.accepted, 1)
+        # and the next wake-up waits again
+        self.port.doRead()
+        self.assertEqual(self.port.accepted, 1)
+        self.assertFalse(self.port.reading)
+
+    def test_delayIsBounded(self) -> None:
+        self.open = 1_000_000
+        self.port.doRead()
+        self.clock.advance(MAX_ACCEPT_DELAY)
+        self.assertTrue(self.port.reading)
+
+    def test_stoppedListeningMeanwhile(self) -> None:
+        self.open = 5
+        self.port.doRead()
+        self.port.connected = False
+        self.clock.advance(1)
+        self.assertFalse(self.port.reading)
+
+
+class WorkerProcessTests(TestCase):
+    """``twistd -n mailrelay`` with ``workers = 2``: the main process and one worker."""
+
+    timeout = 60
+
+    async def startRelay(self) -> tuple[RelayFiles, RelayProcess, int]:
+        port = freePort()
+        # Relay by IP: the test account submits from 127.0.0.1 without AUTH.
+        endpoint = f"tcp:{port}:interface=127.0.0.1"
+        files = RelayFiles(Path(self.mktemp()), [Listener("network", "none", "network", endpoint)])
+        files.configPath.write_text("workers = 2\n" + files.configPath.read_text())
+        store = files.makeStore()
+        await store.open()
+        try:
+            credentials = await addAccount(store)
+            await store.updateAccount(replace(credentials.account, networks=("127.0.0.0/8",)))
+        finally:
+            await store.close()
+        relay = RelayProcess(files, "workers")
+        await deferToThread(relay.start)
+        self.addCleanup(self.killAll, relay)
+        await deferToThread(relay.waitUntilServing, port)
+        await deferToThread(self.waitForLog, relay, "worker 1 serving")
+        return files, relay, port
+
+    def killAll(self, relay: RelayProcess) -> Any:
+        pids = self.workerPids(relay)
+
+        def kill() -> None:
+            relay.signal(signal.SIGKILL)
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+        return deferToThread(kill)
+
+    @staticmethod
+    def workerPids(relay: RelayProcess) -> list[int]:
+        return [int(pid) for pid in re.findall(r"worker 1 started \(pid (\d+)\)", relay.log())]
+
+    @staticmethod
+    def waitForLog(relay: RelayProcess, text: str, count: int = 1, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while relay.log().count(text) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not in the log {count} times:\n{relay.log()}")
+            time.sleep(0.05)
+
+    @staticmethod
+    def submitAll(port: int, sessions: int, messages: int) -> list[str]:
+        """Blocking: ``sessions`` SMTP sessions open at once, each sending ``messages``
+        messages with smtplib; every notification id, in no particular order."""
+
+        def connect() -> smtplib.SMTP:
+            smtp = smtplib.SMTP(
+                "127.0.0.1", port, local_hostname="client.test", timeout=CLIENT_TIMEOUT
+            )
+            smtp.ehlo()
+            return smtp
+
+        with ThreadPoolExecutor(sessions) as pool:
+            clients = list(pool.map(lambda _: connect(), range(sessions)))
+
+            def send(smtp: smtplib.SMTP) -> list[str]:
+                ids = []
+                for n in range(messages):
+                    assert smtp.mail(SENDER)[0] == 250
+                    assert smtp.rcpt("someone@customer.example")[0] == 250
+                    message = f"From: {SENDER}\r\nSubject: {n}\r\n\r\nHello\r\n"
+                    code, text = smtp.data(message.encode())
+                    match = ACCEPTED.search(text)
+                    assert code == 250 and match, (code, text)
+                    ids.append(match.group(1).decode())
+                smtp.quit()
+                return ids
+
+            return [i for ids in pool.map(send, clients) for i in ids]
+
+    async def test_bothProcessesServeAndStoreDurably(self) -> None:
+        files, relay, port = await self.startRelay()
+        ids = await deferToThread(self.submitAll, port, 12, 5)
+        self.assertEqual(len(set(ids)), 60)
+        # Both processes took sessions (the main one makes instance 0, the worker 1).
+        self.assertEqual({instanceOf(i) for i in ids}, {0, 1}, relay.log())
+        # Every message that got its 250 is in the one database, whoever took it.
+        database = sqlite3.connect(files.dataDir / "mailrelay.sqlite3")
+        self.addCleanup(database.close)
+        stored = {str(row[0]) for row in database.execute("SELECT id FROM notifications")}
+        self.assertEqual(stored, set(ids))
+        queued = database.execute("SELECT COUNT(*) FROM queue WHERE state = 'queued'").fetchone()
+        self.assertEqual(queued, (60,))
+
+    async def test_workerRestartedWhenItDies(self) -> None:
+        _, relay, port = await self.startRelay()
+        (first,) = self.workerPids(relay)
+        os.kill(first, signal.SIGKILL)
+        await deferToThread(self.waitForLog, relay, "worker 1 serving", 2)
+        self.assertIn(f"worker 1 (pid {first}) ended", relay.log())
+        pids = self.workerPids(relay)
+        self.assertEqual(len(pids), 2)
+        self.assertNotEqual(pids[1], first)
+        ids = await deferToThread(self.submitAll, port, 8, 3)
+        self.assertEqual(len(set(ids)), 24)
+
+    async def test_stopStopsTheWorkers(self) -> None:
+        _, relay, port = await self.startRelay()
+        (worker,) = self.workerPids(relay)
+        status = await deferToThread(relay.signal, signal.SIGTERM, 30)
+        self.assertIn(status, (0, -signal.SIGTERM), relay.log())
+        self.assertFalse(_running(worker), "the worker outlived the relay")
+        with self.assertRaises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+    async def test_workerStopsWhenTheMainProcessDies(self) -> None:
+        """kill -9 of the main process: the worker sees its stdin close and exits."""
+        _, relay, _ = await self.startRelay()
+        (worker,) = self.workerPids(relay)
+        await deferToThread(relay.signal, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while _running(worker) and time.monotonic() < deadline:
+            await deferToThread(time.sleep, 0.1)
+        self.assertFalse(_running(worker), "the worker outlived the killed relay")
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
