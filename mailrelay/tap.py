@@ -36,6 +36,7 @@ from mailrelay.store import makeStore
 from mailrelay.submission import Submissions
 from mailrelay.tls import certificatePaths, contextFactory
 from mailrelay.web import makeWebSite, serviceListeners
+from mailrelay.web.health import oneProcess
 from mailrelay.workers.pool import WorkerPool
 
 log = Logger()
@@ -267,6 +268,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             config,
             reactor,
             listenersUp=serviceListeners(root, [lc.endpoint for lc in config.listeners]),
+            workers=oneProcess if pool is None else pool.serving,
         ),
     )
     return root

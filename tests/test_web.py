@@ -488,6 +488,7 @@ class OperationsTests(WebSiteTestsBase):
         self.assertEqual(document["store"]["backend"], "sqlite")
         self.assertIs(document["store"]["ok"], True)
         self.assertGreaterEqual(document["store"]["latency_ms"], 0)
+        self.assertEqual(document["workers"], {"configured": 1, "serving": 1})
 
     async def test_storeDown(self) -> None:
         await self.store.close()

@@ -5,6 +5,7 @@ connections, and a real ``twistd mailrelay`` with a worker process serving real 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ import smtplib
 import socket
 import sqlite3
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -159,7 +161,12 @@ class WorkerProcessTests(TestCase):
         port = freePort()
         # Relay by IP: the test account submits from 127.0.0.1 without AUTH.
         endpoint = f"tcp:{port}:interface=127.0.0.1"
-        files = RelayFiles(Path(self.mktemp()), [Listener("network", "none", "network", endpoint)])
+        self.webPort = freePort()
+        files = RelayFiles(
+            Path(self.mktemp()),
+            [Listener("network", "none", "network", endpoint)],
+            webEndpoint=f"tcp:{self.webPort}:interface=127.0.0.1",
+        )
         files.configPath.write_text("workers = 2\n" + files.configPath.read_text())
         store = files.makeStore()
         await store.open()
@@ -187,6 +194,15 @@ class WorkerProcessTests(TestCase):
                     pass
 
         return deferToThread(kill)
+
+    async def health(self, files: RelayFiles) -> Any:
+        """The ``workers`` part of the relay's /healthz document."""
+
+        def get() -> Any:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.webPort}/healthz") as response:
+                return json.load(response)["workers"]
+
+        return await deferToThread(get)
 
     @staticmethod
     def workerPids(relay: RelayProcess) -> list[int]:
@@ -245,10 +261,14 @@ class WorkerProcessTests(TestCase):
         self.assertEqual(queued, (60,))
 
     async def test_workerRestartedWhenItDies(self) -> None:
-        _, relay, port = await self.startRelay()
+        files, relay, port = await self.startRelay()
+        self.assertEqual(await self.health(files), {"configured": 2, "serving": 2})
         (first,) = self.workerPids(relay)
         os.kill(first, signal.SIGKILL)
+        await deferToThread(self.waitForLog, relay, f"worker 1 (pid {first}) ended")
+        self.assertEqual(await self.health(files), {"configured": 2, "serving": 1})
         await deferToThread(self.waitForLog, relay, "worker 1 serving", 2)
+        self.assertEqual(await self.health(files), {"configured": 2, "serving": 2})
         self.assertIn(f"worker 1 (pid {first}) ended", relay.log())
         pids = self.workerPids(relay)
         self.assertEqual(len(pids), 2)

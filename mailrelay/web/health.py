@@ -40,6 +40,15 @@ ListenerProbe = Callable[[], Iterable[ListenerState]]
 """Called at each health check: the state of every SMTP listener."""
 
 
+WorkerProbe = Callable[[], tuple[int, int]]
+"""Called at each health check: (intake processes configured, processes serving now)."""
+
+
+def oneProcess() -> tuple[int, int]:
+    """The probe of a relay that runs no worker processes: the main one serves alone."""
+    return (1, 1)
+
+
 def noListeners() -> list[ListenerState]:
     """The probe of a web site that serves no SMTP listeners (tests, tools)."""
     return []
@@ -72,10 +81,12 @@ class Health:
         clock: IReactorTime,
         listeners: ListenerProbe = noListeners,
         pingTimeout: float = PING_TIMEOUT,
+        workers: WorkerProbe = oneProcess,
     ) -> None:
         self._store = store
         self._clock = clock
         self._listeners = listeners
+        self._workers = workers
         self._pingTimeout = pingTimeout
 
     async def _ping(self) -> float | None:
@@ -103,6 +114,9 @@ class Health:
             },
             "listeners": [{"endpoint": s.endpoint, "up": s.up} for s in listeners],
         }
+        # A worker that ended is being restarted and the others serve on: reported, not unhealthy.
+        configured, serving = self._workers()
+        document["workers"] = {"configured": configured, "serving": serving}
         return jsonResponse(200 if healthy else 503, document)
 
     async def metrics(self) -> Response:

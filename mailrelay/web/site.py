@@ -29,7 +29,7 @@ from mailrelay.auth.throttle import LoginThrottle
 from mailrelay.config import Config
 from mailrelay.interfaces import IStore, StoreError
 from mailrelay.web.auth import BasicLogin, Throttled, Unauthenticated, clientAddress
-from mailrelay.web.health import Health, ListenerProbe, noListeners
+from mailrelay.web.health import Health, ListenerProbe, WorkerProbe, noListeners, oneProcess
 from mailrelay.web.notifications import (
     BadQuery,
     NotificationStatus,
@@ -207,17 +207,18 @@ def makeWebSite(
     config: Config,
     clock: IReactorTime,
     listenersUp: ListenerProbe = noListeners,
+    workers: WorkerProbe = oneProcess,
 ) -> server.Site:
     """
     The site of the web endpoint. ``portal`` and ``throttle`` are the SMTP listeners' own, so a
     client's failures count the same over both; ``clock`` tells the time for the retention
-    period, the throttle and timeouts; ``listenersUp`` reports the SMTP listeners for
-    ``/healthz``.
+    period, the throttle and timeouts; ``listenersUp`` reports the SMTP listeners and
+    ``workers`` the intake processes for ``/healthz``.
     """
     root = WebRoot(
         BasicLogin(portal, throttle),
         NotificationStatus(store, clock, config.limits.status_retention_days),
-        Health(store, clock, listenersUp),
+        Health(store, clock, listenersUp, workers=workers),
         openAPIDocument(),
     )
     site = server.Site(root, requestFactory=JSONErrorRequest, timeout=REQUEST_TIMEOUT)

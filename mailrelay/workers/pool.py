@@ -125,6 +125,10 @@ class WorkerPool(Service):
         self._restartDelay: dict[int, float] = {}
         self._pendingRestarts: dict[int, Any] = {}
 
+    def serving(self) -> tuple[int, int]:
+        """(intake processes configured, serving now), the main process counted in."""
+        return (self.count + 1, 1 + sum(worker.ready for worker in self.workers.values()))
+
     def startService(self) -> None:
         super().startService()
         for listener in self.listeners:
