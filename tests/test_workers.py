@@ -23,8 +23,10 @@ from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from mailrelay import metrics
 from mailrelay.config import ConfigError, parseConfig
 from mailrelay.ids import INSTANCE_BITS, SEQUENCE_BITS
+from mailrelay.metrics import REGISTRY, workerMetrics
 from mailrelay.tap import _share
 from mailrelay.workers import DELAY_PER_CONNECTION, MAX_ACCEPT_DELAY, balanceAccepts
 from tests.relay_fixture import (
@@ -84,6 +86,42 @@ class WorkersConfigTests(SynchronousTestCase):
 
     def test_share(self) -> None:
         self.assertEqual([_share(10, n) for n in (1, 2, 3, 4, 64)], [10, 5, 4, 3, 1])
+
+
+def _sample(name: str, labels: dict[str, str]) -> float | None:
+    return REGISTRY.get_sample_value(name, labels)
+
+
+class WorkerMetricsTests(SynchronousTestCase):
+    """/metrics adds the workers' snapshots to the main process's own counters."""
+
+    def setUp(self) -> None:
+        self.addCleanup(setattr, workerMetrics, "workers", {})
+        self.addCleanup(setattr, workerMetrics, "retired", {})
+        self.label = {"listener": f"test-{id(self)}"}
+        metrics.connections.labels(**self.label).inc(3)
+
+    def test_sum(self) -> None:
+        name = "mailrelay_connections_total"
+        self.assertEqual(_sample(name, self.label), 3)
+        snapshot = metrics.snapshot()
+        self.assertNotIn("_created", json.dumps(snapshot))  # times are not added up
+        workerMetrics.workers[1] = json.loads(json.dumps(snapshot))  # as sent over the pipe
+        workerMetrics.workers[2] = {name.removesuffix("_total"): [[name, self.label, 4.0]]}
+        self.assertEqual(_sample(name, self.label), 3 + 3 + 4)
+
+    def test_endedWorkerCountersKept(self) -> None:
+        """A worker that ended keeps counting in the totals (counters never go backwards);
+        its gauges (open sessions) are gone with it."""
+        counter, gauge = "mailrelay_connections", "mailrelay_sessions_active"
+        for _ in range(2):  # it ends twice: both lives count
+            workerMetrics.workers[1] = {
+                counter: [[f"{counter}_total", self.label, 5.0]],
+                gauge: [[gauge, self.label, 2.0]],
+            }
+            workerMetrics.retire(1)
+        self.assertEqual(_sample(f"{counter}_total", self.label), 3 + 5 + 5)
+        self.assertIn(_sample(gauge, self.label), (None, 0.0))
 
 
 class _Port:
@@ -259,6 +297,23 @@ class WorkerProcessTests(TestCase):
         self.assertEqual(stored, set(ids))
         queued = database.execute("SELECT COUNT(*) FROM queue WHERE state = 'queued'").fetchone()
         self.assertEqual(queued, (60,))
+        # /metrics adds up both processes (a worker reports about once a second).
+        deadline = time.monotonic() + 10
+        while (counted := await self.acceptedCount()) < 60 and time.monotonic() < deadline:
+            await deferToThread(time.sleep, 0.2)
+        self.assertEqual(counted, 60)
+
+    async def acceptedCount(self) -> float:
+        """mailrelay_messages_total{code="250"} from the relay's /metrics."""
+
+        def get() -> float:
+            url = f"http://127.0.0.1:{self.webPort}/metrics"
+            with urllib.request.urlopen(url) as response:
+                text = response.read().decode()
+            match = re.search(r'^mailrelay_messages_total\{code="250"\} (\S+)$', text, re.M)
+            return float(match.group(1)) if match else 0.0
+
+        return await deferToThread(get)
 
     async def test_workerRestartedWhenItDies(self) -> None:
         files, relay, port = await self.startRelay()

@@ -12,6 +12,7 @@ stdin reaches end of file because the main process is gone.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -22,10 +23,12 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.stdio import StandardIO
+from twisted.internet.task import LoopingCall
 from twisted.logger import FileLogObserver, eventAsText, globalLogBeginner
 from zope.interface import implementer
 
 import mailrelay.smtp.protocol  # noqa: F401  (imported now, not at the first session)
+from mailrelay import metrics
 from mailrelay.config import Config, ConfigError, loadConfig
 from mailrelay.tap import RelayCore, buildCore
 from mailrelay.workers import balanceAccepts
@@ -33,6 +36,8 @@ from mailrelay.workers import balanceAccepts
 READY = b"ready\n"
 """Written to stdout (the main process reads it) once the worker's store is open and its
 listeners accept: from then on its sessions are served."""
+METRICS_INTERVAL = 1.0
+"""Seconds between two snapshots of the worker's counters sent to the main process."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,11 @@ class _StopWhenParentGoes(Protocol):
         if self.transport is not None:
             self.transport.write(READY)
 
+    def sendMetrics(self) -> None:
+        if self.transport is not None:
+            document = json.dumps(metrics.snapshot(), separators=(",", ":"))
+            self.transport.write(b"metrics " + document.encode() + b"\n")
+
     def readConnectionLost(self) -> None:
         if self.reactor.running:
             self.reactor.stop()
@@ -151,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     def start() -> None:
         root.startService()
         core.storeService.whenReady().addCallback(control.tellReady)
+        LoopingCall(control.sendMetrics).start(METRICS_INTERVAL, now=False)
 
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", root.stopService)

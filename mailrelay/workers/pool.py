@@ -5,6 +5,7 @@ restart one that ends, stop them with the relay.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailrelay import metrics
 from mailrelay.workers import balanceAccepts
 
 RESTART_DELAY = 1.0
@@ -27,6 +29,7 @@ STABLE_AFTER = 30.0
 STOP_TIMEOUT = 15.0
 """Seconds a worker has to finish its sessions' writes and exit before it is killed."""
 MAX_LOG_LINE = 16384
+MAX_CONTROL_LINE = 1 << 20
 
 
 class WorkerProcess(ProcessProtocol):
@@ -42,15 +45,26 @@ class WorkerProcess(ProcessProtocol):
         self.ready = False
         self.pid: int | None = None
         self._partial = b""
+        self._control = b""
 
     def connectionMade(self) -> None:
         self.pid = getattr(self.transport, "pid", None)
 
     def outReceived(self, data: bytes) -> None:
-        # stdout carries control lines (stderr the log): "ready" once the worker serves.
-        if b"ready\n" in data and not self.ready:
-            self.ready = True
-            self.log.info("worker {index} serving (pid {pid})", index=self.index, pid=self.pid)
+        # stdout carries control lines (stderr the log): "ready" once the worker serves, then
+        # "metrics <json>" about once a second.
+        *lines, self._control = (self._control + data).split(b"\n")
+        if len(self._control) > MAX_CONTROL_LINE:
+            self._control = b""
+        for line in lines:
+            if line == b"ready" and not self.ready:
+                self.ready = True
+                self.log.info("worker {index} serving (pid {pid})", index=self.index, pid=self.pid)
+            elif line.startswith(b"metrics "):
+                try:
+                    metrics.workerMetrics.workers[self.index] = json.loads(line[8:])
+                except ValueError:
+                    self.log.warn("worker {index}: unreadable metrics", index=self.index)
 
     def errReceived(self, data: bytes) -> None:
         self._relay(data)
@@ -72,6 +86,7 @@ class WorkerProcess(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         if self._partial:
             self._relay(b"\n")
+        metrics.workerMetrics.retire(self.index)
         self.pool.workerEnded(self, reason)
         self.ended.callback(None)
 
