@@ -216,9 +216,10 @@ def _validate(config: Config) -> Config:
 
 
 MAX_WORKERS = 64
-# Endpoints whose listening socket another process can take over as it is (the PROXY header
-# of haproxy: and the TLS of ssl: live in the factory, which a worker would not have).
-WORKER_ENDPOINT_KINDS = frozenset({"tcp", "tcp6", "unix", "systemd"})
+# Endpoints whose listening socket another process can take over as it is: TCP ones. (The
+# PROXY header of haproxy: and the TLS of ssl: live in the factory, which a worker would not
+# have; and a process that stops listening on a UNIX socket it took over deletes its file.)
+WORKER_ENDPOINT_KINDS = frozenset({"tcp", "tcp6", "systemd"})
 
 
 def _validateWorkers(config: Config) -> None:
@@ -228,11 +229,11 @@ def _validateWorkers(config: Config) -> None:
         return
     for i, listener in enumerate(config.listeners):
         kind = listener.endpoint.partition(":")[0].lower()
-        if kind not in WORKER_ENDPOINT_KINDS:
-            allowed = ", ".join(f"{k}:" for k in sorted(WORKER_ENDPOINT_KINDS))
+        unixSocket = kind == "systemd" and "domain=unix" in listener.endpoint.lower()
+        if kind not in WORKER_ENDPOINT_KINDS or unixSocket:
             raise ConfigError(
-                f"listeners[{i}].endpoint: with workers > 1 a listener must be one of "
-                f"{allowed}, not {listener.endpoint!r}"
+                f"listeners[{i}].endpoint: with workers > 1 a listener must be a TCP one "
+                f"(tcp:, tcp6:, systemd:domain=INET...), not {listener.endpoint!r}"
             )
     # Each process makes ids with its own instance number: instance_id + its index.
     if (config.store.backend == "sqlite" or config.store.instance_id) and (
