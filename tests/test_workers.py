@@ -60,18 +60,22 @@ class WorkersConfigTests(SynchronousTestCase):
 
     def test_listenerKinds(self) -> None:
         """A worker takes over a listening socket as it is: the PROXY header of haproxy: and
-        the TLS of ssl: would be lost, so with workers those are refused, naming the key."""
-        for endpoint in ("haproxy:tcp:25", "ssl:465:privateKey=k.pem"):
+        the TLS of ssl: would be lost, and a worker stopping would delete a UNIX socket's
+        file, so with workers only TCP listeners are taken; the others are refused, naming
+        the key."""
+        refused = (
+            "haproxy:tcp:25",
+            "ssl:465:privateKey=k.pem",
+            "unix:/run/mailrelay.sock",
+            "systemd:domain=UNIX:index=0",
+        )
+        for endpoint in refused:
             table = {"workers": 2, "listeners": [{"endpoint": "tcp:587"}, {"endpoint": endpoint}]}
             with self.assertRaises(ConfigError) as caught:
                 parseConfig(table)
             self.assertIn("listeners[1].endpoint", str(caught.exception))
-        for endpoint in (
-            "tcp:25",
-            "tcp6:25",
-            "unix:/run/mailrelay.sock",
-            "systemd:domain=INET:index=0",
-        ):
+        taken = ("tcp:25", "tcp6:25", "systemd:domain=INET:index=0", "systemd:domain=INET6:index=1")
+        for endpoint in taken:
             parseConfig({"workers": 2, "listeners": [{"endpoint": endpoint}]})
         parseConfig({"workers": 1, "listeners": [{"endpoint": "haproxy:tcp:25"}]})
 
