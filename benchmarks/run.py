@@ -33,7 +33,14 @@ from benchmarks.scenarios import FULL, QUICK, Scenario
 from benchmarks.smtpsource import SourceResult, run_smtp_source
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
-DEFAULT_SERVERS = ["twisted-plain", "aiosmtpd", "mailrelay-sqlite", "mailrelay-redis", "postfix"]
+DEFAULT_SERVERS = [
+    "twisted-plain",
+    "aiosmtpd",
+    "mailrelay-sqlite",
+    "mailrelay-sqlite-2w",
+    "mailrelay-redis",
+    "postfix",
+]
 
 
 def measure(server: adapters.RunningServer, scenario: Scenario, args: argparse.Namespace) -> Row:
