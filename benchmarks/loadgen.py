@@ -33,7 +33,7 @@ from multiprocessing import get_context
 from typing import Any
 
 from benchmarks.messages import Blobs, auth_plain
-from benchmarks.procstat import ServerMonitor, ServerUsage, rss_kib
+from benchmarks.procstat import ServerMonitor, ServerUsage, rss_kib, tree_pss_kib
 from benchmarks.smtpclient import (
     ReplyCounter,
     SMTPReplyError,
@@ -415,10 +415,11 @@ def _merge(
 
 
 async def _hold_idle(
-    cfg: LoadConfig, count: int, server_pid: int | None, settle: float
+    cfg: LoadConfig, count: int, server_pid: int | None, settle: float, tree: bool = False
 ) -> IdleResult:
+    memory = tree_pss_kib if tree else rss_kib
     load = _Load(replace(cfg, user=None), 0, 0, 0.0, 0.0)
-    before = rss_kib(server_pid) if server_pid else 0
+    before = memory(server_pid) if server_pid else 0
     gate = asyncio.Semaphore(100)  # connect in bursts the listen backlog can take
     errors: Counter[str] = Counter()
 
@@ -436,7 +437,7 @@ async def _hold_idle(
         errors["timeout"] += 1
     await asyncio.sleep(settle)
     held = len(load.live)
-    after = rss_kib(server_pid) if server_pid else 0
+    after = memory(server_pid) if server_pid else 0
     for proto in list(load.live):
         proto.abort()
     await asyncio.sleep(0.1)
@@ -444,11 +445,16 @@ async def _hold_idle(
 
 
 def hold_idle(
-    cfg: LoadConfig, count: int, server_pid: int | None = None, settle: float = 1.0
+    cfg: LoadConfig,
+    count: int,
+    server_pid: int | None = None,
+    settle: float = 1.0,
+    tree: bool = False,
 ) -> IdleResult:
-    """Open ``count`` sessions (greeting, EHLO, STARTTLS if configured), hold, measure, close."""
+    """Open ``count`` sessions (greeting, EHLO, STARTTLS if configured), hold, measure, close.
+    With ``tree``, the server's memory is its whole process tree's (PSS)."""
     raise_fd_limit()
-    return _run_async(lambda: _hold_idle(cfg, count, server_pid, settle))
+    return _run_async(lambda: _hold_idle(cfg, count, server_pid, settle, tree))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -62,7 +62,9 @@ def measure(server: adapters.RunningServer, scenario: Scenario, args: argparse.N
         processes=args.loadgen_processes,
     )
     if scenario.idle:
-        return Row(scenario, server.name, hold_idle(cfg, scenario.idle, server.pid))
+        return Row(
+            scenario, server.name, hold_idle(cfg, scenario.idle, server.pid, tree=server.tree)
+        )
     return Row(scenario, server.name, run_load(cfg, server.pid, server.tree))
 
 
