@@ -269,12 +269,13 @@ class SharedServerTests(RedisStoreTestsBase):
 
 
 class EnqueueTests(RedisStoreTestsBase):
-    """One MULTI/EXEC per notification: all of it or none of it, on connections given back."""
+    """One script per notification: all of it or none of it, on connections given back."""
 
     async def test_refusedCommandLeavesNothing(self) -> None:
         """
-        A user who may not write the bulk index: the server refuses that one command of the
-        transaction, so EXEC applies none of them. The connection is usable afterwards.
+        A user who may not write the bulk index: the server refuses the enqueue script before
+        it runs (every key it writes is declared), so nothing is stored. The connection is
+        usable afterwards.
         """
         user, password = f"mailrelay-test-{uuid.uuid4().hex}", uuid.uuid4().hex
         allowed = ["notification:*", "body:*", "events:*", "queue:*", "accepted:*", "received"]

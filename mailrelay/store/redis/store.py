@@ -5,19 +5,21 @@ Layout: see :mod:`mailrelay.store.redis.keys` (hashes for accounts, keys and not
 sorted sets for the queue and the indexes, a list of JSON per status trail).
 
 Atomicity. :meth:`RedisStore.enqueue` writes everything about one notification -- its hash,
-body, ``CAAS_RECEIVED`` events, queue entry and index entries -- in ONE ``MULTI``/``EXEC``
-after ``WATCH``-ing the notification key and checking it is absent: another writer of that
-id makes ``EXEC`` do nothing (-> AlreadyExists). A command the server refuses while queueing
-(out of memory, no permission, ...) aborts the whole transaction, so nothing is half-stored.
-Every other check-then-write (account exists, key not taken, entry still queued) is a Lua
-script (:mod:`mailrelay.store.redis.scripts`), which Redis runs without anything in between.
+body, ``CAAS_RECEIVED`` events, queue entry and index entries -- with ONE Lua script
+(``ENQUEUE``, one command and one round trip), which Redis runs without anything in between:
+it checks that the notification key is absent (else AlreadyExists) and then writes. Every key
+it writes is declared, so what the server refuses up front (no permission on a key, out of
+memory, a read-only replica) refuses the whole script and nothing is half-stored. Every other
+check-then-write (account exists, key not taken, entry still queued) is a Lua script of
+:mod:`mailrelay.store.redis.scripts` too.
 
-Durability (SPEC §6). The Deferred of :meth:`RedisStore.enqueue` fires only once ``EXEC`` has
-answered: the server has the message. That it is also *on disk* is the server's
+Durability (SPEC §6). The Deferred of :meth:`RedisStore.enqueue` fires only once the script
+has answered: the server has the message. That it is also *on disk* is the server's
 configuration: ``appendonly yes`` with ``appendfsync always`` (a warning is logged at open
 when the append-only file is off). With replicas, ``redis_url = "redis://host/0?wait=1"``
-adds ``WAIT 1 1000`` after each ``EXEC`` and fails the enqueue with StoreError unless that
-many replicas acknowledged within the time (``&wait_timeout=MS``, default 1000). Such a
+adds ``WAIT 1 1000`` after each enqueue (on the same connection) and fails the enqueue with
+StoreError unless that many replicas acknowledged within the time (``&wait_timeout=MS``,
+default 1000). Such a
 failure cannot take back what the primary already applied: the client retries (it got
 ``451``), and the first copy is delivered as well.
 
@@ -499,15 +501,35 @@ class RedisStore:
         nid = notification.notification_id
         if idNumber(nid) is None:
             return _failed(StoreError(f"not a notification id: {nid!r}"))
-        commands = self._enqueueCommands(notification, bytes(message))
+        keys, args = self._enqueueScript(notification, bytes(message))
 
         async def enqueue(client: RedisClient) -> None:
-            await self._transaction(client, self._keys.notification(nid), commands)
+            if not self.url.wait:
+                _checkEnqueued(await _enqueued(client.eval(scripts.ENQUEUE, keys, args)), keys[0])
+                return
+            # WAIT counts the replicas that have this connection's writes: the same one.
+            connection = await client.reserve()
+            clean = False
+            try:
+                done = await _enqueued(connection.eval(scripts.ENQUEUE, keys, args))
+                _checkEnqueued(done, keys[0])
+                acknowledged = await connection.execute_command(
+                    "WAIT", self.url.wait, self.url.waitTimeoutMs
+                )
+                clean = True
+            finally:
+                client.giveBack(connection, clean)
+            if acknowledged < self.url.wait:
+                raise StoreError(
+                    f"{acknowledged} of {self.url.wait} replicas acknowledged the message"
+                )
 
         return self._run(enqueue)
 
-    def _enqueueCommands(self, notification: Notification, message: bytes) -> list[list[Any]]:
-        """The writes of one accepted notification, for one MULTI/EXEC."""
+    def _enqueueScript(
+        self, notification: Notification, message: bytes
+    ) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of :data:`scripts.ENQUEUE` for one notification."""
         keys = self._keys
         nid = notification.notification_id
         received = str(toMillis(notification.received_at))
@@ -516,50 +538,19 @@ class RedisStore:
             eventJSON(StatusEvent(nid, r, code, STATUS_TEXTS[code], notification.received_at))
             for r in notification.recipients
         ]
-        commands: list[list[Any]] = [
-            ["HSET", keys.notification(nid), *flatten(notificationFields(notification))],
-            ["SET", keys.body(nid), message],
-            ["ZADD", keys.queues[0], received, nid],
-            ["ZADD", keys.accepted(notification.account), received, nid],
-            ["ZADD", keys.received, received, nid],
+        scriptKeys = [
+            keys.notification(nid),
+            keys.body(nid),
+            keys.queues[0],
+            keys.accepted(notification.account),
+            keys.received,
+            keys.events(nid),
         ]
-        if events:
-            commands.append(["RPUSH", keys.events(nid), *events])
         bulkId = notification.options.bulk_id
         if bulkId is not None:
-            commands.append(["ZADD", keys.bulk(notification.account, bulkId), received, nid])
-        return commands
-
-    async def _transaction(
-        self, client: RedisClient, absentKey: str, commands: list[list[Any]]
-    ) -> None:
-        """
-        Run ``commands`` in one MULTI/EXEC if ``absentKey`` does not exist (AlreadyExists
-        otherwise), then WAIT for replicas if the URL asks for it. On a connection of its own,
-        in two round trips: WATCH, EXISTS, MULTI; then the commands, EXEC (and WAIT).
-        """
-        connection = await client.reserve()
-        clean = False
-        try:
-            send = connection.execute_command
-            opened = await _all(
-                [send("WATCH", absentKey), send("EXISTS", absentKey), send("MULTI")]
-            )
-            if not all(ok for ok, _ in opened):
-                raise next(value for ok, value in opened if not ok).value
-            if opened[1][1]:
-                await send("DISCARD")  # ends the MULTI and the WATCH
-                clean = True
-                raise AlreadyExists(f"notification exists already: {absentKey}")
-            replies = [send(*command) for command in commands] + [send("EXEC")]
-            if self.url.wait:
-                replies.append(send("WAIT", self.url.wait, self.url.waitTimeoutMs))
-            outcome = await _all(replies)
-            # After EXEC (whatever it answered) the connection is outside MULTI and WATCH.
-            clean = all(ok or value.check(ResponseError) for ok, value in outcome)
-        finally:
-            client.giveBack(connection, clean)
-        _checkTransaction(outcome, len(commands), self.url.wait, absentKey)
+            scriptKeys.append(keys.bulk(notification.account, bulkId))
+        fields = flatten(notificationFields(notification))
+        return scriptKeys, [nid, received, message, len(events), *events, *fields]
 
     def acceptedSince(self, account: str, since: datetime) -> Deferred[int]:
         async def count(client: RedisClient) -> int:
@@ -722,25 +713,23 @@ def _all(deferreds: list[Deferred[Any]]) -> Deferred[list[tuple[bool, Any]]]:
     return DeferredList(deferreds, consumeErrors=True)
 
 
-def _checkTransaction(
-    outcome: list[tuple[bool, Any]], commandCount: int, wait: int, absentKey: str
-) -> None:
-    """Raise what the replies to ``commands..., EXEC[, WAIT]`` amount to, if not success."""
-    ok, executed = outcome[commandCount]
-    if not ok:
-        if executed.check(ResponseError):
-            # EXECABORT: the first refused command says why; nothing was applied.
-            refused = next((v for ok, v in outcome[:commandCount] if not ok), executed)
-            raise StoreError(f"nothing stored: {refused.getErrorMessage()}")
-        raise StoreError(f"no answer to EXEC, outcome unknown: {executed.getErrorMessage()}")
-    if executed is None:  # the WATCHed key was written in between
-        raise AlreadyExists(f"notification exists already: {absentKey}")
-    errors = [reply for reply in executed if isinstance(reply, Exception)]
-    if errors:
-        raise StoreError(f"stored in part only: {errors[0]}")
-    if wait:
-        ok, acknowledged = outcome[-1]
-        if not ok:
-            raise StoreError(f"WAIT for replicas failed: {acknowledged.getErrorMessage()}")
-        if acknowledged < wait:
-            raise StoreError(f"{acknowledged} of {wait} replicas acknowledged the message")
+_REFUSED_BEFORE_RUNNING = ("NOPERM", "OOM", "READONLY", "NOREPLICAS", "BUSY", "MASTERDOWN")
+
+
+async def _enqueued(script: Deferred[Any]) -> Any:
+    """The ENQUEUE script's answer; an error reply as StoreError saying whether the server
+    refused the script before it ran (then nothing is stored: ACL, memory, read-only replica)."""
+    try:
+        return await script
+    except ResponseError as e:
+        if str(e).startswith(_REFUSED_BEFORE_RUNNING):
+            raise StoreError(f"nothing stored: {e}") from e
+        raise StoreError(f"enqueue failed, perhaps stored in part: {e}") from e
+
+
+def _checkEnqueued(done: Any, notificationKey: str) -> None:
+    """Raise what the ENQUEUE script's answer amounts to, if not success."""
+    if done == scripts.EXISTS:
+        raise AlreadyExists(f"notification exists already: {notificationKey}")
+    if done != scripts.DONE:
+        raise StoreError(f"unexpected answer to enqueue: {done!r}")
