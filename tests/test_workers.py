@@ -12,6 +12,8 @@ import signal
 import smtplib
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -353,6 +355,41 @@ class WorkerProcessTests(TestCase):
         while _running(worker) and time.monotonic() < deadline:
             await deferToThread(time.sleep, 0.1)
         self.assertFalse(_running(worker), "the worker outlived the killed relay")
+
+
+class WorkerStartTests(TestCase):
+    async def test_unusableSocketEndsTheWorker(self) -> None:
+        """A worker that cannot take over its socket exits 1 saying why (and the pool starts
+        it again), instead of running without serving."""
+        files = RelayFiles(Path(self.mktemp()), [Listener("plain", "none")])
+        notASocket = os.open(os.devnull, os.O_RDONLY)
+        self.addCleanup(os.close, notASocket)
+        command = [
+            sys.executable,
+            "-m",
+            "mailrelay.workers.child",
+            "--index",
+            "1",
+            "--config",
+            str(files.configPath),
+            "--listener",
+            f"0:{notASocket}:{int(socket.AF_INET)}",
+        ]
+
+        def run() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                command,
+                env=RelayProcess.environment(),
+                pass_fds=[notASocket],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+
+        result = await deferToThread(run)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn("mailrelay: worker 1 cannot serve", result.stderr)
 
 
 def _running(pid: int) -> bool:

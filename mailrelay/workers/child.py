@@ -159,7 +159,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     root.privilegedStartService()
 
     def start() -> None:
-        root.startService()
+        try:
+            root.startService()
+        except Exception as e:
+            # e.g. an inherited socket that cannot be adopted: end, and be started again.
+            sys.stderr.write(f"mailrelay: worker {args.index} cannot serve: {e}\n")
+            sys.stderr.flush()
+            os._exit(1)
         core.storeService.whenReady().addCallback(control.tellReady)
         LoopingCall(control.sendMetrics).start(METRICS_INTERVAL, now=False)
 
