@@ -458,6 +458,7 @@ _ADAPTERS: list[ServerAdapter] = [
     Mailrelay("sqlite"),
     Mailrelay("redis"),
     Mailrelay("sqlite", workers=2),
+    Mailrelay("redis", workers=2),
     Postfix(),
 ]
 ALL: dict[str, ServerAdapter] = {a.name: a for a in _ADAPTERS}

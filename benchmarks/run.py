@@ -39,6 +39,7 @@ DEFAULT_SERVERS = [
     "mailrelay-sqlite",
     "mailrelay-sqlite-2w",
     "mailrelay-redis",
+    "mailrelay-redis-2w",
     "postfix",
 ]
 
