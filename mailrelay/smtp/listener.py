@@ -74,6 +74,8 @@ class ListenerSettings:
 class SubmissionFactory(Factory):
     """Builds a :class:`SubmissionProtocol` per connection on one listener."""
 
+    noisy = False  # no "Starting factory" lines at each (worker) start
+
     def __init__(self, settings: ListenerSettings, implicitTLS: bool = False) -> None:
         self.settings = settings
         self.implicitTLS = implicitTLS
