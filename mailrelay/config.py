@@ -256,15 +256,31 @@ def loadConfig(path: str | None) -> Config:
     The configuration from ``path``; with no path, ``./mailrelay.toml`` if it exists, else the
     defaults. Raises ConfigError for unreadable or invalid files.
     """
+    return loadConfigSource(path)[0]
+
+
+def loadConfigSource(path: str | None) -> tuple[Config, str | None]:
+    """:func:`loadConfig`, and the TOML text it was made from (None: the defaults), which
+    :func:`configFromSource` turns into the same configuration again."""
     if path is None:
         if not Path(DEFAULT_CONFIG_FILE).exists():
-            return _validate(Config())
+            return _validate(Config()), None
         path = DEFAULT_CONFIG_FILE
     try:
         with open(path, "rb") as f:
-            table = tomllib.load(f)
+            text = f.read().decode("utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    try:
+        return configFromSource(text), text
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return parseConfig(table)
+
+
+def configFromSource(text: str | None) -> Config:
+    """The configuration of a TOML text (None: the defaults)."""
+    if text is None:
+        return _validate(Config())
+    return parseConfig(tomllib.loads(text))

@@ -29,15 +29,15 @@ from twisted.python.threadpool import ThreadPool
 
 from mailrelay.auth.realm import makePortal
 from mailrelay.auth.throttle import FAILED_LOGINS_PER_CLIENT, LoginThrottle
-from mailrelay.config import Config, ConfigError, ListenerConfig, loadConfig
+from mailrelay.config import Config, ConfigError, ListenerConfig, loadConfigSource
 from mailrelay.interfaces import IStore, StoreError
 from mailrelay.smtp.listener import ConnectionCounter, listenerFactory, listenerSettings
 from mailrelay.store import makeStore
 from mailrelay.submission import Submissions
-from mailrelay.tls import certificatePaths, contextFactory
+from mailrelay.tls import certificatePaths, contextFromPEM, readPEM
 from mailrelay.web import makeWebSite, serviceListeners
 from mailrelay.web.health import oneProcess
-from mailrelay.workers.pool import WorkerPool
+from mailrelay.workers.pool import WorkerPool, WorkerSetup
 
 log = Logger()
 
@@ -52,7 +52,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            self.loadedConfig: Config = loadConfig(self["config"])
+            self.loadedConfig, self.configSource = loadConfigSource(self["config"])
         except ConfigError as e:
             raise usage.UsageError(f"configuration: {e}") from None
 
@@ -168,9 +168,16 @@ class RelayCore:
     storeService: StoreService
     connections: ConnectionCounter
     listenerFactory: Callable[[ListenerConfig], IProtocolFactory]
+    tlsPEM: tuple[bytes, bytes] | None  # what the TLS context was made of (None: no TLS)
 
 
-def buildCore(config: Config, reactor: Any, root: MultiService, processIndex: int = 0) -> RelayCore:
+def buildCore(
+    config: Config,
+    reactor: Any,
+    root: MultiService,
+    processIndex: int = 0,
+    tlsPEM: tuple[bytes, bytes] | None = None,
+) -> RelayCore:
     """
     The store (started first, stopped last), the auth threads, the portal and the per-listener
     protocol factories of relay process ``processIndex`` (0: the main one), added to ``root``.
@@ -178,6 +185,9 @@ def buildCore(config: Config, reactor: Any, root: MultiService, processIndex: in
     With ``config.workers`` processes, the limits kept in memory are shared out: each process
     allows its part of the connections, of the failed logins per address and of each account's
     rate, so the relay as a whole never allows more than configured.
+
+    ``tlsPEM`` (certificate chain, key) is what a worker was handed by the main process; the
+    main process reads the configured files (or makes the self-signed pair) itself.
     """
     spoolDir = config.dataPath / "spool"
     try:
@@ -196,7 +206,9 @@ def buildCore(config: Config, reactor: Any, root: MultiService, processIndex: in
     tlsContext = None
     if any(listener.security != "none" for listener in config.listeners):
         try:
-            tlsContext = contextFactory(*certificatePaths(config))
+            if tlsPEM is None:
+                tlsPEM = readPEM(*certificatePaths(config))
+            tlsContext = contextFromPEM(*tlsPEM)
         except (ValueError, OSError) as e:
             raise SystemExit(f"mailrelay: TLS: {e}") from None
     submissions = Submissions(store, config, reactor)
@@ -224,7 +236,7 @@ def buildCore(config: Config, reactor: Any, root: MultiService, processIndex: in
         )
         return listenerFactory(settings)
 
-    return RelayCore(config, store, portal, throttle, storeService, connections, factory)
+    return RelayCore(config, store, portal, throttle, storeService, connections, factory, tlsPEM)
 
 
 def _share(limit: int, workers: int) -> int:
@@ -239,7 +251,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
-    config: Config = getattr(options, "loadedConfig", None) or loadConfig(options["config"])
+    config: Config | None = getattr(options, "loadedConfig", None)
+    source: str | None = getattr(options, "configSource", None)
+    if config is None:
+        config, source = loadConfigSource(options["config"])
     root = MultiService()
     core = buildCore(config, reactor, root)
     listeners = [
@@ -248,13 +263,15 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     ]
     pool = None
     if config.workers > 1:
-        configPath = options["config"]
+        # The workers get the configuration and the TLS files as read now: a later edit of
+        # the files (or files only root may read, after --uid) changes nothing for them.
         pool = WorkerPool(
             reactor,
             count=config.workers - 1,
-            configPath=None if configPath is None else os.path.abspath(configPath),
+            setup=WorkerSetup(source, core.tlsPEM),
             listeners=listeners,
             openConnections=lambda: core.connections.total,
+            whenReady=core.storeService.whenReady,
         )
         pool.setServiceParent(root)
     _listen(

@@ -76,21 +76,31 @@ def _pemBlocks(data: bytes) -> list[bytes]:
     return [block + marker + b"\n" for block in data.split(marker)[:-1]]
 
 
-def contextFactory(certPath: Path, keyPath: Path) -> CertificateOptions:
-    """TLS 1.2+ server options from PEM files; raises ValueError naming a bad file."""
+def readPEM(certPath: Path, keyPath: Path) -> tuple[bytes, bytes]:
+    """The certificate (chain) and key files' bytes; raises ValueError naming a missing one."""
     try:
-        certData = certPath.read_bytes()
-        keyData = keyPath.read_bytes()
+        return certPath.read_bytes(), keyPath.read_bytes()
     except OSError as e:
         raise ValueError(f"cannot read TLS file: {e}") from None
+
+
+def contextFactory(certPath: Path, keyPath: Path) -> CertificateOptions:
+    """TLS 1.2+ server options from PEM files; raises ValueError naming a bad file."""
+    certData, keyData = readPEM(certPath, keyPath)
+    return contextFromPEM(certData, keyData, f"{certPath} / {keyPath}")
+
+
+def contextFromPEM(certData: bytes, keyData: bytes, where: str = "TLS") -> CertificateOptions:
+    """TLS 1.2+ server options from PEM bytes (leaf first, then the chain; the key); raises
+    ValueError naming ``where`` when they are not a usable certificate and key."""
     blocks = _pemBlocks(certData)
     if not blocks:
-        raise ValueError(f"{certPath}: no certificate found")
+        raise ValueError(f"{where}: no certificate found")
     try:
         leaf = PrivateCertificate.loadPEM(keyData + b"\n" + blocks[0])
         chain = [Certificate.loadPEM(block).original for block in blocks[1:]]
     except Exception as e:
-        raise ValueError(f"{certPath} / {keyPath}: not a usable certificate and key: {e}") from None
+        raise ValueError(f"{where}: not a usable certificate and key: {e}") from None
     return CertificateOptions(
         privateKey=leaf.privateKey.original,
         certificate=leaf.original,

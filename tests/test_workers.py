@@ -31,6 +31,7 @@ from mailrelay.ids import INSTANCE_BITS, SEQUENCE_BITS
 from mailrelay.metrics import REGISTRY, workerMetrics
 from mailrelay.tap import _share
 from mailrelay.workers import DELAY_PER_CONNECTION, MAX_ACCEPT_DELAY, balanceAccepts
+from mailrelay.workers.pool import WorkerSetup
 from tests.relay_fixture import (
     CLIENT_TIMEOUT,
     SENDER,
@@ -322,8 +323,11 @@ class WorkerProcessTests(TestCase):
         return await deferToThread(get)
 
     async def test_workerRestartedWhenItDies(self) -> None:
+        """A worker killed is started again, with the configuration the relay started with:
+        the file on disk, changed meanwhile (here: unusable), is not read again."""
         files, relay, port = await self.startRelay()
         self.assertEqual(await self.health(files), {"configured": 2, "serving": 2})
+        files.configPath.write_text("workers = 2\n[[listeners]]\nendpoint = 'ssl:1'\n")
         (first,) = self.workerPids(relay)
         os.kill(first, signal.SIGKILL)
         await deferToThread(self.waitForLog, relay, f"worker 1 (pid {first}) ended")
@@ -364,14 +368,18 @@ class WorkerStartTests(TestCase):
         files = RelayFiles(Path(self.mktemp()), [Listener("plain", "none")])
         notASocket = os.open(os.devnull, os.O_RDONLY)
         self.addCleanup(os.close, notASocket)
+        setupRead, setupWrite = os.pipe()
+        self.addCleanup(os.close, setupRead)
+        with os.fdopen(setupWrite, "wb") as pipe:
+            pipe.write(WorkerSetup(files.configPath.read_text(), None).encode())
         command = [
             sys.executable,
             "-m",
             "mailrelay.workers.child",
             "--index",
             "1",
-            "--config",
-            str(files.configPath),
+            "--setup-fd",
+            str(setupRead),
             "--listener",
             f"0:{notASocket}:{int(socket.AF_INET)}",
         ]
@@ -380,7 +388,7 @@ class WorkerStartTests(TestCase):
             return subprocess.run(
                 command,
                 env=RelayProcess.environment(),
-                pass_fds=[notASocket],
+                pass_fds=[notASocket, setupRead],
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 text=True,

@@ -1,12 +1,14 @@
 """
-A worker process: ``python -m mailrelay.workers.child --index N [--config FILE]
---listener POSITION:FD:FAMILY ...``, started by :class:`~mailrelay.workers.pool.WorkerPool`.
+A worker process: ``python -m mailrelay.workers.child --index N --listener
+POSITION:FD:FAMILY ...``, started by :class:`~mailrelay.workers.pool.WorkerPool`.
 
 It builds the same relay core as the main process (:func:`mailrelay.tap.buildCore`) and
 serves SMTP on the listening sockets it inherited: ``POSITION`` is the listener's place in the
 configuration, ``FD`` the inherited descriptor, ``FAMILY`` its address family. It logs to
 stderr (the main process relays the lines into its own log) and stops on SIGTERM, or when its
-stdin reaches end of file because the main process is gone.
+stdin reaches end of file because the main process is gone. Its configuration and TLS files
+come from the main process through a pipe (:class:`~mailrelay.workers.pool.WorkerSetup`),
+as the main process read them at its start.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from zope.interface import implementer
 
 import mailrelay.smtp.protocol  # noqa: F401  (imported now, not at the first session)
 from mailrelay import metrics
-from mailrelay.config import Config, ConfigError, loadConfig
+from mailrelay.config import Config, configFromSource
 from mailrelay.tap import RelayCore, buildCore
 from mailrelay.workers import balanceAccepts
+from mailrelay.workers.pool import SETUP_FD, WorkerSetup
 
 READY = b"ready\n"
 """Written to stdout (the main process reads it) once the worker's store is open and its
@@ -56,7 +59,8 @@ def _inheritedListener(text: str) -> InheritedListener:
 
 
 class AdoptedListener(Service):
-    """Serves ``factory`` on an inherited listening socket while the service runs."""
+    """Serves ``factory`` on an inherited listening socket from :meth:`adopt` on (called once
+    the worker's store is open: until then the other processes take the new connections)."""
 
     def __init__(
         self,
@@ -71,8 +75,7 @@ class AdoptedListener(Service):
         self.openConnections = openConnections
         self.port: Any = None
 
-    def startService(self) -> None:
-        super().startService()
+    def adopt(self) -> None:
         # The reactor takes a duplicate of the descriptor; the inherited one is not needed.
         self.port = self.reactor.adoptStreamPort(
             self.listener.fd, self.listener.family, self.factory
@@ -115,12 +118,16 @@ class _StopWhenParentGoes(Protocol):
 
 
 def buildWorker(
-    config: Config, reactor: Any, index: int, listeners: Sequence[InheritedListener]
+    config: Config,
+    reactor: Any,
+    index: int,
+    listeners: Sequence[InheritedListener],
+    tlsPEM: tuple[bytes, bytes] | None = None,
 ) -> tuple[MultiService, RelayCore]:
     """The service tree of worker ``index`` (the relay core and the inherited listeners), and
     the core."""
     root = MultiService()
-    core = buildCore(config, reactor, root, processIndex=index)
+    core = buildCore(config, reactor, root, processIndex=index, tlsPEM=tlsPEM)
     for listener in listeners:
         if not 0 <= listener.position < len(config.listeners):
             raise SystemExit(f"mailrelay: worker {index}: no listener {listener.position}")
@@ -131,14 +138,20 @@ def buildWorker(
     return root, core
 
 
+def readSetup(fd: int = SETUP_FD) -> WorkerSetup:
+    """The setup the main process writes into the pipe ``fd`` (then closes)."""
+    with os.fdopen(fd, "rb") as pipe:
+        return WorkerSetup.decode(pipe.read())
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m mailrelay.workers.child",
         description="A mailrelay intake worker (started by the main process, not by hand).",
     )
     parser.add_argument("--index", type=int, required=True)
-    parser.add_argument("--config")
     parser.add_argument("--listener", type=_inheritedListener, action="append", default=[])
+    parser.add_argument("--setup-fd", type=int, default=SETUP_FD, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     observer = FileLogObserver(
@@ -146,27 +159,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     try:
-        config = loadConfig(args.config)
-    except ConfigError as e:
-        raise SystemExit(f"mailrelay: configuration: {e}") from None
+        setup = readSetup(args.setup_fd)
+        config = configFromSource(setup.configSource)
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"mailrelay: worker {args.index}: no usable setup: {e}") from None
 
     from twisted.internet import reactor
 
-    root, core = buildWorker(config, reactor, args.index, args.listener)
+    root, core = buildWorker(config, reactor, args.index, args.listener, setup.tlsPEM)
     control = _StopWhenParentGoes(reactor)
     # (typed after the Windows variant, which has no stdin/stdout arguments)
     StandardIO(control, stdin=0, stdout=1, reactor=reactor)  # type: ignore[call-arg]
     root.privilegedStartService()
 
+    def cannotServe(failure: Any) -> None:
+        # e.g. an inherited socket that cannot be adopted: end, and be started again.
+        sys.stderr.write(f"mailrelay: worker {args.index} cannot serve: {failure.value}\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    def serve(_: object) -> None:
+        for service in root:
+            if isinstance(service, AdoptedListener):
+                service.adopt()
+        control.tellReady()
+
     def start() -> None:
-        try:
-            root.startService()
-        except Exception as e:
-            # e.g. an inherited socket that cannot be adopted: end, and be started again.
-            sys.stderr.write(f"mailrelay: worker {args.index} cannot serve: {e}\n")
-            sys.stderr.flush()
-            os._exit(1)
-        core.storeService.whenReady().addCallback(control.tellReady)
+        root.startService()
+        ready = core.storeService.whenReady()
+        ready.addCallback(serve).addErrback(cannotServe)
         LoopingCall(control.sendMetrics).start(METRICS_INTERVAL, now=False)
 
     reactor.callWhenRunning(start)

@@ -9,12 +9,14 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -28,6 +30,16 @@ STABLE_AFTER = 30.0
 """A worker that ran this long before it ended is restarted after RESTART_DELAY again."""
 STOP_TIMEOUT = 15.0
 """Seconds a worker has to finish its sessions' writes and exit before it is killed."""
+READY_TIMEOUT = 60.0
+"""Seconds a new worker has to open its store and serve before it is killed (and restarted)."""
+SILENCE_TIMEOUT = 15.0
+"""Seconds a serving worker may go without a word (it sends metrics every second): a worker
+silent for longer is hung, and is killed (and restarted)."""
+CHECK_INTERVAL = 5.0
+SETUP_FD = 3
+"""The worker's descriptor of the pipe that carries its setup (configuration, TLS files)."""
+FIRST_LISTENER_FD = 10
+"""The worker's descriptor of the first listening socket (the next ones follow)."""
 MAX_LOG_LINE = 16384
 MAX_CONTROL_LINE = 1 << 20
 
@@ -43,6 +55,7 @@ class WorkerProcess(ProcessProtocol):
         self.startedAt = pool.reactor.seconds()
         self.ended: Deferred[None] = Deferred()
         self.ready = False
+        self.lastHeard = self.startedAt
         self.pid: int | None = None
         self._partial = b""
         self._control = b""
@@ -56,6 +69,8 @@ class WorkerProcess(ProcessProtocol):
         *lines, self._control = (self._control + data).split(b"\n")
         if len(self._control) > MAX_CONTROL_LINE:
             self._control = b""
+        if lines:
+            self.lastHeard = self.pool.reactor.seconds()
         for line in lines:
             if line == b"ready" and not self.ready:
                 self.ready = True
@@ -84,11 +99,13 @@ class WorkerProcess(ProcessProtocol):
                 self.log.info("worker {index}: {line}", index=self.index, line=text)
 
     def processEnded(self, reason: Failure) -> None:
-        if self._partial:
-            self._relay(b"\n")
-        metrics.workerMetrics.retire(self.index)
-        self.pool.workerEnded(self, reason)
-        self.ended.callback(None)
+        try:
+            if self._partial:
+                self._relay(b"\n")
+            metrics.workerMetrics.retire(self.index)
+            self.pool.workerEnded(self, reason)
+        finally:
+            self.ended.callback(None)  # whatever happened above: the pool's stop waits on it
 
     def stop(self) -> None:
         """Ask the worker to finish (it stops accepting, completes its writes, exits)."""
@@ -104,17 +121,42 @@ class WorkerProcess(ProcessProtocol):
             pass
 
 
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What the main process read at its start and hands every worker through a pipe, so
+    that all processes run the same configuration however the files change later, and a
+    worker needs no right to read them (it runs after ``--uid``)."""
+
+    configSource: str | None  # the TOML text; None: the built-in defaults
+    tlsPEM: tuple[bytes, bytes] | None  # certificate chain and key; None: no TLS listener
+
+    def encode(self) -> bytes:
+        pem = None if self.tlsPEM is None else [part.decode("ascii") for part in self.tlsPEM]
+        return json.dumps({"config": self.configSource, "tls": pem}).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> WorkerSetup:
+        document = json.loads(data)
+        pem = document["tls"]
+        tlsPEM = None if pem is None else (pem[0].encode("ascii"), pem[1].encode("ascii"))
+        return cls(document["config"], tlsPEM)
+
+
 class WorkerPool(Service):
     """
     ``count`` worker processes (indexes 1..count; the main process is 0), each running
-    ``python -m mailrelay.workers.child`` on the same configuration with the listening sockets
-    of ``listeners`` (the main process's ListenerServices, bound before this service starts).
+    ``python -m mailrelay.workers.child`` with ``setup`` and the listening sockets of
+    ``listeners`` (the main process's ListenerServices, bound before this service starts).
+    They are started once ``whenReady`` fires (the main process's store is open: its schema
+    is up to date before any worker opens it).
 
     A worker that ends while the relay runs is logged and started again after a delay that
-    doubles while it keeps ending soon after its start. When the relay stops, each worker gets
-    SIGTERM (and is killed if it has not exited after ``STOP_TIMEOUT``); the stop completes
-    once all of them have exited. A worker also stops by itself when the main process is gone
-    (its stdin, a pipe from here, reaches end of file).
+    doubles while it keeps ending soon after its start. One that does not serve within
+    ``READY_TIMEOUT``, or falls silent for ``SILENCE_TIMEOUT`` (hung), is killed and so
+    started again. When the relay stops, each worker gets SIGTERM (and is killed if it has
+    not exited after ``STOP_TIMEOUT``); the stop completes once all of them have exited. A
+    worker also stops by itself when the main process is gone (its stdin, a pipe from here,
+    reaches end of file).
     """
 
     log = Logger()
@@ -124,21 +166,25 @@ class WorkerPool(Service):
         reactor: Any,
         *,
         count: int,
-        configPath: str | None,
+        setup: WorkerSetup,
         listeners: Sequence[Any],
         openConnections: Callable[[], int],
+        whenReady: Callable[[], Deferred[Any]] | None = None,
         executable: str = sys.executable,
     ) -> None:
         self.reactor = reactor
         self.count = count
-        self.configPath = configPath
+        self.setup = setup
         self.listeners = list(listeners)
         self.openConnections = openConnections
+        self.whenReady = whenReady
         self.executable = executable
         self.workers: dict[int, WorkerProcess] = {}
         self.starts = 0  # workers started so far, restarts included
         self._restartDelay: dict[int, float] = {}
         self._pendingRestarts: dict[int, Any] = {}
+        self._checks = LoopingCall(self._checkWorkers)
+        self._checks.clock = reactor
 
     def serving(self) -> tuple[int, int]:
         """(intake processes configured, serving now), the main process counted in."""
@@ -148,61 +194,100 @@ class WorkerPool(Service):
         super().startService()
         for listener in self.listeners:
             balanceAccepts(listener.port, self.reactor, self.openConnections)
+        if self.whenReady is None:
+            self._startAll()
+        else:
+            self.whenReady().addCallback(lambda _: self._startAll())
+
+    def _startAll(self) -> None:
+        if not self.running:
+            return
         for index in range(1, self.count + 1):
             self._start(index)
+        self._checks.start(CHECK_INTERVAL, now=False)
 
     def command(self, index: int) -> tuple[list[str], dict[int, Any]]:
-        """The worker's argument list and its file descriptors (stdio, listening sockets)."""
+        """The worker's argument list and its file descriptors (stdio, the setup pipe, the
+        listening sockets from FIRST_LISTENER_FD on)."""
         args = [self.executable, "-m", "mailrelay.workers.child", "--index", str(index)]
-        if self.configPath is not None:
-            args += ["--config", self.configPath]
-        childFDs: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        childFDs: dict[int, Any] = {0: "w", 1: "r", 2: "r", SETUP_FD: "w"}
         for position, listener in enumerate(self.listeners):
             port = listener.port
             if port is None:
                 raise RuntimeError(f"listener {listener.description} is not bound")
-            fd = port.fileno()
-            childFDs[fd] = fd
-            args += ["--listener", f"{position}:{fd}:{int(port.socket.family)}"]
+            childFD = FIRST_LISTENER_FD + position
+            childFDs[childFD] = port.fileno()
+            args += ["--listener", f"{position}:{childFD}:{int(port.socket.family)}"]
         return args, childFDs
 
     def _start(self, index: int) -> None:
         self._pendingRestarts.pop(index, None)
-        args, childFDs = self.command(index)
+        if not self.running:
+            return
         worker = WorkerProcess(self, index)
-        self.reactor.spawnProcess(
-            worker, self.executable, args, env=dict(os.environ), childFDs=childFDs
-        )
+        try:
+            args, childFDs = self.command(index)
+            transport = self.reactor.spawnProcess(
+                worker, self.executable, args, env=dict(os.environ), childFDs=childFDs
+            )
+        except Exception as e:
+            self.log.error("worker {index} cannot be started: {error}", index=index, error=e)
+            self._startLater(index, worker)
+            return
+        transport.writeToChild(SETUP_FD, self.setup.encode())
+        transport.closeChildFD(SETUP_FD)
         self.workers[index] = worker
         self.starts += 1
         self.log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
+
+    def _startLater(self, index: int, worker: WorkerProcess) -> None:
+        """Start worker ``index`` again, after a delay that doubles while it keeps failing
+        soon after its start."""
+        ranFor = self.reactor.seconds() - worker.startedAt
+        previous = self._restartDelay.get(index)
+        if previous is None or ranFor >= STABLE_AFTER:
+            delay = RESTART_DELAY
+        else:
+            delay = min(previous * 2, MAX_RESTART_DELAY)
+        self._restartDelay[index] = delay
+        self._pendingRestarts[index] = self.reactor.callLater(delay, self._start, index)
+
+    def _checkWorkers(self) -> None:
+        """Kill a worker that has not served in time or has gone silent (it is restarted)."""
+        now = self.reactor.seconds()
+        for worker in list(self.workers.values()):
+            if not worker.ready and now - worker.startedAt > READY_TIMEOUT:
+                problem = f"not serving after {READY_TIMEOUT:.0f} s"
+            elif worker.ready and now - worker.lastHeard > SILENCE_TIMEOUT:
+                problem = f"silent for {now - worker.lastHeard:.0f} s"
+            else:
+                continue
+            self.log.error(
+                "worker {index} (pid {pid}) {problem}: killing it",
+                index=worker.index,
+                pid=worker.pid,
+                problem=problem,
+            )
+            worker.kill()
 
     def workerEnded(self, worker: WorkerProcess, reason: Failure) -> None:
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
         if not self.running:
             return
-        # A worker that keeps ending soon after its start waits twice as long each time.
-        ranFor = self.reactor.seconds() - worker.startedAt
-        previous = self._restartDelay.get(worker.index)
-        if previous is None or ranFor >= STABLE_AFTER:
-            delay = RESTART_DELAY
-        else:
-            delay = min(previous * 2, MAX_RESTART_DELAY)
-        self._restartDelay[worker.index] = delay
+        self._startLater(worker.index, worker)
         self.log.error(
             "worker {index} (pid {pid}) ended: {reason}; starting it again in {delay:.0f} s",
             index=worker.index,
             pid=worker.pid,
             reason=reason.getErrorMessage(),
-            delay=delay,
-        )
-        self._pendingRestarts[worker.index] = self.reactor.callLater(
-            delay, self._start, worker.index
+            delay=self._restartDelay[worker.index],
         )
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
+        if self._checks.running:
+            self._checks.stop()
         for call in self._pendingRestarts.values():
             if call.active():
                 call.cancel()
