@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -37,6 +38,7 @@ from mailrelay.submission import Submissions
 from mailrelay.tls import certificatePaths, contextFromPEM, readPEM
 from mailrelay.web import makeWebSite, serviceListeners
 from mailrelay.web.health import oneProcess
+from mailrelay.workers.balance import LoadTable
 from mailrelay.workers.pool import WorkerPool, WorkerSetup
 
 log = Logger()
@@ -177,6 +179,7 @@ def buildCore(
     root: MultiService,
     processIndex: int = 0,
     tlsPEM: tuple[bytes, bytes] | None = None,
+    loads: LoadTable | None = None,
 ) -> RelayCore:
     """
     The store (started first, stopped last), the auth threads, the portal and the per-listener
@@ -187,7 +190,8 @@ def buildCore(
     rate, so the relay as a whole never allows more than configured.
 
     ``tlsPEM`` (certificate chain, key) is what a worker was handed by the main process; the
-    main process reads the configured files (or makes the self-signed pair) itself.
+    main process reads the configured files (or makes the self-signed pair) itself. ``loads``
+    is the workers' shared table of open connections, where this process publishes its own.
     """
     spoolDir = config.dataPath / "spool"
     try:
@@ -218,6 +222,7 @@ def buildCore(
     connections = ConnectionCounter(
         _share(config.limits.max_connections, workers),
         _share(config.limits.max_connections_per_client, workers),
+        publish=None if loads is None else partial(loads.set, processIndex),
     )
 
     def factory(listener: ListenerConfig) -> IProtocolFactory:
@@ -256,13 +261,15 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if config is None:
         config, source = loadConfigSource(options["config"])
     root = MultiService()
-    core = buildCore(config, reactor, root)
+    loads = LoadTable.create(config.workers) if config.workers > 1 else None
+    core = buildCore(config, reactor, root, loads=loads)
     listeners = [
         _listen(root, reactor, listener.endpoint, core.listenerFactory(listener))
         for listener in config.listeners
     ]
     pool = None
-    if config.workers > 1:
+    if loads is not None:
+        loads.set(0, 0)  # the main process serves from the start
         # The workers get the configuration and the TLS files as read now: a later edit of
         # the files (or files only root may read, after --uid) changes nothing for them.
         pool = WorkerPool(
@@ -270,6 +277,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             count=config.workers - 1,
             setup=WorkerSetup(source, core.tlsPEM),
             listeners=listeners,
+            loads=loads,
             openConnections=lambda: core.connections.total,
             whenReady=core.storeService.whenReady,
         )

@@ -30,7 +30,13 @@ from mailrelay.config import ConfigError, parseConfig
 from mailrelay.ids import INSTANCE_BITS, SEQUENCE_BITS
 from mailrelay.metrics import REGISTRY, workerMetrics
 from mailrelay.tap import _share
-from mailrelay.workers import DELAY_PER_CONNECTION, MAX_ACCEPT_DELAY, balanceAccepts
+from mailrelay.workers.balance import (
+    ABSENT,
+    DELAY_PER_CONNECTION,
+    MAX_ACCEPT_DELAY,
+    LoadTable,
+    balanceAccepts,
+)
 from mailrelay.workers.pool import WorkerSetup
 from tests.relay_fixture import (
     CLIENT_TIMEOUT,
@@ -131,20 +137,48 @@ class WorkerMetricsTests(SynchronousTestCase):
         self.assertIn(_sample(gauge, self.label), (None, 0.0))
 
 
+class LoadTableTests(SynchronousTestCase):
+    def test_leastOfTheServing(self) -> None:
+        table = LoadTable.create(3)
+        self.addCleanup(os.close, table.fd)
+        self.assertEqual(table.least(), 0)  # nobody serves yet
+        table.set(0, 5)
+        table.set(2, 2)
+        self.assertEqual(table.least(), 2)
+        table.set(2, ABSENT)  # ended: its count no longer counts
+        self.assertEqual(table.least(), 5)
+
+    def test_sharedThroughTheDescriptor(self) -> None:
+        """A worker maps the same memory from the inherited descriptor."""
+        table = LoadTable.create(2)
+        self.addCleanup(os.close, table.fd)
+        other = LoadTable(table.fd, 2)
+        other.set(1, 7)
+        self.assertEqual(table.get(1), 7)
+
+
 class _Port:
-    """The parts of a listening tcp.Port that balanceAccepts uses."""
+    """The parts of a listening tcp.Port that balanceAccepts uses; ``pending`` is the
+    accept queue it shares with the other processes' ports."""
 
     numberAccepts = 100
     connected = True
 
-    def __init__(self) -> None:
+    def __init__(self, pending: list[int], loads: LoadTable, index: int) -> None:
+        self.pending = pending
+        self.loads = loads
+        self.index = index
         self.reading = True
         self.accepted = 0
         self.numberAcceptsSeen: list[int] = []
+        loads.set(index, 0)
 
     def doRead(self) -> None:
         self.numberAcceptsSeen.append(self.numberAccepts)
-        self.accepted += 1
+        if self.pending[0]:
+            self.pending[0] -= 1
+            self.accepted += 1
+            self.loads.set(self.index, self.accepted)
 
     def stopReading(self) -> None:
         self.reading = False
@@ -156,45 +190,82 @@ class _Port:
 class BalanceAcceptsTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.port = _Port()
-        self.open = 0
-        balanceAccepts(self.port, self.clock, lambda: self.open)
+        self.loads = LoadTable.create(2)
+        self.addCleanup(os.close, self.loads.fd)
+        self.pending = [0]
+        self.ports = [_Port(self.pending, self.loads, i) for i in range(2)]
+        for port in self.ports:
+            balanceAccepts(port, self.clock, lambda port=port: port.accepted, self.loads.least)
 
-    def test_idleProcessAcceptsAtOnce(self) -> None:
-        self.port.doRead()
-        self.assertEqual(self.port.accepted, 1)
-        self.assertEqual(self.port.numberAcceptsSeen, [1])  # one connection per wake-up
+    def wakeAll(self, rounds: int) -> None:
+        """The kernel wakes every reading process while connections wait, the first port
+        always first (as epoll does with its most recent waiter)."""
+        for _ in range(rounds):
+            for port in self.ports:
+                if port.reading and self.pending[0]:
+                    port.doRead()
+            self.clock.advance(DELAY_PER_CONNECTION / 4)
+
+    def test_oneConnectionPerWakeUp(self) -> None:
+        self.pending[0] = 3
+        self.ports[0].doRead()
+        self.assertEqual((self.ports[0].accepted, self.pending[0]), (1, 2))
+        self.assertEqual(self.ports[0].numberAcceptsSeen, [1])
+
+    def test_burstIsShared(self) -> None:
+        """Ten clients at once (a load generator's persistent sessions): five each."""
+        self.pending[0] = 10
+        self.wakeAll(200)
+        self.assertEqual([port.accepted for port in self.ports], [5, 5])
 
     def test_busyProcessWaitsItsTurn(self) -> None:
-        """A process serving connections stops reading for a moment that grows with them,
-        then takes one connection (if another process has not taken it meanwhile)."""
-        self.open = 30
-        self.port.doRead()
-        self.assertEqual(self.port.accepted, 0)
-        self.assertFalse(self.port.reading)
+        """A process serving 30 more connections than the least busy one waits 30 x the
+        delay, then takes one connection (if the other has not taken it meanwhile)."""
+        busy = self.ports[0]
+        busy.accepted = 30
+        self.loads.set(0, 30)
+        self.ports[1].reading = False  # the other process is busy elsewhere
+        self.pending[0] = 1
+        busy.doRead()
+        self.assertEqual(busy.accepted, 30)
+        self.assertFalse(busy.reading)
         self.clock.advance(30 * DELAY_PER_CONNECTION * 0.9)
-        self.assertFalse(self.port.reading)
+        self.assertEqual(busy.accepted, 30)
         self.clock.advance(30 * DELAY_PER_CONNECTION * 0.2)
-        self.assertTrue(self.port.reading)
-        self.port.doRead()
-        self.assertEqual(self.port.accepted, 1)
-        # and the next wake-up waits again
-        self.port.doRead()
-        self.assertEqual(self.port.accepted, 1)
-        self.assertFalse(self.port.reading)
+        self.assertTrue(busy.reading)
+        self.assertEqual(busy.accepted, 31)  # taken as soon as its turn came
+
+    def test_sparseArrivalsGoToTheLeastBusy(self) -> None:
+        """One client every 50 ms, the busy process woken first each time: the idle one gets
+        every connection until the two serve as many."""
+        self.ports[0].accepted = 40
+        self.loads.set(0, 40)
+        for _ in range(60):
+            self.pending[0] = 1
+            self.wakeAll(400)
+            self.clock.advance(0.05)
+        self.assertEqual(self.ports[0].accepted, 40 + 10)
+        self.assertEqual(self.ports[1].accepted, 50)
 
     def test_delayIsBounded(self) -> None:
-        self.open = 1_000_000
-        self.port.doRead()
+        port = self.ports[0]
+        port.accepted = 1_000_000
+        self.loads.set(0, port.accepted)
+        self.pending[0] = 1
+        port.doRead()
         self.clock.advance(MAX_ACCEPT_DELAY)
-        self.assertTrue(self.port.reading)
+        self.assertTrue(port.reading)
 
     def test_stoppedListeningMeanwhile(self) -> None:
-        self.open = 5
-        self.port.doRead()
-        self.port.connected = False
+        port = self.ports[0]
+        port.accepted = 5
+        self.loads.set(0, 5)
+        self.pending[0] = 1
+        port.doRead()
+        port.connected = False
         self.clock.advance(1)
-        self.assertFalse(self.port.reading)
+        self.assertFalse(port.reading)
+        self.assertEqual(port.accepted, 5)
 
 
 class WorkerProcessTests(TestCase):
@@ -368,6 +439,8 @@ class WorkerStartTests(TestCase):
         files = RelayFiles(Path(self.mktemp()), [Listener("plain", "none")])
         notASocket = os.open(os.devnull, os.O_RDONLY)
         self.addCleanup(os.close, notASocket)
+        loads = LoadTable.create(1)
+        self.addCleanup(os.close, loads.fd)
         setupRead, setupWrite = os.pipe()
         self.addCleanup(os.close, setupRead)
         with os.fdopen(setupWrite, "wb") as pipe:
@@ -380,6 +453,8 @@ class WorkerStartTests(TestCase):
             "1",
             "--setup-fd",
             str(setupRead),
+            "--load-fd",
+            str(loads.fd),
             "--listener",
             f"0:{notASocket}:{int(socket.AF_INET)}",
         ]
@@ -388,7 +463,7 @@ class WorkerStartTests(TestCase):
             return subprocess.run(
                 command,
                 env=RelayProcess.environment(),
-                pass_fds=[notASocket, setupRead],
+                pass_fds=[notASocket, setupRead, loads.fd],
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 text=True,

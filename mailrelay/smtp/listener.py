@@ -24,11 +24,18 @@ from mailrelay.config import LimitsConfig, ListenerConfig
 class ConnectionCounter:
     """Open SMTP connections, in all and per client address, shared by every listener."""
 
-    def __init__(self, maxTotal: int, maxPerClient: int) -> None:
+    def __init__(
+        self,
+        maxTotal: int,
+        maxPerClient: int,
+        publish: Callable[[int], None] | None = None,
+    ) -> None:
         self.maxTotal = maxTotal
         self.maxPerClient = maxPerClient
         self.total = 0
         self._perClient: dict[str, int] = {}
+        # Told the new total at each change (the workers' shared load table).
+        self._publish = publish
 
     def acquire(self, client: str) -> bool:
         """Count a new connection from ``client``; False (and not counted) if over a limit."""
@@ -37,11 +44,15 @@ class ConnectionCounter:
             return False
         self.total += 1
         self._perClient[client] = count + 1
+        if self._publish is not None:
+            self._publish(self.total)
         return True
 
     def release(self, client: str) -> None:
         """Forget a connection counted by :meth:`acquire`."""
         self.total -= 1
+        if self._publish is not None:
+            self._publish(self.total)
         count = self._perClient[client] - 1
         if count:
             self._perClient[client] = count

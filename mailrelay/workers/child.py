@@ -33,8 +33,8 @@ import mailrelay.smtp.protocol  # noqa: F401  (imported now, not at the first se
 from mailrelay import metrics
 from mailrelay.config import Config, configFromSource
 from mailrelay.tap import RelayCore, buildCore
-from mailrelay.workers import balanceAccepts
-from mailrelay.workers.pool import SETUP_FD, WorkerSetup
+from mailrelay.workers.balance import LoadTable, balanceAccepts
+from mailrelay.workers.pool import LOAD_FD, SETUP_FD, WorkerSetup
 
 READY = b"ready\n"
 """Written to stdout (the main process reads it) once the worker's store is open and its
@@ -68,11 +68,13 @@ class AdoptedListener(Service):
         listener: InheritedListener,
         factory: Any,
         openConnections: Callable[[], int],
+        leastConnections: Callable[[], int],
     ) -> None:
         self.reactor = reactor
         self.listener = listener
         self.factory = factory
         self.openConnections = openConnections
+        self.leastConnections = leastConnections
         self.port: Any = None
 
     def adopt(self) -> None:
@@ -81,7 +83,7 @@ class AdoptedListener(Service):
             self.listener.fd, self.listener.family, self.factory
         )
         os.close(self.listener.fd)
-        balanceAccepts(self.port, self.reactor, self.openConnections)
+        balanceAccepts(self.port, self.reactor, self.openConnections, self.leastConnections)
 
     def stopService(self) -> Any:
         super().stopService()
@@ -123,17 +125,19 @@ def buildWorker(
     index: int,
     listeners: Sequence[InheritedListener],
     tlsPEM: tuple[bytes, bytes] | None = None,
+    loads: LoadTable | None = None,
 ) -> tuple[MultiService, RelayCore]:
     """The service tree of worker ``index`` (the relay core and the inherited listeners), and
     the core."""
     root = MultiService()
-    core = buildCore(config, reactor, root, processIndex=index, tlsPEM=tlsPEM)
+    core = buildCore(config, reactor, root, processIndex=index, tlsPEM=tlsPEM, loads=loads)
+    least = loads.least if loads is not None else (lambda: 0)
     for listener in listeners:
         if not 0 <= listener.position < len(config.listeners):
             raise SystemExit(f"mailrelay: worker {index}: no listener {listener.position}")
         factory = core.listenerFactory(config.listeners[listener.position])
         AdoptedListener(
-            reactor, listener, factory, lambda: core.connections.total
+            reactor, listener, factory, lambda: core.connections.total, least
         ).setServiceParent(root)
     return root, core
 
@@ -152,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--listener", type=_inheritedListener, action="append", default=[])
     parser.add_argument("--setup-fd", type=int, default=SETUP_FD, help=argparse.SUPPRESS)
+    parser.add_argument("--load-fd", type=int, default=LOAD_FD, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     observer = FileLogObserver(
@@ -166,7 +171,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from twisted.internet import reactor
 
-    root, core = buildWorker(config, reactor, args.index, args.listener, setup.tlsPEM)
+    try:
+        loads = LoadTable(args.load_fd, config.workers)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"mailrelay: worker {args.index}: no load table: {e}") from None
+    root, core = buildWorker(config, reactor, args.index, args.listener, setup.tlsPEM, loads)
     control = _StopWhenParentGoes(reactor)
     # (typed after the Windows variant, which has no stdin/stdout arguments)
     StandardIO(control, stdin=0, stdout=1, reactor=reactor)  # type: ignore[call-arg]
@@ -182,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for service in root:
             if isinstance(service, AdoptedListener):
                 service.adopt()
+        loads.set(args.index, core.connections.total)  # counted among the serving from now
         control.tellReady()
 
     def start() -> None:

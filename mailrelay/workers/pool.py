@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailrelay import metrics
-from mailrelay.workers import balanceAccepts
+from mailrelay.workers.balance import ABSENT, LoadTable, balanceAccepts
 
 RESTART_DELAY = 1.0
 """Seconds before a worker that ended is started again (doubled while it keeps failing)."""
@@ -38,6 +38,8 @@ silent for longer is hung, and is killed (and restarted)."""
 CHECK_INTERVAL = 5.0
 SETUP_FD = 3
 """The worker's descriptor of the pipe that carries its setup (configuration, TLS files)."""
+LOAD_FD = 4
+"""The worker's descriptor of the shared load table (:class:`~.balance.LoadTable`)."""
 FIRST_LISTENER_FD = 10
 """The worker's descriptor of the first listening socket (the next ones follow)."""
 MAX_LOG_LINE = 16384
@@ -168,6 +170,7 @@ class WorkerPool(Service):
         count: int,
         setup: WorkerSetup,
         listeners: Sequence[Any],
+        loads: LoadTable,
         openConnections: Callable[[], int],
         whenReady: Callable[[], Deferred[Any]] | None = None,
         executable: str = sys.executable,
@@ -176,6 +179,7 @@ class WorkerPool(Service):
         self.count = count
         self.setup = setup
         self.listeners = list(listeners)
+        self.loads = loads
         self.openConnections = openConnections
         self.whenReady = whenReady
         self.executable = executable
@@ -193,7 +197,7 @@ class WorkerPool(Service):
     def startService(self) -> None:
         super().startService()
         for listener in self.listeners:
-            balanceAccepts(listener.port, self.reactor, self.openConnections)
+            balanceAccepts(listener.port, self.reactor, self.openConnections, self.loads.least)
         if self.whenReady is None:
             self._startAll()
         else:
@@ -210,7 +214,7 @@ class WorkerPool(Service):
         """The worker's argument list and its file descriptors (stdio, the setup pipe, the
         listening sockets from FIRST_LISTENER_FD on)."""
         args = [self.executable, "-m", "mailrelay.workers.child", "--index", str(index)]
-        childFDs: dict[int, Any] = {0: "w", 1: "r", 2: "r", SETUP_FD: "w"}
+        childFDs: dict[int, Any] = {0: "w", 1: "r", 2: "r", SETUP_FD: "w", LOAD_FD: self.loads.fd}
         for position, listener in enumerate(self.listeners):
             port = listener.port
             if port is None:
@@ -273,6 +277,7 @@ class WorkerPool(Service):
     def workerEnded(self, worker: WorkerProcess, reason: Failure) -> None:
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
+            self.loads.set(worker.index, ABSENT)  # its connections are gone with it
         if not self.running:
             return
         self._startLater(worker.index, worker)
