@@ -245,8 +245,9 @@ def buildCore(
 
 
 def _share(limit: int, workers: int) -> int:
-    """One worker's part of a limit the whole relay keeps (rounded up: never 0)."""
-    return -(-limit // workers)
+    """One worker's part of a limit the whole relay keeps: rounded down, so that together they
+    never allow more, but at least 1 (a limit below ``workers`` is then exceeded)."""
+    return max(1, limit // workers)
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:

@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -29,7 +30,8 @@ from mailrelay import metrics
 from mailrelay.config import ConfigError, parseConfig
 from mailrelay.ids import INSTANCE_BITS, SEQUENCE_BITS
 from mailrelay.metrics import REGISTRY, workerMetrics
-from mailrelay.tap import _share
+from mailrelay.model import Account
+from mailrelay.tap import ListenerService, Options, _share, makeService
 from mailrelay.workers.balance import (
     ABSENT,
     DELAY_PER_CONNECTION,
@@ -98,7 +100,31 @@ class WorkersConfigTests(SynchronousTestCase):
         parseConfig({"workers": 64, "store": {"backend": "redis", "instance_id": 0}})
 
     def test_share(self) -> None:
-        self.assertEqual([_share(10, n) for n in (1, 2, 3, 4, 64)], [10, 5, 4, 3, 1])
+        self.assertEqual([_share(10, n) for n in (1, 2, 3, 4, 64)], [10, 5, 3, 2, 1])
+
+    def test_sharesApplied(self) -> None:
+        """The main process (and so each worker) allows its share of the in-memory limits."""
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        path = directory / "mailrelay.toml"
+        path.write_text(
+            f'workers = 4\ndata_dir = "{directory / "data"}"\n'
+            '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\nsecurity = "none"\n'
+            '[web]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
+            "[limits]\nmax_connections = 100\nmax_connections_per_client = 10\n"
+        )
+        options = Options()
+        options.parseOptions(["--config", str(path)])
+        root = makeService(options, reactor)
+        (listener, _) = [s for s in root if isinstance(s, ListenerService)]
+        settings = listener.factory.settings
+        self.assertEqual(
+            (settings.connections.maxTotal, settings.connections.maxPerClient), (25, 2)
+        )
+        self.assertEqual(settings.throttle._maxFailures, 2)  # 10 failed logins / 4
+        limited = Account("acme", "hash", rate_per_second=8)
+        allowed = [settings.portal.realm._makeAvatar.rateLimiter.allow(limited) for _ in range(4)]
+        self.assertEqual(allowed, [True, True, False, False])  # a burst of 8 / 4
 
 
 def _sample(name: str, labels: dict[str, str]) -> float | None:
