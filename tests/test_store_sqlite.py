@@ -13,6 +13,7 @@ import signal
 import sqlite3
 import stat
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -351,6 +352,44 @@ class WriteLockTests(SQLiteStoreTestsBase):
         fcntl.flock(holder, fcntl.LOCK_UN)
         await written
         self.assertEqual((await store.stats()).queued, 1)
+
+    async def test_lockHeldTooLong(self) -> None:
+        """A process that holds the lock for ever (stopped) makes the writes fail with
+        StoreError (451) after the timeout -- the group as a whole, not one by one -- and the
+        store writes again once the lock is free."""
+        path = self.databasePath()
+        lockPath = path.with_name("mailrelay.sqlite3.writelock")
+        store = self.store = await self.openStore(path, writeLock=lockPath, busyTimeout=0.2)
+        holder = os.open(lockPath, os.O_RDWR)
+        self.addCleanup(os.close, holder)
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        started = time.monotonic()
+        writes = [store.enqueue(self.notification(), b"body") for _ in range(5)]
+        for write in writes:
+            with self.assertRaises(StoreError) as caught:
+                await write
+            self.assertIn("write lock", str(caught.exception))
+        self.assertLess(time.monotonic() - started, 3.0)
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        await store.enqueue(self.notification(), b"body")
+        self.assertEqual((await store.stats()).queued, 1)
+
+    async def test_lockFreedAfterAFailedGroup(self) -> None:
+        """A group that fails is rolled back and the lock given back: another writer goes on."""
+        path = self.databasePath()
+        lockPath = path.with_name("mailrelay.sqlite3.writelock")
+        store = self.store = await self.openStore(path, writeLock=lockPath)
+        duplicate = await self.enqueued()
+        results = [store.enqueue(self.notification(), b"body") for _ in range(3)]
+        bad = store.enqueue(duplicate, b"again")
+        await gatherResults(results)
+        with self.assertRaises(AlreadyExists):
+            await bad
+        other = os.open(lockPath, os.O_RDWR)
+        self.addCleanup(os.close, other)
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: raises if still held
+        fcntl.flock(other, fcntl.LOCK_UN)
+        self.assertEqual((await store.stats()).queued, 4)
 
     async def test_twoWritersOnOneFile(self) -> None:
         """Two stores (as two workers) write to one database at once; nothing is lost."""

@@ -102,7 +102,12 @@ class SQLiteStore:
         self._threads: IReactorThreads = reactor
         self._newId = NotificationIdGenerator(instanceId, reactor.seconds)
         self._writer = GroupCommitThread(
-            "mailrelay-sqlite-writer", self._connectWriter, reactor, groupLimit, writeLock
+            "mailrelay-sqlite-writer",
+            self._connectWriter,
+            reactor,
+            groupLimit,
+            writeLock,
+            lockTimeout=busyTimeout,
         )
         self._reader = DatabaseThread("mailrelay-sqlite-reader", self._connectReader, reactor)
         self._accountData: dict[tuple[str, str], tuple[float, Any]] = {}

@@ -18,6 +18,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ A work object may carry ``runBatch(connection, works) -> results``: the writer t
 of consecutive works with the same ``runBatch`` in one call (one ``executemany`` per table
 instead of a handful of ``execute`` calls per work). If the batch fails, each work runs alone.
 """
+
+LOCK_POLL = 0.0002
+"""Seconds between two tries for the write lock another process holds."""
 
 _STOP = object()
 """Queued by :meth:`DatabaseThread.stop`: everything queued before it still runs."""
@@ -198,9 +202,9 @@ class GroupCommitThread(DatabaseThread):
     ``commits`` counts successful COMMITs, so one can see the grouping at work.
 
     ``writeLock`` names a lock file shared with the writers of other processes (the relay's
-    workers): each write transaction holds an exclusive ``flock`` on it, so a writer waits in
-    the kernel and starts the moment the other is done. Without it, SQLite's own busy handler
-    would poll with sleeps of up to 100 ms.
+    workers): each write transaction holds an exclusive ``flock`` on it, and a writer asks for
+    it every 0.2 ms while another holds it (SQLite's own busy handler would sleep up to 100 ms
+    between tries), for at most ``lockTimeout`` seconds.
     """
 
     def __init__(
@@ -210,9 +214,11 @@ class GroupCommitThread(DatabaseThread):
         reactor: IReactorThreads,
         groupLimit: int = 256,
         writeLock: Path | None = None,
+        lockTimeout: float = 10.0,
     ) -> None:
         super().__init__(name, self._connectWithLock, reactor)
         self.groupLimit = groupLimit
+        self.lockTimeout = lockTimeout
         self.commits = 0
         self._connectDatabase = connect
         self._writeLockPath = writeLock
@@ -232,15 +238,32 @@ class GroupCommitThread(DatabaseThread):
 
     @contextmanager
     def _turn(self) -> Iterator[None]:
-        """Hold the cross-process write lock (if any) for one write transaction."""
-        if self._writeLock is None:
+        """
+        Hold the cross-process write lock (if any) for one write transaction. Another writer
+        holds it for one commit (about a millisecond), so it is asked for again every
+        LOCK_POLL seconds; after ``lockTimeout`` (a process stopped while holding it) this
+        raises WriteLockTimeout, and the writes fail (451) instead of waiting for ever.
+        """
+        fd = self._writeLock
+        if fd is None:
             yield
             return
-        fcntl.flock(self._writeLock, fcntl.LOCK_EX)
+        deadline = time.monotonic() + self.lockTimeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise WriteLockTimeout(
+                        f"sqlite store: another process has held the write lock for more "
+                        f"than {self.lockTimeout:g} s"
+                    ) from None
+                time.sleep(LOCK_POLL)
         try:
             yield
         finally:
-            fcntl.flock(self._writeLock, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _take(self) -> tuple[list[_Request], bool]:
         requests, stop = super()._take()
@@ -262,10 +285,13 @@ class GroupCommitThread(DatabaseThread):
             return super()._execute(requests)
         try:
             with self._turn():
-                return self._runGroup(connection, requests)
-        except Exception:
-            _rollbackQuietly(connection)
-            return [self._runOne(connection, r) for r in requests]
+                try:
+                    return self._runGroup(connection, requests)
+                except Exception:
+                    _rollbackQuietly(connection)  # before another process may write
+        except WriteLockTimeout as e:
+            return [_Outcome(r, False, e) for r in requests]
+        return [self._runOne(connection, r) for r in requests]
 
     def _runGroup(
         self, connection: sqlite3.Connection, requests: Sequence[_Request]
@@ -331,6 +357,10 @@ class GroupCommitThread(DatabaseThread):
             return _Outcome(request, False, asStoreError(e))
         self.commits += 1
         return _Outcome(request, True, result)
+
+
+class WriteLockTimeout(StoreError):
+    """The cross-process write lock could not be had in time."""
 
 
 def _rollbackQuietly(connection: sqlite3.Connection) -> None:
