@@ -107,7 +107,6 @@ class SQLiteStore:
             reactor,
             groupLimit,
             writeLock,
-            lockTimeout=busyTimeout,
         )
         self._reader = DatabaseThread("mailrelay-sqlite-reader", self._connectReader, reactor)
         self._accountData: dict[tuple[str, str], tuple[float, Any]] = {}
