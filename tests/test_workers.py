@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailrelay import metrics
@@ -39,7 +41,17 @@ from mailrelay.workers.balance import (
     LoadTable,
     balanceAccepts,
 )
-from mailrelay.workers.pool import WorkerSetup
+from mailrelay.workers.pool import (
+    CHECK_INTERVAL,
+    MAX_RESTART_DELAY,
+    READY_TIMEOUT,
+    SETUP_FD,
+    SILENCE_TIMEOUT,
+    STABLE_AFTER,
+    STOP_TIMEOUT,
+    WorkerPool,
+    WorkerSetup,
+)
 from tests.relay_fixture import (
     CLIENT_TIMEOUT,
     SENDER,
@@ -508,3 +520,155 @@ def _running(pid: int) -> bool:
             return stat.read().rpartition(")")[2].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+class _FakeProcessTransport:
+    """What WorkerPool does with a spawned worker's transport, recorded."""
+
+    def __init__(self, protocol: Any, pid: int) -> None:
+        self.protocol = protocol
+        self.pid = pid
+        self.written: list[tuple[int, bytes]] = []
+        self.closed: list[int] = []
+        self.signals: list[str] = []
+
+    def writeToChild(self, fd: int, data: bytes) -> None:
+        self.written.append((fd, data))
+
+    def closeChildFD(self, fd: int) -> None:
+        self.closed.append(fd)
+
+    def signalProcess(self, signal: str) -> None:
+        self.signals.append(signal)
+
+
+class _ProcessClock(Clock):
+    """A task.Clock that 'spawns' processes by recording them (no process runs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[_FakeProcessTransport] = []
+        self.refuse = False
+
+    def spawnProcess(self, protocol: Any, executable: str, args: Any, **kwargs: Any) -> Any:
+        if self.refuse:
+            raise OSError("no more processes")
+        transport = _FakeProcessTransport(protocol, 1000 + len(self.spawned))
+        self.spawned.append(transport)
+        protocol.makeConnection(transport)
+        return transport
+
+
+class _BoundPort:
+    def __init__(self) -> None:
+        self.socket = socket.socket()
+        self.numberAccepts = 100
+        self.connected = True
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def doRead(self) -> None:
+        pass
+
+
+class _Listener:
+    description = "tcp:0"
+
+    def __init__(self) -> None:
+        self.port = _BoundPort()
+
+
+class WorkerPoolTests(SynchronousTestCase):
+    """The pool's own decisions, on a fake reactor: restart delays, the silence check, the
+    stop timeout."""
+
+    def setUp(self) -> None:
+        self.clock = _ProcessClock()
+        self.loads = LoadTable.create(2)
+        self.addCleanup(os.close, self.loads.fd)
+        listener = _Listener()
+        self.addCleanup(listener.port.socket.close)
+        self.pool = WorkerPool(
+            self.clock,
+            count=1,
+            setup=WorkerSetup("workers = 2\n", None),
+            listeners=[listener],
+            loads=self.loads,
+            openConnections=lambda: 0,
+        )
+        self.pool.startService()
+
+    def worker(self) -> Any:
+        return self.clock.spawned[-1].protocol
+
+    def end(self, worker: Any) -> None:
+        worker.processEnded(Failure(ProcessTerminated(signal=9)))
+
+    def test_setupSentThenPipeClosed(self) -> None:
+        (transport,) = self.clock.spawned
+        self.assertEqual(
+            transport.written, [(SETUP_FD, WorkerSetup("workers = 2\n", None).encode())]
+        )
+        self.assertEqual(transport.closed, [SETUP_FD])
+
+    def test_restartDelayDoublesWhileItKeepsEnding(self) -> None:
+        delays = []
+        for _ in range(4):
+            started = len(self.clock.spawned)
+            self.end(self.worker())
+            waited = 0.0
+            while len(self.clock.spawned) == started:
+                self.clock.advance(0.5)
+                waited += 0.5
+            delays.append(waited)
+        self.assertEqual(delays, [1.0, 2.0, 4.0, 8.0])
+        # after a long stable run, back to the first delay
+        self.worker().outReceived(b"ready\n")
+        self.clock.advance(STABLE_AFTER + 1)
+        started = len(self.clock.spawned)
+        self.end(self.worker())
+        self.clock.advance(1.0)
+        self.assertEqual(len(self.clock.spawned), started + 1)
+
+    def test_endedWorkerLeavesTheLoadTable(self) -> None:
+        self.loads.set(1, 7)
+        self.end(self.worker())
+        self.assertEqual(self.loads.get(1), ABSENT)
+
+    def test_silentWorkerKilled(self) -> None:
+        worker = self.worker()
+        worker.outReceived(b"ready\n")
+        self.assertEqual(self.pool.serving(), (2, 2))
+        for _ in range(3):  # it reports every second
+            self.clock.advance(1)
+            worker.outReceived(b"metrics {}\n")
+        self.clock.advance(CHECK_INTERVAL)
+        self.assertEqual(self.clock.spawned[-1].signals, [])
+        self.clock.advance(SILENCE_TIMEOUT + CHECK_INTERVAL)
+        self.assertEqual(self.clock.spawned[-1].signals, ["KILL"])
+
+    def test_workerNeverReadyKilled(self) -> None:
+        self.clock.advance(READY_TIMEOUT + CHECK_INTERVAL)
+        self.assertEqual(self.clock.spawned[-1].signals, ["KILL"])
+
+    def test_spawnFailureRetried(self) -> None:
+        self.end(self.worker())
+        self.clock.refuse = True
+        self.clock.advance(1.0)  # the restart fails...
+        self.assertEqual(len(self.clock.spawned), 1)
+        self.clock.refuse = False
+        self.clock.advance(MAX_RESTART_DELAY)  # ...and is tried again
+        self.assertEqual(len(self.clock.spawned), 2)
+
+    def test_stopWaitsThenKills(self) -> None:
+        worker = self.worker()
+        stopped = self.pool.stopService()
+        self.assertEqual(self.clock.spawned[-1].signals, ["TERM"])
+        self.clock.advance(STOP_TIMEOUT)
+        self.assertEqual(self.clock.spawned[-1].signals, ["TERM", "KILL"])
+        self.assertNoResult(stopped)
+        self.end(worker)
+        self.successResultOf(stopped)
+        self.clock.advance(MAX_RESTART_DELAY)
+        self.assertEqual(len(self.clock.spawned), 1)  # not restarted after the stop
