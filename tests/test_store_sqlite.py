@@ -352,6 +352,24 @@ class WriteLockTests(SQLiteStoreTestsBase):
         await written
         self.assertEqual((await store.stats()).queued, 1)
 
+    async def test_writesArrivedMeanwhileShareTheCommit(self) -> None:
+        """The writes that come while the writer waits for the lock go in its commit."""
+        path = self.databasePath()
+        lockPath = path.with_name("mailrelay.sqlite3.writelock")
+        store = self.store = await self.openStore(path, writeLock=lockPath)
+        holder = os.open(lockPath, os.O_RDWR)
+        self.addCleanup(os.close, holder)
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        before = store.commits
+        first = store.enqueue(self.notification(), b"body")
+        await deferLater(reactor, 0.1, lambda: None)  # the writer has it and waits
+        later = [store.enqueue(self.notification(), b"body") for _ in range(10)]
+        await deferLater(reactor, 0.1, lambda: None)
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        await gatherResults([first, *later])
+        self.assertEqual(store.commits - before, 1)
+        self.assertEqual((await store.stats()).queued, 11)
+
     async def test_lockFreedAfterAFailedGroup(self) -> None:
         """A group that fails is rolled back and the lock given back: another writer goes on."""
         path = self.databasePath()

@@ -265,14 +265,34 @@ class GroupCommitThread(DatabaseThread):
 
     def _execute(self, requests: Sequence[_Request]) -> list[_Outcome]:
         connection = self._connection
-        if connection is None or len(requests) == 1:
+        if connection is None:
             return super()._execute(requests)
         with self._turn():
+            group = self._arrivedMeanwhile(list(requests))
+            if len(group) == 1:
+                return [self._runOneHolding(connection, group[0])]
             try:
-                return self._runGroup(connection, requests)
+                return self._runGroup(connection, group)
             except Exception:
                 _rollbackQuietly(connection)  # before another process may write
-        return [self._runOne(connection, r) for r in requests]
+        return [self._runOne(connection, r) for r in group]
+
+    def _arrivedMeanwhile(self, requests: list[_Request]) -> list[_Request]:
+        """With the cross-process lock, the writes that came while this writer waited for it
+        join the group: the longer the wait, the more one commit carries."""
+        if self._writeLock is None:
+            return requests
+        while len(requests) < self.groupLimit:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                self._queue.put(_STOP)  # nothing comes after it: the loop stops next time
+                break
+            assert isinstance(item, _Request)
+            requests.append(item)
+        return requests
 
     def _runGroup(
         self, connection: sqlite3.Connection, requests: Sequence[_Request]
@@ -325,15 +345,19 @@ class GroupCommitThread(DatabaseThread):
         return outcomes
 
     def _runOne(self, connection: sqlite3.Connection, request: _Request) -> _Outcome:
+        with self._turn():
+            return self._runOneHolding(connection, request)
+
+    def _runOneHolding(self, connection: sqlite3.Connection, request: _Request) -> _Outcome:
+        """One request in a transaction of its own; the caller holds the write lock."""
         try:
-            with self._turn():
-                connection.execute("BEGIN IMMEDIATE")
-                try:
-                    result = request.work(connection)
-                    connection.execute("COMMIT")
-                except Exception:
-                    _rollbackQuietly(connection)
-                    raise
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                result = request.work(connection)
+                connection.execute("COMMIT")
+            except Exception:
+                _rollbackQuietly(connection)
+                raise
         except Exception as e:
             return _Outcome(request, False, asStoreError(e))
         self.commits += 1
