@@ -163,7 +163,6 @@ def _listen(
 class RelayCore:
     """What every relay process builds the same way: the store and what stands on it."""
 
-    config: Config
     store: IStore
     portal: Portal
     throttle: LoginThrottle
@@ -241,7 +240,7 @@ def buildCore(
         )
         return listenerFactory(settings)
 
-    return RelayCore(config, store, portal, throttle, storeService, connections, factory, tlsPEM)
+    return RelayCore(store, portal, throttle, storeService, connections, factory, tlsPEM)
 
 
 def _share(limit: int, workers: int) -> int:

@@ -84,12 +84,6 @@ def readPEM(certPath: Path, keyPath: Path) -> tuple[bytes, bytes]:
         raise ValueError(f"cannot read TLS file: {e}") from None
 
 
-def contextFactory(certPath: Path, keyPath: Path) -> CertificateOptions:
-    """TLS 1.2+ server options from PEM files; raises ValueError naming a bad file."""
-    certData, keyData = readPEM(certPath, keyPath)
-    return contextFromPEM(certData, keyData, f"{certPath} / {keyPath}")
-
-
 def contextFromPEM(certData: bytes, keyData: bytes, where: str = "TLS") -> CertificateOptions:
     """TLS 1.2+ server options from PEM bytes (leaf first, then the chain; the key); raises
     ValueError naming ``where`` when they are not a usable certificate and key."""

@@ -93,8 +93,9 @@ class AdoptedListener(Service):
 
 
 @implementer(IHalfCloseableProtocol)
-class _StopWhenParentGoes(Protocol):
-    """Watches stdin, a pipe from the main process: end of file means it is gone."""
+class _MainProcessPipes(Protocol):
+    """The worker's stdin and stdout, pipes to and from the main process: stdout carries
+    "ready" and the metrics snapshots; stdin's end of file means the main process is gone."""
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
@@ -176,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (OSError, ValueError) as e:
         raise SystemExit(f"mailrelay: worker {args.index}: no load table: {e}") from None
     root, core = buildWorker(config, reactor, args.index, args.listener, setup.tlsPEM, loads)
-    control = _StopWhenParentGoes(reactor)
+    control = _MainProcessPipes(reactor)
     # (typed after the Windows variant, which has no stdin/stdout arguments)
     StandardIO(control, stdin=0, stdout=1, reactor=reactor)  # type: ignore[call-arg]
     root.privilegedStartService()

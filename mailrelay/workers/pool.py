@@ -111,16 +111,16 @@ class WorkerProcess(ProcessProtocol):
 
     def stop(self) -> None:
         """Ask the worker to finish (it stops accepting, completes its writes, exits)."""
-        try:
-            self.transport.signalProcess("TERM")  # type: ignore[union-attr]
-        except (ProcessExitedAlready, OSError):
-            pass
+        self._signal("TERM")
 
     def kill(self) -> None:
+        self._signal("KILL")
+
+    def _signal(self, name: str) -> None:
         try:
-            self.transport.signalProcess("KILL")  # type: ignore[union-attr]
+            self.transport.signalProcess(name)  # type: ignore[union-attr]
         except (ProcessExitedAlready, OSError):
-            pass
+            pass  # it has ended already
 
 
 @dataclass(frozen=True)

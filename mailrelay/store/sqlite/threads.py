@@ -251,17 +251,23 @@ class GroupCommitThread(DatabaseThread):
 
     def _take(self) -> tuple[list[_Request], bool]:
         requests, stop = super()._take()
-        while not stop and len(requests) < self.groupLimit:
+        if not stop:
+            stop = self._drain(requests)
+        return requests, stop
+
+    def _drain(self, requests: list[_Request]) -> bool:
+        """Add to ``requests`` what waits in the queue (up to ``groupLimit`` in all); whether
+        the stop marker was met (everything before it is taken)."""
+        while len(requests) < self.groupLimit:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                break
+                return False
             if item is _STOP:
-                stop = True
-            else:
-                assert isinstance(item, _Request)
-                requests.append(item)
-        return requests, stop
+                return True
+            assert isinstance(item, _Request)
+            requests.append(item)
+        return False
 
     def _execute(self, requests: Sequence[_Request]) -> list[_Outcome]:
         connection = self._connection
@@ -280,8 +286,9 @@ class GroupCommitThread(DatabaseThread):
     def _arrivedMeanwhile(self, requests: list[_Request]) -> list[_Request]:
         """With the cross-process lock, the writes that came while this writer waited for it
         join the group: the longer the wait, the more one commit carries."""
-        if self._writeLock is None:
-            return requests
+        if self._writeLock is not None and self._drain(requests):
+            self._queue.put(_STOP)  # nothing comes after it: the loop stops next time
+        return requests
         while len(requests) < self.groupLimit:
             try:
                 item = self._queue.get_nowait()
