@@ -7,12 +7,12 @@ Real files under the trial temp directory; no mocks.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import os
 import signal
 import sqlite3
 import stat
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +20,18 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from mailrelay.config import parseConfig
-from mailrelay.interfaces import AlreadyExists, StoreError
-from mailrelay.model import QueueStats
+from mailrelay.interfaces import AlreadyExists, NotFound, StoreError
+from mailrelay.model import Notification, QueueStats, StatusEvent
 from mailrelay.store import makeStore
-from mailrelay.store.sqlite import SQLiteStore
+from mailrelay.store.sqlite import SQLiteStore, workerFile
 from mailrelay.store.sqlite.migrate import schemaScripts, statements
 from tests.store_mixin import (
     ALICE,
+    T0,
     DeliveryQueueTestsMixin,
     RememberedAccountDataTestsMixin,
     StoreHelpersMixin,
@@ -131,10 +131,11 @@ class DurabilityTests(SQLiteStoreTestsBase):
 CRASH_SCRIPT = """
 import sys
 from datetime import UTC, datetime
+from datetime import timedelta
 from pathlib import Path
 from twisted.internet import defer, task
 from mailrelay.model import Notification, Recipient
-from mailrelay.store.sqlite import SQLiteStore
+from mailrelay.store.sqlite import SQLiteStore, workerFile
 
 async def main(reactor):
     store = SQLiteStore(Path(sys.argv[1]), reactor)
@@ -334,76 +335,182 @@ class AccountDataRememberedTests(RememberedAccountDataTestsMixin, SQLiteStoreTes
         return await self.openStore(self.store.path)
 
 
-class WriteLockTests(SQLiteStoreTestsBase):
-    """With ``writeLock`` (several worker processes), each write transaction holds an
-    exclusive flock on the lock file: a writer waits for it in the kernel, not by polling."""
+class WorkerFileTestsBase(SQLiteStoreTestsBase):
+    """``self.store`` is worker 1's store, as ``workers = 2`` makes it: the main process's
+    store (``self.main``) made the main file, the worker writes its own file beside it."""
 
-    async def test_writeWaitsForTheLock(self) -> None:
-        path = self.databasePath()
-        lockPath = path.with_name("mailrelay.sqlite3.writelock")
-        store = self.store = await self.openStore(path, writeLock=lockPath)
-        holder = os.open(lockPath, os.O_RDWR)  # another process's writer, as far as flock sees
-        self.addCleanup(os.close, holder)
-        fcntl.flock(holder, fcntl.LOCK_EX)
-        written = store.enqueue(self.notification(), b"body")
-        await deferLater(reactor, 0.3, lambda: None)
-        self.assertFalse(written.called, "the write did not wait for the lock")
-        fcntl.flock(holder, fcntl.LOCK_UN)
-        await written
-        self.assertEqual((await store.stats()).queued, 1)
+    async def openWorker(self, main: SQLiteStore, index: int) -> SQLiteStore:
+        return await self.openStore(main.path, instanceId=index, home=workerFile(main.path, index))
 
-    async def test_writesArrivedMeanwhileShareTheCommit(self) -> None:
-        """The writes that come while the writer waits for the lock go in its commit."""
-        path = self.databasePath()
-        lockPath = path.with_name("mailrelay.sqlite3.writelock")
-        store = self.store = await self.openStore(path, writeLock=lockPath)
-        holder = os.open(lockPath, os.O_RDWR)
-        self.addCleanup(os.close, holder)
-        fcntl.flock(holder, fcntl.LOCK_EX)
-        before = store.commits
-        first = store.enqueue(self.notification(), b"body")
-        await deferLater(reactor, 0.1, lambda: None)  # the writer has it and waits
-        later = [store.enqueue(self.notification(), b"body") for _ in range(10)]
-        await deferLater(reactor, 0.1, lambda: None)
-        fcntl.flock(holder, fcntl.LOCK_UN)
-        await gatherResults([first, *later])
-        self.assertEqual(store.commits - before, 1)
-        self.assertEqual((await store.stats()).queued, 11)
+    def makeStore(self) -> Deferred[SQLiteStore]:
+        async def make() -> SQLiteStore:
+            self.main = await self.openStore()
+            return await self.openWorker(self.main, 1)
 
-    async def test_lockFreedAfterAFailedGroup(self) -> None:
-        """A group that fails is rolled back and the lock given back: another writer goes on."""
-        path = self.databasePath()
-        lockPath = path.with_name("mailrelay.sqlite3.writelock")
-        store = self.store = await self.openStore(path, writeLock=lockPath)
-        duplicate = await self.enqueued()
-        results = [store.enqueue(self.notification(), b"body") for _ in range(3)]
-        bad = store.enqueue(duplicate, b"again")
-        await gatherResults(results)
-        with self.assertRaises(AlreadyExists):
-            await bad
-        other = os.open(lockPath, os.O_RDWR)
-        self.addCleanup(os.close, other)
-        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: raises if still held
-        fcntl.flock(other, fcntl.LOCK_UN)
-        self.assertEqual((await store.stats()).queued, 4)
+        return Deferred.fromCoroutine(make())
 
-    async def test_twoWritersOnOneFile(self) -> None:
-        """Two stores (as two workers) write to one database at once; nothing is lost."""
-        path = self.databasePath()
-        lockPath = path.with_name("mailrelay.sqlite3.writelock")
-        first = self.store = await self.openStore(path, writeLock=lockPath)
-        second = await self.openStore(path, writeLock=lockPath, instanceId=1)
-        notifications = []
-        writes = []
-        for store in (first, second) * 100:
+
+class WorkerFileStoreTests(StoreTestsMixin, WorkerFileTestsBase):
+    """The shared suite, against a worker's store: the accounts are in the main file, the
+    notifications in the worker's."""
+
+    def finishDelivery(self, notificationId: str) -> Deferred[None]:
+        return self.store.complete(notificationId)
+
+
+class WorkerFileDeliveryQueueTests(DeliveryQueueTestsMixin, WorkerFileTestsBase):
+    pass
+
+
+class WorkerFilesTests(WorkerFileTestsBase):
+    """Each worker writes the notifications it accepts to its own file; every process reads
+    (and a delivery worker updates) all of them."""
+
+    def idsIn(self, path: Path) -> set[str]:
+        database = sqlite3.connect(path)
+        try:
+            return {str(n) for (n,) in database.execute("SELECT id FROM notifications")}
+        finally:
+            database.close()
+
+    async def test_enqueueGoesToTheWorkersFile(self) -> None:
+        notification = await self.enqueued()
+        nid = notification.notification_id
+        self.assertEqual(self.idsIn(workerFile(self.main.path, 1)), {nid})
+        self.assertEqual(self.idsIn(self.main.path), set())
+        # The main process (the status API) finds it, and so does the admin command.
+        self.assertEqual(await self.main.getNotification(nid), notification)
+        self.assertEqual(len(await self.main.statusTrail(nid)), 2)
+        self.assertEqual(await self.main.stats(), QueueStats(1, 0, 0))
+        self.assertEqual(await self.main.acceptedSince("acme", T0), 1)
+
+    async def test_workersWriteAtOnce(self) -> None:
+        """Three processes' stores write at the same time, each to its file, each file with
+        its own commits; every store sees all of it."""
+        second = await self.openWorker(self.main, 2)
+        stores = [self.main, self.store, second]
+        notifications: list[tuple[SQLiteStore, Notification]] = []
+        for store in stores * 100:
             self.store = store
-            notification = self.notification()
-            notifications.append(notification)
-            writes.append(store.enqueue(notification, b"body"))
-        await gatherResults(writes)
-        self.assertEqual(len({n.notification_id for n in notifications}), 200)
-        self.assertEqual((await first.stats()).queued, 200)
-        for notification in notifications[::17]:
+            notifications.append((store, self.notification()))
+        before = [store.commits for store in stores]
+        await gatherResults([store.enqueue(n, b"body") for store, n in notifications])
+        for store, commits in zip(stores, before, strict=True):
+            self.assertGreaterEqual(store.commits - commits, 1)
+            self.assertLess(store.commits - commits, 100)  # grouped
+        for store in stores:
+            self.assertEqual(await store.stats(), QueueStats(300, 0, 0))
+        files = [self.main.path, workerFile(self.main.path, 1), workerFile(self.main.path, 2)]
+        for store, file in zip(stores, files, strict=True):
             self.assertEqual(
-                await second.getNotification(notification.notification_id), notification
+                self.idsIn(file), {n.notification_id for s, n in notifications if s is store}
             )
+        for _, notification in notifications[::23]:
+            found = await second.getNotification(notification.notification_id)
+            self.assertEqual(found, notification)
+
+    async def test_bulkAcrossFiles(self) -> None:
+        other = self.store
+        self.store = self.main
+        second = await self.enqueued(bulkId="b1", receivedAt=T0 + timedelta(seconds=2))
+        self.store = other
+        first = await self.enqueued(bulkId="b1", receivedAt=T0)
+        third = await self.enqueued(bulkId="b1", receivedAt=T0 + timedelta(seconds=3))
+        expected = [n.notification_id for n in (first, second, third)]
+        self.assertEqual(await self.main.notificationsForBulk("acme", "b1"), expected)
+        self.assertEqual(await self.store.notificationsForBulk("acme", "b1"), expected)
+
+    async def test_deliveryAcrossFiles(self) -> None:
+        """The main process's store claims the oldest due entries of every file, and
+        completes or defers a notification wherever it is."""
+        worker = self.store
+        inWorker = await self.enqueued(receivedAt=T0)
+        self.store = self.main
+        inMain = await self.enqueued(receivedAt=T0 + timedelta(seconds=1))
+        self.store = worker
+        laterInWorker = await self.enqueued(receivedAt=T0 + timedelta(seconds=2))
+        claimed = await self.main.claim(2, leaseSeconds=60)
+        self.assertEqual([e.notification for e in claimed], [inWorker, inMain])
+        self.assertEqual(await self.main.stats(), QueueStats(1, 0, 2))
+        await self.main.complete(inWorker.notification_id)
+        await self.main.defer(inMain.notification_id, T0)
+        (entry,) = await self.main.claim(1, leaseSeconds=60)
+        self.assertEqual((entry.notification, entry.attempts), (inMain, 2))
+        (entry,) = await self.main.claim(1, leaseSeconds=60)
+        self.assertEqual(entry.notification, laterInWorker)
+        with self.assertRaises(NotFound):
+            await self.main.complete(inWorker.notification_id)
+        with self.assertRaises(StoreError):
+            await self.main.complete("not an id")
+
+    async def test_eventsAcrossFiles(self) -> None:
+        """Events for notifications in two files are stored in each one's file; with an
+        unknown notification among them, none is stored."""
+        inWorker = await self.enqueued(recipients=(ALICE,))
+        self.store = self.main
+        inMain = await self.enqueued(recipients=(ALICE,))
+        events = [
+            StatusEvent(n.notification_id, ALICE, "CH_SENT", "Successful", T0 + timedelta(1))
+            for n in (inWorker, inMain)
+        ]
+        unknown = StatusEvent(self.main.nextNotificationId(), ALICE, "CH_SENT", "Successful", T0)
+        with self.assertRaises(NotFound):
+            await self.main.addEvents([*events, unknown])
+        self.assertEqual(len(await self.main.statusTrail(inWorker.notification_id)), 1)
+        await self.main.addEvents(events)
+        for notification in (inWorker, inMain):
+            trail = await self.main.statusTrail(notification.notification_id)
+            self.assertEqual([e.status_code for e in trail], ["CAAS_RECEIVED", "CH_SENT"])
+
+    async def test_expireAcrossFiles(self) -> None:
+        worker = self.store
+        for store in (self.main, worker):
+            self.store = store
+            await self.finished(await self.enqueued(receivedAt=T0))
+        self.assertEqual(await self.main.expire(T0 + timedelta(days=1)), 2)
+        self.assertEqual(await self.main.stats(), QueueStats(0, 0, 0))
+
+    async def finished(self, notification: Notification) -> None:
+        await self.main.complete(notification.notification_id)
+
+    async def test_accountChangesGoToTheMainFile(self) -> None:
+        """A worker's store writes account data to the main file, in the same writer as its
+        enqueues."""
+        writes = [self.store.enqueue(self.notification(), b"body") for _ in range(5)]
+        writes.append(self.store.addAccount("zed", "hash"))
+        writes += [self.store.enqueue(self.notification(), b"body") for _ in range(5)]
+        await gatherResults(writes)
+        self.assertEqual((await self.main.getAccount("zed")).name, "zed")  # type: ignore[union-attr]
+        self.assertEqual(len(self.idsIn(workerFile(self.main.path, 1))), 10)
+
+    async def test_unfinishedWorkerFileSkipped(self) -> None:
+        """A worker's file that exists but has no schema yet (it is being made) is left out
+        of reads until it has one; names that are not a worker's file are ignored."""
+        directory = self.main.path.parent
+        (directory / "mailrelay.worker-7.sqlite3").touch()
+        (directory / "mailrelay.worker-x.sqlite3").write_text("not a database")
+        (directory / "mailrelay.worker-1.sqlite3-wal.sqlite3.bak").touch()
+        self.assertEqual(
+            self.main.notificationFiles(),
+            [
+                self.main.path,
+                workerFile(self.main.path, 1),
+                workerFile(self.main.path, 7),
+            ],
+        )
+        await self.enqueued()
+        self.assertEqual(await self.main.stats(), QueueStats(1, 0, 0))
+        seventh = await self.openWorker(self.main, 7)
+        self.store = seventh
+        await self.enqueued()
+        self.assertEqual(await self.main.stats(), QueueStats(2, 0, 0))
+
+    async def test_readerNeverCreatesAFile(self) -> None:
+        """A store whose main file is missing fails to open, and creates nothing."""
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        main = directory / "mailrelay.sqlite3"
+        store = SQLiteStore(main, reactor, instanceId=1, home=workerFile(main, 1))
+        with self.assertRaises(StoreError):
+            await store.open()
+        self.assertFalse(main.exists())

@@ -5,6 +5,7 @@ connections, and a real ``twistd mailrelay`` with a worker process serving real 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -53,7 +54,9 @@ from mailrelay.workers.pool import (
     WorkerSetup,
 )
 from tests.relay_fixture import (
+    ACCOUNT,
     CLIENT_TIMEOUT,
+    PASSWORD,
     SENDER,
     Listener,
     RelayFiles,
@@ -406,18 +409,43 @@ class WorkerProcessTests(TestCase):
         self.assertEqual(len(set(ids)), 60)
         # Both processes took sessions (the main one makes instance 0, the worker 1).
         self.assertEqual({instanceOf(i) for i in ids}, {0, 1}, relay.log())
-        # Every message that got its 250 is in the one database, whoever took it.
-        database = sqlite3.connect(files.dataDir / "mailrelay.sqlite3")
-        self.addCleanup(database.close)
-        stored = {str(row[0]) for row in database.execute("SELECT id FROM notifications")}
-        self.assertEqual(stored, set(ids))
-        queued = database.execute("SELECT COUNT(*) FROM queue WHERE state = 'queued'").fetchone()
-        self.assertEqual(queued, (60,))
+        # Every message that got its 250 is on disk, in the file of the process that took it:
+        # the main file for instance 0, the worker's own file for instance 1.
+        stored: dict[int, set[str]] = {}
+        for instance, name in ((0, "mailrelay.sqlite3"), (1, "mailrelay.worker-1.sqlite3")):
+            database = sqlite3.connect(files.dataDir / name)
+            self.addCleanup(database.close)
+            rows = database.execute(
+                "SELECT id FROM notifications JOIN queue ON notification_id = id "
+                "WHERE state = 'queued'"
+            )
+            stored[instance] = {str(row[0]) for row in rows}
+        self.assertEqual(stored[0] | stored[1], set(ids))
+        self.assertEqual(stored[1], {i for i in ids if instanceOf(i) == 1})
+        # The status API (the main process) reads them all.
+        for notificationId in ids[::7]:
+            document = (await self.statusOf(files, notificationId))["SAPnotification"]
+            self.assertEqual(document["notificationId"], notificationId)
+            (received,) = document["status"]
+            self.assertEqual(received["statusCode"], "CAAS_RECEIVED")
         # /metrics adds up both processes (a worker reports about once a second).
         deadline = time.monotonic() + 10
         while (counted := await self.acceptedCount()) < 60 and time.monotonic() < deadline:
             await deferToThread(time.sleep, 0.2)
         self.assertEqual(counted, 60)
+
+    async def statusOf(self, files: RelayFiles, notificationId: str) -> Any:
+        """The status API's document for one notification (as the account, with its
+        password)."""
+
+        def get() -> Any:
+            url = f"http://127.0.0.1:{self.webPort}/{ACCOUNT}/notifications/id/{notificationId}"
+            login = base64.b64encode(f"{ACCOUNT}:{PASSWORD}".encode()).decode()
+            request = urllib.request.Request(url, headers={"Authorization": f"Basic {login}"})
+            with urllib.request.urlopen(request) as response:
+                return json.load(response)
+
+        return await deferToThread(get)
 
     async def acceptedCount(self) -> float:
         """mailrelay_messages_total{code="250"} from the relay's /metrics."""
@@ -475,6 +503,9 @@ class WorkerStartTests(TestCase):
         """A worker that cannot take over its socket exits 1 saying why (and the pool starts
         it again), instead of running without serving."""
         files = RelayFiles(Path(self.mktemp()), [Listener("plain", "none")])
+        store = files.makeStore()  # the main process made the database before its workers
+        await store.open()
+        await store.close()
         notASocket = os.open(os.devnull, os.O_RDONLY)
         self.addCleanup(os.close, notASocket)
         loads = LoadTable.create(1)

@@ -24,11 +24,13 @@ def makeStore(config: Config, reactor: Any, processIndex: int = 0) -> IStore:
     (it holds password hashes and message bodies). Redis: the server of ``redis_url``, keys
     under ``mailrelay:``; ``instance_id = 0`` (the default) means "take a free instance number
     from Redis at open", any other value is used as it is. Raises ConfigError for a backend
-    that cannot be used and StoreError when ``data_dir`` cannot be created. With several
-    workers, the SQLite store's writers take turns through a lock file beside the database.
+    that cannot be used and StoreError when ``data_dir`` cannot be created. A SQLite worker
+    writes the notifications it accepts to a file of its own beside the main one,
+    ``mailrelay.worker-<processIndex>.sqlite3``, so that workers never wait for each other's
+    commits; every process reads them all.
     """
     if config.store.backend == "sqlite":
-        from mailrelay.store.sqlite import SQLiteStore
+        from mailrelay.store.sqlite import SQLiteStore, workerFile
 
         dataDir = config.dataPath
         try:
@@ -40,7 +42,7 @@ def makeStore(config: Config, reactor: Any, processIndex: int = 0) -> IStore:
             path,
             reactor,
             config.store.instance_id + processIndex,
-            writeLock=path.with_name(path.name + ".writelock") if config.workers > 1 else None,
+            home=workerFile(path, processIndex) if processIndex else None,
         )
     if config.store.backend == "redis":
         from mailrelay.store.redis import RedisStore

@@ -14,6 +14,13 @@ Threads. No SQLite call runs on the reactor thread:
 Every failure reaches the caller as :class:`~mailrelay.interfaces.StoreError` (or its
 AlreadyExists / NotFound subclasses), never as a raw ``sqlite3`` exception.
 
+Files. The main file (``mailrelay.sqlite3``) holds the accounts, API keys and senders, and the
+notifications the main process accepted. With several workers, worker *K* writes the
+notifications it accepts to a file of its own beside it, ``mailrelay.worker-K.sqlite3``, so the
+workers never wait for each other's commits. Reads and delivery updates look in every file
+there is (a notification lives in exactly one), so the status API and the admin command see all
+of them, from any process, whatever ``workers`` is now.
+
 Several processes may open the same file (the ``mailrelay`` admin command while the server runs):
 SQLite's locks serialise their writes, and a busy timeout makes each wait its turn.
 """
@@ -30,6 +37,7 @@ from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
@@ -66,6 +74,12 @@ BUSY_TIMEOUT = 10.0
 _PENDING_STATES = ("queued", "deferred", "in_flight")
 
 
+def workerFile(main: Path, index: int) -> Path:
+    """The file worker ``index`` (1, 2, ...) writes the notifications it accepts to, beside the
+    main file ``main``: ``mailrelay.worker-1.sqlite3`` for ``mailrelay.sqlite3``."""
+    return main.with_name(f"{main.stem}.worker-{index}{main.suffix}")
+
+
 @implementer(IStore)
 class SQLiteStore:
     """
@@ -73,10 +87,10 @@ class SQLiteStore:
 
     ``reactor`` must run threads and tell time (the real reactor); ``instanceId`` goes into the
     notification ids (see :mod:`mailrelay.ids`); ``groupLimit`` caps how many writes share one
-    commit; ``busyTimeout`` is how long to wait for another process's lock; ``writeLock``, a
-    lock file that the relay's worker processes take turns on for each write transaction (they
-    queue on it instead of polling for SQLite's lock). Call :meth:`open` first and :meth:`close`
-    last. ``commits`` counts the write transactions committed so far.
+    commit; ``busyTimeout`` is how long to wait for another process's lock; ``home``, the file
+    this process's enqueues go to (default: ``path``, the main file; a worker's: see
+    :func:`workerFile`). Call :meth:`open` first and :meth:`close` last. ``commits`` counts the
+    write transactions committed so far.
 
     Accounts, API keys and senders are read on every login and every new session, and change
     rarely: lookups of them are remembered for ``ACCOUNT_CACHE_SECONDS``. This process's own
@@ -94,9 +108,10 @@ class SQLiteStore:
         instanceId: int = 0,
         groupLimit: int = 256,
         busyTimeout: float = BUSY_TIMEOUT,
-        writeLock: Path | None = None,
+        home: Path | None = None,
     ) -> None:
         self.path = Path(path)
+        self.home = Path(home) if home is not None else self.path
         self._busyTimeout = busyTimeout
         self._reactor: IReactorTime = reactor
         self._threads: IReactorThreads = reactor
@@ -105,10 +120,17 @@ class SQLiteStore:
             "mailrelay-sqlite-writer",
             self._connectWriter,
             reactor,
+            self.home,
+            self.notificationFiles,
             groupLimit,
-            writeLock,
         )
-        self._reader = DatabaseThread("mailrelay-sqlite-reader", self._connectReader, reactor)
+        self._reader = DatabaseThread(
+            "mailrelay-sqlite-reader",
+            self._connectReader,
+            reactor,
+            self.path,
+            self.notificationFiles,
+        )
         self._accountData: dict[tuple[str, str], tuple[float, Any]] = {}
 
     def __repr__(self) -> str:
@@ -121,13 +143,29 @@ class SQLiteStore:
 
     # -- lifecycle --
 
-    def _connect(self) -> sqlite3.Connection:
+    def notificationFiles(self) -> list[Path]:
+        """Every file notifications may be in: the main file, then the workers' files that
+        exist, in worker order."""
+        workers = []
+        for candidate in self.path.parent.glob(f"{self.path.stem}.worker-*{self.path.suffix}"):
+            index = candidate.name[len(self.path.stem) + len(".worker-") : -len(self.path.suffix)]
+            if index.isascii() and index.isdigit():
+                workers.append((int(index), candidate))
+        return [self.path, *(file for _, file in sorted(workers))]
+
+    def _connect(self, path: Path, create: bool) -> sqlite3.Connection:
+        # Readers never create a file: a missing one is an error, not a new empty database.
+        target = path if create else f"file:{quote(str(path))}?mode=rw"
         return sqlite3.connect(
-            self.path, timeout=self._busyTimeout, isolation_level=None, check_same_thread=True
+            target,
+            timeout=self._busyTimeout,
+            isolation_level=None,
+            check_same_thread=True,
+            uri=not create,
         )
 
-    def _connectWriter(self) -> sqlite3.Connection:
-        connection = self._connect()
+    def _connectWriter(self, path: Path) -> sqlite3.Connection:
+        connection = self._connect(path, create=True)
         try:
             (mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
             if mode.lower() != "wal":
@@ -140,9 +178,17 @@ class SQLiteStore:
             raise
         return connection
 
-    def _connectReader(self) -> sqlite3.Connection:
-        connection = self._connect()
-        connection.execute("PRAGMA query_only = ON")
+    def _connectReader(self, path: Path) -> sqlite3.Connection | None:
+        connection = self._connect(path, create=False)
+        try:
+            connection.execute("PRAGMA query_only = ON")
+            (version,) = connection.execute("PRAGMA user_version").fetchone()
+        except BaseException:
+            connection.close()
+            raise
+        if version == 0 and path != self.path:
+            connection.close()
+            return None  # a worker's file whose schema is still being written
         return connection
 
     async def _open(self) -> None:
@@ -197,7 +243,7 @@ class SQLiteStore:
             self._accountData.clear()
             return result
 
-        return self._writer.submit(work).addBoth(forget)
+        return self._writer.submit(work, self.path).addBoth(forget)
 
     def addAccount(self, name: str, passwordHash: str) -> Deferred[Account]:
         return self._changeAccountData(partial(_addAccount, name=name, passwordHash=passwordHash))
@@ -246,10 +292,15 @@ class SQLiteStore:
         return self._writer.submit(_Enqueue(notification, bytes(message)))
 
     def acceptedSince(self, account: str, since: datetime) -> Deferred[int]:
-        return self._reader.submit(partial(_acceptedSince, account=account, since=toMillis(since)))
+        d = self._reader.submitEach(partial(_acceptedSince, account=account, since=toMillis(since)))
+        return d.addCallback(lambda counts: sum(count for _, count in counts))
 
     def stats(self) -> Deferred[QueueStats]:
-        return self._reader.submit(_stats)
+        def total(parts: list[tuple[Path, QueueStats]]) -> QueueStats:
+            counts = {state: sum(getattr(p, state) for _, p in parts) for state in _PENDING_STATES}
+            return QueueStats(**counts)
+
+        return self._reader.submitEach(_stats).addCallback(total)
 
     # -- delivery workers (not part of IStore yet) --
 
@@ -259,37 +310,76 @@ class SQLiteStore:
         ``in_flight`` for ``leaseSeconds``; an entry whose lease runs out (its worker died) is
         due again. Each claim counts as an attempt. Returns Deferred[list[QueueEntry]].
         """
+        return Deferred.fromCoroutine(self._claim(limit, leaseSeconds))
+
+    async def _claim(self, limit: int, leaseSeconds: float) -> list[QueueEntry]:
         now = int(self._reactor.seconds() * 1000)
-        return self._writer.submit(
-            partial(_claim, limit=limit, now=now, leaseUntil=now + int(leaseSeconds * 1000))
-        )
+        # The oldest due entries of all files, then each file's share claimed in its own write
+        # (which takes only those still due: another claimer may have come first).
+        due = await self._reader.submitEach(partial(_dueEntries, limit=limit, now=now))
+        chosen = sorted((key, file) for file, keys in due for key in keys)[:limit]
+        entries: list[QueueEntry] = []
+        for file in dict.fromkeys(file for _, file in chosen):
+            numbers = [number for (_, number), f in chosen if f == file]
+            work = partial(
+                _claim, numbers=numbers, now=now, leaseUntil=now + int(leaseSeconds * 1000)
+            )
+            entries += await self._writer.submit(work, file)
+        rank = {number: i for i, ((_, number), _) in enumerate(chosen)}
+        return sorted(entries, key=lambda e: rank[int(e.notification.notification_id)])
 
     def complete(self, notificationId: str) -> Deferred[None]:
         """Delivery is finished (sent or failed for good): leave the queue, drop the body."""
-        return self._writer.submit(partial(_complete, notificationId=notificationId))
+        return self._inTheQueue(notificationId, partial(_complete, notificationId=notificationId))
 
     def defer(self, notificationId: str, nextAttempt: datetime) -> Deferred[None]:
         """Delivery failed for now: try again at ``nextAttempt``."""
-        return self._writer.submit(
-            partial(_defer, notificationId=notificationId, nextAttempt=toMillis(nextAttempt))
-        )
+        work = partial(_defer, notificationId=notificationId, nextAttempt=toMillis(nextAttempt))
+        return self._inTheQueue(notificationId, work)
+
+    def _inTheQueue(self, notificationId: str, work: Work) -> Deferred[None]:
+        """Run ``work`` (which returns how many queue rows it changed) on every file; NotFound
+        if no file had the notification in its queue."""
+
+        def changed(counts: list[tuple[Path, int]]) -> None:
+            if not any(count for _, count in counts):
+                raise NotFound(f"not in the queue: {notificationId}")
+
+        return self._writer.submitEach(work).addCallback(changed)
 
     # -- status trails --
 
     def getNotification(self, notificationId: str) -> Deferred[Notification | None]:
-        return self._reader.submit(partial(_getNotification, notificationId=notificationId))
+        d = self._reader.submitEach(partial(_getNotification, notificationId=notificationId))
+        return d.addCallback(lambda found: next((n for _, n in found if n is not None), None))
 
     def addEvents(self, events: Iterable[StatusEvent]) -> Deferred[None]:
-        return self._writer.submit(partial(_addEvents, events=tuple(events)))
+        return Deferred.fromCoroutine(self._addEvents(tuple(events)))
+
+    async def _addEvents(self, events: tuple[StatusEvent, ...]) -> None:
+        numbers = {_requireId(e.notification_id) for e in events}
+        # All or nothing: first find every notification's file.
+        found = await self._reader.submitEach(partial(_present, numbers=tuple(numbers)))
+        if set().union(*(present for _, present in found)) != numbers:
+            raise NotFound("status events for an unknown notification")
+        for file, present in found:
+            mine = tuple(e for e in events if int(e.notification_id) in present)
+            if mine:
+                await self._writer.submit(partial(_addEvents, events=mine), file)
 
     def statusTrail(self, notificationId: str) -> Deferred[list[StatusEvent]]:
-        return self._reader.submit(partial(_statusTrail, notificationId=notificationId))
+        d = self._reader.submitEach(partial(_statusTrail, notificationId=notificationId))
+        return d.addCallback(lambda trails: [event for _, trail in trails for event in trail])
 
     def notificationsForBulk(self, account: str, bulkId: str) -> Deferred[list[str]]:
-        return self._reader.submit(partial(_notificationsForBulk, account=account, bulkId=bulkId))
+        d = self._reader.submitEach(partial(_notificationsForBulk, account=account, bulkId=bulkId))
+        return d.addCallback(
+            lambda parts: [str(n) for _, n in sorted(key for _, keys in parts for key in keys)]
+        )
 
     def expire(self, before: datetime) -> Deferred[int]:
-        return self._writer.submit(partial(_expire, before=toMillis(before)))
+        d = self._writer.submitEach(partial(_expire, before=toMillis(before)))
+        return d.addCallback(lambda counts: sum(count for _, count in counts))
 
 
 # The work functions below run on a database thread, inside a transaction the thread manages
@@ -635,12 +725,24 @@ def _statusTrail(connection: sqlite3.Connection, notificationId: str) -> list[St
     ]
 
 
-def _notificationsForBulk(connection: sqlite3.Connection, account: str, bulkId: str) -> list[str]:
-    rows = connection.execute(
-        "SELECT id FROM notifications WHERE account = ? AND bulk_id = ? ORDER BY received_at, id",
+def _present(connection: sqlite3.Connection, numbers: tuple[int, ...]) -> set[int]:
+    """Which of the notifications ``numbers`` this file has."""
+    return {
+        number
+        for number in numbers
+        if connection.execute("SELECT 1 FROM notifications WHERE id = ?", (number,)).fetchone()
+    }
+
+
+def _notificationsForBulk(
+    connection: sqlite3.Connection, account: str, bulkId: str
+) -> list[tuple[int, int]]:
+    """The bulk's notifications in this file as (received_at, id), in that order."""
+    return connection.execute(
+        "SELECT received_at, id FROM notifications WHERE account = ? AND bulk_id = ? "
+        "ORDER BY received_at, id",
         (account, bulkId),
-    )
-    return [str(number) for (number,) in rows]
+    ).fetchall()
 
 
 def _expire(connection: sqlite3.Connection, before: int) -> int:
@@ -653,16 +755,27 @@ def _expire(connection: sqlite3.Connection, before: int) -> int:
     return cursor.rowcount
 
 
-def _claim(
-    connection: sqlite3.Connection, limit: int, now: int, leaseUntil: int
-) -> list[QueueEntry]:
-    due = connection.execute(
-        "SELECT notification_id, attempts FROM queue WHERE next_attempt <= ? "
+def _dueEntries(connection: sqlite3.Connection, limit: int, now: int) -> list[tuple[int, int]]:
+    """The oldest due queue entries of this file, as (next_attempt, id)."""
+    return connection.execute(
+        "SELECT next_attempt, notification_id FROM queue WHERE next_attempt <= ? "
         "ORDER BY next_attempt, notification_id LIMIT ?",
         (now, limit),
     ).fetchall()
+
+
+def _claim(
+    connection: sqlite3.Connection, numbers: Sequence[int], now: int, leaseUntil: int
+) -> list[QueueEntry]:
+    """Claim the entries ``numbers`` that are still due, in that order."""
     entries = []
-    for number, attempts in due:
+    for number in numbers:
+        row = connection.execute(
+            "SELECT attempts FROM queue WHERE notification_id = ? AND next_attempt <= ?",
+            (number, now),
+        ).fetchone()
+        if row is None:
+            continue  # claimed or finished meanwhile
         connection.execute(
             "UPDATE queue SET state = 'in_flight', next_attempt = ?, attempts = attempts + 1 "
             "WHERE notification_id = ?",
@@ -673,22 +786,24 @@ def _claim(
             "SELECT body FROM messages WHERE notification_id = ?", (number,)
         ).fetchone()
         assert notification is not None  # the queue row's foreign key
-        entries.append(QueueEntry(notification, bytes(body), attempts + 1))
+        entries.append(QueueEntry(notification, bytes(body), row[0] + 1))
     return entries
 
 
-def _complete(connection: sqlite3.Connection, notificationId: str) -> None:
+def _complete(connection: sqlite3.Connection, notificationId: str) -> int:
+    """Take the notification out of this file's queue, if it is there; how many rows went."""
     number = _requireId(notificationId)
     cursor = connection.execute("DELETE FROM queue WHERE notification_id = ?", (number,))
-    if cursor.rowcount == 0:
-        raise NotFound(f"not in the queue: {notificationId}")
-    connection.execute("DELETE FROM messages WHERE notification_id = ?", (number,))
+    if cursor.rowcount:
+        connection.execute("DELETE FROM messages WHERE notification_id = ?", (number,))
+    return cursor.rowcount
 
 
-def _defer(connection: sqlite3.Connection, notificationId: str, nextAttempt: int) -> None:
+def _defer(connection: sqlite3.Connection, notificationId: str, nextAttempt: int) -> int:
+    """Put off the notification's next attempt, if it is in this file's queue; how many rows
+    changed."""
     cursor = connection.execute(
         "UPDATE queue SET state = 'deferred', next_attempt = ? WHERE notification_id = ?",
         (nextAttempt, _requireId(notificationId)),
     )
-    if cursor.rowcount == 0:
-        raise NotFound(f"not in the queue: {notificationId}")
+    return cursor.rowcount

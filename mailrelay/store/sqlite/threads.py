@@ -13,13 +13,10 @@ one transaction and commits once, so one fsync covers many callers.
 
 from __future__ import annotations
 
-import fcntl
-import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +28,11 @@ from twisted.logger import Logger
 from mailrelay.interfaces import AlreadyExists, NotFound, StoreError
 
 Work = Callable[[sqlite3.Connection], Any]
-Connect = Callable[[], sqlite3.Connection]
+Connect = Callable[[Path], "sqlite3.Connection | None"]
+"""Opens a connection to a database file, or returns None if the file is not ready yet (a
+worker's file that is still being created); raises if it cannot."""
+Files = Callable[[], Sequence[Path]]
+"""The database files a request for "each file" runs on, in order (looked up on the thread)."""
 RunBatch = Callable[[sqlite3.Connection, Sequence[Any]], Sequence[Any]]
 """
 A work object may carry ``runBatch(connection, works) -> results``: the writer then runs a run
@@ -47,6 +48,7 @@ _STOP = object()
 class _Request:
     work: Work
     deferred: Deferred[Any]
+    target: Path | None  # the file to run on; None: every file, one after another
 
 
 @dataclass
@@ -67,7 +69,11 @@ def asStoreError(error: BaseException) -> StoreError:
 
 class DatabaseThread:
     """
-    One thread, one connection, one request at a time (in the order submitted).
+    One thread, its connections, one request at a time (in the order submitted).
+
+    The thread connects to its ``home`` file when it starts (a failure there fails
+    :meth:`start` and every request); other files are connected to the first time a request
+    names them, or when a request for every file (:meth:`submitEach`) finds them in ``files``.
 
     Used as is for reads: each work function runs in autocommit mode and may open its own
     ``BEGIN`` ... ``COMMIT`` for a consistent snapshot over several queries.
@@ -75,35 +81,49 @@ class DatabaseThread:
 
     log = Logger()
 
-    def __init__(self, name: str, connect: Connect, reactor: IReactorThreads) -> None:
+    def __init__(
+        self, name: str, connect: Connect, reactor: IReactorThreads, home: Path, files: Files
+    ) -> None:
         self._name = name
         self._connect = connect
         self._reactor = reactor
+        self._home = home
+        self._files = files
         self._queue: queue.SimpleQueue[_Request | object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._connection: sqlite3.Connection | None = None
+        self._connections: dict[Path, sqlite3.Connection] = {}
         self._openError: StoreError | None = None
         self._started: Deferred[None] = Deferred()
         self._whenStopped: list[Deferred[None]] = []
         self._state = "new"  # -> "running" -> "stopping" -> "stopped"
 
     def start(self) -> Deferred[None]:
-        """Start the thread and make the connection; fails with StoreError if that fails."""
+        """Start the thread and connect to the home file; fails with StoreError if that fails."""
         assert self._state == "new", "a DatabaseThread starts once"
         self._state = "running"
         self._thread.start()
         return self._started
 
-    def submit(self, work: Work) -> Deferred[Any]:
-        """Run ``work(connection)`` on the thread. Returns a Deferred of its result."""
+    def submit(self, work: Work, target: Path | None = None) -> Deferred[Any]:
+        """Run ``work(connection)`` on the file ``target`` (default: the home file). Returns a
+        Deferred of its result."""
+        return self._submit(work, target or self._home)
+
+    def submitEach(self, work: Work) -> Deferred[list[tuple[Path, Any]]]:
+        """Run ``work(connection)`` on every file there is, one after another. Returns a
+        Deferred of ``[(file, result), ...]`` in the order of ``files``; fails with the first
+        failure (the files before it have run)."""
+        return self._submit(work, None)
+
+    def _submit(self, work: Work, target: Path | None) -> Deferred[Any]:
         if self._state != "running":
             return _failed(StoreError("store is not open"))
-        request = _Request(work, Deferred())
+        request = _Request(work, Deferred(), target)
         self._queue.put(request)
         return request.deferred
 
     def stop(self) -> Deferred[None]:
-        """Finish everything submitted so far, close the connection, end the thread."""
+        """Finish everything submitted so far, close the connections, end the thread."""
         if self._state == "new":
             self._state = "stopped"
         if self._state == "stopped":
@@ -127,7 +147,7 @@ class DatabaseThread:
 
     def _run(self) -> None:
         try:
-            self._connection = self._connect()
+            self._readyConnectionTo(self._home)
         except BaseException as e:
             self._openError = asStoreError(e)
             self._reactor.callFromThread(self._started.errback, self._openError)
@@ -140,9 +160,21 @@ class DatabaseThread:
                 self._reactor.callFromThread(self._deliver, outcomes)
             if stop:
                 break
-        if self._connection is not None:
-            self._connection.close()
+        for connection in self._connections.values():
+            connection.close()
         self._reactor.callFromThread(self._finished)
+
+    def _connectionTo(self, path: Path) -> sqlite3.Connection | None:
+        """The connection to ``path`` (made now if need be), or None if the file is not ready.
+        Raises StoreError if the thread could not connect to its home file."""
+        if self._openError is not None:
+            raise self._openError
+        connection = self._connections.get(path)
+        if connection is None:
+            connection = self._connect(path)
+            if connection is not None:
+                self._connections[path] = connection
+        return connection
 
     def _take(self) -> tuple[list[_Request], bool]:
         """Block for the next request. Returns (requests, whether to stop after them)."""
@@ -153,11 +185,42 @@ class DatabaseThread:
         return [item], False
 
     def _execute(self, requests: Sequence[_Request]) -> list[_Outcome]:
-        connection = self._connection
+        return [self._runOn(r.target, r) if r.target else self._runEach(r) for r in requests]
+
+    def _readyConnectionTo(self, path: Path) -> sqlite3.Connection:
+        """The connection to ``path``; raises StoreError if the file is not ready."""
+        connection = self._connectionTo(path)
         if connection is None:
-            assert self._openError is not None
-            return [_Outcome(r, False, self._openError) for r in requests]
-        return [self._runOne(connection, r) for r in requests]
+            raise StoreError(f"sqlite store: {str(path)!r} is not ready")
+        return connection
+
+    def _runOn(self, target: Path, request: _Request) -> _Outcome:
+        try:
+            connection = self._readyConnectionTo(target)
+        except Exception as e:
+            return _Outcome(request, False, asStoreError(e))
+        return self._runOne(connection, request)
+
+    def _runEach(self, request: _Request) -> _Outcome:
+        """Run ``request`` on every file that is ready; one outcome with the list of
+        ``(file, result)``, or the first failure."""
+        results = []
+        try:
+            files = list(self._files())
+        except Exception as e:
+            return _Outcome(request, False, asStoreError(e))
+        for path in files:
+            try:
+                connection = self._connectionTo(path)
+            except Exception as e:
+                return _Outcome(request, False, asStoreError(e))
+            if connection is None:
+                continue
+            outcome = self._runOne(connection, request)
+            if not outcome.ok:
+                return outcome
+            results.append((path, outcome.value))
+        return _Outcome(request, True, results)
 
     def _runOne(self, connection: sqlite3.Connection, request: _Request) -> _Outcome:
         try:
@@ -188,19 +251,16 @@ class GroupCommitThread(DatabaseThread):
     The single writer, with group commit.
 
     It blocks for the first request, then takes every request already waiting (at most
-    ``groupLimit``), runs them all in one ``BEGIN IMMEDIATE`` transaction -- each inside its own
-    SAVEPOINT, so a request that fails is rolled back alone and the others go on -- and commits
+    ``groupLimit``). The requests for one file -- in the relay, nearly all of them are enqueues
+    for the home file -- run in one ``BEGIN IMMEDIATE`` transaction, each inside its own
+    SAVEPOINT, so a request that fails is rolled back alone and the others go on, and commit
     once. Only after COMMIT returned (with ``synchronous=FULL``: after the fsync) does any caller
     hear of success. If the transaction as a whole fails (COMMIT fails, or SQLite abandons the
     transaction, e.g. disk full), it is rolled back and each request is retried in a transaction
-    of its own, so one bad request fails alone.
+    of its own, so one bad request fails alone. A request for every file runs in a transaction
+    of its own on each file.
 
     ``commits`` counts successful COMMITs, so one can see the grouping at work.
-
-    ``writeLock`` names a lock file shared with the writers of other processes (the relay's
-    workers): each write transaction holds an exclusive ``flock`` on it, so a writer waits in
-    the kernel and starts the moment the other is done (SQLite's own busy handler would sleep
-    up to 100 ms between tries).
     """
 
     def __init__(
@@ -208,98 +268,51 @@ class GroupCommitThread(DatabaseThread):
         name: str,
         connect: Connect,
         reactor: IReactorThreads,
+        home: Path,
+        files: Files,
         groupLimit: int = 256,
-        writeLock: Path | None = None,
     ) -> None:
-        super().__init__(name, self._connectWithLock, reactor)
+        super().__init__(name, connect, reactor, home, files)
         self.groupLimit = groupLimit
         self.commits = 0
-        self._connectDatabase = connect
-        self._writeLockPath = writeLock
-        self._writeLock: int | None = None
-
-    def _connectWithLock(self) -> sqlite3.Connection:
-        if self._writeLockPath is not None:
-            self._writeLock = os.open(self._writeLockPath, os.O_RDWR | os.O_CREAT, 0o600)
-        return self._connectDatabase()
-
-    def _run(self) -> None:
-        try:
-            super()._run()
-        finally:
-            if self._writeLock is not None:
-                os.close(self._writeLock)
-
-    @contextmanager
-    def _turn(self) -> Iterator[None]:
-        """
-        Hold the cross-process write lock (if any) for one write transaction. ``flock``
-        waits in the kernel (without the GIL) and returns the moment the other writer is
-        done: polling with sleeps, as SQLite's busy handler does, cost a third of the
-        throughput of two workers. A worker stopped while it holds the lock is found silent
-        and killed by the main process (:mod:`mailrelay.workers.pool`), which frees it.
-        """
-        fd = self._writeLock
-        if fd is None:
-            yield
-            return
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _take(self) -> tuple[list[_Request], bool]:
         requests, stop = super()._take()
-        if not stop:
-            stop = self._drain(requests)
+        while not stop and len(requests) < self.groupLimit:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                stop = True
+                break
+            assert isinstance(item, _Request)
+            requests.append(item)
         return requests, stop
 
-    def _drain(self, requests: list[_Request]) -> bool:
-        """Add to ``requests`` what waits in the queue (up to ``groupLimit`` in all); whether
-        the stop marker was met (everything before it is taken)."""
-        while len(requests) < self.groupLimit:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return False
-            if item is _STOP:
-                return True
-            assert isinstance(item, _Request)
-            requests.append(item)
-        return False
-
     def _execute(self, requests: Sequence[_Request]) -> list[_Outcome]:
-        connection = self._connection
-        if connection is None:
-            return super()._execute(requests)
-        with self._turn():
-            group = self._arrivedMeanwhile(list(requests))
-            if len(group) == 1:
-                return [self._runOneHolding(connection, group[0])]
-            try:
-                return self._runGroup(connection, group)
-            except Exception:
-                _rollbackQuietly(connection)  # before another process may write
-        return [self._runOne(connection, r) for r in group]
+        outcomes: list[_Outcome] = []
+        for target, group in _byTarget(requests):
+            if target is None:
+                outcomes.extend(self._runEach(r) for r in group)
+            else:
+                outcomes.extend(self._commitGroup(target, group))
+        return outcomes
 
-    def _arrivedMeanwhile(self, requests: list[_Request]) -> list[_Request]:
-        """With the cross-process lock, the writes that came while this writer waited for it
-        join the group: the longer the wait, the more one commit carries."""
-        if self._writeLock is not None and self._drain(requests):
-            self._queue.put(_STOP)  # nothing comes after it: the loop stops next time
-        return requests
-        while len(requests) < self.groupLimit:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is _STOP:
-                self._queue.put(_STOP)  # nothing comes after it: the loop stops next time
-                break
-            assert isinstance(item, _Request)
-            requests.append(item)
-        return requests
+    def _commitGroup(self, target: Path, requests: Sequence[_Request]) -> list[_Outcome]:
+        """Run ``requests`` on ``target`` in one transaction (or, if it fails, one by one)."""
+        if len(requests) == 1:
+            return [self._runOn(target, requests[0])]
+        try:
+            connection = self._readyConnectionTo(target)
+        except Exception as e:
+            error = asStoreError(e)
+            return [_Outcome(r, False, error) for r in requests]
+        try:
+            return self._runGroup(connection, requests)
+        except Exception:
+            _rollbackQuietly(connection)  # before another process may write
+        return [self._runOne(connection, r) for r in requests]
 
     def _runGroup(
         self, connection: sqlite3.Connection, requests: Sequence[_Request]
@@ -352,11 +365,7 @@ class GroupCommitThread(DatabaseThread):
         return outcomes
 
     def _runOne(self, connection: sqlite3.Connection, request: _Request) -> _Outcome:
-        with self._turn():
-            return self._runOneHolding(connection, request)
-
-    def _runOneHolding(self, connection: sqlite3.Connection, request: _Request) -> _Outcome:
-        """One request in a transaction of its own; the caller holds the write lock."""
+        """One request in a transaction of its own."""
         try:
             connection.execute("BEGIN IMMEDIATE")
             try:
@@ -369,6 +378,25 @@ class GroupCommitThread(DatabaseThread):
             return _Outcome(request, False, asStoreError(e))
         self.commits += 1
         return _Outcome(request, True, result)
+
+
+def _byTarget(requests: Sequence[_Request]) -> list[tuple[Path | None, list[_Request]]]:
+    """The requests grouped by the file they are for, each group in the order submitted (the
+    groups in the order of their first request). Requests for every file stay on their own,
+    in place: they may touch any file."""
+    groups: list[tuple[Path | None, list[_Request]]] = []
+    byFile: dict[Path, list[_Request]] = {}
+    for request in requests:
+        if request.target is None:
+            groups.append((None, [request]))
+            byFile = {}  # what comes after it must run after it
+            continue
+        group = byFile.get(request.target)
+        if group is None:
+            group = byFile[request.target] = []
+            groups.append((request.target, group))
+        group.append(request)
+    return groups
 
 
 def _rollbackQuietly(connection: sqlite3.Connection) -> None:
