@@ -88,13 +88,17 @@ class SubmissionFactory(Factory):
     noisy = False  # no "Starting factory" lines at each (worker) start
 
     def __init__(self, settings: ListenerSettings, implicitTLS: bool = False) -> None:
-        self.settings = settings
-        self.implicitTLS = implicitTLS
-
-    def buildProtocol(self, addr: Any) -> Protocol:
+        # Imported here (protocol imports this module), and now rather than at the first
+        # connection: a process that takes tens of milliseconds to import at its first accept
+        # loses the start of a burst of connections to the other workers.
         from mailrelay.smtp.protocol import SubmissionProtocol
 
-        protocol = SubmissionProtocol(self.settings, implicitTLS=self.implicitTLS)
+        self.settings = settings
+        self.implicitTLS = implicitTLS
+        self._protocol = SubmissionProtocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        protocol = self._protocol(self.settings, implicitTLS=self.implicitTLS)
         protocol.factory = self
         return protocol
 
