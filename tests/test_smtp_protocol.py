@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import base64
 import re
+import socket
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.protocol import ServerFactory
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from mailrelay.smtp import replies
+from mailrelay.smtp.listener import SubmissionFactory
 from mailrelay.smtp.replies import Reply
 from tests.smtp_fixture import ACCOUNT, PASSWORD, SENDER_DOMAIN, ProtocolHarness, plain
 
@@ -706,3 +711,32 @@ class ClientTextInRepliesTests(ProtocolTestCase):
     def test_replyTextIsNeutralised(self) -> None:
         reply = replies.SYNTAX_ERROR.withText("bad \x1b[2J\rinjected\x00")
         self.assertEqual(reply.toBytes(), b"501 5.5.4 bad ?[2J?injected?\r\n")
+
+
+class RealSocketTests(TestCase):
+    """What only a real TCP connection shows."""
+
+    async def test_repliesAreNotHeldBackByNagle(self) -> None:
+        """The session's socket has TCP_NODELAY: a reply written after an asynchronous check
+        (the first MAIL of a client whose account is not remembered) goes out at once instead
+        of waiting behind the unacknowledged previous reply for the client's delayed ACK."""
+        harness = ProtocolHarness(self)
+        await harness.start()
+        factory = SubmissionFactory(harness.settings())
+        built: list[Any] = []
+
+        class Recording(ServerFactory):
+            def buildProtocol(self, addr: Any) -> Any:
+                protocol = factory.buildProtocol(addr)
+                built.append(protocol)
+                return protocol
+
+        port = reactor.listenTCP(0, Recording(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+
+        client = socket.create_connection(("127.0.0.1", port.getHost().port), 5)
+        self.addCleanup(client.close)
+        self.assertTrue((await deferToThread(client.recv, 100)).startswith(b"220 "))
+        (protocol,) = built
+        handle = protocol.transport.getHandle()
+        self.assertTrue(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))

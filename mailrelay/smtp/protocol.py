@@ -120,6 +120,12 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         metrics.connections.labels(self.settings.name).inc()
         metrics.sessions.labels(self.settings.name).inc()
         self.setTimeout(self.settings.limits.command_timeout)
+        # Replies go out whole (one write per reactor turn), so Nagle's algorithm would only
+        # hold back a reply written after an asynchronous check -- until the client's delayed
+        # ACK, some 40 ms later.
+        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
+        if setNoDelay is not None:
+            setNoDelay(True)
         counter = self.settings.connections
         if counter is not None:
             if not counter.acquire(self._clientAddress):
