@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import socket
+import sys
 from pathlib import Path
 
 from twisted.internet import reactor
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
-from mailrelay.tap import ListenerService, Options, makeService
+from mailrelay.tap import GIL_SWITCH_INTERVAL, ListenerService, Options, makeService
 
 
 class TapTests(TestCase):
@@ -38,7 +39,10 @@ class TapTests(TestCase):
             '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\nsecurity = "tls"\n'
             '[web]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
         )
+        self.addCleanup(sys.setswitchinterval, sys.getswitchinterval())
+        sys.setswitchinterval(0.005)
         root = makeService(options, reactor)
+        self.assertEqual(sys.getswitchinterval(), GIL_SWITCH_INTERVAL)  # shorter GIL turns
         listeners = [s for s in root if isinstance(s, ListenerService)]
         self.assertEqual(len(listeners), 3)  # two SMTP listeners and the web endpoint
         data = Path(options["config"]).parent / "data"
