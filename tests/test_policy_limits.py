@@ -1,12 +1,17 @@
 """Rate limiter, daily quota, client networks and relay by IP."""
 
+import ipaddress
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailrelay.model import Account
 from mailrelay.policy.limits import (
+    NetworkIndex,
     RateLimiter,
     accountForNetwork,
     checkDailyQuota,
@@ -121,3 +126,61 @@ class NetworkTests(SynchronousTestCase):
         disabled = account(networks=("10.0.0.0/8",), enabled=False)
         self.assertIsNone(accountForNetwork([disabled], "10.1.1.1"))
         self.assertIsNone(accountForNetwork([account()], "10.1.1.1"))
+
+
+def scanForNetwork(accounts: list[Account], ip: str) -> Account | None:
+    """The rule of relay by IP written as the plain scan of every account's networks: the
+    enabled account with the longest matching prefix, None if two accounts share it."""
+    address = ipaddress.ip_address(ip)
+    matches = [
+        (ipaddress.ip_network(text, strict=False).prefixlen, candidate)
+        for candidate in accounts
+        if candidate.enabled
+        for text in candidate.networks
+        if address in ipaddress.ip_network(text, strict=False)
+    ]
+    if not matches:
+        return None
+    longest = max(prefix for prefix, _ in matches)
+    names = {candidate.name for prefix, candidate in matches if prefix == longest}
+    if len(names) > 1:
+        return None
+    return next(candidate for prefix, candidate in matches if prefix == longest)
+
+
+# Addresses and networks within 10.0.0.0/16, so that they overlap often.
+_addresses = st.integers(0, 2**16 - 1).map(lambda n: str(ipaddress.IPv4Address(0x0A000000 + n)))
+_networks = st.tuples(_addresses, st.integers(8, 32)).map(lambda p: f"{p[0]}/{p[1]}")
+
+
+class NetworkIndexTests(SynchronousTestCase):
+    """The index finds what the scan of every account finds."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(st.lists(_networks, max_size=3), st.booleans()),
+            max_size=12,
+        ),
+        st.lists(_addresses, min_size=1, max_size=8),
+    )
+    def test_sameAsScanningEveryAccount(
+        self, specs: list[tuple[list[str], bool]], clients: list[str]
+    ) -> None:
+        accounts = [
+            replace(account(networks=tuple(networks), enabled=enabled), name=f"a{i}")
+            for i, (networks, enabled) in enumerate(specs)
+        ]
+        index = NetworkIndex(accounts)
+        for client in clients:
+            self.assertEqual(index.accountFor(client), scanForNetwork(accounts, client))
+
+    def test_ipv6AndMappedAddresses(self) -> None:
+        v6 = replace(account(networks=("2001:db8::/32",)), name="v6")
+        v4 = replace(account(networks=("192.0.2.0/24",)), name="v4")
+        index = NetworkIndex([v6, v4])
+        self.assertEqual(index.accountFor("2001:db8::1"), v6)
+        self.assertEqual(index.accountFor("::ffff:192.0.2.9"), v4)
+        self.assertEqual(index.accountFor("[2001:db8::2]"), v6)
+        self.assertIsNone(index.accountFor("2001:db9::1"))
+        self.assertIsNone(index.accountFor("/run/mailrelay.sock"))

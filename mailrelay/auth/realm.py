@@ -12,14 +12,17 @@ from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailrelay.auth.checkers import AccountPasswordChecker, APIKeyChecker, VerifiedPasswords
 from mailrelay.interfaces import IMessageDelivery, IStore
 from mailrelay.model import Account, SessionInfo
-from mailrelay.policy.limits import accountForNetwork, clientAllowed
+from mailrelay.policy.limits import NetworkIndex, clientAllowed
+from mailrelay.store.common import ACCOUNT_CACHE_SECONDS
 
 AvatarFactory = Callable[[Account], Any]
 
@@ -28,13 +31,60 @@ def _noLogout() -> None:
     pass
 
 
+class RememberedNetworks:
+    """
+    The :class:`~mailrelay.policy.limits.NetworkIndex` of every account in ``store``, read
+    again at most every ``seconds`` (``clock`` tells the time) -- like the rest of the account
+    data, a change made with the admin command line counts within that time. Logins that
+    come while it is being read wait for that one read.
+    """
+
+    def __init__(
+        self, store: IStore, clock: IReactorTime, seconds: float = ACCOUNT_CACHE_SECONDS
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._seconds = seconds
+        self._index: NetworkIndex | None = None
+        self._until = 0.0
+        self._waiting: list[Deferred[NetworkIndex]] | None = None
+
+    def index(self) -> Deferred[NetworkIndex]:
+        """The index, as read less than ``seconds`` ago. Returns Deferred[NetworkIndex]."""
+        if self._index is not None and self._clock.seconds() < self._until:
+            return succeed(self._index)
+        waiter: Deferred[NetworkIndex] = Deferred()
+        if self._waiting is not None:
+            self._waiting.append(waiter)
+            return waiter
+        self._waiting = [waiter]
+        started = self._clock.seconds()
+        self._store.listAccounts().addCallback(self._read, started).addErrback(self._failed)
+        return waiter
+
+    def _read(self, accounts: list[Account], started: float) -> None:
+        self._index = NetworkIndex(accounts)
+        self._until = started + self._seconds
+        self._wake(self._index)
+
+    def _failed(self, failure: Failure) -> None:
+        self._wake(failure)  # nothing remembered: the next login asks the store again
+
+    def _wake(self, result: NetworkIndex | Failure) -> None:
+        waiting, self._waiting = self._waiting or [], None
+        for waiter in waiting:
+            waiter.callback(result)
+
+
 @implementer(IRealm)
 class SubmissionRealm:
-    """Gives each login the ``IMessageDelivery`` avatar of its account."""
+    """Gives each login the ``IMessageDelivery`` avatar of its account. ``clock`` tells how
+    old the remembered client networks of the accounts are (relay by IP)."""
 
-    def __init__(self, store: IStore, makeAvatar: AvatarFactory) -> None:
+    def __init__(self, store: IStore, makeAvatar: AvatarFactory, clock: IReactorTime) -> None:
         self._store = store
         self._makeAvatar = makeAvatar
+        self._networks = RememberedNetworks(store, clock)
 
     @inlineCallbacks
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
@@ -51,8 +101,8 @@ class SubmissionRealm:
     def networkLogin(self, session: SessionInfo) -> Any:
         """For ``auth = "network"`` listeners: ``(avatar, logout)`` of the account whose client
         networks hold the session's address, or None."""
-        accounts = yield self._store.listAccounts()
-        account = accountForNetwork(accounts, session.client_address)
+        index = yield self._networks.index()
+        account = index.accountFor(session.client_address)
         if account is None:
             return None
         return (self._makeAvatar(account), _noLogout)
@@ -67,7 +117,7 @@ def makePortal(
 ) -> tuple[Portal, SubmissionRealm]:
     """A portal with the password and API-key checkers, and its realm. A verified password is
     remembered for ``rememberPasswords`` seconds (0: never; see mailrelay.auth.checkers)."""
-    realm = SubmissionRealm(store, makeAvatar)
+    realm = SubmissionRealm(store, makeAvatar, reactor)
     verified = VerifiedPasswords(reactor, seconds=rememberPasswords)
     passwords = AccountPasswordChecker(store, reactor, threadpool, verified)
     portal = Portal(realm, [passwords, APIKeyChecker(store)])

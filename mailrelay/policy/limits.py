@@ -115,27 +115,55 @@ def clientAllowed(account: Account, ip: str) -> bool:
     return address is not None and any(True for _ in _matching(account, address))
 
 
-def accountForNetwork(accounts: Iterable[Account], ip: str) -> Account | None:
+class NetworkIndex:
     """
-    The account a client at ``ip`` submits as without AUTH (relay by IP, ``auth = "network"``):
-    the enabled account with the most specific network (longest prefix) containing ``ip``.
-    None when no account's network contains it, or when two accounts share the most specific
-    match: an ambiguous setup must not guess whose mail it is, so the client has to AUTH.
+    The enabled accounts by client network, for relay by IP (``auth = "network"``): finding
+    the account of a client costs a dictionary lookup per distinct prefix length, however many
+    accounts there are (a scan of every account's networks would cost each new connection
+    more the more customers the relay has).
     """
-    address = _address(ip)
-    if address is None:
+
+    def __init__(self, accounts: Iterable[Account]) -> None:
+        self._accounts: dict[str, Account] = {}
+        # (IP version, prefix length) -> network address as an integer -> account names
+        self._networks: dict[tuple[int, int], dict[int, set[str]]] = {}
+        for account in accounts:
+            if not account.enabled:
+                continue
+            for text in account.networks:
+                network = _network(text)
+                if network is None:
+                    continue
+                key = (network.version, network.prefixlen)
+                names = self._networks.setdefault(key, {}).setdefault(
+                    int(network.network_address), set()
+                )
+                names.add(account.name)
+                self._accounts[account.name] = account
+        self._longestFirst = sorted(self._networks, key=lambda key: -key[1])
+
+    def accountFor(self, ip: str) -> Account | None:
+        """
+        The account a client at ``ip`` submits as without AUTH: the enabled account with the
+        most specific network (longest prefix) containing ``ip``. None when no account's
+        network contains it, or when two accounts share the most specific match: an ambiguous
+        setup must not guess whose mail it is, so the client has to AUTH.
+        """
+        address = _address(ip)
+        if address is None:
+            return None
+        value = int(address)
+        for version, prefix in self._longestFirst:
+            if version != address.version:
+                continue
+            hostBits = address.max_prefixlen - prefix
+            names = self._networks[version, prefix].get(value >> hostBits << hostBits)
+            if names:
+                # Two networks of one length that both hold the address are the same network.
+                return self._accounts[next(iter(names))] if len(names) == 1 else None
         return None
-    best: Account | None = None
-    bestPrefix = -1
-    ambiguous = False
-    for account in accounts:
-        if not account.enabled:
-            continue
-        prefix = max((n.prefixlen for n in _matching(account, address)), default=-1)
-        if prefix < 0 or prefix < bestPrefix:
-            continue
-        if prefix == bestPrefix and best is not None and best.name != account.name:
-            ambiguous = True
-        elif prefix > bestPrefix:
-            best, bestPrefix, ambiguous = account, prefix, False
-    return None if ambiguous else best
+
+
+def accountForNetwork(accounts: Iterable[Account], ip: str) -> Account | None:
+    """:meth:`NetworkIndex.accountFor` over ``accounts`` (an index built for one lookup)."""
+    return NetworkIndex(accounts).accountFor(ip)

@@ -1,0 +1,87 @@
+"""
+Tests for mailrelay.auth.realm's relay by IP: the accounts' networks are read from the real
+SQLite store at most once a second, however many clients connect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from mailrelay.auth.realm import RememberedNetworks, SubmissionRealm
+from mailrelay.interfaces import StoreError
+from mailrelay.model import Account, SessionInfo
+from mailrelay.store.sqlite import SQLiteStore
+from tests.smtp_fixture import PASSWORD_HASH
+
+
+class CountingStore(SQLiteStore):
+    """The SQLite store, counting how often the whole account list is read."""
+
+    listed = 0
+
+    def listAccounts(self) -> Deferred[list[Account]]:
+        self.listed += 1
+        return super().listAccounts()
+
+
+class RememberedNetworksTests(TestCase):
+    async def setUp(self) -> None:
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        self.store = CountingStore(directory / "mailrelay.sqlite3", reactor)
+        await self.store.open()
+        self.addCleanup(self.store.close)
+        self.erp = await self.withNetworks(await self.store.addAccount("erp", PASSWORD_HASH))
+        await self.store.addAccount("other", PASSWORD_HASH)
+        self.clock = Clock()
+        self.networks = RememberedNetworks(self.store, self.clock)
+
+    async def withNetworks(self, account: Account, *networks: str) -> Account:
+        changed = replace(account, networks=networks or ("10.1.0.0/16",))
+        await self.store.updateAccount(changed)
+        return changed
+
+    async def accountFor(self, ip: str) -> Any:
+        index = await self.networks.index()
+        return index.accountFor(ip)
+
+    async def test_readAtMostOnceASecond(self) -> None:
+        for _ in range(20):
+            self.assertEqual(await self.accountFor("10.1.2.3"), self.erp)
+        self.assertEqual(self.store.listed, 1)
+        # A change (as by the admin command line) counts within a second.
+        moved = await self.withNetworks(self.erp, "192.0.2.0/24")
+        self.clock.advance(0.9)
+        self.assertEqual(await self.accountFor("10.1.2.3"), self.erp)
+        self.clock.advance(0.1)
+        self.assertIsNone(await self.accountFor("10.1.2.3"))
+        self.assertEqual(await self.accountFor("192.0.2.1"), moved)
+        self.assertEqual(self.store.listed, 2)
+
+    async def test_concurrentLoginsShareOneRead(self) -> None:
+        waiting = [self.networks.index() for _ in range(5)]
+        self.assertFalse(any(d.called for d in waiting))  # the store answers from its thread
+        indexes = [await d for d in waiting]
+        self.assertEqual(len({id(index) for index in indexes}), 1)
+        self.assertEqual(self.store.listed, 1)
+
+    async def test_failedReadNotRemembered(self) -> None:
+        await self.store.close()
+        for _ in range(2):
+            with self.assertRaises(StoreError):
+                await self.networks.index()
+        self.assertEqual(self.store.listed, 2)
+
+    async def test_networkLogin(self) -> None:
+        realm = SubmissionRealm(self.store, lambda account: ("avatar of", account), self.clock)
+        avatar, logout = await realm.networkLogin(SessionInfo("10.1.9.9", "network"))
+        self.assertEqual(avatar, ("avatar of", self.erp))
+        logout()
+        self.assertIsNone(await realm.networkLogin(SessionInfo("198.51.100.7", "network")))
