@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.task import deferLater
 from zope.interface.verify import verifyObject
 
@@ -31,6 +31,7 @@ from mailrelay.model import (
     StatusEvent,
     fromTimestamp,
 )
+from mailrelay.policy.limits import startOfDay
 from mailrelay.store.common import ACCOUNT_CACHE_SECONDS
 
 BODY = b"Subject: hi\r\n\r\nhello\r\n"
@@ -271,6 +272,22 @@ class StoreTestsMixin(StoreHelpersMixin):
         self.assertEqual(await self.store.acceptedSince("acme", T0 + timedelta(milliseconds=1)), 1)
         self.assertEqual(await self.store.acceptedSince("acme", T0 - timedelta(days=2)), 3)
         self.assertEqual(await self.store.acceptedSince("nobody", T0), 0)
+
+    async def test_acceptedSinceMidnight(self) -> None:
+        """Since the start of a UTC day, as the daily quota asks: each message counts on the
+        day it was received, whichever group of writes it came in."""
+        midnight = startOfDay(T0)
+        await self.enqueued(receivedAt=midnight - timedelta(milliseconds=1))
+        await self.enqueued(receivedAt=midnight)
+        sameDay = [self.notification(receivedAt=midnight + timedelta(hours=h)) for h in (1, 2, 23)]
+        await gatherResults([self.store.enqueue(n, BODY) for n in sameDay])  # one group
+        await self.enqueued(receivedAt=midnight + timedelta(days=1))
+        await self.enqueued(account="other", receivedAt=midnight)
+        self.assertEqual(await self.store.acceptedSince("acme", midnight), 5)
+        self.assertEqual(await self.store.acceptedSince("acme", midnight + timedelta(days=1)), 1)
+        self.assertEqual(await self.store.acceptedSince("acme", midnight - timedelta(days=1)), 6)
+        self.assertEqual(await self.store.acceptedSince("other", midnight), 1)
+        self.assertEqual(await self.store.acceptedSince("nobody", midnight), 0)
 
     async def test_notificationsForBulk(self) -> None:
         second = await self.enqueued(bulkId="b1", receivedAt=T0 + timedelta(seconds=1))

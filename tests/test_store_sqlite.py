@@ -26,6 +26,7 @@ from twisted.trial.unittest import TestCase
 from mailrelay.config import parseConfig
 from mailrelay.interfaces import AlreadyExists, NotFound, StoreError
 from mailrelay.model import Notification, QueueStats, StatusEvent
+from mailrelay.policy.limits import startOfDay
 from mailrelay.store import makeStore
 from mailrelay.store.sqlite import SQLiteStore, workerFile
 from mailrelay.store.sqlite.migrate import schemaScripts, statements
@@ -514,3 +515,36 @@ class WorkerFilesTests(WorkerFileTestsBase):
         with self.assertRaises(StoreError):
             await store.open()
         self.assertFalse(main.exists())
+
+
+class UpgradeTests(SQLiteStoreTestsBase):
+    """A database made by an older mailrelay is brought up to date when the store opens."""
+
+    async def test_dailyCountsFromTheMessagesAlreadyThere(self) -> None:
+        path = self.databasePath()
+        old = sqlite3.connect(path, isolation_level=None)
+        version, script = schemaScripts()[0]
+        for statement in statements(script):
+            old.execute(statement)
+        old.execute(f"PRAGMA user_version = {version}")
+        midnight = int(startOfDay(T0).timestamp() * 1000)
+        rows = [
+            (1, "acme", midnight - 1),
+            (2, "acme", midnight),
+            (3, "acme", midnight + 3_600_000),
+            (4, "other", midnight + 1),
+        ]
+        old.executemany(
+            "INSERT INTO notifications (id, account, sender, size, received_at, "
+            "notify_content_type) VALUES (?, ?, 'a@acme.example', 1, ?, 'application/json')",
+            rows,
+        )
+        old.close()
+        store = self.store = await self.openStore(path)
+        self.assertEqual(await store.acceptedSince("acme", startOfDay(T0)), 2)
+        self.assertEqual(await store.acceptedSince("other", startOfDay(T0)), 1)
+        await self.enqueued(receivedAt=T0)  # counted on top of what was there
+        self.assertEqual(await store.acceptedSince("acme", startOfDay(T0)), 3)
+        check = sqlite3.connect(path)
+        self.addCleanup(check.close)
+        self.assertEqual(check.execute("PRAGMA user_version").fetchone(), (2,))

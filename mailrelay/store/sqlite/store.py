@@ -31,6 +31,7 @@ import dataclasses
 import json
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -72,6 +73,7 @@ BUSY_TIMEOUT = 10.0
 """Seconds a connection waits for another process's lock before giving up (-> StoreError)."""
 
 _PENDING_STATES = ("queued", "deferred", "in_flight")
+_DAY_MS = 86_400_000
 
 
 def workerFile(main: Path, index: int) -> Path:
@@ -563,6 +565,7 @@ def _enqueueAll(connection: sqlite3.Connection, works: Sequence[_Enqueue]) -> No
     """Insert notifications with their recipients, bodies, queue entries and CAAS_RECEIVED
     events: one ``executemany`` per table for all of them."""
     notifications, recipients, messages, queue, events = [], [], [], [], []
+    perDay: Counter[tuple[str, int]] = Counter()
     code = "CAAS_RECEIVED"
     text = STATUS_TEXTS[code]
     for work in works:
@@ -592,6 +595,7 @@ def _enqueueAll(connection: sqlite3.Connection, works: Sequence[_Enqueue]) -> No
             events.append((number, r.address, r.channel, code, text, receivedAt))
         messages.append((number, work.message))
         queue.append((number, receivedAt))
+        perDay[notification.account, receivedAt // _DAY_MS] += 1
     try:
         connection.executemany(
             "INSERT INTO notifications (id, account, sender, size, received_at, bulk_id, "
@@ -615,13 +619,24 @@ def _enqueueAll(connection: sqlite3.Connection, works: Sequence[_Enqueue]) -> No
         "status_text, ts) VALUES (?, ?, ?, ?, ?, ?)",
         events,
     )
+    connection.executemany(
+        "INSERT INTO daily_counts (account, day, accepted) VALUES (?, ?, ?) "
+        "ON CONFLICT (account, day) DO UPDATE SET accepted = accepted + excluded.accepted",
+        [(account, day, count) for (account, day), count in perDay.items()],
+    )
 
 
 def _acceptedSince(connection: sqlite3.Connection, account: str, since: int) -> int:
-    (count,) = connection.execute(
-        "SELECT COUNT(*) FROM notifications WHERE account = ? AND received_at >= ?",
-        (account, since),
-    ).fetchone()
+    if since % _DAY_MS == 0:  # since a midnight (the daily quota): the per-day counts
+        (count,) = connection.execute(
+            "SELECT COALESCE(SUM(accepted), 0) FROM daily_counts WHERE account = ? AND day >= ?",
+            (account, since // _DAY_MS),
+        ).fetchone()
+    else:
+        (count,) = connection.execute(
+            "SELECT COUNT(*) FROM notifications WHERE account = ? AND received_at >= ?",
+            (account, since),
+        ).fetchone()
     return int(count)
 
 
