@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import stat
 import sys
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from mailrelay.policy.limits import startOfDay
 from mailrelay.store import makeStore
 from mailrelay.store.sqlite import SQLiteStore, workerFile
 from mailrelay.store.sqlite.migrate import schemaScripts, statements
+from mailrelay.store.sqlite.threads import GroupCommitThread
 from tests.store_mixin import (
     ALICE,
     T0,
@@ -95,7 +97,7 @@ class DurabilityTests(SQLiteStoreTestsBase):
             connection.close()
         self.assertEqual(version, schemaScripts()[-1][0])
 
-    def test_crashAfterEnqueue(self) -> Deferred[None]:
+    def test_crashAfterEnqueue(self, *asWorker: str) -> Deferred[None]:
         """
         A process that was told its enqueue succeeded is killed at once (SIGKILL: no cleanup, no
         close); the notification is there when the store is opened again.
@@ -106,7 +108,10 @@ class DurabilityTests(SQLiteStoreTestsBase):
         child = _LineThenEnd(printed, ended)
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         process = reactor.spawnProcess(
-            child, sys.executable, [sys.executable, "-c", CRASH_SCRIPT, str(path)], env=env
+            child,
+            sys.executable,
+            [sys.executable, "-c", CRASH_SCRIPT, str(path), *asWorker],
+            env=env,
         )
         timeout = reactor.callLater(30, process.signalProcess, "KILL")
 
@@ -128,18 +133,26 @@ class DurabilityTests(SQLiteStoreTestsBase):
 
         return Deferred.fromCoroutine(check())
 
+    def test_crashAfterEnqueueInAWorkersFile(self) -> Deferred[None]:
+        """The same for a worker, which writes to its own file; the main process finds it."""
+        return self.test_crashAfterEnqueue("worker")
+
 
 CRASH_SCRIPT = """
 import sys
 from datetime import UTC, datetime
-from datetime import timedelta
 from pathlib import Path
 from twisted.internet import defer, task
 from mailrelay.model import Notification, Recipient
 from mailrelay.store.sqlite import SQLiteStore, workerFile
 
 async def main(reactor):
-    store = SQLiteStore(Path(sys.argv[1]), reactor)
+    main = Path(sys.argv[1])
+    if len(sys.argv) > 2:  # as worker 1, once the main process made the main file
+        await SQLiteStore(main, reactor).open()
+        store = SQLiteStore(main, reactor, instanceId=1, home=workerFile(main, 1))
+    else:
+        store = SQLiteStore(main, reactor)
     await store.open()
     notification = Notification(
         notification_id=store.nextNotificationId(), account="acme", sender="a@acme.example",
@@ -517,6 +530,102 @@ class WorkerFilesTests(WorkerFileTestsBase):
         self.assertFalse(main.exists())
 
 
+class WorkerFileFailureTests(WorkerFileTestsBase):
+    """A worker's file that is locked or broken costs what touches it, not the rest."""
+
+    async def makeStoresWithAShortBusyTimeout(self) -> tuple[SQLiteStore, SQLiteStore]:
+        main = await self.openStore(busyTimeout=0.05)
+        worker = await self.openStore(
+            main.path, instanceId=1, home=workerFile(main.path, 1), busyTimeout=0.05
+        )
+        return main, worker
+
+    def lockWriting(self, path: Path) -> Callable[[], None]:
+        """Hold ``path``'s write lock (as another process's writer would) until the returned
+        function is called, or the test ends."""
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+
+        def release() -> None:
+            if released:
+                return
+            released.append(True)
+            blocker.execute("ROLLBACK")
+            blocker.close()
+
+        released: list[bool] = []
+        self.addCleanup(release)
+        return release
+
+    async def test_deliveryUpdatesWriteOnlyTheNotificationsFile(self) -> None:
+        main, worker = await self.makeStoresWithAShortBusyTimeout()
+        self.store = main
+        inMain = await self.enqueued(receivedAt=T0)
+        self.store = worker
+        await self.enqueued(receivedAt=T0)
+        self.lockWriting(workerFile(main.path, 1))
+        await main.defer(inMain.notification_id, T0)
+        await main.complete(inMain.notification_id)
+        with self.assertRaises(NotFound):
+            await main.complete(inMain.notification_id)
+
+    async def test_claimGivesWhatTheOtherFilesGave(self) -> None:
+        """A file whose write fails is left for the next claim; what the others gave is
+        claimed and handed out, not left in flight."""
+        main, worker = await self.makeStoresWithAShortBusyTimeout()
+        self.store = main
+        inMain = await self.enqueued(receivedAt=T0)
+        self.store = worker
+        inWorker = await self.enqueued(receivedAt=T0 - timedelta(seconds=1))
+        release = self.lockWriting(workerFile(main.path, 1))
+        (entry,) = await main.claim(10, leaseSeconds=60)
+        self.assertEqual(entry.notification, inMain)
+        self.assertEqual(await main.stats(), QueueStats(1, 0, 1))  # the worker's still queued
+        release()
+        (entry,) = await main.claim(10, leaseSeconds=60)
+        self.assertEqual(entry.notification, inWorker)
+
+    async def test_oldWorkerFileUpgradedWhenTheMainStoreOpens(self) -> None:
+        """A worker's file made by an older mailrelay (a worker no longer configured, or one
+        not restarted yet) is brought to this schema before anything reads it."""
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        main = directory / "mailrelay.sqlite3"
+        old = sqlite3.connect(workerFile(main, 3), isolation_level=None)
+        version, script = schemaScripts()[0]
+        for statement in statements(script):
+            old.execute(statement)
+        old.execute(f"PRAGMA user_version = {version}")
+        old.close()
+        store = await self.openStore(main)
+        self.assertEqual(await store.acceptedSince("acme", startOfDay(T0)), 0)
+        check = sqlite3.connect(workerFile(main, 3))
+        self.addCleanup(check.close)
+        latest = schemaScripts()[-1][0]
+        self.assertEqual(check.execute("PRAGMA user_version").fetchone(), (latest,))
+
+    async def test_brokenWorkerFileFailsThePing(self) -> None:
+        """An unreadable worker file fails the reads that need it, and the store's ping
+        (``/healthz``) says so instead of calling the store healthy."""
+        workerFile(self.main.path, 4).write_bytes(b"not a database " * 300)
+        with self.assertRaises(StoreError):
+            await self.main.ping()
+        with self.assertRaises(StoreError):
+            await self.main.stats()
+
+    async def test_expireForgetsOldDailyCounts(self) -> None:
+        for store in (self.main, self.store):
+            self.store = store
+            await self.finished(await self.enqueued(receivedAt=T0))
+        midnight = startOfDay(T0)
+        self.assertEqual(await self.main.acceptedSince("acme", midnight), 2)
+        await self.main.expire(midnight + timedelta(days=1))
+        self.assertEqual(await self.main.acceptedSince("acme", midnight), 0)
+
+    async def finished(self, notification: Notification) -> None:
+        await self.main.complete(notification.notification_id)
+
+
 class UpgradeTests(SQLiteStoreTestsBase):
     """A database made by an older mailrelay is brought up to date when the store opens."""
 
@@ -548,3 +657,36 @@ class UpgradeTests(SQLiteStoreTestsBase):
         check = sqlite3.connect(path)
         self.addCleanup(check.close)
         self.assertEqual(check.execute("PRAGMA user_version").fetchone(), (2,))
+
+
+class WriterOrderTests(TestCase):
+    """The writer's batch runs file by file, but a request for every file stays in place."""
+
+    async def test_requestForEveryFileBetweenWrites(self) -> None:
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        files = [directory / "one.sqlite3", directory / "two.sqlite3"]
+
+        def connect(path: Path) -> sqlite3.Connection:
+            connection = sqlite3.connect(path, isolation_level=None)
+            connection.execute("CREATE TABLE IF NOT EXISTS t (x INTEGER)")
+            return connection
+
+        writer = GroupCommitThread("test-writer", connect, reactor, files[0], lambda: files)
+        await writer.start()
+        self.addCleanup(writer.stop)
+
+        def insert(value: int) -> Any:
+            return lambda c: c.execute("INSERT INTO t VALUES (?)", (value,))
+
+        def count(connection: sqlite3.Connection) -> int:
+            return int(connection.execute("SELECT COUNT(*) FROM t").fetchone()[0])
+
+        # Submitted together, so the writer takes them as one batch.
+        first = writer.submit(insert(1))
+        other = writer.submit(insert(2), files[1])
+        counted = writer.submitEach(count)
+        after = [writer.submit(insert(3)), writer.submit(insert(4), files[1])]
+        await gatherResults([first, other, *after])
+        self.assertEqual(await counted, [(files[0], 1), (files[1], 1)])
+        self.assertEqual(await writer.submitEach(count), [(files[0], 2), (files[1], 2)])

@@ -26,7 +26,7 @@ def makeStore(config: Config, reactor: Any, processIndex: int = 0) -> IStore:
     from Redis at open", any other value is used as it is. Raises ConfigError for a backend
     that cannot be used and StoreError when ``data_dir`` cannot be created. A SQLite worker
     writes the notifications it accepts to a file of its own beside the main one,
-    ``mailrelay.worker-<processIndex>.sqlite3``, so that workers never wait for each other's
+    ``mailrelay.worker-<processIndex>.sqlite3``, so that no process's intake waits for another's
     commits; every process reads them all.
     """
     if config.store.backend == "sqlite":

@@ -16,10 +16,11 @@ AlreadyExists / NotFound subclasses), never as a raw ``sqlite3`` exception.
 
 Files. The main file (``mailrelay.sqlite3``) holds the accounts, API keys and senders, and the
 notifications the main process accepted. With several workers, worker *K* writes the
-notifications it accepts to a file of its own beside it, ``mailrelay.worker-K.sqlite3``, so the
-workers never wait for each other's commits. Reads and delivery updates look in every file
-there is (a notification lives in exactly one), so the status API and the admin command see all
-of them, from any process, whatever ``workers`` is now.
+notifications it accepts to a file of its own beside it, ``mailrelay.worker-K.sqlite3``, so no
+process's intake waits for another's commits. Reads look in every file there is (a
+notification lives in exactly one), so the status API and the admin command see all of them,
+from any process, whatever ``workers`` is now; a delivery update writes only the file that holds
+its notification. The main process brings every worker's file to the current schema at open.
 
 Several processes may open the same file (the ``mailrelay`` admin command while the server runs):
 SQLite's locks serialise their writes, and a busy timeout makes each wait its turn.
@@ -196,6 +197,11 @@ class SQLiteStore:
     async def _open(self) -> None:
         try:
             await self._writer.start()  # creates or upgrades the schema first
+            if self.home == self.path:
+                # The main process (or the admin command) brings the workers' files to this
+                # schema too, before anything reads them with its queries: a worker upgrades
+                # its own only when it starts, and one no longer configured never does.
+                await self._writer.submitEach(_nothing)
             await self._reader.start()
         except BaseException:
             await self.close()
@@ -215,9 +221,10 @@ class SQLiteStore:
         return Deferred.fromCoroutine(self._close())
 
     def ping(self) -> Deferred[float]:
-        """Round trip through the reader thread. Returns Deferred[float] (seconds)."""
+        """Round trip through the reader thread, to every file (an unreadable worker file
+        fails it, as it fails the reads). Returns Deferred[float] (seconds)."""
         started = time.perf_counter()
-        d = self._reader.submit(lambda c: c.execute("SELECT 1").fetchone())
+        d = self._reader.submitEach(lambda c: c.execute("SELECT 1").fetchone())
         return d.addCallback(lambda _: time.perf_counter() - started)
 
     # -- accounts, API keys, senders --
@@ -326,7 +333,12 @@ class SQLiteStore:
             work = partial(
                 _claim, numbers=numbers, now=now, leaseUntil=now + int(leaseSeconds * 1000)
             )
-            entries += await self._writer.submit(work, file)
+            try:
+                entries += await self._writer.submit(work, file)
+            except StoreError as e:
+                # What the other files gave is claimed already: hand it out rather than leave
+                # it in flight until its lease runs out.
+                self.log.warn("claim: {file} failed: {error}", file=str(file), error=str(e))
         rank = {number: i for i, ((_, number), _) in enumerate(chosen)}
         return sorted(entries, key=lambda e: rank[int(e.notification.notification_id)])
 
@@ -340,14 +352,18 @@ class SQLiteStore:
         return self._inTheQueue(notificationId, work)
 
     def _inTheQueue(self, notificationId: str, work: Work) -> Deferred[None]:
-        """Run ``work`` (which returns how many queue rows it changed) on every file; NotFound
-        if no file had the notification in its queue."""
+        """Run ``work`` (which returns how many queue rows it changed) on the file that holds
+        the notification, and no other (a write locks its file); NotFound if it is in no
+        file's queue."""
+        return Deferred.fromCoroutine(self._changeQueueEntry(notificationId, work))
 
-        def changed(counts: list[tuple[Path, int]]) -> None:
-            if not any(count for _, count in counts):
-                raise NotFound(f"not in the queue: {notificationId}")
-
-        return self._writer.submitEach(work).addCallback(changed)
+    async def _changeQueueEntry(self, notificationId: str, work: Work) -> None:
+        number = _requireId(notificationId)
+        found = await self._reader.submitEach(partial(_present, numbers=(number,)))
+        for file, present in found:
+            if present and await self._writer.submit(work, file):
+                return
+        raise NotFound(f"not in the queue: {notificationId}")
 
     # -- status trails --
 
@@ -359,8 +375,10 @@ class SQLiteStore:
         return Deferred.fromCoroutine(self._addEvents(tuple(events)))
 
     async def _addEvents(self, events: tuple[StatusEvent, ...]) -> None:
+        # Nothing is stored if any notification is unknown: every file is looked in first.
+        # The writes are then one transaction per file, so if one fails after another file's
+        # went in, the caller sees the failure with part of the events stored.
         numbers = {_requireId(e.notification_id) for e in events}
-        # All or nothing: first find every notification's file.
         found = await self._reader.submitEach(partial(_present, numbers=tuple(numbers)))
         if set().union(*(present for _, present in found)) != numbers:
             raise NotFound("status events for an unknown notification")
@@ -767,7 +785,13 @@ def _expire(connection: sqlite3.Connection, before: int) -> int:
         "(SELECT notification_id FROM queue WHERE state IN (?, ?, ?))",
         (before, *_PENDING_STATES),
     )
+    # The counts of days wholly before ``before`` (no quota looks back that far).
+    connection.execute("DELETE FROM daily_counts WHERE day < ?", (before // _DAY_MS,))
     return cursor.rowcount
+
+
+def _nothing(connection: sqlite3.Connection) -> None:
+    """A write that changes nothing: connecting for it brings the file's schema up to date."""
 
 
 def _dueEntries(connection: sqlite3.Connection, limit: int, now: int) -> list[tuple[int, int]]:

@@ -69,7 +69,8 @@ def asStoreError(error: BaseException) -> StoreError:
 
 class DatabaseThread:
     """
-    One thread, its connections, one request at a time (in the order submitted).
+    One thread, its connections, one request at a time: in the order submitted for one file
+    (the writer runs a batch file by file, so two files' requests may finish in either order).
 
     The thread connects to its ``home`` file when it starts (a failure there fails
     :meth:`start` and every request); other files are connected to the first time a request
