@@ -12,13 +12,14 @@ import signal
 import sqlite3
 import stat
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
@@ -31,7 +32,8 @@ from mailrelay.policy.limits import startOfDay
 from mailrelay.store import makeStore
 from mailrelay.store.sqlite import SQLiteStore, workerFile
 from mailrelay.store.sqlite.migrate import schemaScripts, statements
-from mailrelay.store.sqlite.threads import GroupCommitThread
+from mailrelay.store.sqlite.store import _insertRows
+from mailrelay.store.sqlite.threads import GroupCommitThread, Work
 from tests.store_mixin import (
     ALICE,
     T0,
@@ -690,3 +692,99 @@ class WriterOrderTests(TestCase):
         await gatherResults([first, other, *after])
         self.assertEqual(await counted, [(files[0], 1), (files[1], 1)])
         self.assertEqual(await writer.submitEach(count), [(files[0], 2), (files[1], 2)])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Row:
+    """A batchable write of one row of ``t`` (a UNIQUE column): like the store's enqueues."""
+
+    value: int
+
+    def __call__(self, connection: sqlite3.Connection) -> int:
+        (value,) = _Row.runBatch(connection, [self])
+        return value
+
+    @staticmethod
+    def runBatch(connection: sqlite3.Connection, works: Sequence[_Row]) -> list[int]:
+        connection.executemany("INSERT INTO t VALUES (?)", [(w.value,) for w in works])
+        return [w.value for w in works]
+
+
+class WriterBatchTests(TestCase):
+    """
+    A group that is one batch commits without savepoints; when a request in it fails, the
+    others still commit together and only the bad one fails.
+    """
+
+    async def setUp(self) -> None:
+        self.statements: list[str] = []
+        home = Path(self.mktemp())
+        home.parent.mkdir(parents=True, exist_ok=True)
+
+        def connect(path: Path) -> sqlite3.Connection:
+            connection = sqlite3.connect(path, isolation_level=None)
+            connection.execute("CREATE TABLE IF NOT EXISTS t (x INTEGER UNIQUE)")
+            connection.set_trace_callback(self.statements.append)
+            return connection
+
+        self.writer = GroupCommitThread("test-writer", connect, reactor, home, lambda: [home])
+        await self.writer.start()
+        self.addCleanup(self.writer.stop)
+
+    async def submittedTogether(self, works: list[Work]) -> list[Deferred[Any]]:
+        """Submit ``works`` while the writer is held by another request, so that it takes
+        them as one group; returns their Deferreds once the group has run."""
+        started, release = threading.Event(), threading.Event()
+
+        def hold(connection: sqlite3.Connection) -> None:
+            started.set()
+            release.wait(10)
+
+        held = self.writer.submit(hold)
+        started.wait(10)  # the writer has taken it: what follows waits in its queue
+        submitted = [self.writer.submit(work) for work in works]
+        release.set()
+        await held
+        await DeferredList(submitted, consumeErrors=False)
+        return submitted
+
+    async def test_oneBatchRunsWithoutSavepoints(self) -> None:
+        before = self.writer.commits
+        self.statements.clear()
+        done = await self.submittedTogether([_Row(i) for i in range(5)])
+        self.assertEqual([await d for d in done], list(range(5)))
+        self.assertEqual(self.writer.commits - before, 2)  # the holder, then the group
+        self.assertFalse([s for s in self.statements if "SAVEPOINT" in s], self.statements)
+
+    async def test_badRequestInABatchFailsAlone(self) -> None:
+        await self.writer.submit(_Row(99))
+        before = self.writer.commits
+        done = await self.submittedTogether([_Row(1), _Row(2), _Row(99), _Row(3)])
+        self.assertEqual([await d for d in (done[0], done[1], done[3])], [1, 2, 3])
+        with self.assertRaises(StoreError):
+            await done[2]
+        # The holder, then the group once more, each request in a savepoint: one commit.
+        self.assertEqual(self.writer.commits - before, 2)
+
+        def values(connection: sqlite3.Connection) -> list[int]:
+            return [x for (x,) in connection.execute("SELECT x FROM t ORDER BY rowid")]
+
+        self.assertEqual(await self.writer.submit(values), [99, 1, 2, 3])
+
+
+class InsertRowsTests(TestCase):
+    """The enqueue's multi-row inserts: every row, in order, in few statements."""
+
+    def test_rowsInChunks(self) -> None:
+        connection = sqlite3.connect(":memory:", isolation_level=None)
+        connection.execute("CREATE TABLE t (n INTEGER, word TEXT)")
+        statements: list[str] = []
+        connection.set_trace_callback(statements.append)
+        for count, inserts in [(0, 0), (1, 1), (3, 2), (64, 1), (65, 2), (200, 4)]:
+            with self.subTest(count=count):
+                connection.execute("DELETE FROM t")
+                statements.clear()
+                rows = [(i, f"w{i}") for i in range(count)]
+                _insertRows(connection, "t (n, word)", rows)
+                self.assertEqual(len(statements), inserts, statements)
+                self.assertEqual(list(connection.execute("SELECT n, word FROM t")), rows)

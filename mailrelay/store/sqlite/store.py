@@ -36,7 +36,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -581,7 +581,7 @@ class _Enqueue:
 
 def _enqueueAll(connection: sqlite3.Connection, works: Sequence[_Enqueue]) -> None:
     """Insert notifications with their recipients, bodies, queue entries and CAAS_RECEIVED
-    events: one ``executemany`` per table for all of them."""
+    events: one multi-row insert per table for all of them (:func:`_insertRows`)."""
     notifications, recipients, messages, queue, events = [], [], [], [], []
     perDay: Counter[tuple[str, int]] = Counter()
     code = "CAAS_RECEIVED"
@@ -612,36 +612,68 @@ def _enqueueAll(connection: sqlite3.Connection, works: Sequence[_Enqueue]) -> No
             recipients.append((number, i, r.address, r.channel))
             events.append((number, r.address, r.channel, code, text, receivedAt))
         messages.append((number, work.message))
-        queue.append((number, receivedAt))
+        queue.append((number, receivedAt, "queued"))
         perDay[notification.account, receivedAt // _DAY_MS] += 1
     try:
-        connection.executemany(
-            "INSERT INTO notifications (id, account, sender, size, received_at, bulk_id, "
-            "notify_url, notify_content_type, callback_data, intermediate_report, tracking_url, "
-            "client_address, helo) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        _insertRows(
+            connection,
+            "notifications (id, account, sender, size, received_at, bulk_id, notify_url, "
+            "notify_content_type, callback_data, intermediate_report, tracking_url, "
+            "client_address, helo)",
             notifications,
         )
     except sqlite3.IntegrityError:
         ids = ", ".join(w.notification.notification_id for w in works)
         raise AlreadyExists(f"notification exists already: {ids}") from None
-    connection.executemany(
-        "INSERT INTO recipients (notification_id, position, address, channel) VALUES (?, ?, ?, ?)",
-        recipients,
-    )
-    connection.executemany("INSERT INTO messages (notification_id, body) VALUES (?, ?)", messages)
-    connection.executemany(
-        "INSERT INTO queue (notification_id, state, next_attempt) VALUES (?, 'queued', ?)", queue
-    )
-    connection.executemany(
-        "INSERT INTO status_events (notification_id, address, channel, status_code, "
-        "status_text, ts) VALUES (?, ?, ?, ?, ?, ?)",
+    _insertRows(connection, "recipients (notification_id, position, address, channel)", recipients)
+    _insertRows(connection, "messages (notification_id, body)", messages)
+    _insertRows(connection, "queue (notification_id, next_attempt, state)", queue)
+    _insertRows(
+        connection,
+        "status_events (notification_id, address, channel, status_code, status_text, ts)",
         events,
     )
-    connection.executemany(
-        "INSERT INTO daily_counts (account, day, accepted) VALUES (?, ?, ?) "
-        "ON CONFLICT (account, day) DO UPDATE SET accepted = accepted + excluded.accepted",
+    _insertRows(
+        connection,
+        "daily_counts (account, day, accepted)",
         [(account, day, count) for (account, day), count in perDay.items()],
+        " ON CONFLICT (account, day) DO UPDATE SET accepted = accepted + excluded.accepted",
     )
+
+
+_MOST_ROWS_PER_INSERT = 64
+
+
+@lru_cache(maxsize=256)
+def _insertStatement(into: str, columns: int, rows: int, suffix: str) -> str:
+    row = "(" + ", ".join("?" * columns) + ")"
+    # Only this module's constant table and column names and placeholders: no values.
+    return f"INSERT INTO {into} VALUES {', '.join([row] * rows)}{suffix}"  # noqa: S608
+
+
+def _insertRows(
+    connection: sqlite3.Connection, into: str, rows: Sequence[tuple[Any, ...]], suffix: str = ""
+) -> None:
+    """
+    Insert ``rows`` with as few statements as possible: a multi-row ``VALUES`` for up to 64 rows
+    at a time, in chunks of powers of two so that few distinct statements are prepared.
+
+    SQLite runs a statement in one call that lets go of the GIL once; ``executemany`` makes one
+    such call per row, and each time the writer thread must win the GIL back from the busy
+    reactor thread, which can take a whole switch interval.
+    """
+    if not rows:
+        return
+    columns = len(rows[0])
+    start = 0
+    while start < len(rows):
+        count = min(_MOST_ROWS_PER_INSERT, 1 << ((len(rows) - start).bit_length() - 1))
+        chunk = rows[start : start + count]
+        connection.execute(
+            _insertStatement(into, columns, count, suffix),
+            [value for row in chunk for value in row],
+        )
+        start += count
 
 
 def _acceptedSince(connection: sqlite3.Connection, account: str, since: int) -> int:

@@ -36,8 +36,9 @@ Files = Callable[[], Sequence[Path]]
 RunBatch = Callable[[sqlite3.Connection, Sequence[Any]], Sequence[Any]]
 """
 A work object may carry ``runBatch(connection, works) -> results``: the writer then runs a run
-of consecutive works with the same ``runBatch`` in one call (one ``executemany`` per table
-instead of a handful of ``execute`` calls per work). If the batch fails, each work runs alone.
+of consecutive works with the same ``runBatch`` in one call (a few multi-row inserts for all
+of them instead of a handful of ``execute`` calls per work). If the batch fails, each work
+runs alone.
 """
 
 _STOP = object()
@@ -253,13 +254,14 @@ class GroupCommitThread(DatabaseThread):
 
     It blocks for the first request, then takes every request already waiting (at most
     ``groupLimit``). The requests for one file -- in the relay, nearly all of them are enqueues
-    for the home file -- run in one ``BEGIN IMMEDIATE`` transaction, each inside its own
-    SAVEPOINT, so a request that fails is rolled back alone and the others go on, and commit
-    once. Only after COMMIT returned (with ``synchronous=FULL``: after the fsync) does any caller
-    hear of success. If the transaction as a whole fails (COMMIT fails, or SQLite abandons the
-    transaction, e.g. disk full), it is rolled back and each request is retried in a transaction
-    of its own, so one bad request fails alone. A request for every file runs in a transaction
-    of its own on each file.
+    for the home file -- run in one ``BEGIN IMMEDIATE`` transaction and commit once. A group
+    that is one batch runs as it is; if it fails, or if the group is anything else, each request
+    (or run of batched requests) runs inside its own SAVEPOINT, so a request that fails is
+    rolled back alone and the others go on. Only after COMMIT returned (with
+    ``synchronous=FULL``: after the fsync) does any caller hear of success. If the transaction
+    as a whole fails (COMMIT fails, or SQLite abandons the transaction, e.g. disk full), it is
+    rolled back and each request is retried in a transaction of its own, so one bad request
+    fails alone. A request for every file runs in a transaction of its own on each file.
 
     ``commits`` counts successful COMMITs, so one can see the grouping at work.
     """
@@ -301,7 +303,11 @@ class GroupCommitThread(DatabaseThread):
         return outcomes
 
     def _commitGroup(self, target: Path, requests: Sequence[_Request]) -> list[_Outcome]:
-        """Run ``requests`` on ``target`` in one transaction (or, if it fails, one by one)."""
+        """
+        Run ``requests`` on ``target`` in one transaction. A group that is one batch runs
+        without savepoints first; if that fails, the group runs again with each request (or
+        batch) in a savepoint of its own, and if that fails too, one by one.
+        """
         if len(requests) == 1:
             return [self._runOn(target, requests[0])]
         try:
@@ -309,32 +315,38 @@ class GroupCommitThread(DatabaseThread):
         except Exception as e:
             error = asStoreError(e)
             return [_Outcome(r, False, error) for r in requests]
+        runs = _batchRuns(requests)
+        if len(runs) == 1:
+            ((runBatch, _),) = runs
+            assert runBatch is not None
+            try:
+                return self._runLean(connection, requests, runBatch)
+            except Exception:
+                _rollbackQuietly(connection)
         try:
-            return self._runGroup(connection, requests)
+            return self._runGroup(connection, runs)
         except Exception:
             _rollbackQuietly(connection)  # before another process may write
         return [self._runOne(connection, r) for r in requests]
 
+    def _runLean(
+        self, connection: sqlite3.Connection, requests: Sequence[_Request], runBatch: RunBatch
+    ) -> list[_Outcome]:
+        """One batch as the whole transaction, without a savepoint (whose journal would copy
+        every page the batch touches): the common case, consecutive enqueues."""
+        connection.execute("BEGIN IMMEDIATE")
+        results = runBatch(connection, [r.work for r in requests])
+        connection.execute("COMMIT")
+        self.commits += 1
+        return [_Outcome(r, True, v) for r, v in zip(requests, results, strict=True)]
+
     def _runGroup(
-        self, connection: sqlite3.Connection, requests: Sequence[_Request]
+        self, connection: sqlite3.Connection, runs: Sequence[tuple[RunBatch | None, list[_Request]]]
     ) -> list[_Outcome]:
         connection.execute("BEGIN IMMEDIATE")
         outcomes: list[_Outcome] = []
-        i = 0
-        while i < len(requests):
-            runBatch: RunBatch | None = getattr(requests[i].work, "runBatch", None)
-            end = i + 1
-            if runBatch is not None:
-                while end < len(requests) and getattr(requests[end].work, "runBatch", None) is (
-                    runBatch
-                ):
-                    end += 1
-            if end - i > 1:
-                assert runBatch is not None
-                outcomes.extend(self._inSavepoint(connection, requests[i:end], runBatch))
-            else:
-                outcomes.extend(self._inSavepoint(connection, requests[i:end], None))
-            i = end
+        for runBatch, run in runs:
+            outcomes.extend(self._inSavepoint(connection, run, runBatch if len(run) > 1 else None))
         connection.execute("COMMIT")
         self.commits += 1
         return outcomes
@@ -379,6 +391,19 @@ class GroupCommitThread(DatabaseThread):
             return _Outcome(request, False, asStoreError(e))
         self.commits += 1
         return _Outcome(request, True, result)
+
+
+def _batchRuns(requests: Sequence[_Request]) -> list[tuple[RunBatch | None, list[_Request]]]:
+    """``requests`` cut into runs: consecutive works with the same ``runBatch`` together, each
+    other work a run of its own (with None)."""
+    runs: list[tuple[RunBatch | None, list[_Request]]] = []
+    for request in requests:
+        runBatch: RunBatch | None = getattr(request.work, "runBatch", None)
+        if runBatch is not None and runs and runs[-1][0] is runBatch:
+            runs[-1][1].append(request)
+        else:
+            runs.append((runBatch, [request]))
+    return runs
 
 
 def _byTarget(requests: Sequence[_Request]) -> list[tuple[Path | None, list[_Request]]]:
