@@ -32,6 +32,7 @@ from mailrelay.auth.realm import makePortal
 from mailrelay.auth.throttle import FAILED_LOGINS_PER_CLIENT, LoginThrottle
 from mailrelay.config import Config, ConfigError, ListenerConfig, loadConfigSource
 from mailrelay.interfaces import IStore, StoreError
+from mailrelay.smtp.data import NATIVE_SCAN
 from mailrelay.smtp.listener import ConnectionCounter, listenerFactory, listenerSettings
 from mailrelay.store import makeStore
 from mailrelay.submission import Submissions
@@ -268,6 +269,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     """The whole relay, built from the options' configuration: the main process, which also
     starts the other ``workers - 1`` intake processes (:mod:`mailrelay.workers`)."""
     shortenGILTurns()
+    if not NATIVE_SCAN:
+        log.warn(
+            "the C extension _mailrelay_scan is not built (no C compiler at install?): "
+            "message text is scanned in pure Python, several times slower for large messages"
+        )
     if reactor is None:
         from twisted.internet import reactor as globalReactor
 

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from mailrelay.smtp import replies
-from mailrelay.smtp.data import SPOOL_IN_MEMORY, DataReader
+from mailrelay.smtp.data import (
+    NATIVE_SCAN,
+    SPOOL_IN_MEMORY,
+    DataReader,
+    findDotLine,
+    pyFindDotLine,
+    pyLineProblem,
+)
 
 
 def stuff(message: bytes) -> bytes:
@@ -163,3 +170,74 @@ class DataReaderTests(SynchronousTestCase):
             self.assertIsNone(rest)
         else:
             self.assertEqual(rest, wire[end + 5 :])
+
+
+# Text made mostly of what the scans look for, so that every arrangement of CR, LF and dots
+# (bare, paired, at either end, next to each other) comes up.
+_scanText = st.lists(
+    st.sampled_from([b"a", b"\r", b"\n", b"\r\n", b".", b"\r\n."]), max_size=60
+).map(b"".join)
+
+
+class LineProblemTests(SynchronousTestCase):
+    """The pure-Python scans, on the cases that decide them (the native ones must agree: see
+    NativeScanTests)."""
+
+    def test_fine(self) -> None:
+        self.assertEqual(pyLineProblem(b"", 5), 0)
+        self.assertEqual(pyLineProblem(b"abc\r\n\r\nde\r\n", 5), 0)
+        self.assertEqual(pyLineProblem(b"abcde\r\n", 5), 0)
+
+    def test_bare(self) -> None:
+        for text in (b"\n", b"\r", b"a\nb\r\n", b"a\rb\r\n", b"a\r\r\n", b"a\r\n\n", b"a\r\n\r"):
+            self.assertEqual(pyLineProblem(text, 5), 1, text)
+
+    def test_tooLong(self) -> None:
+        self.assertEqual(pyLineProblem(b"abcdef\r\n", 5), 2)
+        self.assertEqual(pyLineProblem(b"ab\r\nabcdef", 5), 2)  # the text after the last CRLF
+
+    def test_bareWinsOverTooLong(self) -> None:
+        self.assertEqual(pyLineProblem(b"abcdef\r\nab\nc\r\n", 5), 1)
+
+    def test_findDotLine(self) -> None:
+        self.assertEqual(pyFindDotLine(b"ab\r\n.c", 0), 2)
+        self.assertEqual(pyFindDotLine(b"ab\r\n.c", 3), -1)
+        self.assertEqual(pyFindDotLine(b"ab\n.\r\n", 0), -1)
+        self.assertEqual(pyFindDotLine(b"ab\r\n", 0), -1)
+
+
+class NativeScanTests(SynchronousTestCase):
+    """The C extension gives the pure-Python answers."""
+
+    def setUp(self) -> None:
+        if not NATIVE_SCAN:
+            raise SkipTest("the _mailrelay_scan extension is not built here")
+        import _mailrelay_scan
+
+        self.native = _mailrelay_scan
+
+    @given(_scanText, st.integers(min_value=0, max_value=8))
+    @settings(max_examples=3000, deadline=None)
+    def test_lineProblemAgrees(self, text: bytes, maxLine: int) -> None:
+        self.assertEqual(self.native.line_problem(text, maxLine), pyLineProblem(text, maxLine))
+
+    @given(_scanText, st.integers(min_value=0, max_value=70))
+    @settings(max_examples=3000, deadline=None)
+    def test_findDotLineAgrees(self, text: bytes, start: int) -> None:
+        self.assertEqual(self.native.find_dot_line(text, start), pyFindDotLine(text, start))
+
+    def test_largeMessage(self) -> None:
+        line = b"The quick brown fox jumps over the lazy dog.\r\n"
+        text = line * 3000
+        for each in (text, text + b"x" * 999, text[:-1] + b"\r" + line, b"\n" + text):
+            self.assertEqual(self.native.line_problem(each, 998), pyLineProblem(each, 998))
+        stuffed = text + b"..dot\r\n" + text
+        self.assertEqual(self.native.find_dot_line(stuffed, 0), len(text) - 2)
+        self.assertEqual(self.native.find_dot_line(stuffed, len(text)), -1)
+
+    def test_acceptsMemoryview(self) -> None:
+        self.assertEqual(self.native.line_problem(memoryview(b"a\r\nb\n"), 5), 1)
+        self.assertEqual(self.native.find_dot_line(memoryview(b"a\r\n.."), 0), 1)
+
+    def test_usedByTheReader(self) -> None:
+        self.assertIs(findDotLine, self.native.find_dot_line)
