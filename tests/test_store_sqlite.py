@@ -101,8 +101,9 @@ class DurabilityTests(SQLiteStoreTestsBase):
 
     def test_crashAfterEnqueue(self, *asWorker: str) -> Deferred[None]:
         """
-        A process that was told its enqueue succeeded is killed at once (SIGKILL: no cleanup, no
-        close); the notification is there when the store is opened again.
+        A process that was told its enqueues succeeded is killed at once (SIGKILL: no cleanup,
+        no close); the notifications are there when the store is opened again, the one with a
+        body in its row and the one with a body in a segment file alike.
         """
         path = self.databasePath()
         printed: Deferred[str] = Deferred()
@@ -118,7 +119,7 @@ class DurabilityTests(SQLiteStoreTestsBase):
         timeout = reactor.callLater(30, process.signalProcess, "KILL")
 
         async def check() -> None:
-            notificationId = await printed
+            small, large = (await printed).split()
             os.kill(process.pid, signal.SIGKILL)
             reason = await ended
             timeout.cancel()
@@ -126,12 +127,13 @@ class DurabilityTests(SQLiteStoreTestsBase):
             self.assertEqual(reason.signal, signal.SIGKILL)
 
             store = await self.openStore(path)
-            notification = await store.getNotification(notificationId)
+            notification = await store.getNotification(small)
             self.assertIsNotNone(notification)
             self.assertEqual(notification.recipients, (ALICE,))
-            self.assertEqual(await store.stats(), QueueStats(queued=1, deferred=0, in_flight=0))
-            (entry,) = await store.claim(10, 60)
-            self.assertEqual(entry.message, b"Subject: crash\r\n\r\nbody\r\n")
+            self.assertEqual(await store.stats(), QueueStats(queued=2, deferred=0, in_flight=0))
+            entries = {e.notification.notification_id: e for e in await store.claim(10, 60)}
+            self.assertEqual(entries[small].message, b"Subject: crash\r\n\r\nbody\r\n")
+            self.assertEqual(entries[large].message, CRASH_LARGE_BODY)
 
         return Deferred.fromCoroutine(check())
 
@@ -140,7 +142,9 @@ class DurabilityTests(SQLiteStoreTestsBase):
         return self.test_crashAfterEnqueue("worker")
 
 
+CRASH_LARGE_BODY = b"Subject: large\r\n\r\n" + b"0123456789\r\n" * 10000  # as the script's
 CRASH_SCRIPT = """
+import dataclasses
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -161,7 +165,9 @@ async def main(reactor):
         recipients=(Recipient("name1@customer.com", "email"),), size=24,
         received_at=datetime.now(UTC))
     await store.enqueue(notification, b"Subject: crash\\r\\n\\r\\nbody\\r\\n")
-    print(notification.notification_id, flush=True)
+    large = dataclasses.replace(notification, notification_id=store.nextNotificationId())
+    await store.enqueue(large, b"Subject: large\\r\\n\\r\\n" + b"0123456789\\r\\n" * 10000)
+    print(notification.notification_id, large.notification_id, flush=True)
     await defer.Deferred()  # wait to be killed
 
 task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
@@ -658,7 +664,8 @@ class UpgradeTests(SQLiteStoreTestsBase):
         self.assertEqual(await store.acceptedSince("acme", startOfDay(T0)), 3)
         check = sqlite3.connect(path)
         self.addCleanup(check.close)
-        self.assertEqual(check.execute("PRAGMA user_version").fetchone(), (2,))
+        latest = schemaScripts()[-1][0]
+        self.assertEqual(check.execute("PRAGMA user_version").fetchone(), (latest,))
 
 
 class WriterOrderTests(TestCase):

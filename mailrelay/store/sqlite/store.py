@@ -1,5 +1,7 @@
 """
-The embedded store: everything mailrelay keeps, in one SQLite file (WAL mode, fsync on commit).
+The embedded store: everything mailrelay keeps, in one SQLite file (WAL mode, fsync on commit),
+but for message bodies of ``EXTERNAL_BODY_MIN`` or more, which go to segment files beside it
+(:mod:`mailrelay.store.sqlite.bodies`) and are on disk before their rows commit.
 
 Threads. No SQLite call runs on the reactor thread:
 
@@ -66,6 +68,14 @@ from mailrelay.store.common import (
     fromMillis,
     idNumber,
     toMillis,
+)
+from mailrelay.store.sqlite.bodies import (
+    EXTERNAL_BODY_MIN,
+    BodyLocation,
+    SegmentWriter,
+    readBody,
+    segmentDirectory,
+    sweepSegments,
 )
 from mailrelay.store.sqlite.migrate import upgrade
 from mailrelay.store.sqlite.threads import DatabaseThread, GroupCommitThread, Work
@@ -135,6 +145,8 @@ class SQLiteStore:
             self.notificationFiles,
         )
         self._accountData: dict[tuple[str, str], tuple[float, Any]] = {}
+        # Only the writer thread appends to the home file's segments (see bodies.py).
+        self._segments = SegmentWriter(segmentDirectory(self.home))
 
     def __repr__(self) -> str:
         return f"<SQLiteStore {str(self.path)!r}>"
@@ -215,6 +227,7 @@ class SQLiteStore:
     async def _close(self) -> None:
         await self._writer.stop()
         await self._reader.stop()
+        self._segments.close()
 
     def close(self) -> Deferred[None]:
         """Finish every write already asked for, then close. Returns Deferred[None]."""
@@ -298,7 +311,7 @@ class SQLiteStore:
         return self._newId()
 
     def enqueue(self, notification: Notification, message: bytes) -> Deferred[None]:
-        return self._writer.submit(_Enqueue(notification, bytes(message)))
+        return self._writer.submit(_Enqueue(notification, bytes(message), self._segments))
 
     def acceptedSince(self, account: str, since: datetime) -> Deferred[int]:
         d = self._reader.submitEach(partial(_acceptedSince, account=account, since=toMillis(since)))
@@ -334,11 +347,19 @@ class SQLiteStore:
                 _claim, numbers=numbers, now=now, leaseUntil=now + int(leaseSeconds * 1000)
             )
             try:
-                entries += await self._writer.submit(work, file)
+                claimed, unreadable = await self._writer.submit(work, file)
             except StoreError as e:
                 # What the other files gave is claimed already: hand it out rather than leave
                 # it in flight until its lease runs out.
                 self.log.warn("claim: {file} failed: {error}", file=str(file), error=str(e))
+                continue
+            entries += claimed
+            # A damaged body stays queued (and is reported at every claim) without holding up
+            # the others.
+            for number, error in unreadable:
+                self.log.error(
+                    "claim: notification {id} left queued: {error}", id=number, error=error
+                )
         rank = {number: i for i, ((_, number), _) in enumerate(chosen)}
         return sorted(entries, key=lambda e: rank[int(e.notification.notification_id)])
 
@@ -569,6 +590,7 @@ class _Enqueue:
 
     notification: Notification
     message: bytes
+    segments: SegmentWriter  # where the body goes if it is EXTERNAL_BODY_MIN or larger
 
     def __call__(self, connection: sqlite3.Connection) -> None:
         _enqueueAll(connection, [self])
@@ -581,8 +603,13 @@ class _Enqueue:
 
 def _enqueueAll(connection: sqlite3.Connection, works: Sequence[_Enqueue]) -> None:
     """Insert notifications with their recipients, bodies, queue entries and CAAS_RECEIVED
-    events: one multi-row insert per table for all of them (:func:`_insertRows`)."""
-    notifications, recipients, messages, queue, events = [], [], [], [], []
+    events: one multi-row insert per table for all of them (:func:`_insertRows`). The large
+    bodies are written to a segment file first, all together, and are on disk before the
+    rows that point at them are inserted."""
+    notifications, recipients, queue, events = [], [], [], []
+    messages: list[tuple[int, bytes, int | None, int | None, int | None, int | None]] = []
+    large = [work.message for work in works if len(work.message) >= EXTERNAL_BODY_MIN]
+    locations = iter(works[0].segments.append(large) if large else ())
     perDay: Counter[tuple[str, int]] = Counter()
     code = "CAAS_RECEIVED"
     text = STATUS_TEXTS[code]
@@ -611,7 +638,11 @@ def _enqueueAll(connection: sqlite3.Connection, works: Sequence[_Enqueue]) -> No
         for i, r in enumerate(notification.recipients):
             recipients.append((number, i, r.address, r.channel))
             events.append((number, r.address, r.channel, code, text, receivedAt))
-        messages.append((number, work.message))
+        if len(work.message) >= EXTERNAL_BODY_MIN:
+            where = next(locations)
+            messages.append((number, b"", where.segment, where.offset, where.length, where.crc))
+        else:
+            messages.append((number, work.message, None, None, None, None))
         queue.append((number, receivedAt, "queued"))
         perDay[notification.account, receivedAt // _DAY_MS] += 1
     try:
@@ -626,7 +657,11 @@ def _enqueueAll(connection: sqlite3.Connection, works: Sequence[_Enqueue]) -> No
         ids = ", ".join(w.notification.notification_id for w in works)
         raise AlreadyExists(f"notification exists already: {ids}") from None
     _insertRows(connection, "recipients (notification_id, position, address, channel)", recipients)
-    _insertRows(connection, "messages (notification_id, body)", messages)
+    _insertRows(
+        connection,
+        "messages (notification_id, body, body_segment, body_offset, body_length, body_crc)",
+        messages,
+    )
     _insertRows(connection, "queue (notification_id, next_attempt, state)", queue)
     _insertRows(
         connection,
@@ -819,7 +854,16 @@ def _expire(connection: sqlite3.Connection, before: int) -> int:
     )
     # The counts of days wholly before ``before`` (no quota looks back that far).
     connection.execute("DELETE FROM daily_counts WHERE day < ?", (before // _DAY_MS,))
+    _sweepSegments(connection)
     return cursor.rowcount
+
+
+def _sweepSegments(connection: sqlite3.Connection) -> None:
+    """Delete the body segments no row needs any more (delivered or expired messages')."""
+    referenced = connection.execute(
+        "SELECT DISTINCT body_segment FROM messages WHERE body_segment IS NOT NULL"
+    )
+    sweepSegments(_segmentsOf(connection), (segment for (segment,) in referenced))
 
 
 def _nothing(connection: sqlite3.Connection) -> None:
@@ -837,9 +881,11 @@ def _dueEntries(connection: sqlite3.Connection, limit: int, now: int) -> list[tu
 
 def _claim(
     connection: sqlite3.Connection, numbers: Sequence[int], now: int, leaseUntil: int
-) -> list[QueueEntry]:
-    """Claim the entries ``numbers`` that are still due, in that order."""
+) -> tuple[list[QueueEntry], list[tuple[int, str]]]:
+    """Claim the entries ``numbers`` that are still due, in that order. Returns them, and the
+    notifications left unclaimed because their body cannot be read, with why."""
     entries = []
+    unreadable = []
     for number in numbers:
         row = connection.execute(
             "SELECT attempts FROM queue WHERE notification_id = ? AND next_attempt <= ?",
@@ -847,18 +893,40 @@ def _claim(
         ).fetchone()
         if row is None:
             continue  # claimed or finished meanwhile
+        try:
+            body = _body(connection, number)
+        except StoreError as e:
+            unreadable.append((number, str(e)))
+            continue
         connection.execute(
             "UPDATE queue SET state = 'in_flight', next_attempt = ?, attempts = attempts + 1 "
             "WHERE notification_id = ?",
             (leaseUntil, number),
         )
         notification = _loadNotification(connection, number)
-        (body,) = connection.execute(
-            "SELECT body FROM messages WHERE notification_id = ?", (number,)
-        ).fetchone()
         assert notification is not None  # the queue row's foreign key
-        entries.append(QueueEntry(notification, bytes(body), row[0] + 1))
-    return entries
+        entries.append(QueueEntry(notification, body, row[0] + 1))
+    return entries, unreadable
+
+
+def _body(connection: sqlite3.Connection, number: int) -> bytes:
+    """The message body of notification ``number``: from its row, or from its segment file."""
+    body, segment, offset, length, crc = connection.execute(
+        "SELECT body, body_segment, body_offset, body_length, body_crc FROM messages "
+        "WHERE notification_id = ?",
+        (number,),
+    ).fetchone()
+    if segment is None:
+        return bytes(body)
+    return readBody(_segmentsOf(connection), BodyLocation(segment, offset, length, crc))
+
+
+def _segmentsOf(connection: sqlite3.Connection) -> Path:
+    """The segment directory of the database file ``connection`` is open on."""
+    for _, name, file in connection.execute("PRAGMA database_list"):
+        if name == "main":
+            return segmentDirectory(file)
+    raise StoreError("sqlite store: the connection has no main database")
 
 
 def _complete(connection: sqlite3.Connection, notificationId: str) -> int:

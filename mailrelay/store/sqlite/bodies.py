@@ -1,0 +1,233 @@
+"""
+Large message bodies, kept out of the SQLite file in append-only segment files beside it.
+
+A body of ``EXTERNAL_BODY_MIN`` octets or more is not stored in its ``messages`` row: SQLite
+would write it twice (a WAL frame per 4 KiB page, then the checkpoint's copy into the database,
+reading the WAL back), a system call per page each time. Instead the writer thread appends the
+bodies of a whole commit group to the current segment with one ``pwritev`` and one
+``fdatasync``, and only then inserts the rows, which say where each body is (segment, offset,
+length) and its CRC-32. A body is therefore on disk before the row that points at it commits;
+a crash in between leaves only unreferenced bytes in a segment.
+
+The segments of the database file ``mailrelay.sqlite3`` are ``mailrelay.sqlite3-bodies/N``,
+``N`` counting up. Only the process whose home file that is writes to them, always to the
+newest, which it makes when it first needs one and again once the current one is
+``SEGMENT_SIZE`` or larger. A segment is deleted (:func:`sweepSegments`) when no row refers to
+it any more and it is not the newest.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailrelay.interfaces import StoreError
+
+EXTERNAL_BODY_MIN = 32 * 1024
+"""Bodies this large or larger go to segment files; smaller ones stay in their row, where one
+more fsync per commit would cost more than SQLite's page writes save."""
+SEGMENT_SIZE = 64 * 1024 * 1024
+"""A new segment is started once the current one is at least this large."""
+_MOST_BUFFERS_PER_WRITE = 512  # under every platform's IOV_MAX (1024 on Linux)
+_DIRECT_ALIGNMENT = 4096  # O_DIRECT writes: offset, length and memory aligned to this
+_DIRECT_BUFFER = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BodyLocation:
+    """Where one body is: ``length`` octets at ``offset`` in segment ``segment``."""
+
+    segment: int
+    offset: int
+    length: int
+    crc: int
+
+
+def segmentDirectory(databaseFile: Path | str) -> Path:
+    """The directory of the segments that belong to the SQLite file ``databaseFile``."""
+    path = Path(databaseFile)
+    return path.with_name(path.name + "-bodies")
+
+
+def _segmentNumbers(directory: Path) -> list[int]:
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted(int(name) for name in names if name.isascii() and name.isdigit())
+
+
+def _syncDirectory(directory: Path) -> None:
+    """Make the directory's entries (a new file, a new subdirectory) survive a crash."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SegmentWriter:
+    """
+    Appends bodies to the segments in ``directory``. Used by one thread only (the writer of the
+    SQLite file the directory belongs to); the first write of a process starts a new segment, so
+    it never appends after what an earlier run may have left half-written.
+
+    Where the file system allows it (``direct``: None, try), segments are written with
+    ``O_DIRECT``: the bodies are copied into one aligned buffer and go to the disk from there,
+    not through the page cache, whose per-page work costs the writer thread more than the copy
+    (and nothing reads them back soon). Each group's write is padded to 4 KiB, so a group's
+    bodies start on a boundary. Elsewhere (tmpfs, say) they are written plainly.
+    """
+
+    def __init__(
+        self, directory: Path, segmentSize: int = SEGMENT_SIZE, direct: bool | None = None
+    ) -> None:
+        self.directory = directory
+        self._segmentSize = segmentSize
+        self._direct = direct
+        self._buffer: mmap.mmap | None = None
+        self._fd: int | None = None
+        self._segment = 0
+        self._end = 0
+
+    @property
+    def direct(self) -> bool:
+        """Whether the current segment is written with O_DIRECT."""
+        return bool(self._direct) and self._fd is not None
+
+    def append(self, bodies: Sequence[bytes]) -> list[BodyLocation]:
+        """Write ``bodies`` one after another and wait until they are on disk; where each is."""
+        try:
+            if self._fd is None or self._end >= self._segmentSize:
+                self._startSegment()
+            assert self._fd is not None
+            locations = []
+            offset = self._end
+            for body in bodies:
+                locations.append(BodyLocation(self._segment, offset, len(body), zlib.crc32(body)))
+                offset += len(body)
+            if self._direct:
+                offset = self._writeDirect(bodies)
+            else:
+                for start in range(0, len(bodies), _MOST_BUFFERS_PER_WRITE):
+                    chunk = bodies[start : start + _MOST_BUFFERS_PER_WRITE]
+                    _writeAll(self._fd, chunk, locations[start].offset)
+            os.fdatasync(self._fd)
+        except OSError as e:
+            # What was written may be partly on disk: no row will point at it, and the next
+            # write goes to a new segment rather than after bytes of unknown state.
+            self._closeSegment()
+            raise StoreError(f"sqlite store: cannot write message bodies: {e}") from e
+        self._end = offset
+        return locations
+
+    def _writeDirect(self, bodies: Sequence[bytes]) -> int:
+        """Write ``bodies`` from the current end through the aligned buffer; the new end (the
+        last piece padded to the alignment)."""
+        assert self._fd is not None
+        if self._buffer is None:
+            self._buffer = mmap.mmap(-1, _DIRECT_BUFFER)  # page-aligned memory
+        buffer, position, filled = self._buffer, self._end, 0
+        for body in bodies:
+            view = memoryview(body)
+            while view:
+                count = min(len(view), _DIRECT_BUFFER - filled)
+                buffer[filled : filled + count] = view[:count]
+                filled, view = filled + count, view[count:]
+                if filled == _DIRECT_BUFFER:
+                    _writeAll(self._fd, [buffer], position)
+                    position, filled = position + filled, 0
+        if filled:
+            padded = -(-filled // _DIRECT_ALIGNMENT) * _DIRECT_ALIGNMENT
+            with memoryview(buffer)[:padded] as piece:
+                _writeAll(self._fd, [piece], position)
+            position += padded
+        return position
+
+    def _startSegment(self) -> None:
+        self._closeSegment()
+        created = not self.directory.exists()
+        self.directory.mkdir(mode=0o700, exist_ok=True)
+        if created:
+            _syncDirectory(self.directory.parent)
+        numbers = _segmentNumbers(self.directory)
+        self._segment = (numbers[-1] + 1) if numbers else 1
+        path = self.directory / str(self._segment)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        if self._direct is not False and hasattr(os, "O_DIRECT"):
+            try:
+                self._fd = os.open(path, flags | os.O_DIRECT, 0o600)
+                self._direct = True
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._direct = False  # not on this file system: plain writes from now on
+                flags &= ~os.O_EXCL  # the refused open may have made the file already
+        if self._fd is None:
+            self._fd = os.open(path, flags, 0o600)
+        self._end = 0
+        _syncDirectory(self.directory)
+
+    def _closeSegment(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def close(self) -> None:
+        self._closeSegment()
+        if self._buffer is not None:
+            self._buffer.close()
+            self._buffer = None
+
+
+def _writeAll(fd: int, buffers: Sequence[bytes | memoryview | mmap.mmap], position: int) -> None:
+    written = os.pwritev(fd, buffers, position)
+    if written < sum(map(len, buffers)):
+        # A short write (a signal, a disk about to be full): the rest, until done or an error.
+        rest = memoryview(b"".join(buffers))[written:]
+        position += written
+        while rest:
+            count = os.pwrite(fd, rest, position)
+            rest, position = rest[count:], position + count
+
+
+def readBody(directory: Path, location: BodyLocation) -> bytes:
+    """The body at ``location``; StoreError if it cannot be read whole or its CRC is wrong."""
+    path = directory / str(location.segment)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise StoreError(f"sqlite store: cannot open {str(path)!r}: {e}") from e
+    try:
+        body = os.pread(fd, location.length, location.offset)
+    except OSError as e:
+        raise StoreError(f"sqlite store: cannot read {str(path)!r}: {e}") from e
+    finally:
+        os.close(fd)
+    if len(body) != location.length or zlib.crc32(body) != location.crc:
+        raise StoreError(f"sqlite store: the body at {location.offset} in {str(path)!r} is damaged")
+    return body
+
+
+def sweepSegments(directory: Path, referenced: Iterable[int]) -> list[int]:
+    """
+    Delete the segments in ``directory`` that no row refers to, except the newest (which its
+    writer may be appending to); returns the numbers deleted.
+
+    Call it inside a write transaction on the segments' SQLite file, listing ``referenced``
+    in that transaction: the writer cannot then commit a row pointing at a segment this sees
+    as unreferenced (it only writes to the newest segment, which is kept).
+    """
+    numbers = _segmentNumbers(directory)
+    keep = set(referenced)
+    deleted = []
+    for number in numbers[:-1]:
+        if number not in keep:
+            (directory / str(number)).unlink(missing_ok=True)
+            deleted.append(number)
+    return deleted
