@@ -30,6 +30,8 @@ def _refuse(reason: str) -> Refused:
 
 def _closingBracket(text: str) -> int:
     """The index of the ``>`` that ends the path starting at ``text[0] == "<"``, or -1."""
+    if '"' not in text:  # nearly every path: no quoted local part to look past
+        return text.find(">")
     quoted = escaped = False
     for i, char in enumerate(text):
         if escaped:

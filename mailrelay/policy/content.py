@@ -167,9 +167,10 @@ class _Header:
         self.block = block
         self.lines = block.split(b"\r\n") if block else []
         self.fields: list[_Field] = []
+        lineEndings = block.count(b"\r\n")
+        if block.count(b"\r") > lineEndings or block.count(b"\n") > lineEndings:
+            raise Refused(BARE_LINE_ENDING)  # a CR or LF that is not part of a CRLF
         for i, line in enumerate(self.lines):
-            if b"\r" in line or b"\n" in line:
-                raise Refused(BARE_LINE_ENDING)
             if line[:1] in (b" ", b"\t"):
                 if not self.fields:
                     raise _refuse("The header starts with a continuation line")
