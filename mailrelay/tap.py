@@ -195,7 +195,10 @@ def buildCore(
     """
     spoolDir = config.dataPath / "spool"
     try:
-        spoolDir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # data_dir before its spool: mkdir makes missing parents with the default mode (0755
+        # under the usual umask), and data_dir holds password hashes and messages.
+        for directory in (config.dataPath, spoolDir):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         store = makeStore(config, reactor, processIndex)
     except OSError as e:
         raise SystemExit(f"mailrelay: data_dir {config.data_dir!r}: {e.strerror or e}") from None

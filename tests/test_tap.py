@@ -48,6 +48,9 @@ class TapTests(TestCase):
         data = Path(options["config"]).parent / "data"
         self.assertTrue((data / "selfsigned-cert.pem").exists())
         self.assertEqual((data / "selfsigned-key.pem").stat().st_mode & 0o777, 0o600)
+        # The data directory holds password hashes and messages: only its owner may look in.
+        self.assertEqual(data.stat().st_mode & 0o777, 0o700)
+        self.assertEqual((data / "spool").stat().st_mode & 0o777, 0o700)
 
     def test_badEndpoint(self) -> None:
         options = self.options('[[listeners]]\nendpoint = "tcpx:25"\nsecurity = "none"\n')
