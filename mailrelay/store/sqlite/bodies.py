@@ -4,10 +4,10 @@ Large message bodies, kept out of the SQLite file in append-only segment files b
 A body of ``EXTERNAL_BODY_MIN`` octets or more is not stored in its ``messages`` row: SQLite
 would write it twice (a WAL frame per 4 KiB page, then the checkpoint's copy into the database,
 reading the WAL back), a system call per page each time. Instead the writer thread appends the
-bodies of a whole commit group to the current segment with one ``pwritev`` and one
-``fdatasync``, and only then inserts the rows, which say where each body is (segment, offset,
-length) and its CRC-32. A body is therefore on disk before the row that points at it commits;
-a crash in between leaves only unreferenced bytes in a segment.
+bodies of a whole commit group to the current segment with one write (per 4 MiB, with
+``O_DIRECT``) and one ``fdatasync``, and only then inserts the rows, which say where each body
+is (segment, offset, length) and its CRC-32. A body is therefore on disk before the row that
+points at it commits; a crash in between leaves only unreferenced bytes in a segment.
 
 The segments of the database file ``mailrelay.sqlite3`` are ``mailrelay.sqlite3-bodies/N``,
 ``N`` counting up. Only the process whose home file that is writes to them, always to the
@@ -188,7 +188,8 @@ class SegmentWriter:
 def _writeAll(fd: int, buffers: Sequence[bytes | memoryview | mmap.mmap], position: int) -> None:
     written = os.pwritev(fd, buffers, position)
     if written < sum(map(len, buffers)):
-        # A short write (a signal, a disk about to be full): the rest, until done or an error.
+        # A short write (a signal, a disk about to be full): the rest, until done or an error
+        # (with O_DIRECT, a rest that is not aligned is refused: an error, and a new segment).
         rest = memoryview(b"".join(buffers))[written:]
         position += written
         while rest:
