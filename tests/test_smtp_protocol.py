@@ -409,6 +409,25 @@ class TransactionTests(ProtocolTestCase):
         self.assertEqual((yield self.queued()), 1)
 
     @inlineCallbacks
+    def test_repeatedRecipientOnce(self) -> Any:
+        """A recipient named twice (the same after normalising) is kept once, in the order of
+        its first RCPT, and counts once toward the limit."""
+        yield self.session.login()
+        yield self.session.command(f"MAIL FROM:{FROM}")
+        for address in ("<a@example.org>", "<b@example.org>", "<a@EXAMPLE.org>", "<b@example.org>"):
+            self.assertReply(
+                (yield self.session.command(f"RCPT TO:{address}")), replies.RECIPIENT_OK
+            )
+        yield self.session.command("DATA")
+        lines = yield self.session.send(HEADER + "Subject: hi\r\n\r\nbody\r\n.\r\n")
+        match = _ACCEPTED.match(lines[-1])
+        self.assertIsNotNone(match, lines)
+        notification = yield self.harness.store.getNotification(match.group(1))
+        self.assertEqual(
+            [r.address for r in notification.recipients], ["a@example.org", "b@example.org"]
+        )
+
+    @inlineCallbacks
     def test_secondMessageOnSameConnection(self) -> Any:
         yield self.transaction()
         yield self.session.send(HEADER + "Subject: one\r\n\r\nx\r\n.\r\n")

