@@ -40,12 +40,26 @@ def plain(user: str, password: str) -> str:
 
 
 class TLSStringTransport(StringTransport):
-    """A StringTransport that records startTLS instead of failing on it."""
+    """A StringTransport that records startTLS instead of failing on it, and keeps ``events``:
+    each write (its bytes), startTLS and loseConnection, in order."""
 
     tlsStarted: Any = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.events: list[bytes | str] = []
+
+    def write(self, data: bytes) -> None:
+        self.events.append(data)
+        super().write(data)
+
     def startTLS(self, context: Any) -> None:
+        self.events.append("startTLS")
         self.tlsStarted = context
+
+    def loseConnection(self) -> None:
+        self.events.append("loseConnection")
+        super().loseConnection()
 
 
 class ProtocolHarness:

@@ -381,6 +381,38 @@ class EncryptionRequiredTests(ProtocolTestCase):
         self.assertReply(reply, replies.BAD_SEQUENCE)
 
 
+class ReplyWriteTests(ProtocolTestCase):
+    """The replies to pipelined commands leave in one write, and never after what must follow
+    them on the wire (the TLS handshake, the close)."""
+
+    def sent(self, data: bytes) -> list[bytes | str]:
+        self.session.transport.events.clear()
+        self.session.protocol.dataReceived(data)
+        return self.session.transport.events
+
+    def test_pipelinedRepliesInOneWrite(self) -> None:
+        events = self.sent(b"EHLO client.test\r\nNOOP\r\nRSET\r\nNOOP\r\n")
+        self.assertEqual(len(events), 1)
+        assert isinstance(events[0], bytes)
+        self.assertTrue(events[0].startswith(b"250-relay.test"))
+        self.assertTrue(events[0].endswith(b"250 2.0.0 OK\r\n" * 3), events[0])
+
+    def test_readyBeforeTheHandshake(self) -> None:
+        self.session = self.harness.connect(security="starttls", tlsContext=object())
+        events = self.sent(b"EHLO client.test\r\nNOOP\r\nSTARTTLS\r\nNOOP\r\n")
+        self.assertEqual(events[-1], "startTLS")  # and the NOOP after it never answered
+        self.assertEqual(len(events), 2)
+        assert isinstance(events[0], bytes)
+        self.assertTrue(events[0].endswith(b"250 2.0.0 OK\r\n220 2.0.0 Ready to start TLS\r\n"))
+
+    def test_repliesBeforeTheClose(self) -> None:
+        events = self.sent(b"NOOP\r\nQUIT\r\nNOOP\r\n")
+        self.assertEqual(events[-1], "loseConnection")
+        self.assertEqual(len(events), 2)
+        assert isinstance(events[0], bytes)
+        self.assertTrue(events[0].startswith(b"250 2.0.0 OK\r\n221 "), events[0])
+
+
 class TransactionTests(ProtocolTestCase):
     @inlineCallbacks
     def transaction(self, recipients: int = 1) -> Any:

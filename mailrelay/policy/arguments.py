@@ -21,6 +21,7 @@ Parameters = dict[str, str | None]
 MAX_ARGUMENT = 2048
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 # esmtp-value: any printable except "=" and SP; RFC 6531 lets it be UTF-8.
+_CONTROL = re.compile("[\t\r\n\x00]")
 _VALUE = re.compile(r"[!-<>-~\u00a0-\ud7ff\ue000-\U0010ffff]+")
 
 
@@ -91,7 +92,7 @@ def parsePathArgument(argument: str, *, allowNull: bool = False) -> tuple[str, P
             raise _refuse("unbalanced angle brackets")
     if not address and not allowNull:
         raise _refuse("the null path <> is only allowed in MAIL FROM")
-    if any(char in address for char in "\t\r\n\x00") or (" " in address and '"' not in address):
+    if _CONTROL.search(address) or (" " in address and '"' not in address):
         raise _refuse("the address has white space or control characters")
     return address, _parameters(rest)
 

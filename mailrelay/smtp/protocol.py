@@ -93,6 +93,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         self._pos = 0
         self._discardingLine = False
         self._processing = False
+        self._replies: list[bytes] = []  # written while commands are being processed
         self._blocked = False
         self._paused = False
         self._closing = False
@@ -172,7 +173,21 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         self._closeWith(replies.TIMEOUT)
 
     def _write(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[union-attr]
+        # The replies to pipelined commands go out in one write when the input has been
+        # processed: 52 writes for a message to 50 recipients cost Twisted's bookkeeping 52
+        # times over, for what reaches the socket in one send either way.
+        if self._processing:
+            self._replies.append(data)
+        else:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def _flushReplies(self) -> None:
+        """Write what the commands processed so far answered (before TLS starts, before the
+        connection is closed, and once the input is processed)."""
+        if self._replies:
+            data = b"".join(self._replies)
+            self._replies.clear()
+            self.transport.write(data)  # type: ignore[union-attr]
 
     def _reply(self, reply: Reply) -> None:
         if reply.code in _PROTOCOL_ERRORS:
@@ -183,6 +198,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
 
     def _closeWith(self, reply: Reply) -> None:
         self._write(reply.wire)
+        self._flushReplies()
         self._closing = True
         self._buffer = b""
         self._pos = 0
@@ -223,6 +239,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
                 self._run(self._handleLine(line))
         finally:
             self._processing = False
+            self._flushReplies()
         self._flowControl()
 
     def _flowControl(self) -> None:
@@ -424,6 +441,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         if argument:
             return replies.SYNTAX_ERROR.withText("Syntax: STARTTLS")
         self._write(replies.READY_TLS.wire)
+        self._flushReplies()  # in the clear, before the handshake
         # RFC 3207 §4.2: whatever the client sent after STARTTLS in the clear is not trusted,
         # and the session starts over as if newly connected.
         self._buffer, self._pos = b"", 0
