@@ -20,8 +20,8 @@ Parameters = dict[str, str | None]
 
 MAX_ARGUMENT = 2048
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+_CONTROL = re.compile("[\t\r\n\x00]")  # never in an address, quoted or not
 # esmtp-value: any printable except "=" and SP; RFC 6531 lets it be UTF-8.
-_CONTROL = re.compile("[\t\r\n\x00]")
 _VALUE = re.compile(r"[!-<>-~\u00a0-\ud7ff\ue000-\U0010ffff]+")
 
 
