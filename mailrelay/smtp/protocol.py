@@ -92,8 +92,10 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         self._buffer = b""
         self._pos = 0
         self._discardingLine = False
-        self._processing = False
-        self._replies: list[bytes] = []  # written while commands are being processed
+        # While the input is being processed: the replies written meanwhile, sent together when
+        # it is. (One attribute, not a flag and a list: past 30 attributes CPython gives an
+        # instance a dict of its own, 1.1 KiB more for every idle connection.)
+        self._processing: list[bytes] | None = None
         self._blocked = False
         self._paused = False
         self._closing = False
@@ -176,17 +178,17 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         # The replies to pipelined commands go out in one write when the input has been
         # processed: 52 writes for a message to 50 recipients cost Twisted's bookkeeping 52
         # times over, for what reaches the socket in one send either way.
-        if self._processing:
-            self._replies.append(data)
+        if self._processing is not None:
+            self._processing.append(data)
         else:
             self.transport.write(data)  # type: ignore[union-attr]
 
     def _flushReplies(self) -> None:
         """Write what the commands processed so far answered (before TLS starts, before the
         connection is closed, and once the input is processed)."""
-        if self._replies:
-            data = b"".join(self._replies)
-            self._replies.clear()
+        if self._processing:
+            data = b"".join(self._processing)
+            self._processing.clear()
             self.transport.write(data)  # type: ignore[union-attr]
 
     def _reply(self, reply: Reply) -> None:
@@ -210,16 +212,16 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         if self._closing:
             return
         self.resetTimeout()
-        if self._reader is not None and not self._blocked and not self._processing:
+        if self._reader is not None and not self._blocked and self._processing is None:
             self._feedData(data)
         else:
             self._buffer += data
         self._processBuffer()
 
     def _processBuffer(self) -> None:
-        if self._processing:
+        if self._processing is not None:
             return
-        self._processing = True
+        self._processing = []
         try:
             while not self._blocked and not self._closing:
                 if self._chunk is not None:
@@ -238,8 +240,8 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
                     break
                 self._run(self._handleLine(line))
         finally:
-            self._processing = False
             self._flushReplies()
+            self._processing = None
         self._flowControl()
 
     def _flowControl(self) -> None:
