@@ -211,6 +211,10 @@ mode = "hold"   # measure intake: accepted messages stay queued, no outbound tra
 """
 
 
+NOSTORE_PROBE = REPO / "benchmarks" / "probes" / "nostore"
+"""Its ``sitecustomize`` makes the SQLite store's enqueue keep nothing: see the module."""
+
+
 @dataclass
 class Mailrelay:
     """
@@ -222,9 +226,12 @@ class Mailrelay:
 
     backend: str = "sqlite"
     workers: int = 1
+    nostore: bool = False  # the diagnostic column: enqueue keeps nothing (benchmarks/probes)
 
     @property
     def name(self) -> str:
+        if self.nostore:
+            return "mailrelay-nostore"
         suffix = f"-{self.workers}w" if self.workers > 1 else ""
         return f"mailrelay-{self.backend}{suffix}"
 
@@ -294,12 +301,10 @@ class Mailrelay:
             cmd += ["-n", "--pidfile=", "mailrelay", "--config", str(config)]
             log_path = workdir / f"{self.name}.log"
             # The plugin lives in the source tree's twisted/plugins: put the tree on the path.
-            env = {
-                **os.environ,
-                "PYTHONPATH": os.pathsep.join(
-                    filter(None, [str(REPO), os.environ.get("PYTHONPATH")])
-                ),
-            }
+            paths = [str(REPO), os.environ.get("PYTHONPATH")]
+            if self.nostore:
+                paths.insert(0, str(NOSTORE_PROBE))
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
             proc = _spawn(cmd, log_path, cwd=REPO, env=env)
             smtp_ports = [ports[sec] for sec in ("plain", "starttls", "tls")]
             try:
@@ -460,5 +465,6 @@ _ADAPTERS: list[ServerAdapter] = [
     Mailrelay("sqlite", workers=2),
     Mailrelay("redis", workers=2),
     Postfix(),
+    Mailrelay("sqlite", nostore=True),  # a diagnostic, not in the default run
 ]
 ALL: dict[str, ServerAdapter] = {a.name: a for a in _ADAPTERS}

@@ -8,7 +8,9 @@ These check counts only, never timings: the benchmarks themselves are run with
 from __future__ import annotations
 
 import os
+import smtplib
 import socket
+import sqlite3
 from argparse import Namespace
 from collections.abc import Generator
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 from twisted.internet import defer, reactor, threads
 from twisted.trial.unittest import TestCase
 
+from benchmarks import adapters
 from benchmarks.certs import make_cert
 from benchmarks.loadgen import LoadConfig, hold_idle, run_load
 from benchmarks.servers.twisted_plain import listen
@@ -123,3 +126,30 @@ class LoadgenAgainstAiosmtpdTests(TestCase):
         cfg = LoadConfig(port=self.port, messages=11, concurrency=2, rcpts=5, warmup=0)
         result = run_load(cfg)
         self.assertEqual((result.ok, result.errors), (11, {}))
+
+
+class NoStoreColumnTests(TestCase):
+    """
+    The ``mailrelay-nostore`` diagnostic column: the real relay under twistd answers 250 with
+    an id, but keeps nothing, and says so in its log.
+    """
+
+    def test_acceptsAndKeepsNothing(self) -> None:
+        workdir = Path(self.mktemp()).resolve()  # the adapter runs commands from the repo
+        workdir.mkdir(parents=True)
+        cert, key = make_cert(workdir)
+        server = adapters.ALL["mailrelay-nostore"].start(workdir, cert, key)
+        self.addCleanup(server.stop)
+        listener = server.listeners["plain"]
+        with smtplib.SMTP(listener.host, listener.port, timeout=30) as client:
+            message = b"From: a@bench.example\r\nSubject: x\r\n\r\nbody\r\n"
+            client.ehlo()
+            client.mail("a@bench.example")
+            client.rcpt("b@example.com")
+            code, reply = client.data(message)
+        self.assertEqual(code, 250, reply)
+        self.assertIn(b" id=", reply)
+        database = sqlite3.connect(workdir / "data" / "mailrelay.sqlite3")
+        self.addCleanup(database.close)
+        self.assertEqual(database.execute("SELECT COUNT(*) FROM notifications").fetchone(), (0,))
+        self.assertIn("stores NOTHING", server.log_path.read_text())
