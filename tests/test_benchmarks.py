@@ -22,6 +22,7 @@ from twisted.trial.unittest import TestCase
 from benchmarks import adapters
 from benchmarks.certs import make_cert
 from benchmarks.loadgen import LoadConfig, hold_idle, run_load
+from benchmarks.run import plan
 from benchmarks.servers.twisted_plain import listen
 
 _Steps = Generator[defer.Deferred[Any], Any, None]
@@ -153,3 +154,13 @@ class NoStoreColumnTests(TestCase):
         self.addCleanup(database.close)
         self.assertEqual(database.execute("SELECT COUNT(*) FROM notifications").fetchone(), (0,))
         self.assertIn("stores NOTHING", server.log_path.read_text())
+
+
+class PlanTests(TestCase):
+    """``--repeat`` runs a scenario's servers in rounds, not one server's tries in a row."""
+
+    def test_rounds(self) -> None:
+        servers = [adapters.ALL[name] for name in ("twisted-plain", "aiosmtpd", "postfix")]
+        names = [adapter.name for adapter in plan(servers, 2)]
+        self.assertEqual(names, ["twisted-plain", "aiosmtpd", "postfix"] * 2)
+        self.assertEqual(plan(servers, 1), servers)
