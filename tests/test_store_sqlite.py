@@ -27,7 +27,7 @@ from twisted.trial.unittest import TestCase
 
 from mailrelay.config import parseConfig
 from mailrelay.interfaces import AlreadyExists, NotFound, StoreError
-from mailrelay.model import Notification, QueueStats, StatusEvent
+from mailrelay.model import STATUS_TEXTS, Notification, QueueStats, Recipient, StatusEvent
 from mailrelay.policy.limits import startOfDay
 from mailrelay.store import makeStore
 from mailrelay.store.sqlite import SQLiteStore, workerFile
@@ -36,6 +36,8 @@ from mailrelay.store.sqlite.store import _insertRows
 from mailrelay.store.sqlite.threads import GroupCommitThread, Work
 from tests.store_mixin import (
     ALICE,
+    BOB,
+    PHONE,
     T0,
     DeliveryQueueTestsMixin,
     RememberedAccountDataTestsMixin,
@@ -666,6 +668,88 @@ class UpgradeTests(SQLiteStoreTestsBase):
         self.addCleanup(check.close)
         latest = schemaScripts()[-1][0]
         self.assertEqual(check.execute("PRAGMA user_version").fetchone(), (latest,))
+
+    async def test_notificationsFromBeforeRecipientLists(self) -> None:
+        """Rows written by schema version 3 (a row per recipient and per CAAS_RECEIVED event)
+        read as they did; new notifications beside them use the recipient list."""
+        path = self.databasePath()
+        old = sqlite3.connect(path, isolation_level=None)
+        for _version, script in schemaScripts()[:3]:
+            for statement in statements(script):
+                old.execute(statement)
+        old.execute("PRAGMA user_version = 3")
+        received = int(T0.timestamp() * 1000)
+        old.execute(
+            "INSERT INTO notifications (id, account, sender, size, received_at, "
+            "notify_content_type) VALUES (7, 'acme', 'app@acme.example', 1234, ?, "
+            "'application/json')",
+            (received,),
+        )
+        old.executemany(  # inserted out of RCPT order: position decides
+            "INSERT INTO recipients (notification_id, position, address, channel) "
+            "VALUES (7, ?, ?, ?)",
+            [(1, PHONE.address, PHONE.channel), (0, ALICE.address, ALICE.channel)],
+        )
+        old.executemany(
+            "INSERT INTO status_events (notification_id, address, channel, status_code, "
+            "status_text, ts) VALUES (7, ?, ?, ?, 'Successful', ?)",
+            [
+                (ALICE.address, ALICE.channel, "CAAS_RECEIVED", received),
+                (PHONE.address, PHONE.channel, "CAAS_RECEIVED", received),
+                (PHONE.address, PHONE.channel, "CAAS_SENT", received + 5),
+            ],
+        )
+        old.close()
+        store = self.store = await self.openStore(path)
+        loaded = await store.getNotification("7")
+        assert loaded is not None
+        self.assertEqual(loaded.recipients, (ALICE, PHONE))
+        trail = await store.statusTrail("7")
+        self.assertEqual(
+            [(e.recipient, e.status_code) for e in trail],
+            [(ALICE, "CAAS_RECEIVED"), (PHONE, "CAAS_RECEIVED"), (PHONE, "CAAS_SENT")],
+        )
+        new = await self.enqueued()
+        self.assertEqual(await store.getNotification(new.notification_id), new)
+        self.assertEqual(len(await store.statusTrail(new.notification_id)), 2)
+
+
+class CompactIntakeTests(SQLiteStoreTestsBase):
+    """
+    An accepted message is three rows whatever its recipients: the notification (with its
+    recipients, which imply its CAAS_RECEIVED events), the body and the queue entry.
+    """
+
+    def count(self, table: str) -> int:
+        check = sqlite3.connect(self.store.path)
+        try:
+            return int(check.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+        finally:
+            check.close()
+
+    async def test_threeRowsWhateverTheRecipients(self) -> None:
+        umlaut = Recipient("jörg@bücher.example", "email")
+        recipients = tuple(Recipient(f"r{i}@example.com", "email") for i in range(50))
+        many = await self.enqueued(recipients=(PHONE, umlaut, *recipients))
+        self.assertEqual(await self.store.getNotification(many.notification_id), many)
+        for table, rows in [("notifications", 1), ("messages", 1), ("queue", 1)]:
+            self.assertEqual(self.count(table), rows, table)
+        self.assertEqual((self.count("recipients"), self.count("status_events")), (0, 0))
+        trail = await self.store.statusTrail(many.notification_id)
+        self.assertEqual([e.recipient for e in trail], list(many.recipients))
+        self.assertEqual({(e.status_code, e.timestamp) for e in trail}, {("CAAS_RECEIVED", T0)})
+        self.assertEqual(trail[0].status_text, STATUS_TEXTS["CAAS_RECEIVED"])
+
+    async def test_laterEventsInTimeOrder(self) -> None:
+        notification = await self.enqueued(recipients=(ALICE, BOB))
+        nid = notification.notification_id
+        sent = StatusEvent(nid, BOB, "CAAS_SENT", "Successful", T0)  # the same moment
+        early = StatusEvent(nid, ALICE, "CAAS_SENT", "Successful", T0 - timedelta(seconds=1))
+        later = StatusEvent(nid, ALICE, "CAAS_DELIVERED", "Delivered", T0 + timedelta(seconds=1))
+        await self.store.addEvents([later, sent, early])
+        trail = await self.store.statusTrail(nid)
+        received = [StatusEvent(nid, r, "CAAS_RECEIVED", "Successful", T0) for r in (ALICE, BOB)]
+        self.assertEqual(trail, [early, *received, sent, later])
 
 
 class WriterOrderTests(TestCase):

@@ -602,17 +602,15 @@ class _Enqueue:
 
 
 def _enqueueAll(connection: sqlite3.Connection, works: Sequence[_Enqueue]) -> None:
-    """Insert notifications with their recipients, bodies, queue entries and CAAS_RECEIVED
-    events: one multi-row insert per table for all of them (:func:`_insertRows`). The large
-    bodies are written to a segment file first, all together, and are on disk before the
-    rows that point at them are inserted."""
-    notifications, recipients, queue, events = [], [], [], []
+    """Insert notifications (their recipients in their row, which implies their CAAS_RECEIVED
+    events), bodies and queue entries: one multi-row insert per table for all of them
+    (:func:`_insertRows`). The large bodies are written to a segment file first, all together,
+    and are on disk before the rows that point at them are inserted."""
+    notifications, queue = [], []
     messages: list[tuple[int, bytes, int | None, int | None, int | None, int | None]] = []
     large = [work.message for work in works if len(work.message) >= EXTERNAL_BODY_MIN]
     locations = iter(works[0].segments.append(large) if large else ())
     perDay: Counter[tuple[str, int]] = Counter()
-    code = "CAAS_RECEIVED"
-    text = STATUS_TEXTS[code]
     for work in works:
         notification = work.notification
         number = _requireId(notification.notification_id)
@@ -633,11 +631,9 @@ def _enqueueAll(connection: sqlite3.Connection, works: Sequence[_Enqueue]) -> No
                 options.tracking_url,
                 notification.client_address,
                 notification.helo,
+                _recipientList(notification.recipients),
             )
         )
-        for i, r in enumerate(notification.recipients):
-            recipients.append((number, i, r.address, r.channel))
-            events.append((number, r.address, r.channel, code, text, receivedAt))
         if len(work.message) >= EXTERNAL_BODY_MIN:
             where = next(locations)
             messages.append((number, b"", where.segment, where.offset, where.length, where.crc))
@@ -650,13 +646,12 @@ def _enqueueAll(connection: sqlite3.Connection, works: Sequence[_Enqueue]) -> No
             connection,
             "notifications (id, account, sender, size, received_at, bulk_id, notify_url, "
             "notify_content_type, callback_data, intermediate_report, tracking_url, "
-            "client_address, helo)",
+            "client_address, helo, recipient_list)",
             notifications,
         )
     except sqlite3.IntegrityError:
         ids = ", ".join(w.notification.notification_id for w in works)
         raise AlreadyExists(f"notification exists already: {ids}") from None
-    _insertRows(connection, "recipients (notification_id, position, address, channel)", recipients)
     _insertRows(
         connection,
         "messages (notification_id, body, body_segment, body_offset, body_length, body_crc)",
@@ -665,15 +660,19 @@ def _enqueueAll(connection: sqlite3.Connection, works: Sequence[_Enqueue]) -> No
     _insertRows(connection, "queue (notification_id, next_attempt, state)", queue)
     _insertRows(
         connection,
-        "status_events (notification_id, address, channel, status_code, status_text, ts)",
-        events,
-    )
-    _insertRows(
-        connection,
         "daily_counts (account, day, accepted)",
         [(account, day, count) for (account, day), count in perDay.items()],
         " ON CONFLICT (account, day) DO UPDATE SET accepted = accepted + excluded.accepted",
     )
+
+
+def _recipientList(recipients: Sequence[Recipient]) -> str:
+    """The ``recipient_list`` column: ``[[address, channel], ...]`` in RCPT order."""
+    return json.dumps([[r.address, r.channel] for r in recipients], ensure_ascii=False)
+
+
+def _recipientsFrom(recipientList: str) -> tuple[Recipient, ...]:
+    return tuple(Recipient(address, channel) for address, channel in json.loads(recipientList))
 
 
 _MOST_ROWS_PER_INSERT = 64
@@ -735,19 +734,23 @@ def _stats(connection: sqlite3.Connection) -> QueueStats:
 def _loadNotification(connection: sqlite3.Connection, number: int) -> Notification | None:
     row = connection.execute(
         "SELECT account, sender, size, received_at, bulk_id, notify_url, notify_content_type, "
-        "callback_data, intermediate_report, tracking_url, client_address, helo "
+        "callback_data, intermediate_report, tracking_url, client_address, helo, recipient_list "
         "FROM notifications WHERE id = ?",
         (number,),
     ).fetchone()
     if row is None:
         return None
-    recipients = tuple(
-        Recipient(address=address, channel=channel)
-        for address, channel in connection.execute(
-            "SELECT address, channel FROM recipients WHERE notification_id = ? ORDER BY position",
-            (number,),
+    if row[12] is not None:
+        recipients = _recipientsFrom(row[12])
+    else:  # accepted before schema version 4: a row per recipient
+        recipients = tuple(
+            Recipient(address=address, channel=channel)
+            for address, channel in connection.execute(
+                "SELECT address, channel FROM recipients WHERE notification_id = ? "
+                "ORDER BY position",
+                (number,),
+            )
         )
-    )
     return Notification(
         notification_id=str(number),
         account=row[0],
@@ -808,12 +811,19 @@ def _statusTrail(connection: sqlite3.Connection, notificationId: str) -> list[St
     number = idNumber(notificationId)
     if number is None:
         return []
-    rows = connection.execute(
-        "SELECT address, channel, status_code, status_text, ts FROM status_events "
-        "WHERE notification_id = ? ORDER BY ts, id",
-        (number,),
-    )
-    return [
+    connection.execute("BEGIN")  # one snapshot for the notification and its events
+    try:
+        head = connection.execute(
+            "SELECT received_at, recipient_list FROM notifications WHERE id = ?", (number,)
+        ).fetchone()
+        rows = connection.execute(
+            "SELECT address, channel, status_code, status_text, ts FROM status_events "
+            "WHERE notification_id = ? ORDER BY ts, id",
+            (number,),
+        ).fetchall()
+    finally:
+        connection.execute("COMMIT")
+    trail = [
         StatusEvent(
             notification_id=notificationId,
             recipient=Recipient(address=address, channel=channel),
@@ -823,6 +833,22 @@ def _statusTrail(connection: sqlite3.Connection, notificationId: str) -> list[St
         )
         for address, channel, code, text, ts in rows
     ]
+    if head is None or head[1] is None:
+        return trail
+    # The CAAS_RECEIVED events the row implies come first among events of the same moment, as
+    # rows inserted with the notification would (the sort is stable).
+    receivedAt = fromMillis(head[0])
+    received = [
+        StatusEvent(
+            notification_id=notificationId,
+            recipient=recipient,
+            status_code="CAAS_RECEIVED",
+            status_text=STATUS_TEXTS["CAAS_RECEIVED"],
+            timestamp=receivedAt,
+        )
+        for recipient in _recipientsFrom(head[1])
+    ]
+    return sorted(received + trail, key=lambda event: event.timestamp)
 
 
 def _present(connection: sqlite3.Connection, numbers: tuple[int, ...]) -> set[int]:
