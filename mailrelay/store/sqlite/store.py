@@ -35,7 +35,8 @@ import json
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache, partial
@@ -775,9 +776,17 @@ def _getNotification(connection: sqlite3.Connection, notificationId: str) -> Not
     number = idNumber(notificationId)
     if number is None:
         return None
-    connection.execute("BEGIN")  # one snapshot for the notification and its recipients
-    try:
+    with _snapshot(connection):  # the notification and its recipients (before schema 4)
         return _loadNotification(connection, number)
+
+
+@contextmanager
+def _snapshot(connection: sqlite3.Connection) -> Iterator[None]:
+    """One snapshot for the reads inside: a reader connection is in autocommit mode, where each
+    query would see the file as it is at that query."""
+    connection.execute("BEGIN")
+    try:
+        yield
     finally:
         connection.execute("COMMIT")
 
@@ -811,8 +820,7 @@ def _statusTrail(connection: sqlite3.Connection, notificationId: str) -> list[St
     number = idNumber(notificationId)
     if number is None:
         return []
-    connection.execute("BEGIN")  # one snapshot for the notification and its events
-    try:
+    with _snapshot(connection):  # the notification and its events
         head = connection.execute(
             "SELECT received_at, recipient_list FROM notifications WHERE id = ?", (number,)
         ).fetchone()
@@ -821,8 +829,6 @@ def _statusTrail(connection: sqlite3.Connection, notificationId: str) -> list[St
             "WHERE notification_id = ? ORDER BY ts, id",
             (number,),
         ).fetchall()
-    finally:
-        connection.execute("COMMIT")
     trail = [
         StatusEvent(
             notification_id=notificationId,
