@@ -5,7 +5,10 @@ SQLite file, on their own and through the store. Real files under the trial temp
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
+import zlib
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -120,6 +123,22 @@ class SegmentWriterTestsMixin:
         writer = self.writer()
         locations = writer.append(bodies) + writer.append([b"after"])
         self.assertEqual([readBody(self.directory, w) for w in locations], [*bodies, b"after"])
+        # The CRC of a body cut across buffer flushes is still the CRC of the whole body.
+        self.assertEqual([w.crc for w in locations], [zlib.crc32(b) for b in [*bodies, b"after"]])
+
+    def test_writesReturnOnceOnDisk(self) -> None:
+        """With O_DIRECT the segment is open with O_DSYNC (each write is durable when it
+        returns, no fdatasync after it); plain segments are not (they fdatasync)."""
+        writer = self.writer()
+        writer.append([b"body"])
+        (segment,) = [
+            int(fd)
+            for fd in os.listdir("/proc/self/fd")
+            if os.path.realpath(f"/proc/self/fd/{fd}") == str((self.directory / "1").resolve())
+        ]
+        flags = fcntl.fcntl(segment, fcntl.F_GETFL)
+        self.assertEqual(bool(flags & os.O_DSYNC), self.direct)
+        self.assertEqual(bool(flags & os.O_DIRECT), self.direct)
 
     def test_damagedBody(self) -> None:
         (where,) = self.writer().append([b"hello world"])

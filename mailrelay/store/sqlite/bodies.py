@@ -4,10 +4,12 @@ Large message bodies, kept out of the SQLite file in append-only segment files b
 A body of ``EXTERNAL_BODY_MIN`` octets or more is not stored in its ``messages`` row: SQLite
 would write it twice (a WAL frame per 4 KiB page, then the checkpoint's copy into the database,
 reading the WAL back), a system call per page each time. Instead the writer thread appends the
-bodies of a whole commit group to the current segment with one write (per 4 MiB, with
-``O_DIRECT``) and one ``fdatasync``, and only then inserts the rows, which say where each body
-is (segment, offset, length) and its CRC-32. A body is therefore on disk before the row that
-points at it commits; a crash in between leaves only unreferenced bytes in a segment.
+bodies of a whole commit group to the current segment with one write per 4 MiB that returns
+once the bytes are on disk (``O_DIRECT`` with ``O_DSYNC``; where the file system refuses
+``O_DIRECT``, plain writes and an ``fdatasync``), and only then inserts the rows, which say
+where each body is (segment, offset, length) and its CRC-32. A body is therefore on disk
+before the row that points at it commits; a crash in between leaves only unreferenced bytes in
+a segment.
 
 The segments of the database file ``mailrelay.sqlite3`` are ``mailrelay.sqlite3-bodies/N``,
 ``N`` counting up. Only the process whose home file that is writes to them, always to the
@@ -106,48 +108,66 @@ class SegmentWriter:
             if self._fd is None or self._end >= self._segmentSize:
                 self._startSegment()
             assert self._fd is not None
-            locations = []
-            offset = self._end
-            for body in bodies:
-                locations.append(BodyLocation(self._segment, offset, len(body), zlib.crc32(body)))
-                offset += len(body)
             if self._direct:
-                offset = self._writeDirect(bodies)
+                locations, end = self._writeDirect(bodies)
             else:
-                for start in range(0, len(bodies), _MOST_BUFFERS_PER_WRITE):
-                    chunk = bodies[start : start + _MOST_BUFFERS_PER_WRITE]
-                    _writeAll(self._fd, chunk, locations[start].offset)
-            os.fdatasync(self._fd)
+                locations, end = self._writePlain(bodies)
+                os.fdatasync(self._fd)
         except OSError as e:
             # What was written may be partly on disk: no row will point at it, and the next
             # write goes to a new segment rather than after bytes of unknown state.
             self._closeSegment()
             raise StoreError(f"sqlite store: cannot write message bodies: {e}") from e
-        self._end = offset
+        self._end = end
         return locations
 
-    def _writeDirect(self, bodies: Sequence[bytes]) -> int:
-        """Write ``bodies`` from the current end through the aligned buffer; the new end (the
-        last piece padded to the alignment)."""
+    def _writePlain(self, bodies: Sequence[bytes]) -> tuple[list[BodyLocation], int]:
+        assert self._fd is not None
+        locations = []
+        offset = self._end
+        for body in bodies:
+            locations.append(BodyLocation(self._segment, offset, len(body), zlib.crc32(body)))
+            offset += len(body)
+        for start in range(0, len(bodies), _MOST_BUFFERS_PER_WRITE):
+            chunk = bodies[start : start + _MOST_BUFFERS_PER_WRITE]
+            _writeAll(self._fd, chunk, locations[start].offset)
+        return locations, offset
+
+    def _writeDirect(self, bodies: Sequence[bytes]) -> tuple[list[BodyLocation], int]:
+        """
+        Write ``bodies`` from the current end through the aligned buffer; where each is, and
+        the new end (the last piece padded to the alignment). The file is open with
+        ``O_DSYNC``: each write returns once it is on disk, so no ``fdatasync`` follows.
+
+        Each body's CRC is taken from its copy in the buffer, just made and still in the CPU's
+        cache: a second pass over the original, which the reactor thread wrote on another
+        core, cost the writer more than the copy and the write together (measured: 33 us
+        instead of 57 us per 100 KiB body, more under load).
+        """
         assert self._fd is not None
         if self._buffer is None:
             self._buffer = mmap.mmap(-1, _DIRECT_BUFFER)  # page-aligned memory
-        buffer, position, filled = self._buffer, self._end, 0
-        for body in bodies:
-            view = memoryview(body)
-            while view:
-                count = min(len(view), _DIRECT_BUFFER - filled)
-                buffer[filled : filled + count] = view[:count]
-                filled, view = filled + count, view[count:]
-                if filled == _DIRECT_BUFFER:
-                    _writeAll(self._fd, [buffer], position)
-                    position, filled = position + filled, 0
-        if filled:
-            padded = -(-filled // _DIRECT_ALIGNMENT) * _DIRECT_ALIGNMENT
-            with memoryview(buffer)[:padded] as piece:
-                _writeAll(self._fd, [piece], position)
-            position += padded
-        return position
+        buffer, start, filled = self._buffer, self._end, 0
+        locations = []
+        offset = start
+        with memoryview(buffer) as whole:
+            for body in bodies:
+                view, crc = memoryview(body), 0
+                while view:
+                    count = min(len(view), _DIRECT_BUFFER - filled)
+                    whole[filled : filled + count] = view[:count]
+                    crc = zlib.crc32(whole[filled : filled + count], crc)
+                    filled, view = filled + count, view[count:]
+                    if filled == _DIRECT_BUFFER:
+                        _writeAll(self._fd, [whole], start)
+                        start, filled = start + filled, 0
+                locations.append(BodyLocation(self._segment, offset, len(body), crc))
+                offset += len(body)
+            if filled:
+                padded = -(-filled // _DIRECT_ALIGNMENT) * _DIRECT_ALIGNMENT
+                _writeAll(self._fd, [whole[:padded]], start)
+                start += padded
+        return locations, start
 
     def _startSegment(self) -> None:
         self._closeSegment()
@@ -161,7 +181,7 @@ class SegmentWriter:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         if self._direct is not False and hasattr(os, "O_DIRECT"):
             try:
-                self._fd = os.open(path, flags | os.O_DIRECT, 0o600)
+                self._fd = os.open(path, flags | os.O_DIRECT | os.O_DSYNC, 0o600)
                 self._direct = True
             except OSError as e:
                 if e.errno != errno.EINVAL:
