@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import shutil
 import socket
 import subprocess
@@ -29,7 +30,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from mailrelay.config import ConfigError, parseConfig
 from mailrelay.ids import INSTANCE_BITS, SEQUENCE_BITS
 from mailrelay.interfaces import AlreadyExists, StoreError
-from mailrelay.model import Account, QueueStats, Sender
+from mailrelay.model import STATUS_TEXTS, Account, QueueStats, Recipient, Sender, StatusEvent
 from mailrelay.store import makeStore
 from mailrelay.store.redis import RedisStore
 from mailrelay.store.redis.client import RedisClient
@@ -38,6 +39,7 @@ from tests.store_mixin import (
     ALICE,
     BOB,
     BODY,
+    PHONE,
     T0,
     DeliveryQueueTestsMixin,
     RememberedAccountDataTestsMixin,
@@ -244,6 +246,7 @@ class SharedServerTests(RedisStoreTestsBase):
         await self.store.addSender(Sender("acme", "acme.example", "domain"))
         notification = await self.enqueued(bulkId="b1")
         nid = notification.notification_id
+        await self.store.addEvents([StatusEvent(nid, ALICE, "CAAS_SENT", "Successful", T0)])
         expected = {
             "account:acme": "hash",
             "accounts": "set",
@@ -270,6 +273,46 @@ class SharedServerTests(RedisStoreTestsBase):
 
 class EnqueueTests(RedisStoreTestsBase):
     """One script per notification: all of it or none of it, on connections given back."""
+
+    async def test_receivedEventsImplied(self) -> None:
+        """Enqueue writes no event entries, however many recipients: the hash's recipients and
+        received time imply the CAAS_RECEIVED events. Later events are entries, and the trail
+        has both in time order."""
+        recipients = tuple(Recipient(f"r{i}@example.com", "email") for i in range(50))
+        many = await self.enqueued(recipients=(PHONE, *recipients))
+        nid = many.notification_id
+        self.assertEqual(await self.redis("EXISTS", f"{self.prefix}events:{nid}"), 0)
+        trail = await self.store.statusTrail(nid)
+        self.assertEqual([e.recipient for e in trail], list(many.recipients))
+        self.assertEqual({(e.status_code, e.timestamp) for e in trail}, {("CAAS_RECEIVED", T0)})
+        self.assertEqual(trail[0].status_text, STATUS_TEXTS["CAAS_RECEIVED"])
+
+        early = StatusEvent(nid, PHONE, "CAAS_SENT", "Successful", T0 - timedelta(seconds=1))
+        same = StatusEvent(nid, PHONE, "CAAS_SENT", "Successful", T0)
+        await self.store.addEvents([same, early])
+        self.assertEqual(await self.redis("LLEN", f"{self.prefix}events:{nid}"), 2)
+        self.assertEqual(await self.store.statusTrail(nid), [early, *trail, same])
+
+    async def test_notificationsFromBeforeImpliedEvents(self) -> None:
+        """A notification enqueued by an older mailrelay (its CAAS_RECEIVED events are entries
+        of events:<id>, its hash has no received_events field) reads as before: each event
+        once."""
+        old = await self.enqueued(recipients=(ALICE, PHONE))
+        nid = old.notification_id
+        await self.redis("HDEL", f"{self.prefix}notification:{nid}", "received_events")
+        millis = int(T0.timestamp() * 1000)
+        entries = [
+            json.dumps([r.address, r.channel, "CAAS_RECEIVED", "Successful", millis])
+            for r in (ALICE, PHONE)
+        ]
+        await self.redis("RPUSH", f"{self.prefix}events:{nid}", *entries)
+        sent = StatusEvent(nid, PHONE, "CAAS_SENT", "Successful", T0 + timedelta(seconds=1))
+        await self.store.addEvents([sent])
+        self.assertEqual(
+            [(e.recipient, e.status_code) for e in await self.store.statusTrail(nid)],
+            [(ALICE, "CAAS_RECEIVED"), (PHONE, "CAAS_RECEIVED"), (PHONE, "CAAS_SENT")],
+        )
+        self.assertEqual(await self.store.getNotification(nid), old)
 
     async def test_refusedCommandLeavesNothing(self) -> None:
         """

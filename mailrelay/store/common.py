@@ -5,10 +5,11 @@ entry delivery workers claim, and how long account data may be remembered.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from mailrelay.model import Notification
+from mailrelay.model import STATUS_TEXTS, Notification, Recipient, StatusEvent
 
 ACCOUNT_CACHE_SECONDS = 1.0
 """How long a backend may remember account, API-key and sender lookups (its own writes clear
@@ -48,3 +49,29 @@ class QueueEntry:
     notification: Notification
     message: bytes
     attempts: int
+
+
+def trailWithReceived(
+    notificationId: str,
+    recipients: Iterable[Recipient],
+    receivedAt: datetime,
+    later: Iterable[StatusEvent],
+) -> list[StatusEvent]:
+    """
+    The status trail of a notification whose ``CAAS_RECEIVED`` events (one per recipient, at
+    ``receivedAt``) are implied by its stored record instead of stored one by one, and whose
+    ``later`` events are stored: all of them, oldest first. The implied events come first among
+    events of the same moment, as stored ones written with the notification would (the sort is
+    stable).
+    """
+    received = [
+        StatusEvent(
+            notification_id=notificationId,
+            recipient=recipient,
+            status_code="CAAS_RECEIVED",
+            status_text=STATUS_TEXTS["CAAS_RECEIVED"],
+            timestamp=receivedAt,
+        )
+        for recipient in recipients
+    ]
+    return sorted([*received, *later], key=lambda event: event.timestamp)

@@ -109,15 +109,19 @@ def notificationFields(notification: Notification) -> dict[str, str | None]:
     }
 
 
+def recipientsFromJSON(data: str) -> tuple[Recipient, ...]:
+    """The ``recipients`` field: a JSON list of ``[address, channel]`` in RCPT order."""
+    return tuple(
+        Recipient(address=address, channel=channel) for address, channel in json.loads(data)
+    )
+
+
 def notificationFromFields(notificationId: str, fields: dict[str, str]) -> Notification:
     return Notification(
         notification_id=notificationId,
         account=fields["account"],
         sender=fields["sender"],
-        recipients=tuple(
-            Recipient(address=address, channel=channel)
-            for address, channel in json.loads(fields["recipients"])
-        ),
+        recipients=recipientsFromJSON(fields["recipients"]),
         size=int(fields["size"]),
         received_at=fromMillis(int(fields["received"])),
         options=HeaderOptions(

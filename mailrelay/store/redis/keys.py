@@ -18,10 +18,14 @@ key                                  value
 ``senders:<account>``                hash value -> kind (``domain``/``address``/``sms``)
 ``notification:<id>``                hash: the Notification's fields, ``recipients`` as a
                                      JSON list of ``[address, channel]``, ``received``;
-                                     ``attempts`` while deliveries are tried
+                                     ``attempts`` while deliveries are tried;
+                                     ``received_events`` = ``implied``: the CAAS_RECEIVED
+                                     events are these recipients at ``received`` (absent
+                                     in older notifications: they are in ``events:<id>``)
 ``body:<id>``                        string: the message bytes, until delivery completes
 ``events:<id>``                      list of JSON ``[address, channel, code, text, ms]``,
-                                     appended (RPUSH) in insertion order
+                                     appended (RPUSH) in insertion order: the events after
+                                     CAAS_RECEIVED (absent until there is one)
 ``queue:queued``                     sorted sets of notification ids scored by the next
 ``queue:deferred``                   attempt (``in_flight``: by the end of the worker's
 ``queue:in_flight``                  lease); an id is in at most one of them

@@ -99,26 +99,29 @@ if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return -1 end
 return 1
 """
 
-ENQUEUE = (
-    _IN_SLICES
-    + """
--- KEYS: notification:<id>, body:<id>, queue, accepted:<account>, received, events:<id>
+ENQUEUE = """
+-- KEYS: notification:<id>, body:<id>, queue, accepted:<account>, received
 --       [, bulk:<account>:<bulkId>]
--- ARGV: id, received (ms), body, count of events, the events as JSON, field, value, ...
+-- ARGV: id, received (ms), body, field, value, ... (the hash; its recipients and received
+--       time imply the CAAS_RECEIVED events, so none are pushed to events:<id>)
 -- Every key is declared, so a server that may not write one of them (ACL) refuses the
 -- script before it starts: all of it or nothing.
 if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
-local id, received, count = ARGV[1], ARGV[2], tonumber(ARGV[4])
-redis.call('HSET', KEYS[1], unpack(ARGV, 5 + count))
+local id, received = ARGV[1], ARGV[2]
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 redis.call('SET', KEYS[2], ARGV[3])
 redis.call('ZADD', KEYS[3], received, id)
 redis.call('ZADD', KEYS[4], received, id)
 redis.call('ZADD', KEYS[5], received, id)
-if count > 0 then inSlices('RPUSH', KEYS[6], ARGV, 5, 4 + count) end
-if KEYS[7] then redis.call('ZADD', KEYS[7], received, id) end
+if KEYS[6] then redis.call('ZADD', KEYS[6], received, id) end
 return 1
 """
-)
+
+STATUS_TRAIL = """
+-- KEYS: notification:<id>, events:<id>; ARGV: the hash fields to read
+-- Returns {the fields' values (nil where absent), the event entries}, read at one moment.
+return {redis.call('HMGET', KEYS[1], unpack(ARGV)), redis.call('LRANGE', KEYS[2], 0, -1)}
+"""
 
 ADD_EVENTS = (
     _IN_SLICES

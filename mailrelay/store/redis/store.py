@@ -4,8 +4,9 @@ The Redis store: everything mailrelay keeps, in one Redis server shared by sever
 Layout: see :mod:`mailrelay.store.redis.keys` (hashes for accounts, keys and notifications,
 sorted sets for the queue and the indexes, a list of JSON per status trail).
 
-Atomicity. :meth:`RedisStore.enqueue` writes everything about one notification -- its hash,
-body, ``CAAS_RECEIVED`` events, queue entry and index entries -- with ONE Lua script
+Atomicity. :meth:`RedisStore.enqueue` writes everything about one notification -- its hash
+(whose recipients and received time imply its ``CAAS_RECEIVED`` events), body, queue entry
+and index entries -- with ONE Lua script
 (``ENQUEUE``, one command and one round trip), which Redis runs without anything in between:
 it checks that the notification key is absent (else AlreadyExists) and then writes. Every key
 it writes is declared, so what the server refuses up front (no permission on a key, out of
@@ -63,7 +64,6 @@ from zope.interface import implementer
 from mailrelay.ids import MAX_INSTANCE, NotificationIdGenerator
 from mailrelay.interfaces import AlreadyExists, IStore, NotFound, StoreError
 from mailrelay.model import (
-    STATUS_TEXTS,
     Account,
     ApiKey,
     Notification,
@@ -78,6 +78,7 @@ from mailrelay.store.common import (
     fromMillis,
     idNumber,
     toMillis,
+    trailWithReceived,
 )
 from mailrelay.store.redis import scripts
 from mailrelay.store.redis.client import RedisClient, ResponseError
@@ -90,6 +91,7 @@ from mailrelay.store.redis.codec import (
     flatten,
     notificationFields,
     notificationFromFields,
+    recipientsFromJSON,
     text,
 )
 from mailrelay.store.redis.keys import Keys
@@ -100,6 +102,11 @@ T = TypeVar("T")
 DEFAULT_PREFIX = "mailrelay:"
 LEASE_SECONDS = 60
 """How long an instance-number lease lasts unless renewed (every third of it)."""
+RECEIVED_EVENTS_IMPLIED = ("received_events", "implied")
+"""The field and value in ``notification:<id>`` that say its CAAS_RECEIVED events are implied
+by its ``recipients`` and ``received`` fields (every notification enqueued since they are);
+without it, they are entries of ``events:<id>`` like every later event."""
+
 DEFAULT_TIMEOUT = 10.0
 """Seconds an operation may take, connecting included, before it fails with StoreError."""
 DEFAULT_POOL_SIZE = 10
@@ -533,24 +540,18 @@ class RedisStore:
         keys = self._keys
         nid = notification.notification_id
         received = str(toMillis(notification.received_at))
-        code = "CAAS_RECEIVED"
-        events = [
-            eventJSON(StatusEvent(nid, r, code, STATUS_TEXTS[code], notification.received_at))
-            for r in notification.recipients
-        ]
         scriptKeys = [
             keys.notification(nid),
             keys.body(nid),
             keys.queues[0],
             keys.accepted(notification.account),
             keys.received,
-            keys.events(nid),
         ]
         bulkId = notification.options.bulk_id
         if bulkId is not None:
             scriptKeys.append(keys.bulk(notification.account, bulkId))
         fields = flatten(notificationFields(notification))
-        return scriptKeys, [nid, received, message, len(events), *events, *fields]
+        return scriptKeys, [nid, received, message, *fields, *RECEIVED_EVENTS_IMPLIED]
 
     def acceptedSince(self, account: str, since: datetime) -> Deferred[int]:
         async def count(client: RedisClient) -> int:
@@ -660,11 +661,24 @@ class RedisStore:
         if idNumber(notificationId) is None:
             return succeed([])
 
+        keys = [self._keys.notification(notificationId), self._keys.events(notificationId)]
+        marker, implied = RECEIVED_EVENTS_IMPLIED
+
         async def trail(client: RedisClient) -> list[StatusEvent]:
-            entries = await client.command("LRANGE", self._keys.events(notificationId), 0, -1)
+            (recipients, received, how), entries = await client.eval(
+                scripts.STATUS_TRAIL, keys, ["recipients", "received", marker]
+            )
             events = [eventFromJSON(notificationId, entry) for entry in entries]
-            # Oldest first; sorted() is stable, so equal times keep the order they were added.
-            return sorted(events, key=lambda event: event.timestamp)
+            if recipients is None or text(how or b"") != implied:
+                # Enqueued before the events were implied: they are all in the list. Oldest
+                # first; sorted() is stable, so equal times keep the order they were added.
+                return sorted(events, key=lambda event: event.timestamp)
+            return trailWithReceived(
+                notificationId,
+                recipientsFromJSON(text(recipients)),
+                fromMillis(int(received)),
+                events,
+            )
 
         return self._run(trail)
 

@@ -52,7 +52,6 @@ from zope.interface import implementer
 from mailrelay.ids import NotificationIdGenerator
 from mailrelay.interfaces import AlreadyExists, IStore, NotFound, StoreError
 from mailrelay.model import (
-    STATUS_TEXTS,
     Account,
     ApiKey,
     HeaderOptions,
@@ -69,6 +68,7 @@ from mailrelay.store.common import (
     fromMillis,
     idNumber,
     toMillis,
+    trailWithReceived,
 )
 from mailrelay.store.sqlite.bodies import (
     EXTERNAL_BODY_MIN,
@@ -841,20 +841,7 @@ def _statusTrail(connection: sqlite3.Connection, notificationId: str) -> list[St
     ]
     if head is None or head[1] is None:
         return trail
-    # The CAAS_RECEIVED events the row implies come first among events of the same moment, as
-    # rows inserted with the notification would (the sort is stable).
-    receivedAt = fromMillis(head[0])
-    received = [
-        StatusEvent(
-            notification_id=notificationId,
-            recipient=recipient,
-            status_code="CAAS_RECEIVED",
-            status_text=STATUS_TEXTS["CAAS_RECEIVED"],
-            timestamp=receivedAt,
-        )
-        for recipient in _recipientsFrom(head[1])
-    ]
-    return sorted(received + trail, key=lambda event: event.timestamp)
+    return trailWithReceived(notificationId, _recipientsFrom(head[1]), fromMillis(head[0]), trail)
 
 
 def _present(connection: sqlite3.Connection, numbers: tuple[int, ...]) -> set[int]:
