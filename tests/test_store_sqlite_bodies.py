@@ -5,6 +5,7 @@ SQLite file, on their own and through the store. Real files under the trial temp
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import sqlite3
@@ -14,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 from twisted.internet.defer import gatherResults
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
@@ -25,6 +27,7 @@ from mailrelay.store.sqlite.bodies import (
     EXTERNAL_BODY_MIN,
     SEGMENT_SIZE,
     SegmentWriter,
+    checksum,
     readBody,
     segmentDirectory,
     sweepSegments,
@@ -123,8 +126,11 @@ class SegmentWriterTestsMixin:
         writer = self.writer()
         locations = writer.append(bodies) + writer.append([b"after"])
         self.assertEqual([readBody(self.directory, w) for w in locations], [*bodies, b"after"])
-        # The CRC of a body cut across buffer flushes is still the CRC of the whole body.
-        self.assertEqual([w.crc for w in locations], [zlib.crc32(b) for b in [*bodies, b"after"]])
+        # The checksum of a body cut across buffer flushes is still that of the whole body.
+        self.assertEqual(
+            [(w.crc, w.castagnoli) for w in locations],
+            [(google_crc32c.value(b), True) for b in [*bodies, b"after"]],
+        )
 
     def test_writesReturnOnceOnDisk(self) -> None:
         """With O_DIRECT the segment is open with O_DSYNC (each write is durable when it
@@ -152,6 +158,21 @@ class SegmentWriterTestsMixin:
         segment.unlink()
         with self.assertRaises(StoreError):
             readBody(self.directory, where)
+
+    def test_checksumsOfEitherKind(self) -> None:
+        """New bodies carry a CRC-32C; a location with a zlib CRC-32 (rows from before schema
+        5) is checked with that, and a CRC of the wrong kind does not pass."""
+        (where,) = self.writer().append([b"hello world"])
+        self.assertEqual((where.crc, where.castagnoli), (0xC99465AA, True))
+        self.assertEqual(checksum(b"hello world", castagnoli=False), zlib.crc32(b"hello world"))
+        older = dataclasses.replace(where, crc=zlib.crc32(b"hello world"), castagnoli=False)
+        self.assertEqual(readBody(self.directory, older), b"hello world")
+        for wrongKind in (
+            dataclasses.replace(where, castagnoli=False),
+            dataclasses.replace(older, castagnoli=True),
+        ):
+            with self.assertRaises(StoreError):
+                readBody(self.directory, wrongKind)
 
     def test_cannotWrite(self) -> None:
         """A directory that cannot be made: StoreError, not OSError."""
@@ -300,6 +321,49 @@ class StoreBodiesTests(SQLiteStoreTestsBase):
         store = self.store = await self.openStore(path)
         new = await self.enqueueBody(LARGE)
         self.assertEqual(await self.claimedBodies(store), {"7": LARGE, new: LARGE})
+
+    async def test_bodiesWithCrc32FromSchema4(self) -> None:
+        """A file of schema version 4: its segment bodies carry a zlib CRC-32 (body_crc) and
+        are read and checked with it; a damaged one is still caught; new bodies beside them
+        get a CRC-32C (body_crc32c)."""
+        path = self.databasePath()
+        old = sqlite3.connect(path, isolation_level=None)
+        for version, script in schemaScripts()[:4]:
+            for statement in statements(script):
+                old.execute(statement)
+            old.execute(f"PRAGMA user_version = {version}")
+        directory = segmentDirectory(path)
+        directory.mkdir()
+        damaged = body(40_000, b"d")
+        (directory / "1").write_bytes(LARGE + damaged[:-1] + b"!")
+        for number, offset, content in [(7, 0, LARGE), (8, len(LARGE), damaged)]:
+            old.execute(
+                "INSERT INTO notifications (id, account, sender, size, received_at, "
+                "notify_content_type, recipient_list) VALUES (?, 'acme', 'a@acme.example', 1, "
+                "0, 'text/plain', '[]')",
+                (number,),
+            )
+            old.execute(
+                "INSERT INTO messages (notification_id, body, body_segment, body_offset, "
+                "body_length, body_crc) VALUES (?, x'', 1, ?, ?, ?)",
+                (number, offset, len(content), zlib.crc32(content)),
+            )
+            old.execute(
+                "INSERT INTO queue (notification_id, state, next_attempt) VALUES (?, 'queued', 0)",
+                (number,),
+            )
+        old.close()
+        store = self.store = await self.openStore(path)
+        new = await self.enqueueBody(LARGE)
+        self.assertEqual(await self.claimedBodies(store), {"7": LARGE, new: LARGE})  # not 8
+        check = sqlite3.connect(path)
+        self.addCleanup(check.close)
+        self.assertEqual(
+            check.execute(
+                "SELECT body_crc, body_crc32c FROM messages WHERE notification_id = ?", (int(new),)
+            ).fetchone(),
+            (None, google_crc32c.value(LARGE)),
+        )
 
 
 class WorkerBodiesTests(WorkerFileTestsBase):

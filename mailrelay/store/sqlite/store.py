@@ -608,7 +608,7 @@ def _enqueueAll(connection: sqlite3.Connection, works: Sequence[_Enqueue]) -> No
     (:func:`_insertRows`). The large bodies are written to a segment file first, all together,
     and are on disk before the rows that point at them are inserted."""
     notifications, queue = [], []
-    messages: list[tuple[int, bytes, int | None, int | None, int | None, int | None]] = []
+    messages: list[tuple[int, bytes, *tuple[int | None, ...]]] = []
     large = [work.message for work in works if len(work.message) >= EXTERNAL_BODY_MIN]
     locations = iter(works[0].segments.append(large) if large else ())
     perDay: Counter[tuple[str, int]] = Counter()
@@ -637,9 +637,10 @@ def _enqueueAll(connection: sqlite3.Connection, works: Sequence[_Enqueue]) -> No
         )
         if len(work.message) >= EXTERNAL_BODY_MIN:
             where = next(locations)
-            messages.append((number, b"", where.segment, where.offset, where.length, where.crc))
+            crc, crc32c = (None, where.crc) if where.castagnoli else (where.crc, None)
+            messages.append((number, b"", where.segment, where.offset, where.length, crc, crc32c))
         else:
-            messages.append((number, work.message, None, None, None, None))
+            messages.append((number, work.message, None, None, None, None, None))
         queue.append((number, receivedAt, "queued"))
         perDay[notification.account, receivedAt // _DAY_MS] += 1
     try:
@@ -655,7 +656,8 @@ def _enqueueAll(connection: sqlite3.Connection, works: Sequence[_Enqueue]) -> No
         raise AlreadyExists(f"notification exists already: {ids}") from None
     _insertRows(
         connection,
-        "messages (notification_id, body, body_segment, body_offset, body_length, body_crc)",
+        "messages (notification_id, body, body_segment, body_offset, body_length, body_crc, "
+        "body_crc32c)",
         messages,
     )
     _insertRows(connection, "queue (notification_id, next_attempt, state)", queue)
@@ -930,14 +932,16 @@ def _claim(
 
 def _body(connection: sqlite3.Connection, number: int) -> bytes:
     """The message body of notification ``number``: from its row, or from its segment file."""
-    body, segment, offset, length, crc = connection.execute(
-        "SELECT body, body_segment, body_offset, body_length, body_crc FROM messages "
-        "WHERE notification_id = ?",
+    body, segment, offset, length, crc, crc32c = connection.execute(
+        "SELECT body, body_segment, body_offset, body_length, body_crc, body_crc32c "
+        "FROM messages WHERE notification_id = ?",
         (number,),
     ).fetchone()
     if segment is None:
         return bytes(body)
-    return readBody(_segmentsOf(connection), BodyLocation(segment, offset, length, crc))
+    castagnoli = crc32c is not None
+    where = BodyLocation(segment, offset, length, crc32c if castagnoli else crc, castagnoli)
+    return readBody(_segmentsOf(connection), where)
 
 
 def _segmentsOf(connection: sqlite3.Connection) -> Path:
