@@ -7,10 +7,15 @@ These check counts only, never timings: the benchmarks themselves are run with
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import smtplib
 import socket
 import sqlite3
+import subprocess
+import sys
+import time
 from argparse import Namespace
 from collections.abc import Generator
 from pathlib import Path
@@ -154,6 +159,52 @@ class NoStoreColumnTests(TestCase):
         self.addCleanup(database.close)
         self.assertEqual(database.execute("SELECT COUNT(*) FROM notifications").fetchone(), (0,))
         self.assertIn("stores NOTHING", server.log_path.read_text())
+
+
+class ServeAndWriterProbeTests(TestCase):
+    """
+    ``python -m benchmarks.serve`` keeps one of the runner's servers up until SIGTERM; with
+    ``benchmarks/probes/writerstats`` on its ``PYTHONPATH``, that relay logs its writer
+    thread's timings.
+    """
+
+    def test_serveWithWriterStats(self) -> None:
+        repo = Path(adapters.__file__).resolve().parent.parent
+        workdir = Path(self.mktemp()).resolve()
+        probe = repo / "benchmarks" / "probes" / "writerstats"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(probe), str(repo)])}
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.serve", "mailrelay-sqlite", "--keep", str(workdir)],
+            cwd=repo,
+            env=env,
+            stdout=subprocess.PIPE,
+        )
+        self.addCleanup(serve.wait, 60)
+        self.addCleanup(serve.terminate)  # it stops the relay it started
+        assert serve.stdout is not None
+        info = json.loads(serve.stdout.readline())
+        self.assertEqual(info["server"], "mailrelay-sqlite")
+
+        MESSAGE = b"From: a@bench.example\r\nSubject: x\r\n\r\nhi\r\n"
+
+        def send() -> None:
+            with smtplib.SMTP("127.0.0.1", info["plain"], timeout=30) as client:
+                client.sendmail("a@bench.example", ["b@example.com"], MESSAGE)
+
+        send()
+        time.sleep(3.2)  # the probe reports at the first group after 3 s
+        send()
+        self.assertRegex(
+            Path(info["log"]).read_text(),
+            r"writerstats: [\d.]+ s, [\d,]+ groups, [\d.]+ msgs/group; per group \(us\): idle ",
+        )
+        serve.send_signal(signal.SIGTERM)
+        self.assertEqual(serve.wait(60), 0)
+        with self.assertRaises(ProcessLookupError):
+            os.kill(info["pid"], 0)  # the relay is gone too
+        database = sqlite3.connect(workdir / "data" / "mailrelay.sqlite3")
+        self.addCleanup(database.close)
+        self.assertEqual(database.execute("SELECT COUNT(*) FROM notifications").fetchone(), (2,))
 
 
 class PlanTests(TestCase):
