@@ -45,8 +45,8 @@ _DIRECT_BUFFER = 4 * 1024 * 1024
 CASTAGNOLI = google_crc32c.implementation == "c"
 """Whether new bodies get a CRC-32C (Castagnoli), which google-crc32c computes with the CPU's
 CRC instruction: about 4 us per 100 KiB here, against 21 us for zlib's CRC-32 (under the
-benchmark's load the difference was 0.3 ms of the writer's 2.5 ms per group, and 7-15 % more
-100 KiB messages a second). Where the package has only its pure-Python fallback, which would
+benchmark's load the difference was 0.3 ms of the writer's 2.5 ms per group, and up to 8 %
+more 100 KiB messages a second). Where the package has only its pure-Python fallback, which would
 be far slower, new bodies get zlib's CRC-32 instead; either kind is read back."""
 
 
