@@ -13,6 +13,11 @@
 #include <Python.h>
 #include <string.h>
 
+/* Scans of this many octets or more let other threads run meanwhile (the store's writer thread
+ * waits for the GIL while the reactor thread reads a large message); the buffer is held by its
+ * Py_buffer export throughout, so it cannot change or go away. */
+#define RELEASE_GIL_FROM (32 * 1024)
+
 /* find_dot_line(text, start) -> int: the index of the first b"\r\n." at or after start, or -1:
  * text.find(b"\r\n.", start) for 0 <= start. */
 static PyObject *
@@ -29,6 +34,7 @@ find_dot_line(PyObject *module, PyObject *args)
     if (start < 0) {
         start = 0;
     }
+    PyThreadState *released = view.len >= RELEASE_GIL_FROM ? PyEval_SaveThread() : NULL;
     if (start < view.len) {
         /* An LF that can close a match sits at start + 1 or later, with an octet after it. */
         const char *from = text + start + 1;
@@ -43,6 +49,9 @@ find_dot_line(PyObject *module, PyObject *args)
             }
             from = lf + 1;
         }
+    }
+    if (released != NULL) {
+        PyEval_RestoreThread(released);
     }
     PyBuffer_Release(&view);
     return PyLong_FromSsize_t(found);
@@ -62,6 +71,7 @@ line_problem(PyObject *module, PyObject *args)
     const char *line = view.buf;
     const char *end = line + view.len;
     int problem = 0;
+    PyThreadState *released = view.len >= RELEASE_GIL_FROM ? PyEval_SaveThread() : NULL;
     for (;;) {
         const char *lf = memchr(line, '\n', (size_t)(end - line));
         /* The line's content ends at its CR; the last line (no LF) runs to the end. */
@@ -81,6 +91,9 @@ line_problem(PyObject *module, PyObject *args)
             break;
         }
         line = lf + 1;
+    }
+    if (released != NULL) {
+        PyEval_RestoreThread(released);
     }
     PyBuffer_Release(&view);
     return PyLong_FromLong(problem);
