@@ -48,6 +48,19 @@ from tests.store_mixin import (
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def databaseAtVersion(path: Path, version: int) -> sqlite3.Connection:
+    """A new database file at ``path`` as schema ``version`` made it (the scripts up to that
+    one, and its ``user_version``): an autocommit connection, to fill it with old rows."""
+    connection = sqlite3.connect(path, isolation_level=None)
+    for number, script in schemaScripts():
+        if number > version:
+            break
+        for statement in statements(script):
+            connection.execute(statement)
+    connection.execute(f"PRAGMA user_version = {version:d}")
+    return connection
+
+
 class SQLiteStoreTestsBase(StoreHelpersMixin, TestCase):
     """Makes SQLite stores in files under the test's temp directory (``self.store``: one)."""
 
@@ -601,12 +614,7 @@ class WorkerFileFailureTests(WorkerFileTestsBase):
         directory = Path(self.mktemp())
         directory.mkdir()
         main = directory / "mailrelay.sqlite3"
-        old = sqlite3.connect(workerFile(main, 3), isolation_level=None)
-        version, script = schemaScripts()[0]
-        for statement in statements(script):
-            old.execute(statement)
-        old.execute(f"PRAGMA user_version = {version}")
-        old.close()
+        databaseAtVersion(workerFile(main, 3), 1).close()
         store = await self.openStore(main)
         self.assertEqual(await store.acceptedSince("acme", startOfDay(T0)), 0)
         check = sqlite3.connect(workerFile(main, 3))
@@ -641,11 +649,7 @@ class UpgradeTests(SQLiteStoreTestsBase):
 
     async def test_dailyCountsFromTheMessagesAlreadyThere(self) -> None:
         path = self.databasePath()
-        old = sqlite3.connect(path, isolation_level=None)
-        version, script = schemaScripts()[0]
-        for statement in statements(script):
-            old.execute(statement)
-        old.execute(f"PRAGMA user_version = {version}")
+        old = databaseAtVersion(path, 1)
         midnight = int(startOfDay(T0).timestamp() * 1000)
         rows = [
             (1, "acme", midnight - 1),
@@ -673,11 +677,7 @@ class UpgradeTests(SQLiteStoreTestsBase):
         """Rows written by schema version 3 (a row per recipient and per CAAS_RECEIVED event)
         read as they did; new notifications beside them use the recipient list."""
         path = self.databasePath()
-        old = sqlite3.connect(path, isolation_level=None)
-        for _version, script in schemaScripts()[:3]:
-            for statement in statements(script):
-                old.execute(statement)
-        old.execute("PRAGMA user_version = 3")
+        old = databaseAtVersion(path, 3)
         received = int(T0.timestamp() * 1000)
         old.execute(
             "INSERT INTO notifications (id, account, sender, size, received_at, "

@@ -32,9 +32,12 @@ from mailrelay.store.sqlite.bodies import (
     segmentDirectory,
     sweepSegments,
 )
-from mailrelay.store.sqlite.migrate import schemaScripts, statements
 from tests.store_mixin import T0
-from tests.test_store_sqlite import SQLiteStoreTestsBase, WorkerFileTestsBase
+from tests.test_store_sqlite import (
+    SQLiteStoreTestsBase,
+    WorkerFileTestsBase,
+    databaseAtVersion,
+)
 
 
 def body(size: int, fill: bytes = b"x") -> bytes:
@@ -304,11 +307,7 @@ class StoreBodiesTests(SQLiteStoreTestsBase):
     async def test_upgradedDatabaseKeepsItsBodies(self) -> None:
         """A file made before segments existed: its bodies are in the rows, and stay there."""
         path = self.databasePath()
-        old = sqlite3.connect(path, isolation_level=None)
-        for version, script in schemaScripts()[:2]:
-            for statement in statements(script):
-                old.execute(statement)
-            old.execute(f"PRAGMA user_version = {version}")
+        old = databaseAtVersion(path, 2)
         old.execute(
             "INSERT INTO notifications (id, account, sender, size, received_at, "
             "notify_content_type) VALUES (7, 'acme', 'a@acme.example', 1, 0, 'text/plain')"
@@ -327,11 +326,7 @@ class StoreBodiesTests(SQLiteStoreTestsBase):
         are read and checked with it; a damaged one is still caught; new bodies beside them
         get a CRC-32C (body_crc32c)."""
         path = self.databasePath()
-        old = sqlite3.connect(path, isolation_level=None)
-        for version, script in schemaScripts()[:4]:
-            for statement in statements(script):
-                old.execute(statement)
-            old.execute(f"PRAGMA user_version = {version}")
+        old = databaseAtVersion(path, 4)
         directory = segmentDirectory(path)
         directory.mkdir()
         damaged = body(40_000, b"d")
