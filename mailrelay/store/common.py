@@ -5,7 +5,8 @@ entry delivery workers claim, and how long account data may be remembered.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -49,6 +50,21 @@ class QueueEntry:
     notification: Notification
     message: bytes
     attempts: int
+
+
+def recipientsJSON(recipients: Sequence[Recipient]) -> str:
+    """A notification's recipients as both backends keep them: a JSON list of
+    ``[address, channel]`` in RCPT order."""
+    return json.dumps(
+        [[r.address, r.channel] for r in recipients], ensure_ascii=False, separators=(",", ":")
+    )
+
+
+def recipientsFromJSON(data: str) -> tuple[Recipient, ...]:
+    """The recipients :func:`recipientsJSON` wrote."""
+    return tuple(
+        Recipient(address=address, channel=channel) for address, channel in json.loads(data)
+    )
 
 
 def trailWithReceived(

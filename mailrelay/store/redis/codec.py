@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mailrelay.model import Account, HeaderOptions, Notification, Recipient, StatusEvent
-from mailrelay.store.common import fromMillis, toMillis
+from mailrelay.store.common import fromMillis, recipientsFromJSON, recipientsJSON, toMillis
 
 _COMPACT = (",", ":")
 
@@ -93,9 +93,7 @@ def notificationFields(notification: Notification) -> dict[str, str | None]:
     return {
         "account": notification.account,
         "sender": notification.sender,
-        "recipients": json.dumps(
-            [[r.address, r.channel] for r in notification.recipients], separators=_COMPACT
-        ),
+        "recipients": recipientsJSON(notification.recipients),
         "size": str(int(notification.size)),
         "received": str(toMillis(notification.received_at)),
         "bulk_id": options.bulk_id,
@@ -107,13 +105,6 @@ def notificationFields(notification: Notification) -> dict[str, str | None]:
         "client_address": notification.client_address,
         "helo": notification.helo,
     }
-
-
-def recipientsFromJSON(data: str) -> tuple[Recipient, ...]:
-    """The ``recipients`` field: a JSON list of ``[address, channel]`` in RCPT order."""
-    return tuple(
-        Recipient(address=address, channel=channel) for address, channel in json.loads(data)
-    )
 
 
 def notificationFromFields(notificationId: str, fields: dict[str, str]) -> Notification:

@@ -77,6 +77,7 @@ from mailrelay.store.common import (
     QueueEntry,
     fromMillis,
     idNumber,
+    recipientsFromJSON,
     toMillis,
     trailWithReceived,
 )
@@ -91,7 +92,6 @@ from mailrelay.store.redis.codec import (
     flatten,
     notificationFields,
     notificationFromFields,
-    recipientsFromJSON,
     text,
 )
 from mailrelay.store.redis.keys import Keys

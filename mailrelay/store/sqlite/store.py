@@ -67,6 +67,8 @@ from mailrelay.store.common import (
     QueueEntry,
     fromMillis,
     idNumber,
+    recipientsFromJSON,
+    recipientsJSON,
     toMillis,
     trailWithReceived,
 )
@@ -632,7 +634,7 @@ def _enqueueAll(connection: sqlite3.Connection, works: Sequence[_Enqueue]) -> No
                 options.tracking_url,
                 notification.client_address,
                 notification.helo,
-                _recipientList(notification.recipients),
+                recipientsJSON(notification.recipients),
             )
         )
         if len(work.message) >= EXTERNAL_BODY_MIN:
@@ -667,15 +669,6 @@ def _enqueueAll(connection: sqlite3.Connection, works: Sequence[_Enqueue]) -> No
         [(account, day, count) for (account, day), count in perDay.items()],
         " ON CONFLICT (account, day) DO UPDATE SET accepted = accepted + excluded.accepted",
     )
-
-
-def _recipientList(recipients: Sequence[Recipient]) -> str:
-    """The ``recipient_list`` column: ``[[address, channel], ...]`` in RCPT order."""
-    return json.dumps([[r.address, r.channel] for r in recipients], ensure_ascii=False)
-
-
-def _recipientsFrom(recipientList: str) -> tuple[Recipient, ...]:
-    return tuple(Recipient(address, channel) for address, channel in json.loads(recipientList))
 
 
 _MOST_ROWS_PER_INSERT = 64
@@ -744,7 +737,7 @@ def _loadNotification(connection: sqlite3.Connection, number: int) -> Notificati
     if row is None:
         return None
     if row[12] is not None:
-        recipients = _recipientsFrom(row[12])
+        recipients = recipientsFromJSON(row[12])
     else:  # accepted before schema version 4: a row per recipient
         recipients = tuple(
             Recipient(address=address, channel=channel)
@@ -843,7 +836,9 @@ def _statusTrail(connection: sqlite3.Connection, notificationId: str) -> list[St
     ]
     if head is None or head[1] is None:
         return trail
-    return trailWithReceived(notificationId, _recipientsFrom(head[1]), fromMillis(head[0]), trail)
+    return trailWithReceived(
+        notificationId, recipientsFromJSON(head[1]), fromMillis(head[0]), trail
+    )
 
 
 def _present(connection: sqlite3.Connection, numbers: tuple[int, ...]) -> set[int]:
