@@ -105,7 +105,7 @@ class DataReader:
         self._maxLine = maxLineLength - 2
         self._spoolDir = spoolDir
         self._spool: IO[bytes] | None = None
-        self._parts: list[bytes] = []
+        self._parts: list[bytes | memoryview] = []
         self._carry = b""
         # Whether _carry starts at the beginning of a line. False only after an over-long line
         # was cut short, when the next CRLF . CRLF must not be taken for a line that starts there.
@@ -124,7 +124,8 @@ class DataReader:
         if firstDot >= 0:
             end = buffer.find(_END, firstDot)
             if end >= 0:
-                self._take(buffer, offset, end + 2, stuffed=True)
+                # Only lines before the end marker can be stuffed: none, if it is the first.
+                self._take(buffer, offset, end + 2, stuffed=firstDot < end)
                 self._carry = b""
                 return buffer[end + 5 :]
         lastLineEnd = buffer.rfind(_CRLF)
@@ -148,7 +149,8 @@ class DataReader:
         whether any line of ``buffer`` may start with a dot."""
         if self.refusal is not None:
             return
-        chunk = buffer[start:stop]
+        # A view, not a copy: message() joins the pieces, which is their one copy.
+        chunk: bytes | memoryview = memoryview(buffer)[start:stop]
         problem = lineProblem(chunk, self._maxLine)
         if problem is not None:
             self._refuse(problem)
@@ -159,14 +161,14 @@ class DataReader:
             if start == 2:
                 chunk = buffer[0:stop].replace(_DOT_LINE, _CRLF)[2:]
             else:
-                chunk = chunk.replace(_DOT_LINE, _CRLF)
+                chunk = buffer[start:stop].replace(_DOT_LINE, _CRLF)
         self.size += len(chunk)
         if self.size > self._maxSize:
             self._refuse(replies.MESSAGE_TOO_BIG)
             return
         self._store(chunk)
 
-    def _store(self, chunk: bytes) -> None:
+    def _store(self, chunk: bytes | memoryview) -> None:
         if self._spool is not None:
             self._spool.write(chunk)
             return
