@@ -199,6 +199,11 @@ class LineProblemTests(SynchronousTestCase):
     def test_bareWinsOverTooLong(self) -> None:
         self.assertEqual(pyLineProblem(b"abcdef\r\nab\nc\r\n", 5), 1)
 
+    def test_acceptsMemoryview(self) -> None:
+        """The reader hands views of its buffer, also to the pure-Python fallback."""
+        self.assertEqual(pyLineProblem(memoryview(b"xxabcdef\r\n")[2:], 5), 2)
+        self.assertEqual(pyLineProblem(memoryview(b"ab\r\nc\n")[:4], 5), 0)
+
     def test_findDotLine(self) -> None:
         self.assertEqual(pyFindDotLine(b"ab\r\n.c", 0), 2)
         self.assertEqual(pyFindDotLine(b"ab\r\n.c", 3), -1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import mmap
 import os
 import sqlite3
 import zlib
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import google_crc32c
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import gatherResults
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
@@ -25,6 +28,7 @@ from mailrelay.model import QueueStats
 from mailrelay.store.sqlite import SQLiteStore, workerFile
 from mailrelay.store.sqlite.bodies import (
     EXTERNAL_BODY_MIN,
+    NATIVE_COPY_WITH_CRC32C,
     SEGMENT_SIZE,
     SegmentWriter,
     checksum,
@@ -204,6 +208,61 @@ class PlainSegmentWriterTests(SegmentWriterTestsMixin, SynchronousTestCase):
 
 class DirectSegmentWriterTests(SegmentWriterTestsMixin, SynchronousTestCase):
     direct = True
+
+    def setUp(self) -> None:
+        super().setUp()
+        if NATIVE_COPY_WITH_CRC32C is None:
+            raise SkipTest("the _mailrelay_segments extension is not built here")
+
+    def test_nativeCopyByDefault(self) -> None:
+        self.assertIs(self.writer()._copyWithCrc32c, NATIVE_COPY_WITH_CRC32C)
+
+
+class DirectSegmentWriterWithoutNativeCopyTests(SegmentWriterTestsMixin, SynchronousTestCase):
+    """Where the extension is missing: google-crc32c, then a slice copy."""
+
+    direct = True
+
+    def writer(self, segmentSize: int = SEGMENT_SIZE) -> SegmentWriter:
+        writer = SegmentWriter(self.directory, segmentSize, direct=True, copyWithCrc32c=None)
+        self.addCleanup(writer.close)
+        return writer
+
+
+class NativeCopyTests(SynchronousTestCase):
+    """``_mailrelay_segments.copy_crc32c`` gives google-crc32c's answers and copies exactly."""
+
+    def setUp(self) -> None:
+        if NATIVE_COPY_WITH_CRC32C is None:
+            raise SkipTest("the _mailrelay_segments extension is not built here")
+        self.copy = NATIVE_COPY_WITH_CRC32C
+        self.buffer = mmap.mmap(-1, 256 * 1024)
+        self.addCleanup(self.buffer.close)
+
+    @given(st.binary(max_size=300), st.integers(0, 300), st.integers(0, 64))
+    @settings(max_examples=2000, deadline=None)
+    def test_agreesWithGoogleCrc32c(self, data: bytes, cut: int, offset: int) -> None:
+        """Any split of the source (the writer continues a CRC across buffer flushes), at any
+        offset, aligned or not."""
+        cut = min(cut, len(data))
+        view = memoryview(data)
+        crc = self.copy(self.buffer, offset, view[:cut], 0)
+        self.assertEqual(crc, google_crc32c.value(data[:cut]))
+        crc = self.copy(self.buffer, offset + cut, view[cut:], crc)
+        self.assertEqual(crc, google_crc32c.value(data))
+        self.assertEqual(self.buffer[offset : offset + len(data)], data)
+
+    def test_largeSourceWithoutTheGil(self) -> None:
+        """Sources from 16 KiB up are copied with the GIL released: the same answer."""
+        data = os.urandom(200 * 1024)
+        self.assertEqual(self.copy(self.buffer, 7, data, 0), google_crc32c.value(data))
+        self.assertEqual(self.buffer[7 : 7 + len(data)], data)
+
+    def test_refusesWhatDoesNotFit(self) -> None:
+        size = len(self.buffer)
+        for offset, source in [(size - 2, b"abc"), (-1, b"a"), (size + 1, b"")]:
+            self.assertRaises(ValueError, self.copy, self.buffer, offset, source, 0)
+        self.assertRaises(TypeError, self.copy, b"read-only", 0, b"a", 0)
 
 
 def messageRows(path: Path) -> dict[int, tuple[bytes, int | None]]:

@@ -36,12 +36,14 @@ SPOOL_IN_MEMORY = 1024 * 1024
 _FINE, _BARE, _TOO_LONG = 0, 1, 2
 
 
-def pyLineProblem(text: bytes, maxLine: int) -> int:
+def pyLineProblem(text: bytes | memoryview, maxLine: int) -> int:
     """
     The pure-Python ``line_problem``: ``_BARE`` if ``text`` holds a CR or LF that is not part
     of a CRLF, else ``_TOO_LONG`` if a line (without its CRLF; the text after the last CRLF is
     a line too) is longer than ``maxLine`` octets, else ``_FINE``.
     """
+    if isinstance(text, memoryview):  # the reader's chunks: this fallback needs bytes methods
+        text = text.tobytes()
     # Each CRLF holds one CR and one LF, so any more of them than 2 per CRLF are bare.
     lineEndings = len(text) - len(text.translate(None, _CRLF))
     if lineEndings != 2 * text.count(_CRLF):
@@ -82,7 +84,7 @@ _PROBLEMS: dict[int, Reply | None] = {
 }
 
 
-def lineProblem(text: bytes, maxLine: int) -> Reply | None:
+def lineProblem(text: bytes | memoryview, maxLine: int) -> Reply | None:
     """
     Why ``text`` (whole lines, each ending in CRLF) cannot be a message: a bare CR or LF, or a
     line longer than ``maxLine`` octets without its CRLF. None if it can.

@@ -24,13 +24,22 @@ import errno
 import mmap
 import os
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import google_crc32c
 
 from mailrelay.interfaces import StoreError
+
+CopyWithCrc32c = Callable[[mmap.mmap, int, memoryview, int], int]
+"""``(buffer, offset, piece, crc)``: copy ``piece`` into ``buffer`` at ``offset``; its CRC-32C
+continued from ``crc``."""
+
+try:
+    from _mailrelay_segments import copy_crc32c as NATIVE_COPY_WITH_CRC32C
+except ImportError:  # not built, or no CRC-32C instruction: google-crc32c and a slice copy
+    NATIVE_COPY_WITH_CRC32C = None
 
 EXTERNAL_BODY_MIN = 32 * 1024
 """Bodies this large or larger go to segment files; smaller ones stay in their row, where one
@@ -102,14 +111,21 @@ class SegmentWriter:
     not through the page cache, whose per-page work costs the writer thread more than the copy
     (and nothing reads them back soon). Each group's write is padded to 4 KiB, so a group's
     bodies start on a boundary. Elsewhere (tmpfs, say) they are written plainly.
+    ``copyWithCrc32c`` copies into that buffer (the native one where it was built; None: a
+    slice assignment after google-crc32c).
     """
 
     def __init__(
-        self, directory: Path, segmentSize: int = SEGMENT_SIZE, direct: bool | None = None
+        self,
+        directory: Path,
+        segmentSize: int = SEGMENT_SIZE,
+        direct: bool | None = None,
+        copyWithCrc32c: CopyWithCrc32c | None = NATIVE_COPY_WITH_CRC32C,
     ) -> None:
         self.directory = directory
         self._segmentSize = segmentSize
         self._direct = direct
+        self._copyWithCrc32c = copyWithCrc32c
         self._buffer: mmap.mmap | None = None
         self._fd: int | None = None
         self._segment = 0
@@ -158,28 +174,37 @@ class SegmentWriter:
         the new end (the last piece padded to the alignment). The file is open with
         ``O_DSYNC``: each write returns once it is on disk, so no ``fdatasync`` follows.
 
-        Each body's checksum is taken just before it is copied: the copy then reads it from
-        the CPU's cache, so the body (which the reactor thread wrote, on another core) is read
-        from memory once.
+        Where ``_mailrelay_segments`` was built (and the CPU has a CRC-32C instruction), each body
+        is copied and checksummed in one native call that lets the reactor thread run
+        meanwhile. Elsewhere its checksum is taken just before it is copied: the copy then reads
+        it from the CPU's cache, so the body (which the reactor thread wrote, on another core)
+        is read from memory once.
         """
         assert self._fd is not None
         if self._buffer is None:
             self._buffer = mmap.mmap(-1, _DIRECT_BUFFER)  # page-aligned memory
         buffer, start, filled = self._buffer, self._end, 0
+        copyWithCrc32c = self._copyWithCrc32c
+        castagnoli = CASTAGNOLI or copyWithCrc32c is not None
         locations = []
         offset = start
         for body in bodies:
-            crc = checksum(body)
-            locations.append(BodyLocation(self._segment, offset, len(body), crc, CASTAGNOLI))
-            offset += len(body)
+            crc = 0 if copyWithCrc32c else checksum(body)
             view = memoryview(body)
-            while view:
+            while True:
                 count = min(len(view), _DIRECT_BUFFER - filled)
-                buffer[filled : filled + count] = view[:count]
+                if copyWithCrc32c:
+                    crc = copyWithCrc32c(buffer, filled, view[:count], crc)
+                else:
+                    buffer[filled : filled + count] = view[:count]
                 filled, view = filled + count, view[count:]
                 if filled == _DIRECT_BUFFER:
                     _writeAll(self._fd, [buffer], start)
                     start, filled = start + filled, 0
+                if not view:
+                    break
+            locations.append(BodyLocation(self._segment, offset, len(body), crc, castagnoli))
+            offset += len(body)
         if filled:
             padded = -(-filled // _DIRECT_ALIGNMENT) * _DIRECT_ALIGNMENT
             with memoryview(buffer)[:padded] as piece:
