@@ -69,12 +69,13 @@ class IMessageQueue(Interface):
     def nextNotificationId() -> str:
         """A new notification id: decimal, time-ordered, unique across relay instances."""
 
-    def enqueue(notification, message: bytes):
+    def enqueue(notification, message):
         """
-        Durably store ``notification`` with the message bytes and one ``CAAS_RECEIVED`` status
-        event per recipient, all or nothing. The Deferred fires only once the data is on disk
-        (SQLite: committed with fsync) or acknowledged by the server (Redis); it fails with
-        StoreError otherwise. Returns Deferred[None].
+        Durably store ``notification`` with the message bytes (a ``model.MessageText``: whole
+        or in pieces) and one ``CAAS_RECEIVED`` status event per recipient, all or nothing.
+        The Deferred fires only once the data is on disk (SQLite: committed with fsync) or
+        acknowledged by the server (Redis); it fails with StoreError otherwise. Returns
+        Deferred[None].
         """
 
     def acceptedSince(account: str, since):

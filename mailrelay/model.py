@@ -14,6 +14,16 @@ from typing import Literal
 Channel = Literal["email", "sms"]
 AttachmentPolicy = Literal["allow", "strip", "refuse"]
 SenderKind = Literal["domain", "address", "sms"]
+MessageText = bytes | tuple[bytes | memoryview, ...]
+"""A message's bytes to store: whole, or as pieces that follow one another (a new header
+block, then a view of the body as it arrived), so that a store that writes them one after
+another never joins them; :func:`joinText` for one that needs them whole."""
+
+
+def joinText(text: MessageText) -> bytes:
+    """The bytes of ``text``, joined if it is in pieces."""
+    return b"".join(text) if isinstance(text, tuple) else bytes(text)
+
 
 API_KEY_USER = "App"
 """The SMTP / HTTP user name that means "the password is an API key"."""

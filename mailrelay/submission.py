@@ -126,7 +126,7 @@ class AccountSubmission:
             account=self.account.name,
             sender=sender.value,
             recipients=tuple(recipients),
-            size=len(prepared.data),
+            size=prepared.size,
             received_at=now,
             options=prepared.options,
             client_address=session.client_address,
@@ -134,6 +134,6 @@ class AccountSubmission:
         )
         # No log line per message: at thousands a second it would cost more than the rest of
         # the intake path; the status trail and the metrics are the record.
-        return shared.store.enqueue(notification, prepared.data).addCallback(
+        return shared.store.enqueue(notification, prepared.pieces).addCallback(
             lambda _: notificationId
         )

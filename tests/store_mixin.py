@@ -375,6 +375,15 @@ class DeliveryQueueTestsMixin:
         with self.assertRaises(NotFound):
             await self.store.defer(nid, T0)
 
+    async def test_messageInPieces(self) -> None:
+        """A message handed over in pieces (a new header, a view of the body) is stored as
+        the pieces joined."""
+        notification = self.notification(receivedAt=fromTimestamp(int(reactor.seconds()) - 1))
+        arrived = b"xxFrom: a@example.com\r\n\r\nhello\r\n"
+        await self.store.enqueue(notification, (b"Received: by x\r\n", memoryview(arrived)[2:]))
+        (entry,) = await self.store.claim(10, leaseSeconds=60)
+        self.assertEqual(entry.message, b"Received: by x\r\n" + arrived[2:])
+
     async def test_claimNotDueYet(self) -> None:
         await self.enqueued(receivedAt=fromTimestamp(reactor.seconds() + 3600))
         self.assertEqual(await self.store.claim(10, leaseSeconds=60), [])

@@ -322,6 +322,20 @@ class AddedHeaderTests(SynchronousTestCase):
         self.assertTrue(prepared.data.startswith(b"Received: from x\r\n\tby y; z\r\nFrom: "))
         self.assertNotIn(b"hidden@example.org", prepared.data)
 
+    def test_bodyNotCopied(self) -> None:
+        """The body is not copied, whether the header is kept (the message as it arrived after
+        ``Received:``) or rebuilt (a Message-ID added: a view of the body): only the store
+        copies it."""
+        received = b"Received: from x\r\n\tby y; z\r\n"
+        for headers in ({"Message_ID": "<m@x>", "Date": "x"}, {}):
+            raw = wire(mail(**headers))
+            prepared = prepare(raw, received=received, notificationId="9")
+            last = prepared.pieces[-1]  # the message as it arrived, or a view of its body
+            self.assertIs(last.obj if isinstance(last, memoryview) else last, raw)
+            self.assertEqual(prepared.pieces[0], received)
+            self.assertEqual(prepared.size, len(prepared.data))
+            self.assertTrue(prepared.data.endswith(raw[raw.index(b"\r\n\r\n") + 4 :]))
+
 
 class SmsTests(RefusalMixin, SynchronousTestCase):
     ACCOUNT = account(sms_enabled=True)

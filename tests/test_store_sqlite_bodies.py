@@ -24,7 +24,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from mailrelay.interfaces import StoreError
-from mailrelay.model import QueueStats
+from mailrelay.model import MessageText, QueueStats
 from mailrelay.store.sqlite import SQLiteStore, workerFile
 from mailrelay.store.sqlite.bodies import (
     EXTERNAL_BODY_MIN,
@@ -102,6 +102,16 @@ class SegmentWriterTestsMixin:
         self.assertEqual(
             [readBody(self.directory, w) for w in [*first, third]], [b"one", b"second body", b"3"]
         )
+
+    def test_bodiesInPieces(self) -> None:
+        """A body handed over in pieces is written whole, its CRC that of the whole."""
+        arrived = b"--" + LARGE
+        pieces = (b"Received: by x\r\n", memoryview(arrived)[2:], b"", b"end\r\n")
+        whole = b"Received: by x\r\n" + LARGE + b"end\r\n"
+        first, second = self.writer().append([pieces, b"after"])
+        self.assertEqual((first.length, first.crc), (len(whole), google_crc32c.value(whole)))
+        self.assertEqual(readBody(self.directory, first), whole)
+        self.assertEqual(readBody(self.directory, second), b"after")
 
     def test_eachWriterStartsANewSegment(self) -> None:
         """A process never appends after what an earlier one left: it may be half-written."""
@@ -277,7 +287,7 @@ def messageRows(path: Path) -> dict[int, tuple[bytes, int | None]]:
 class StoreBodiesTests(SQLiteStoreTestsBase):
     """Through the store: a large body goes to a segment, a small one stays in its row."""
 
-    async def enqueueBody(self, message: bytes, store: SQLiteStore | None = None) -> str:
+    async def enqueueBody(self, message: MessageText, store: SQLiteStore | None = None) -> str:
         store = store or self.store
         notification = self.notification()
         await store.enqueue(notification, message)
@@ -300,6 +310,13 @@ class StoreBodiesTests(SQLiteStoreTestsBase):
             await self.claimedBodies(),
             {large: LARGE, atLimit: body(EXTERNAL_BODY_MIN)[:EXTERNAL_BODY_MIN], small: SMALL},
         )
+
+    async def test_largeInPieces(self) -> None:
+        """The pieces of a large message go to its segment, not joined first."""
+        arrived = b"--" + LARGE
+        nid = await self.enqueueBody((b"Received: by x\r\n", memoryview(arrived)[2:]))
+        self.assertEqual(messageRows(self.store.path)[int(nid)], (b"", 1))
+        self.assertEqual(await self.claimedBodies(), {nid: b"Received: by x\r\n" + LARGE})
 
     async def test_oneGroupOfMixedSizes(self) -> None:
         messages = [body(40_000 + i * 1000, bytes([97 + i])) if i % 2 else SMALL for i in range(12)]

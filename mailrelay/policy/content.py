@@ -40,7 +40,7 @@ from email.policy import SMTP
 from email.utils import format_datetime
 from typing import cast
 
-from mailrelay.model import Account, HeaderOptions, Recipient, Sender
+from mailrelay.model import Account, HeaderOptions, Recipient, Sender, joinText
 from mailrelay.policy.addresses import (
     AddressSyntaxError,
     Mailbox,
@@ -100,8 +100,10 @@ _REMOVED_FIELDS = frozenset({"bcc"})
 class PreparedMessage:
     """The outcome of :func:`prepareMessage` for a message it accepts."""
 
-    data: bytes
-    """The bytes to store and deliver, CRLF line endings, ``Received:`` on top."""
+    pieces: tuple[bytes | memoryview, ...]
+    """The bytes to store and deliver, CRLF line endings, ``Received:`` on top: in pieces,
+    the body a view of the message as it arrived, so that it is copied only where it is
+    stored."""
     options: HeaderOptions
     fromAddress: str | None
     """The From: header's (first) address in normal form; None when there is no From:."""
@@ -114,6 +116,16 @@ class PreparedMessage:
     """Names (or content types) of the attachments removed by the ``strip`` option."""
     ignoredOptions: tuple[str, ...] = ()
     """``X-IB-*`` header names mailrelay does not know: removed, otherwise ignored."""
+
+    @property
+    def size(self) -> int:
+        """How many octets the message has."""
+        return sum(map(len, self.pieces))
+
+    @property
+    def data(self) -> bytes:
+        """The pieces joined."""
+        return joinText(self.pieces)
 
 
 def _refuse(reason: str) -> Refused:
@@ -556,13 +568,14 @@ def prepareMessage(
     if not header.named("date"):
         added.append(b"Date: " + format_datetime(now).encode("ascii") + b"\r\n")
 
-    if not (received or removed or added or stripped):
-        data = raw
+    pieces: tuple[bytes | memoryview, ...]
+    if not (removed or added or stripped):
+        pieces = (received, raw) if received else (raw,)
     else:
         block = header.without(removed)
-        data = b"".join([received, block, b"\r\n" if block else b"", *added, b"\r\n", body])
+        pieces = (received, block, b"\r\n" if block else b"", *added, b"\r\n", body)
     return PreparedMessage(
-        data=data,
+        pieces=tuple(piece for piece in pieces if piece),
         options=options,
         fromAddress=None if fromMailbox is None else str(fromMailbox),
         messageId=messageId,

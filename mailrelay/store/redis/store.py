@@ -66,10 +66,12 @@ from mailrelay.interfaces import AlreadyExists, IStore, NotFound, StoreError
 from mailrelay.model import (
     Account,
     ApiKey,
+    MessageText,
     Notification,
     QueueStats,
     Sender,
     StatusEvent,
+    joinText,
 )
 from mailrelay.store.common import (
     ACCOUNT_CACHE_ENTRIES,
@@ -504,11 +506,11 @@ class RedisStore:
             raise StoreError("redis store: no instance number before open()")
         return self._newId()
 
-    def enqueue(self, notification: Notification, message: bytes) -> Deferred[None]:
+    def enqueue(self, notification: Notification, message: MessageText) -> Deferred[None]:
         nid = notification.notification_id
         if idNumber(nid) is None:
             return _failed(StoreError(f"not a notification id: {nid!r}"))
-        keys, args = self._enqueueScript(notification, bytes(message))
+        keys, args = self._enqueueScript(notification, joinText(message))
 
         async def enqueue(client: RedisClient) -> None:
             if not self.url.wait:

@@ -31,6 +31,7 @@ from pathlib import Path
 import google_crc32c
 
 from mailrelay.interfaces import StoreError
+from mailrelay.model import MessageText, joinText
 
 CopyWithCrc32c = Callable[[mmap.mmap, int, memoryview, int], int]
 """``(buffer, offset, piece, crc)``: copy ``piece`` into ``buffer`` at ``offset``; its CRC-32C
@@ -136,8 +137,9 @@ class SegmentWriter:
         """Whether the current segment is written with O_DIRECT."""
         return bool(self._direct) and self._fd is not None
 
-    def append(self, bodies: Sequence[bytes]) -> list[BodyLocation]:
-        """Write ``bodies`` one after another and wait until they are on disk; where each is."""
+    def append(self, bodies: Sequence[MessageText]) -> list[BodyLocation]:
+        """Write ``bodies`` (each whole or in pieces) one after another and wait until they are
+        on disk; where each is."""
         try:
             if self._fd is None or self._end >= self._segmentSize:
                 self._startSegment()
@@ -155,8 +157,9 @@ class SegmentWriter:
         self._end = end
         return locations
 
-    def _writePlain(self, bodies: Sequence[bytes]) -> tuple[list[BodyLocation], int]:
+    def _writePlain(self, texts: Sequence[MessageText]) -> tuple[list[BodyLocation], int]:
         assert self._fd is not None
+        bodies = [joinText(text) for text in texts]
         locations = []
         offset = self._end
         for body in bodies:
@@ -168,7 +171,7 @@ class SegmentWriter:
             _writeAll(self._fd, chunk, locations[start].offset)
         return locations, offset
 
-    def _writeDirect(self, bodies: Sequence[bytes]) -> tuple[list[BodyLocation], int]:
+    def _writeDirect(self, bodies: Sequence[MessageText]) -> tuple[list[BodyLocation], int]:
         """
         Write ``bodies`` from the current end through the aligned buffer; where each is, and
         the new end (the last piece padded to the alignment). The file is open with
@@ -189,22 +192,24 @@ class SegmentWriter:
         locations = []
         offset = start
         for body in bodies:
-            crc = 0 if copyWithCrc32c else checksum(body)
-            view = memoryview(body)
-            while True:
-                count = min(len(view), _DIRECT_BUFFER - filled)
-                if copyWithCrc32c:
-                    crc = copyWithCrc32c(buffer, filled, view[:count], crc)
-                else:
-                    buffer[filled : filled + count] = view[:count]
-                filled, view = filled + count, view[count:]
-                if filled == _DIRECT_BUFFER:
-                    _writeAll(self._fd, [buffer], start)
-                    start, filled = start + filled, 0
-                if not view:
-                    break
-            locations.append(BodyLocation(self._segment, offset, len(body), crc, castagnoli))
-            offset += len(body)
+            pieces = body if isinstance(body, tuple) else (body,)
+            crc = 0 if copyWithCrc32c else checksum(joinText(body))
+            length = 0
+            for piece in pieces:
+                view = memoryview(piece)
+                length += len(view)
+                while view:
+                    count = min(len(view), _DIRECT_BUFFER - filled)
+                    if copyWithCrc32c:
+                        crc = copyWithCrc32c(buffer, filled, view[:count], crc)
+                    else:
+                        buffer[filled : filled + count] = view[:count]
+                    filled, view = filled + count, view[count:]
+                    if filled == _DIRECT_BUFFER:
+                        _writeAll(self._fd, [buffer], start)
+                        start, filled = start + filled, 0
+            locations.append(BodyLocation(self._segment, offset, length, crc, castagnoli))
+            offset += length
         if filled:
             padded = -(-filled // _DIRECT_ALIGNMENT) * _DIRECT_ALIGNMENT
             with memoryview(buffer)[:padded] as piece:

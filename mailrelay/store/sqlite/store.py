@@ -55,11 +55,13 @@ from mailrelay.model import (
     Account,
     ApiKey,
     HeaderOptions,
+    MessageText,
     Notification,
     QueueStats,
     Recipient,
     Sender,
     StatusEvent,
+    joinText,
 )
 from mailrelay.store.common import (
     ACCOUNT_CACHE_ENTRIES,
@@ -313,8 +315,11 @@ class SQLiteStore:
     def nextNotificationId(self) -> str:
         return self._newId()
 
-    def enqueue(self, notification: Notification, message: bytes) -> Deferred[None]:
-        return self._writer.submit(_Enqueue(notification, bytes(message), self._segments))
+    def enqueue(self, notification: Notification, message: MessageText) -> Deferred[None]:
+        pieces = message if isinstance(message, tuple) else (bytes(message),)
+        return self._writer.submit(
+            _Enqueue(notification, pieces, sum(map(len, pieces)), self._segments)
+        )
 
     def acceptedSince(self, account: str, since: datetime) -> Deferred[int]:
         d = self._reader.submitEach(partial(_acceptedSince, account=account, since=toMillis(since)))
@@ -592,7 +597,8 @@ class _Enqueue:
     """The write of one accepted notification; the writer batches consecutive ones."""
 
     notification: Notification
-    message: bytes
+    message: tuple[bytes | memoryview, ...]  # in pieces, joined only if stored in the row
+    size: int
     segments: SegmentWriter  # where the body goes if it is EXTERNAL_BODY_MIN or larger
 
     def __call__(self, connection: sqlite3.Connection) -> None:
@@ -611,7 +617,7 @@ def _enqueueAll(connection: sqlite3.Connection, works: Sequence[_Enqueue]) -> No
     and are on disk before the rows that point at them are inserted."""
     notifications, queue = [], []
     messages: list[tuple[int, bytes, *tuple[int | None, ...]]] = []
-    large = [work.message for work in works if len(work.message) >= EXTERNAL_BODY_MIN]
+    large = [work.message for work in works if work.size >= EXTERNAL_BODY_MIN]
     locations = iter(works[0].segments.append(large) if large else ())
     perDay: Counter[tuple[str, int]] = Counter()
     for work in works:
@@ -637,12 +643,12 @@ def _enqueueAll(connection: sqlite3.Connection, works: Sequence[_Enqueue]) -> No
                 recipientsJSON(notification.recipients),
             )
         )
-        if len(work.message) >= EXTERNAL_BODY_MIN:
+        if work.size >= EXTERNAL_BODY_MIN:
             where = next(locations)
             crc, crc32c = (None, where.crc) if where.castagnoli else (where.crc, None)
             messages.append((number, b"", where.segment, where.offset, where.length, crc, crc32c))
         else:
-            messages.append((number, work.message, None, None, None, None, None))
+            messages.append((number, joinText(work.message), None, None, None, None, None))
         queue.append((number, receivedAt, "queued"))
         perDay[notification.account, receivedAt // _DAY_MS] += 1
     try:
