@@ -46,6 +46,21 @@ _line = st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n"
 _dotted = st.one_of(_line, _line.map(lambda b: b"." + b), st.just(b"."), st.just(b".."))
 
 
+def referenceOutcome(data: bytes, maxLine: int) -> tuple[bytes, bool, bytes] | None:
+    """What reading ``data`` (everything after DATA's 354) must give, worked out the simple
+    way on the whole input: None if it has no end marker, else (the message, whether it is
+    refused for a bare CR or LF or a line over ``maxLine`` octets without its CRLF, what
+    follows the end marker)."""
+    wire = b"\r\n" + data
+    end = wire.find(b"\r\n.\r\n")
+    if end < 0:
+        return None
+    lines = wire[2 : end + 2].split(b"\r\n")[:-1]
+    refused = any(b"\r" in line or b"\n" in line or len(line) > maxLine for line in lines)
+    message = b"".join((line[1:] if line.startswith(b".") else line) + b"\r\n" for line in lines)
+    return message, refused, wire[end + 5 :]
+
+
 class DataReaderTests(SynchronousTestCase):
     def reader(self, maxSize: int = 10_000, maxLine: int = 1000) -> DataReader:
         reader = DataReader(maxSize, maxLine)
@@ -170,6 +185,28 @@ class DataReaderTests(SynchronousTestCase):
             self.assertIsNone(rest)
         else:
             self.assertEqual(rest, wire[end + 5 :])
+
+    @settings(max_examples=3000, deadline=None)
+    @given(
+        data=st.lists(
+            st.sampled_from([b"a", b"bcd", b"\r", b"\n", b"\r\n", b".", b"\r\n.", b".\r\n"]),
+            max_size=40,
+        ).map(b"".join),
+        cuts=st.lists(st.integers(0, 200), max_size=6),
+    )
+    def test_agreesWithTheReference(self, data: bytes, cuts: list[int]) -> None:
+        """However the input is cut into chunks: the same end, refusal and message as
+        :func:`referenceOutcome` (short lines, so that the over-long line path comes up)."""
+        reader = DataReader(1_000_000, 6)  # lines of 4 octets and their CRLF
+        rest = feedAll(reader, split(data, cuts))
+        expected = referenceOutcome(data, 4)
+        if expected is None:
+            self.assertIsNone(rest)
+            return
+        message, refused, after = expected
+        self.assertEqual((rest, reader.refusal is not None), (after, refused))
+        if not refused:
+            self.assertEqual(reader.message(), message)
 
 
 # Text made mostly of what the scans look for, so that every arrangement of CR, LF and dots
