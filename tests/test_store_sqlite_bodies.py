@@ -6,6 +6,7 @@ SQLite file, on their own and through the store. Real files under the trial temp
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import mmap
 import os
@@ -28,7 +29,7 @@ from mailrelay.model import MessageText, QueueStats
 from mailrelay.store.sqlite import SQLiteStore, workerFile
 from mailrelay.store.sqlite.bodies import (
     EXTERNAL_BODY_MIN,
-    NATIVE_COPY_WITH_CRC32C,
+    NATIVE_WRITE_GROUP,
     SEGMENT_SIZE,
     SegmentWriter,
     checksum,
@@ -221,58 +222,67 @@ class DirectSegmentWriterTests(SegmentWriterTestsMixin, SynchronousTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        if NATIVE_COPY_WITH_CRC32C is None:
+        if NATIVE_WRITE_GROUP is None:
             raise SkipTest("the _mailrelay_segments extension is not built here")
 
-    def test_nativeCopyByDefault(self) -> None:
-        self.assertIs(self.writer()._copyWithCrc32c, NATIVE_COPY_WITH_CRC32C)
+    def test_nativeByDefault(self) -> None:
+        self.assertIs(self.writer()._writeGroup, NATIVE_WRITE_GROUP)
 
 
-class DirectSegmentWriterWithoutNativeCopyTests(SegmentWriterTestsMixin, SynchronousTestCase):
-    """Where the extension is missing: google-crc32c, then a slice copy."""
+class DirectSegmentWriterInPythonTests(SegmentWriterTestsMixin, SynchronousTestCase):
+    """Where the extension is missing: google-crc32c, a slice copy and os.pwritev."""
 
     direct = True
 
     def writer(self, segmentSize: int = SEGMENT_SIZE) -> SegmentWriter:
-        writer = SegmentWriter(self.directory, segmentSize, direct=True, copyWithCrc32c=None)
+        writer = SegmentWriter(self.directory, segmentSize, direct=True, writeGroup=None)
         self.addCleanup(writer.close)
         return writer
 
 
-class NativeCopyTests(SynchronousTestCase):
-    """``_mailrelay_segments.copy_crc32c`` gives google-crc32c's answers and copies exactly."""
+_pieces = st.lists(st.lists(st.binary(max_size=5000), max_size=4).map(tuple), max_size=6)
+
+
+class NativeWriteGroupTests(SynchronousTestCase):
+    """``_mailrelay_segments.write_group`` writes what the Python version writes, with
+    google-crc32c's checksums, through a buffer it flushes whenever it is full."""
 
     def setUp(self) -> None:
-        if NATIVE_COPY_WITH_CRC32C is None:
+        if NATIVE_WRITE_GROUP is None:
             raise SkipTest("the _mailrelay_segments extension is not built here")
-        self.copy = NATIVE_COPY_WITH_CRC32C
-        self.buffer = mmap.mmap(-1, 256 * 1024)
+        self.writeGroup = NATIVE_WRITE_GROUP
+        self.buffer = mmap.mmap(-1, 8192)  # small: most groups below fill it several times
         self.addCleanup(self.buffer.close)
+        self.path = Path(self.mktemp())
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.addCleanup(os.close, self.fd)
 
-    @given(st.binary(max_size=300), st.integers(0, 300), st.integers(0, 64))
-    @settings(max_examples=2000, deadline=None)
-    def test_agreesWithGoogleCrc32c(self, data: bytes, cut: int, offset: int) -> None:
-        """Any split of the source (the writer continues a CRC across buffer flushes), at any
-        offset, aligned or not."""
-        cut = min(cut, len(data))
-        view = memoryview(data)
-        crc = self.copy(self.buffer, offset, view[:cut], 0)
-        self.assertEqual(crc, google_crc32c.value(data[:cut]))
-        crc = self.copy(self.buffer, offset + cut, view[cut:], crc)
-        self.assertEqual(crc, google_crc32c.value(data))
-        self.assertEqual(self.buffer[offset : offset + len(data)], data)
+    @given(bodies=_pieces, position=st.sampled_from([0, 4096, 12288]))
+    @settings(max_examples=300, deadline=None)
+    def test_agreesWithGoogleCrc32c(self, bodies: list[tuple[bytes, ...]], position: int) -> None:
+        os.ftruncate(self.fd, 0)
+        views = [tuple(memoryview(b"-" + piece)[1:] for piece in body) for body in bodies]
+        crcs, end = self.writeGroup(self.fd, self.buffer, position, 4096, views)
+        wholes = [b"".join(body) for body in bodies]
+        self.assertEqual(crcs, [google_crc32c.value(whole) for whole in wholes])
+        written = b"".join(wholes)
+        self.assertEqual(end, position + -(-len(written) // 4096) * 4096)
+        content = os.pread(self.fd, end - position + 1, position)
+        self.assertEqual(content, written + bytes(end - position - len(written)))
 
-    def test_largeSourceWithoutTheGil(self) -> None:
-        """Sources from 16 KiB up are copied with the GIL released: the same answer."""
-        data = os.urandom(200 * 1024)
-        self.assertEqual(self.copy(self.buffer, 7, data, 0), google_crc32c.value(data))
-        self.assertEqual(self.buffer[7 : 7 + len(data)], data)
+    def test_refusesWhatItCannotDo(self) -> None:
+        self.assertRaises(ValueError, self.writeGroup, self.fd, self.buffer, 0, 3000, [])
+        self.assertRaises(TypeError, self.writeGroup, self.fd, b"read-only", 0, 4096, [])
+        self.assertRaises(TypeError, self.writeGroup, self.fd, self.buffer, 0, 4096, [(42,)])
+        self.assertRaises(TypeError, self.writeGroup, self.fd, self.buffer, 0, 4096, [7])
 
-    def test_refusesWhatDoesNotFit(self) -> None:
-        size = len(self.buffer)
-        for offset, source in [(size - 2, b"abc"), (-1, b"a"), (size + 1, b"")]:
-            self.assertRaises(ValueError, self.copy, self.buffer, offset, source, 0)
-        self.assertRaises(TypeError, self.copy, b"read-only", 0, b"a", 0)
+    def test_writeErrors(self) -> None:
+        """A failed write is an OSError with its errno (the store makes it a StoreError)."""
+        readOnly = os.open(self.path, os.O_RDONLY)
+        self.addCleanup(os.close, readOnly)
+        with self.assertRaises(OSError) as caught:
+            self.writeGroup(readOnly, self.buffer, 0, 4096, [(b"body",)])
+        self.assertEqual(caught.exception.errno, errno.EBADF)
 
 
 def messageRows(path: Path) -> dict[int, tuple[bytes, int | None]]:

@@ -33,14 +33,17 @@ import google_crc32c
 from mailrelay.interfaces import StoreError
 from mailrelay.model import MessageText, joinText
 
-CopyWithCrc32c = Callable[[mmap.mmap, int, memoryview, int], int]
-"""``(buffer, offset, piece, crc)``: copy ``piece`` into ``buffer`` at ``offset``; its CRC-32C
-continued from ``crc``."""
+WriteGroup = Callable[
+    [int, mmap.mmap, int, int, Sequence[tuple[bytes | memoryview, ...]]], tuple[list[int], int]
+]
+"""``(fd, buffer, position, alignment, bodies)``: copy the bodies (each in pieces) through
+``buffer`` to ``fd`` at ``position``, the last write padded to ``alignment``; each body's
+CRC-32C and where the written bytes end."""
 
 try:
-    from _mailrelay_segments import copy_crc32c as NATIVE_COPY_WITH_CRC32C
-except ImportError:  # not built, or no CRC-32C instruction: google-crc32c and a slice copy
-    NATIVE_COPY_WITH_CRC32C = None
+    from _mailrelay_segments import write_group as NATIVE_WRITE_GROUP
+except ImportError:  # not built, or no CRC-32C instruction: google-crc32c, a slice copy, pwritev
+    NATIVE_WRITE_GROUP = None
 
 EXTERNAL_BODY_MIN = 32 * 1024
 """Bodies this large or larger go to segment files; smaller ones stay in their row, where one
@@ -112,8 +115,8 @@ class SegmentWriter:
     not through the page cache, whose per-page work costs the writer thread more than the copy
     (and nothing reads them back soon). Each group's write is padded to 4 KiB, so a group's
     bodies start on a boundary. Elsewhere (tmpfs, say) they are written plainly.
-    ``copyWithCrc32c`` copies into that buffer (the native one where it was built; None: a
-    slice assignment after google-crc32c).
+    ``writeGroup`` does that for a whole group (the native one, where it was built: one call
+    that lets go of the GIL once; None: in Python, with google-crc32c).
     """
 
     def __init__(
@@ -121,12 +124,12 @@ class SegmentWriter:
         directory: Path,
         segmentSize: int = SEGMENT_SIZE,
         direct: bool | None = None,
-        copyWithCrc32c: CopyWithCrc32c | None = NATIVE_COPY_WITH_CRC32C,
+        writeGroup: WriteGroup | None = NATIVE_WRITE_GROUP,
     ) -> None:
         self.directory = directory
         self._segmentSize = segmentSize
         self._direct = direct
-        self._copyWithCrc32c = copyWithCrc32c
+        self._writeGroup = writeGroup
         self._buffer: mmap.mmap | None = None
         self._fd: int | None = None
         self._segment = 0
@@ -177,45 +180,56 @@ class SegmentWriter:
         the new end (the last piece padded to the alignment). The file is open with
         ``O_DSYNC``: each write returns once it is on disk, so no ``fdatasync`` follows.
 
-        Where ``_mailrelay_segments`` was built (and the CPU has a CRC-32C instruction), each body
-        is copied and checksummed in one native call that lets the reactor thread run
-        meanwhile. Elsewhere its checksum is taken just before it is copied: the copy then reads
+        Where ``_mailrelay_segments`` was built (and the CPU has a CRC-32C instruction), all of
+        this is one native call (``writeGroup``) that lets the reactor thread run meanwhile.
+        Elsewhere each body's checksum is taken just before it is copied: the copy then reads
         it from the CPU's cache, so the body (which the reactor thread wrote, on another core)
         is read from memory once.
         """
         assert self._fd is not None
         if self._buffer is None:
             self._buffer = mmap.mmap(-1, _DIRECT_BUFFER)  # page-aligned memory
-        buffer, start, filled = self._buffer, self._end, 0
-        copyWithCrc32c = self._copyWithCrc32c
-        castagnoli = CASTAGNOLI or copyWithCrc32c is not None
+        groups = [body if isinstance(body, tuple) else (body,) for body in bodies]
+        if self._writeGroup is not None:
+            crcs, end = self._writeGroup(
+                self._fd, self._buffer, self._end, _DIRECT_ALIGNMENT, groups
+            )
+            castagnoli = True
+        else:
+            crcs, end = self._writeGroupInPython(groups)
+            castagnoli = CASTAGNOLI
         locations = []
-        offset = start
-        for body in bodies:
-            pieces = body if isinstance(body, tuple) else (body,)
-            crc = 0 if copyWithCrc32c else checksum(joinText(body))
-            length = 0
+        offset = self._end
+        for pieces, crc in zip(groups, crcs, strict=True):
+            length = sum(map(len, pieces))
+            locations.append(BodyLocation(self._segment, offset, length, crc, castagnoli))
+            offset += length
+        return locations, end
+
+    def _writeGroupInPython(
+        self, groups: Sequence[tuple[bytes | memoryview, ...]]
+    ) -> tuple[list[int], int]:
+        """What the native ``writeGroup`` does, for where it is missing."""
+        assert self._fd is not None and self._buffer is not None
+        buffer, start, filled = self._buffer, self._end, 0
+        crcs = []
+        for pieces in groups:
+            crcs.append(checksum(joinText(pieces)))
             for piece in pieces:
                 view = memoryview(piece)
-                length += len(view)
                 while view:
                     count = min(len(view), _DIRECT_BUFFER - filled)
-                    if copyWithCrc32c:
-                        crc = copyWithCrc32c(buffer, filled, view[:count], crc)
-                    else:
-                        buffer[filled : filled + count] = view[:count]
+                    buffer[filled : filled + count] = view[:count]
                     filled, view = filled + count, view[count:]
                     if filled == _DIRECT_BUFFER:
                         _writeAll(self._fd, [buffer], start)
                         start, filled = start + filled, 0
-            locations.append(BodyLocation(self._segment, offset, length, crc, castagnoli))
-            offset += length
         if filled:
             padded = -(-filled // _DIRECT_ALIGNMENT) * _DIRECT_ALIGNMENT
             with memoryview(buffer)[:padded] as piece:
                 _writeAll(self._fd, [piece], start)
             start += padded
-        return locations, start
+        return crcs, start
 
     def _startSegment(self) -> None:
         self._closeSegment()
