@@ -222,8 +222,9 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef segmentsModule = {
     PyModuleDef_HEAD_INIT, "_mailrelay_segments",
-    "Native copy and CRC-32C of message bodies (see mailrelay/store/sqlite/bodies.py).", -1,
-    methods,
+    "Native copy, CRC-32C and write of a commit group's bodies "
+    "(see mailrelay/store/sqlite/bodies.py).",
+    -1, methods,
 };
 
 PyMODINIT_FUNC
