@@ -20,6 +20,11 @@ block, then a view of the body as it arrived), so that a store that writes them 
 another never joins them; :func:`joinText` for one that needs them whole."""
 
 
+def textPieces(text: MessageText) -> tuple[bytes | memoryview, ...]:
+    """``text`` as pieces: itself if it is in pieces, else one piece."""
+    return text if isinstance(text, tuple) else (bytes(text),)
+
+
 def joinText(text: MessageText) -> bytes:
     """The bytes of ``text``, joined if it is in pieces."""
     return b"".join(text) if isinstance(text, tuple) else bytes(text)

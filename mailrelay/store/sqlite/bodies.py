@@ -31,7 +31,7 @@ from pathlib import Path
 import google_crc32c
 
 from mailrelay.interfaces import StoreError
-from mailrelay.model import MessageText, joinText
+from mailrelay.model import MessageText, joinText, textPieces
 
 WriteGroup = Callable[
     [int, mmap.mmap, int, int, Sequence[tuple[bytes | memoryview, ...]]], tuple[list[int], int]
@@ -184,12 +184,13 @@ class SegmentWriter:
         this is one native call (``writeGroup``) that lets the reactor thread run meanwhile.
         Elsewhere each body's checksum is taken just before it is copied: the copy then reads
         it from the CPU's cache, so the body (which the reactor thread wrote, on another core)
-        is read from memory once.
+        is read from memory once (a body in pieces is joined for google-crc32c first, which
+        takes only bytes).
         """
         assert self._fd is not None
         if self._buffer is None:
             self._buffer = mmap.mmap(-1, _DIRECT_BUFFER)  # page-aligned memory
-        groups = [body if isinstance(body, tuple) else (body,) for body in bodies]
+        groups = [textPieces(body) for body in bodies]
         if self._writeGroup is not None:
             crcs, end = self._writeGroup(
                 self._fd, self._buffer, self._end, _DIRECT_ALIGNMENT, groups

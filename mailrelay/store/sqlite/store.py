@@ -62,6 +62,7 @@ from mailrelay.model import (
     Sender,
     StatusEvent,
     joinText,
+    textPieces,
 )
 from mailrelay.store.common import (
     ACCOUNT_CACHE_ENTRIES,
@@ -316,7 +317,7 @@ class SQLiteStore:
         return self._newId()
 
     def enqueue(self, notification: Notification, message: MessageText) -> Deferred[None]:
-        pieces = message if isinstance(message, tuple) else (bytes(message),)
+        pieces = textPieces(message)
         return self._writer.submit(
             _Enqueue(notification, pieces, sum(map(len, pieces)), self._segments)
         )
