@@ -32,7 +32,7 @@ from mailrelay.policy.limits import startOfDay
 from mailrelay.store import makeStore
 from mailrelay.store.sqlite import SQLiteStore, workerFile
 from mailrelay.store.sqlite.migrate import schemaScripts, statements
-from mailrelay.store.sqlite.store import _insertRows
+from mailrelay.store.sqlite.store import _acceptedSince, _expire, _insertRows
 from mailrelay.store.sqlite.threads import GroupCommitThread, Work
 from tests.store_mixin import (
     ALICE,
@@ -365,6 +365,43 @@ class SchemaTests(TestCase):
     def test_incompleteStatement(self) -> None:
         with self.assertRaises(StoreError):
             list(statements("CREATE TABLE a (x);\nCREATE TABLE b (\n"))
+
+    def test_indexesAnEnqueueMaintains(self) -> None:
+        """Every index on the tables an enqueue writes costs each commit a B-tree insert and a
+        WAL page: only these, each needed by a query (bulk lookups, expiry, the bodies'
+        segments, due work)."""
+        connection = databaseAtVersion(Path(self.mktemp()), schemaScripts()[-1][0])
+        self.addCleanup(connection.close)
+        indexes = connection.execute(
+            "SELECT tbl_name, name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL "
+            "AND tbl_name IN ('notifications', 'messages', 'queue', 'daily_counts') "
+            "ORDER BY tbl_name, name"
+        ).fetchall()
+        self.assertEqual(
+            indexes,
+            [
+                ("messages", "messages_by_segment"),
+                ("notifications", "notifications_by_bulk"),
+                ("notifications", "notifications_by_time"),
+                ("queue", "queue_due"),
+            ],
+        )
+
+    def test_timeQueriesUseAnIndex(self) -> None:
+        """A count since a moment other than midnight and expiry find their rows through
+        notifications_by_time, not by reading every notification."""
+        connection = databaseAtVersion(Path(self.mktemp()), schemaScripts()[-1][0])
+        self.addCleanup(connection.close)
+        queries: list[str] = []
+        connection.set_trace_callback(queries.append)
+        _acceptedSince(connection, "acme", since=1_700_000_000_123)
+        _expire(connection, before=1_700_000_000_123)
+        connection.set_trace_callback(None)
+        onNotifications = [q for q in queries if "FROM notifications" in q]
+        self.assertEqual(len(onNotifications), 2)
+        for query in onNotifications:
+            plan = " / ".join(row[3] for row in connection.execute(f"EXPLAIN QUERY PLAN {query}"))
+            self.assertIn("SEARCH notifications USING INDEX notifications_by_time", plan)
 
 
 class AccountDataRememberedTests(RememberedAccountDataTestsMixin, SQLiteStoreTestsBase):
