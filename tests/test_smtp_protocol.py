@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import re
 import socket
+import sqlite3
 from typing import Any
 
 from twisted.internet import reactor
@@ -619,6 +620,34 @@ class TimeoutTests(ProtocolTestCase):
         self.harness.clock.advance(301)
         self.assertFalse(self.session.transport.disconnecting)  # data_timeout is 600
         self.harness.clock.advance(300)
+        self.assertTrue(self.session.take()[-1].startswith("421 4.4.2 "))
+
+    @inlineCallbacks
+    def test_noTimeoutWhileTheRelayDecides(self) -> Any:
+        """
+        The idle timeout is the client's: while the relay itself takes its time over a message
+        (here another connection holds the database's write lock, so the commit waits) it
+        does not run. Otherwise the client would get a 421 for a message the store then keeps,
+        and send it again. Once the message is answered the timeout runs again.
+        """
+        yield self.session.login()
+        yield self.session.command(f"MAIL FROM:{FROM}")
+        yield self.session.command("RCPT TO:<a@example.org>")
+        yield self.session.command("DATA")
+        blocker = sqlite3.connect(self.harness.store.path, isolation_level=None)
+        self.addCleanup(blocker.close)
+        blocker.execute("BEGIN IMMEDIATE")
+        self.session.protocol.dataReceived((HEADER + "\r\nbody\r\n.\r\n").encode())
+        self.harness.clock.advance(301)  # command_timeout is 300
+        self.assertFalse(self.session.transport.disconnecting)
+        self.assertEqual(self.session.take(), [])
+        blocker.execute("ROLLBACK")
+        lines = yield self.session.send(b"", replies=1)
+        self.assertIsNotNone(_ACCEPTED.match(lines[0]), lines)
+        self.assertEqual((yield self.queued()), 1)
+        self.harness.clock.advance(299)
+        self.assertFalse(self.session.transport.disconnecting)
+        self.harness.clock.advance(2)
         self.assertTrue(self.session.take()[-1].startswith("421 4.4.2 "))
 
 

@@ -282,15 +282,22 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         """Answer a command now, or hold the input until its Deferred answers it."""
         if isinstance(result, Deferred):
             self._blocked = True
+            # The idle timeout is the client's: while the relay decides (a store that is slow
+            # to commit, say) it stops, so that a message the store then keeps is not answered
+            # with a 421 (which the client would retry: a duplicate). The store's own limits
+            # bound the wait and answer 451.
+            period = self.setTimeout(None)
             result.addErrback(self._replyForFailure)
-            result.addCallback(self._answerLater)
+            result.addCallback(self._answerLater, period)
         elif result is not None:
             self._reply(result)
 
-    def _answerLater(self, reply: Reply | None) -> None:
+    def _answerLater(self, reply: Reply | None, idleTimeout: float | None = None) -> None:
         self._blocked = False
         if self._closing:
             return
+        if idleTimeout is not None:
+            self.setTimeout(idleTimeout)
         if reply is not None:
             self._reply(reply)
         self._processBuffer()
