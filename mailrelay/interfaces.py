@@ -136,10 +136,11 @@ class IMessageDelivery(Interface):
 
     account = Attribute("The model.Account this avatar submits as.")
 
-    def validateFrom(session, sender: str, smtputf8: bool):
-        """Decide MAIL FROM. ``sender`` is the path without brackets ('' for the null sender).
-        Returns Deferred[sender value]: whatever the avatar wants handed back as ``sender``
-        to validateTo and deliverMessage for this transaction."""
+    def validateFrom(session, sender: str, smtputf8: bool, size: int | None):
+        """Decide MAIL FROM. ``sender`` is the path without brackets ('' for the null sender),
+        ``size`` what the client declared with SIZE= (None: nothing), already within the
+        listener's limit. Returns Deferred[sender value]: whatever the avatar wants handed
+        back as ``sender`` to validateTo and deliverMessage for this transaction."""
 
     def validateTo(session, sender, recipient: str, accepted, smtputf8: bool):
         """Decide one RCPT TO, given the recipients already accepted (a sequence of Recipient).

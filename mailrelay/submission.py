@@ -18,7 +18,7 @@ from zope.interface import implementer
 from mailrelay.config import Config
 from mailrelay.interfaces import IMessageDelivery, IStore
 from mailrelay.model import Account, Notification, Recipient, Sender, SessionInfo, fromTimestamp
-from mailrelay.policy.content import prepareMessage
+from mailrelay.policy.content import checkSize, prepareMessage
 from mailrelay.policy.limits import RateLimiter, checkDailyQuota, startOfDay
 from mailrelay.policy.received import receivedHeader
 from mailrelay.policy.recipients import checkRecipientCount, classifyRecipient
@@ -48,10 +48,15 @@ class AccountSubmission:
         # while a client stays connected counts from its next connection.
         self._senders: tuple[Sender, ...] | None = None
 
-    def validateFrom(self, session: SessionInfo, sender: str, smtputf8: bool = False) -> Any:
-        """MAIL: the account's rate and quota, then the sender. Returns the EnvelopeSender
-        (at once when nothing needs the store, which is the common case)."""
+    def validateFrom(
+        self, session: SessionInfo, sender: str, smtputf8: bool = False, size: int | None = None
+    ) -> Any:
+        """MAIL: the declared size against the account's limit, the account's rate and quota,
+        then the sender. Returns the EnvelopeSender (at once when nothing needs the store,
+        which is the common case)."""
         account = self.account
+        if size is not None:
+            checkSize(size, account)
         self._shared.rateLimiter.check(account)
         if account.daily_quota is None and self._senders is not None:
             return checkEnvelopeSender(sender, account, self._senders, smtputf8=smtputf8)

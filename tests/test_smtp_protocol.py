@@ -150,6 +150,15 @@ class OrderAndSyntaxTests(ProtocolTestCase):
         self.assertTrue(reply.startswith("530 5.7.0 "))
 
     @inlineCallbacks
+    def test_mailBeforeAuthLearnsNothingElse(self) -> Any:
+        """Before AUTH every MAIL gets the 530, whatever its parameters: not a 552 that tells
+        the size limit, nor a 555 for a parameter."""
+        yield self.session.command("EHLO client.test")
+        for parameters in ("SIZE=999999999", "FOO=1", "SIZE=100 BODY=8BITMIME"):
+            reply = yield self.session.command(f"MAIL FROM:{FROM} {parameters}")
+            self.assertTrue(reply.startswith("530 5.7.0 "), (parameters, reply))
+
+    @inlineCallbacks
     def test_dataBeforeRcpt(self) -> Any:
         yield self.session.login()
         self.assertReply((yield self.session.command("DATA")), replies.BAD_SEQUENCE)

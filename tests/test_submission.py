@@ -350,3 +350,14 @@ class LimitTests(SubmissionTestCase):
         )
         self.assertEqual(reply[:10], "552 5.3.4 ")
         yield self.assertNothingQueued()
+
+    @inlineCallbacks
+    def test_accountMessageSizeDeclared(self) -> Any:
+        """A SIZE= over the account's own limit (below the listener's) is refused at MAIL,
+        before the client sends the message; up to the limit it is not."""
+        yield self.relogin(max_message_size=500)
+        reply = yield self.session.command(f"MAIL FROM:<{FROM}> SIZE=501")
+        self.assertEqual(reply[:10], "552 5.3.4 ")
+        self.assertIn("account acme accepts at most 500", reply)
+        reply = yield self.session.command(f"MAIL FROM:<{FROM}> SIZE=500")
+        self.assertReply(reply, replies.SENDER_OK)

@@ -559,6 +559,10 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
     def smtp_MAIL(self, argument: str) -> CommandResult:
         if self._helo is None:
             return replies.BAD_SEQUENCE.withText("Send HELO or EHLO first")
+        if self._avatar is None and self.settings.authMode != "network":
+            # Before anything about the command: a client that has not logged in learns
+            # nothing of the limits (nor whether its parameters would do).
+            return replies.AUTH_REQUIRED
         if self._transaction is not None:
             return replies.BAD_SEQUENCE.withText("Sender already specified")
         if not argument[:5].upper() == "FROM:":
@@ -573,7 +577,10 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
 
         def validate(avatar: Any) -> Reply | Deferred[Reply]:
             return self._decide(
-                lambda: avatar.validateFrom(self._session(), sender, options.smtputf8), accepted
+                lambda: avatar.validateFrom(
+                    self._session(), sender, options.smtputf8, options.size
+                ),
+                accepted,
             )
 
         def accepted(validated: Any) -> Reply:
@@ -582,16 +589,11 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
 
         if self._avatar is not None:
             return validate(self._avatar)
-        d = self._avatarForMail()
-        if isinstance(d, Reply):
-            return d
-        return d.addCallback(validate)
+        return self._avatarForMail().addCallback(validate)
 
-    def _avatarForMail(self) -> Deferred[Any] | Reply:
-        """The avatar of a client that has not authenticated: by its address on a
-        relay-by-IP listener, else the reply that asks for AUTH."""
-        if self.settings.authMode != "network":
-            return replies.AUTH_REQUIRED
+    def _avatarForMail(self) -> Deferred[Any]:
+        """The avatar of a client that has not authenticated on a relay-by-IP listener: the
+        account whose networks hold its address (fails with AUTH_REQUIRED if none does)."""
         networkLogin = self.settings.networkLogin
         assert networkLogin is not None, "network listeners are built with networkLogin"
         d = maybeDeferred(networkLogin, self._session())
