@@ -355,13 +355,15 @@ async def status(store: IStore, args: argparse.Namespace, console: Console) -> N
     document = statusDocument(args.id, await store.statusTrail(args.id))
     events = document["SAPnotification"]["status"]
     if args.json:
+        # The HTTP API's document in every case (an unknown id's has an empty list), and the
+        # same exit status as without --json, so that a script can tell the two apart.
         console.printJson(document)
     elif events:
         console.printTable(
             [("TIMESTAMP (UTC)", "RECIPIENT", "STATUS", "TEXT")]
             + [(e["timestamp"], e["recipient"], e["statusCode"], e["statusText"]) for e in events]
         )
-    else:
+    if not events:
         raise CommandError(f"no status for notification {args.id} (unknown or expired)")
 
 

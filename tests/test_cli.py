@@ -381,7 +381,7 @@ class StatusAndQueueTests(CLITestsBase):
                 self.ok("queue", "stats"),
                 self.ok("queue", "stats", "--json"),
                 self.mailrelay("status", unknownId),
-                self.ok("status", unknownId, "--json"),
+                self.mailrelay("status", unknownId, "--json"),
             ]
         )
         self.assertEqual(document.json(), statusDocument(nid, await store.statusTrail(nid)))
@@ -399,8 +399,14 @@ class StatusAndQueueTests(CLITestsBase):
         self.assertEqual(statsJson.json(), {"queued": 1, "deferred": 0, "in_flight": 0})
         self.assertIn("queued:", stats.out)
         self.assertOneLineError(unknown, unknownId, code=1)
+        # With --json: the HTTP API's document for an unknown id, and the same exit status.
         self.assertEqual(
             unknownJson.json(), {"SAPnotification": {"notificationId": unknownId, "status": []}}
+        )
+        self.assertEqual(unknownJson.code, 1)
+        self.assertEqual(
+            unknownJson.err,
+            f"mailrelay: no status for notification {unknownId} (unknown or expired)\n",
         )
 
 
