@@ -144,6 +144,51 @@ class FromHeaderTests(RefusalMixin, SynchronousTestCase):
         raw = b"From: <<<@>>>\r\n\r\nbody\r\n"
         self.assertRefused(CONTENT_REFUSED, prepare, raw)
 
+    def test_malformedListsRefused(self) -> None:
+        """
+        Address lists the ``email`` parser reads only in part (it keeps the registered first
+        address and drops the rest, with a defect) are refused: a mail client or a DMARC
+        check may well read the other address as the author.
+        """
+        for value in (
+            b"jo@example.com <eve@evil.example>",
+            b"<jo@example.com> <eve@evil.example>",
+            b"jo@example.com;eve@evil.example",
+            b'"x" <jo@example.com>eve@evil.example',
+            b"jo@example.com (comment <eve@evil.example>",
+            b"<jo@example.com",
+        ):
+            raw = b"From: " + value + b"\r\nTo: bob@example.org\r\n\r\nbody\r\n"
+            e = self.assertRefused(CONTENT_REFUSED, prepare, raw)
+            self.assertIn("From: header is not a valid address list", e.reply.text)
+
+    def test_unusualButValidFormsPass(self) -> None:
+        for value in (
+            b'"Jo" <jo@example.com>',
+            b"jo@example.com (Jo)",
+            b"Jo.Smith <jo@example.com>",  # obsolete syntax (an unquoted dot), still one address
+            b"Sales: jo@example.com;",
+        ):
+            raw = b"From: " + value + b"\r\nTo: bob@example.org\r\n\r\nbody\r\n"
+            self.assertEqual(prepare(raw).fromAddress, "jo@example.com", value)
+
+    def test_nulInHeaderRefused(self) -> None:
+        raw = b"From: <jo@example.com>\x00<eve@evil.example>\r\n\r\nbody\r\n"
+        e = self.assertRefused(CONTENT_REFUSED, prepare, raw)
+        self.assertIn("NUL", e.reply.text)
+
+    def test_headerSizeLimit(self) -> None:
+        """A header block over 256 KiB is refused before any field is parsed; one just under
+        passes (the message itself may be larger: the limit is the header's)."""
+        filler = b"X-Filler: " + b"a" * 990 + b"\r\n"
+        base = b"From: jo@example.com\r\nTo: bob@example.org\r\n"
+        fits = base + filler * ((256 * 1024 - len(base)) // len(filler))
+        self.assertEqual(
+            prepare(fits + b"\r\n" + b"body\r\n" * 40000).fromAddress, "jo@example.com"
+        )
+        e = self.assertRefused(CONTENT_REFUSED, prepare, fits + filler + b"\r\nbody\r\n")
+        self.assertIn("256 KiB", e.reply.text)
+
 
 class AlternativeTests(RefusalMixin, SynchronousTestCase):
     ACCOUNT = account(require_alternative=True)
@@ -234,6 +279,12 @@ class RcptHeaderTests(RefusalMixin, SynchronousTestCase):
     def test_toNotAmongRecipients(self) -> None:
         raw = wire(mail(To="mallory@example.org"))
         self.assertRefused(CONTENT_REFUSED, prepare, raw, self.ACCOUNT)
+
+    def test_malformedToRefused(self) -> None:
+        """A To: the parser reads only in part (``mallory`` dropped) does not pass as Bob's."""
+        raw = b"From: jo@example.com\r\nTo: bob@example.org <mallory@example.org>\r\n\r\nhi\r\n"
+        e = self.assertRefused(CONTENT_REFUSED, prepare, raw, self.ACCOUNT)
+        self.assertIn("To: header is not a valid address list", e.reply.text)
 
     def test_bccNotChecked(self) -> None:
         prepare(wire(mail(Bcc="hidden@example.org")), self.ACCOUNT, (BOB,))

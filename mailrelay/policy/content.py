@@ -74,14 +74,42 @@ _SIMPLE_ADDRESS = re.compile(
     rf"[ \t]*(?:(?:\"[^\"\\]*\"|[A-Za-z0-9 .'_-]*)[ \t]*<{_ADDR_SPEC}>|{_ADDR_SPEC})[ \t]*"
 )
 _HEADER_REGISTRY = HeaderRegistry()
+MAX_HEADER_BLOCK = 256 * 1024
+"""The largest header block accepted (a To: of 1,000 addresses is ~40 KiB; Postfix's
+``header_size_limit`` is 100 KiB): the header is parsed field by field on the reactor
+thread, and a message's size limit alone would let it be many megabytes."""
+_MOST_CACHED_HEADER = 1024
+_MALFORMED_ADDRESS_LIST = (
+    email.errors.InvalidHeaderDefect,
+    email.errors.NonPrintableDefect,
+    email.errors.HeaderMissingRequiredValue,
+)
+"""Defects of an address field's parse that refuse it: the ``email`` parser then keeps what
+it could read (the first address of ``b@acme.example <a@evil.com>``) and drops the rest,
+which a mail client or a DMARC check may read differently. Only the spacing around an
+encoded-word is forgiven (``email`` itself writes ``<jo@=?utf-8?q?b=C3=BCcher?=.de>``)."""
+
+
+def _isMalformedAddressList(defect: email.errors.MessageDefect) -> bool:
+    if not isinstance(defect, _MALFORMED_ADDRESS_LIST):
+        return False
+    return "encoded-word" not in str(defect) and "encoded word" not in str(defect)
+
+
+def _headerFactory(name: str, value: str) -> BaseHeader:
+    """
+    ``email.policy.SMTP``'s header factory, remembered for short values: the parser asks for
+    a part's parsed Content-Type a dozen times, and each time parses it again; header objects
+    are immutable. Long values are parsed each time (a parsed header holds ~100 times its
+    text in memory, and the cache would keep 512 of them).
+    """
+    if len(value) <= _MOST_CACHED_HEADER:
+        return _cachedHeader(name, value)
+    return cast(BaseHeader, _HEADER_REGISTRY(name, value))
 
 
 @functools.lru_cache(maxsize=512)
-def _headerFactory(name: str, value: str) -> BaseHeader:
-    """
-    ``email.policy.SMTP``'s header factory, remembered: the parser asks for a part's parsed
-    Content-Type a dozen times, and each time parses it again; header objects are immutable.
-    """
+def _cachedHeader(name: str, value: str) -> BaseHeader:
     return cast(BaseHeader, _HEADER_REGISTRY(name, value))
 
 
@@ -176,12 +204,16 @@ class _Header:
     """
 
     def __init__(self, block: bytes) -> None:
+        if len(block) > MAX_HEADER_BLOCK:
+            raise _refuse(f"The header is larger than {MAX_HEADER_BLOCK // 1024} KiB")
         self.block = block
         self.lines = block.split(b"\r\n") if block else []
         self.fields: list[_Field] = []
         lineEndings = block.count(b"\r\n")
         if block.count(b"\r") > lineEndings or block.count(b"\n") > lineEndings:
             raise Refused(BARE_LINE_ENDING)  # a CR or LF that is not part of a CRLF
+        if b"\x00" in block:
+            raise _refuse("The header contains a NUL character")
         for i, line in enumerate(self.lines):
             if line[:1] in (b" ", b"\t"):
                 if not self.fields:
@@ -273,6 +305,8 @@ def _addresses(header: _Header, name: str) -> list[Mailbox]:
             mailboxes.append(simple)
             continue
         parsed = header.parsed(field)
+        if any(_isMalformedAddressList(d) for d in parsed.defects):
+            raise _refuse(f"The {name.title()}: header is not a valid address list")
         for address in cast(AddressHeader, parsed).addresses:
             try:
                 mailboxes.append(mailboxFromParts(address.username, address.domain))
