@@ -780,6 +780,15 @@ class ChunkingTests(ProtocolTestCase):
         self.assertFalse(self.session.transport.disconnecting)
 
     @inlineCallbacks
+    def test_hugeSizeIsASyntaxError(self) -> Any:
+        """A size of thousands of digits is a 501, not an int() error that drops the
+        connection with a traceback in the log (Python refuses to convert over 4,300)."""
+        lines = yield self.session.send(b"BDAT " + b"9" * 5000 + b" LAST\r\nNOOP\r\n", 2)
+        self.assertTrue(lines[0].startswith("501 5.5.4 Syntax: BDAT"), lines)
+        self.assertReply(lines[1], replies.OK)
+        self.assertFalse(self.session.transport.disconnecting)
+
+    @inlineCallbacks
     def test_tooBig(self) -> Any:
         yield self.begin()
         lines = yield self.session.send(b"BDAT 2001 LAST\r\n" + b"x" * 2001 + b"NOOP\r\n", 2)

@@ -254,7 +254,7 @@ class NotificationStatusTests(WebSiteTestsBase):
             self.assertError(document, 400)
 
     async def test_unknownId(self) -> None:
-        for nid in ("100000009020772", "not-a-number", "99999999999999999999999"):
+        for nid in ("100000009020772", "not-a-number", "99999999999999999999999", "9" * 5000):
             document = await self.getJSON(f"/acme/notifications/id/{nid}")
             self.assertEqual(document, emptyDocument(nid))
 
@@ -454,7 +454,7 @@ class BulkTests(WebSiteTestsBase):
         self.assertEqual((seen, pages), (ids, 3))
 
     async def test_badPageParameters(self) -> None:
-        for query in ("limit=0", "limit=1001", "limit=x", "after=abc"):
+        for query in ("limit=0", "limit=1001", "limit=x", "after=abc", "limit=" + "9" * 5000):
             document = await self.getJSON(
                 f"/acme/notifications/bulk/spring?{query}", expectedCode=400
             )

@@ -701,7 +701,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         words = argument.split()
         if (
             not 1 <= len(words) <= 2
-            or not (words[0].isascii() and words[0].isdigit())
+            or not (len(words[0]) <= 20 and words[0].isascii() and words[0].isdigit())
             or (len(words) == 2 and words[1].upper() != "LAST")
         ):
             return replies.SYNTAX_ERROR.withText("Syntax: BDAT size [LAST]")

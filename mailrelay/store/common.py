@@ -36,7 +36,8 @@ def fromMillis(millis: int) -> datetime:
 
 def idNumber(notificationId: str) -> int | None:
     """The integer a notification id is stored as, or None if it cannot be one of ours."""
-    if notificationId.isascii() and notificationId.isdigit():
+    # 2**63 has 19 digits; a longer string is no id (and int() refuses past 4,300 digits).
+    if len(notificationId) <= 19 and notificationId.isascii() and notificationId.isdigit():
         number = int(notificationId)
         if number < 2**63 and str(number) == notificationId:
             return number

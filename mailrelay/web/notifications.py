@@ -41,7 +41,9 @@ def pageLimit(values: list[str]) -> int:
     if not values:
         return MAX_BULK_PAGE
     text = values[0]
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_BULK_PAGE:
+    if not (len(text) <= 9 and text.isascii() and text.isdigit()) or not (
+        1 <= int(text) <= MAX_BULK_PAGE
+    ):
         raise BadQuery(f"limit must be an integer from 1 to {MAX_BULK_PAGE}")
     return int(text)
 
