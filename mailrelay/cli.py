@@ -95,6 +95,11 @@ def smsSegments(text: str) -> int:
 
 
 _RATE = re.compile(r"(\d+(?:\.\d+)?)/s")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _escapeControl(match: re.Match[str]) -> str:
+    return f"\\x{ord(match.group()):02x}"
 
 
 def rate(text: str) -> float | None:
@@ -166,7 +171,9 @@ class Console:
         self.say(json.dumps(document, indent=2, ensure_ascii=False))
 
     def printTable(self, rows: Sequence[Sequence[str]]) -> None:
-        """Rows as left-aligned columns."""
+        """Rows as left-aligned columns; control characters (which a stored value from a
+        client could carry to the operator's terminal) shown as ``\\xNN``."""
+        rows = [[_CONTROL.sub(_escapeControl, cell) for cell in row] for row in rows]
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
             cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))

@@ -444,6 +444,20 @@ class ConfigTests(CLITestsBase):
         self.assertOneLineError(result, "sqlite", code=1)
 
 
+class ConsoleTests(TestCase):
+    def test_tableShowsControlCharactersEscaped(self) -> None:
+        """A value a client stored (a recipient, say) cannot send escape sequences to the
+        operator's terminal through a listing."""
+        out = io.StringIO()
+        Console(out, io.StringIO(), io.StringIO()).printTable(
+            [("RECIPIENT", "STATUS"), ("email:x\x1b[31m@example.org\x9b", "CAAS_RECEIVED")]
+        )
+        self.assertEqual(
+            out.getvalue().splitlines()[1],
+            "email:x\\x1b[31m@example.org\\x9b  CAAS_RECEIVED",
+        )
+
+
 class ConsoleScriptTests(CLITestsBase):
     """The real console script: output, JSON, exit statuses and one-line errors."""
 

@@ -83,7 +83,15 @@ class InvalidTests(SynchronousTestCase):
             self.assertInvalid(text)
 
     def test_badLiteral(self) -> None:
-        for text in ("u@[300.1.1.1]", "u@[IPv6:zz::1]", "u@[tag:stuff]", "u@[1.2.3.4"):
+        for text in (
+            "u@[300.1.1.1]",
+            "u@[IPv6:zz::1]",
+            "u@[tag:stuff]",
+            "u@[1.2.3.4",
+            # A scope id: ipaddress takes any text after the %, control characters included.
+            "u@[IPv6:fe80::1%eth0]",
+            "u@[IPv6:fe80::1%\x1b[31m\x0b(bar)\x7f]",
+        ):
             self.assertInvalid(text)
 
     def test_unquotedSpecials(self) -> None:

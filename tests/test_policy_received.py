@@ -70,6 +70,21 @@ class ReceivedTests(SynchronousTestCase):
         )
         self.assertNotIn(b"for <", header)
 
+    def test_forClauseHasNoControlCharacters(self) -> None:
+        """Whatever let one through the address checks, no control character reaches the
+        header; UTF-8 (an SMTPUTF8 address) does."""
+        header = receivedHeader(
+            hostname="h.example",
+            helo="c",
+            clientAddress="192.0.2.1",
+            tlsInfo=None,
+            authenticated=True,
+            notificationId="1",
+            recipients=[Recipient("jörg\x1b[31m\x0b@example.org", "email")],
+            now=NOW,
+        )
+        self.assertIn("for <jörg?[31m?@example.org>;".encode(), header)
+
     def test_clientTextCannotInjectHeaders(self) -> None:
         header = receivedHeader(
             hostname="h.example",

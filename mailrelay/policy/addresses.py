@@ -117,6 +117,8 @@ def _checkAsciiDomain(domain: str) -> str:
 def _checkLiteral(literal: str) -> str:
     inner = literal[1:-1] if literal.endswith("]") else ""
     try:
+        if "%" in inner:  # an IPv6 scope id: any text at all to ipaddress, and no use here
+            raise ValueError(inner)
         if inner[:5].lower() == "ipv6:":
             return f"[IPv6:{ipaddress.IPv6Address(inner[5:]).compressed}]"
         return f"[{ipaddress.IPv4Address(inner)}]"

@@ -20,6 +20,7 @@ from mailrelay.model import Recipient
 
 MAX_FIELD = 255
 _UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\;]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def _clean(text: str, default: str = "unknown") -> str:
@@ -77,7 +78,9 @@ def receivedHeader(
         lines[-1] += f" (using {words})"
     lines.append(f"id {_clean(notificationId)}")
     if len(recipients) == 1 and recipients[0].channel == "email":
-        lines.append(f"for <{recipients[0].address}>")
+        # A checked address, UTF-8 allowed (SMTPUTF8); no control character, whatever let
+        # one through.
+        lines.append(f"for <{_CONTROL.sub('?', recipients[0].address)}>")
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
     lines[-1] += ";"
