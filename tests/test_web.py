@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
@@ -29,6 +31,7 @@ from mailrelay.model import HeaderOptions, Notification, Recipient, StatusEvent
 from mailrelay.store.sqlite import SQLiteStore
 from mailrelay.submission import Submissions
 from mailrelay.web import ListenerState, makeWebSite
+from mailrelay.web.responses import MAX_REQUEST_BODY
 
 PASSWORD = "correct horse battery staple"
 PASSWORD_HASH = hashPassword(PASSWORD)  # once: Argon2 is slow by design
@@ -479,6 +482,46 @@ class BulkTests(WebSiteTestsBase):
 
 class OperationsTests(WebSiteTestsBase):
     """``/healthz``, ``/metrics``, ``/openapi.json``, and answers to what is not there."""
+
+    def exchange(self, request: bytes) -> Any:
+        """Send raw bytes on a new connection (in a thread); all it gets back until the server
+        closes the connection (or 10 s pass)."""
+        port = int(self.base.rsplit(":", 1)[1])
+
+        def talk() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                try:
+                    client.sendall(request)
+                except OSError:
+                    pass  # the server may close before all of a large body is sent
+                received = b""
+                while chunk := client.recv(65536):
+                    received += chunk
+                return received
+
+        return deferToThread(talk)
+
+    async def test_largeBodyRefused(self) -> None:
+        """The API reads no body, and does not keep one: a declared or chunked body over the
+        limit gets a JSON 413 and the connection closed, before more of it is read."""
+        head = b"POST /healthz HTTP/1.1\r\nHost: x\r\n"
+        declared = await self.exchange(head + b"Content-Length: 10000000000\r\n\r\n")
+        chunk = b"%x\r\n" % 4096 + b"a" * 4096 + b"\r\n"
+        count = MAX_REQUEST_BODY // 4096 + 2
+        chunked = await self.exchange(head + b"Transfer-Encoding: chunked\r\n\r\n" + chunk * count)
+        for answer in (declared, chunked):
+            status, _, rest = answer.partition(b"\r\n")
+            self.assertEqual(status, b"HTTP/1.1 413 Content Too Large")
+            headers, _, body = rest.partition(b"\r\n\r\n")
+            self.assertIn(b"Connection: close", headers)
+            self.assertEqual(json.loads(body)["error"]["code"], 413)
+
+    async def test_smallBodyIgnored(self) -> None:
+        answer = await self.exchange(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Length: 5\r\n\r\nhello"
+        )
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:100])
 
     async def test_healthy(self) -> None:
         document = await self.getJSON("/healthz", auth=None)

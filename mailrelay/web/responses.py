@@ -27,6 +27,7 @@ _MESSAGES = {
     403: "forbidden",
     404: "not found",
     405: "method not allowed",
+    413: "the API takes no request body",
     429: "too many failed logins; retry later",
     500: "internal error",
     503: "service unavailable",
@@ -96,3 +97,52 @@ class JSONErrorRequest(server.Request):
         elif not self.finished:
             self.finish()
         return reason
+
+
+MAX_REQUEST_BODY = 16 * 1024
+"""The most request body the endpoint reads. Its resources read none, but twisted.web would
+keep any amount (a temporary file past 100 KB) before a resource saw the request."""
+
+
+class BoundedRequest(JSONErrorRequest):
+    """
+    The web endpoint's request: a body over :data:`MAX_REQUEST_BODY` (declared, or counted
+    as a chunked one arrives) is answered ``413`` with the JSON error body, and the
+    connection closed, before any more of it is read.
+    """
+
+    _bodyRead = 0
+    _refused = False
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > MAX_REQUEST_BODY:
+            self._refuseBody()
+        super().gotLength(length if length is None or length <= MAX_REQUEST_BODY else 0)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._bodyRead += len(data)
+        if self._bodyRead > MAX_REQUEST_BODY:
+            self._refuseBody()
+            return
+        super().handleContentChunk(data)
+
+    def _refuseBody(self) -> None:
+        # No method or version has been read into the request yet (that happens once the
+        # whole body is in), so the answer is written as it must appear on the wire.
+        self._refused = True
+        response = errorResponse(413)
+        head = (
+            "HTTP/1.1 413 Content Too Large\r\n"
+            f"Server: {SERVER_NAME.decode()}\r\n"
+            f"Content-Type: {response.contentType}\r\n"
+            f"Content-Length: {len(response.body)}\r\n"
+            f"Cache-Control: {response.cacheControl}\r\n"
+            "X-Content-Type-Options: nosniff\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        transport = self.channel.transport
+        assert transport is not None, "a request arrives on a connected channel"
+        transport.write(head.encode("ascii") + response.body)
+        self.channel.loseConnection()

@@ -38,7 +38,7 @@ from mailrelay.web.notifications import (
     recipientFilter,
 )
 from mailrelay.web.responses import (
-    JSONErrorRequest,
+    BoundedRequest,
     Response,
     errorResponse,
     jsonResponse,
@@ -221,6 +221,6 @@ def makeWebSite(
         Health(store, clock, listenersUp, workers=workers),
         openAPIDocument(),
     )
-    site = server.Site(root, requestFactory=JSONErrorRequest, timeout=REQUEST_TIMEOUT)
+    site = server.Site(root, requestFactory=BoundedRequest, timeout=REQUEST_TIMEOUT)
     site.displayTracebacks = False
     return site
