@@ -350,6 +350,20 @@ class AuthTests(ProtocolTestCase):
         other = self.harness.connect(clientAddress="192.0.2.8")
         yield other.login()
 
+    @inlineCallbacks
+    def test_successDoesNotClearFailures(self) -> Any:
+        """A client with an account of its own cannot keep the count of failures from its
+        address down by logging in as itself between guesses at another's password."""
+        for guesses in range(1, 11):  # the harness's throttle allows 10 in 5 minutes
+            session = self.harness.connect()
+            yield session.command("EHLO client.test")
+            reply = yield session.command(f"AUTH PLAIN {plain(ACCOUNT, 'guess')}")
+            self.assertTrue(reply.startswith("535 5.7.8 "), reply)
+            reply = yield session.command(f"AUTH PLAIN {plain(ACCOUNT, PASSWORD)}")
+            if guesses < 10:
+                self.assertReply(reply, replies.AUTH_OK)
+        self.assertTrue(reply.startswith("421 4.7.0 "), reply)
+
 
 class EncryptionRequiredTests(ProtocolTestCase):
     def setUp(self) -> Any:

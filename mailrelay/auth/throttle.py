@@ -2,8 +2,10 @@
 Failed-login throttling per client address, shared by SMTP AUTH and HTTP Basic auth.
 
 After ``maxFailures`` failures from one address within ``window`` seconds, that address is
-refused without checking credentials until the window has passed. Entries are forgotten lazily,
-and the table is bounded so that a flood of addresses cannot grow it without limit.
+refused without checking credentials until the window has passed. A successful login does not
+clear the count: a client with an account of its own could otherwise guess at another's
+password without end, logging in as itself after every few guesses. Entries are forgotten
+lazily, and the table is bounded so that a flood of addresses cannot grow it without limit.
 """
 
 from __future__ import annotations
@@ -49,7 +51,3 @@ class LoginThrottle:
         self._failures[address] = (first, count + 1)
         while len(self._failures) > self._maxAddresses:
             self._failures.popitem(last=False)
-
-    def succeeded(self, address: str) -> None:
-        """A successful login clears the address's record."""
-        self._failures.pop(address, None)

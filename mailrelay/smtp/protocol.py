@@ -532,7 +532,6 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
     def _loggedIn(self, result: tuple[Any, Any, Callable[[], None]]) -> Reply:
         _, avatar, logout = result
         self._avatar, self._logout, self._authenticated = avatar, logout, True
-        self.settings.throttle.succeeded(self._clientAddress)
         metrics.authentications.labels("success").inc()
         self.log.info(
             "{client} authenticated as {account}",

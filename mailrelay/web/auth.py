@@ -91,7 +91,6 @@ class BasicLogin:
             raise Unauthenticated() from None
         _, avatar, logout = loggedIn
         logout()
-        self._throttle.succeeded(clientAddress)
         metrics.authentications.labels("success").inc()
         return str(avatar.account.name)
 
