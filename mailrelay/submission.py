@@ -9,10 +9,10 @@ stored at all.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from zope.interface import implementer
 
 from mailrelay.config import Config
@@ -35,15 +35,38 @@ class Submissions:
         # Each worker process keeps its own buckets, so each allows its share of the rate.
         self.rateLimiter = RateLimiter(clock.seconds, share=1 / config.workers)
 
-    def __call__(self, account: Account) -> AccountSubmission:
-        return AccountSubmission(account, self)
+    def __call__(
+        self, account: Account, recheck: Callable[[], Deferred[Account]] | None = None
+    ) -> AccountSubmission:
+        return AccountSubmission(account, self, recheck)
+
+
+LOGIN_RECHECK_SECONDS = 1.0
+"""How often (at most) an open session asks whether its login still holds: the store
+remembers account data for as long (ACCOUNT_CACHE_SECONDS), so asking more often finds
+nothing new."""
 
 
 @implementer(IMessageDelivery)
 class AccountSubmission:
-    def __init__(self, account: Account, shared: Submissions) -> None:
+    """
+    One session's avatar. ``recheck`` (from the realm) says whether the login that made it
+    still holds, with the account as it is now: at a MAIL at least ``LOGIN_RECHECK_SECONDS``
+    after the last answer it is asked again, so that an account disabled, an API key revoked
+    or a client network removed ends the sessions open on it (421, then close) instead of
+    leaving them to send on for as long as they stay connected, and changed limits count.
+    """
+
+    def __init__(
+        self,
+        account: Account,
+        shared: Submissions,
+        recheck: Callable[[], Deferred[Account]] | None = None,
+    ) -> None:
         self.account = account
         self._shared = shared
+        self._recheck = recheck
+        self._checkedAt = shared.clock.seconds()
         # Fetched at the first MAIL of a session and kept for its life: a sender registered
         # while a client stays connected counts from its next connection.
         self._senders: tuple[Sender, ...] | None = None
@@ -51,9 +74,22 @@ class AccountSubmission:
     def validateFrom(
         self, session: SessionInfo, sender: str, smtputf8: bool = False, size: int | None = None
     ) -> Any:
-        """MAIL: the declared size against the account's limit, the account's rate and quota,
-        then the sender. Returns the EnvelopeSender (at once when nothing needs the store,
-        which is the common case)."""
+        """MAIL: whether the login still holds (now and then), the declared size against the
+        account's limit, the account's rate and quota, then the sender. Returns the
+        EnvelopeSender (at once when nothing needs the store, which is the common case)."""
+        now = self._shared.clock.seconds()
+        if self._recheck is not None and now - self._checkedAt >= LOGIN_RECHECK_SECONDS:
+            d = self._recheck()
+            d.addCallback(self._rechecked, now)
+            d.addCallback(lambda _: self._validateFrom(sender, smtputf8, size))
+            return d
+        return self._validateFrom(sender, smtputf8, size)
+
+    def _rechecked(self, account: Account, when: float) -> None:
+        self.account = account
+        self._checkedAt = when
+
+    def _validateFrom(self, sender: str, smtputf8: bool, size: int | None) -> Any:
         account = self.account
         if size is not None:
             checkSize(size, account)

@@ -14,9 +14,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
+from mailrelay.auth.credentials import APIKeyLogin
 from mailrelay.auth.realm import RememberedNetworks, SubmissionRealm
-from mailrelay.interfaces import StoreError
+from mailrelay.auth.secrets import newApiKey
+from mailrelay.interfaces import IMessageDelivery, StoreError
 from mailrelay.model import Account, SessionInfo
+from mailrelay.smtp.replies import LOGIN_WITHDRAWN, Refused
 from mailrelay.store.sqlite import SQLiteStore
 from tests.smtp_fixture import PASSWORD_HASH
 
@@ -31,7 +34,9 @@ class CountingStore(SQLiteStore):
         return super().listAccounts()
 
 
-class RememberedNetworksTests(TestCase):
+class RealmTestsBase(TestCase):
+    """A real SQLite store with account ``erp`` (networks 10.1.0.0/16) and ``other``."""
+
     async def setUp(self) -> None:
         directory = Path(self.mktemp())
         directory.mkdir()
@@ -52,6 +57,8 @@ class RememberedNetworksTests(TestCase):
         index = await self.networks.index()
         return index.accountFor(ip)
 
+
+class RememberedNetworksTests(RealmTestsBase):
     async def test_readAtMostOnceASecond(self) -> None:
         for _ in range(20):
             self.assertEqual(await self.accountFor("10.1.2.3"), self.erp)
@@ -80,8 +87,56 @@ class RememberedNetworksTests(TestCase):
         self.assertEqual(self.store.listed, 2)
 
     async def test_networkLogin(self) -> None:
-        realm = SubmissionRealm(self.store, lambda account: ("avatar of", account), self.clock)
+        realm = SubmissionRealm(self.store, lambda account, _: ("avatar of", account), self.clock)
         avatar, logout = await realm.networkLogin(SessionInfo("10.1.9.9", "network"))
         self.assertEqual(avatar, ("avatar of", self.erp))
         logout()
         self.assertIsNone(await realm.networkLogin(SessionInfo("198.51.100.7", "network")))
+
+
+class LoginRecheckTests(RealmTestsBase):
+    """An open session asks the realm now and then whether its login still holds."""
+
+    async def setUp(self) -> None:
+        await super().setUp()
+        self.realm = SubmissionRealm(self.store, lambda account, recheck: recheck, self.clock)
+
+    async def login(self, avatarId: Any, address: str = "10.1.9.9") -> Any:
+        _, recheck, _ = await self.realm.requestAvatar(
+            avatarId, SessionInfo(address, "relay.test"), IMessageDelivery
+        )
+        return recheck
+
+    async def assertWithdrawn(self, recheck: Any) -> None:
+        with self.assertRaises(Refused) as caught:
+            await recheck()
+        self.assertEqual(caught.exception.reply, LOGIN_WITHDRAWN)
+
+    async def test_passwordLogin(self) -> None:
+        recheck = await self.login("erp")
+        self.assertEqual(await recheck(), self.erp)
+        changed = replace(self.erp, max_message_size=1000)
+        await self.store.updateAccount(changed)
+        self.assertEqual(await recheck(), changed)  # the account as it is now
+        await self.store.updateAccount(replace(changed, enabled=False))
+        await self.assertWithdrawn(recheck)
+
+    async def test_networksChanged(self) -> None:
+        recheck = await self.login("erp")
+        await self.withNetworks(self.erp, "192.0.2.0/24")
+        await self.assertWithdrawn(recheck)
+
+    async def test_apiKeyRevoked(self) -> None:
+        keyId, _, keyHash = newApiKey()
+        await self.store.addApiKey("erp", keyId, keyHash)
+        recheck = await self.login(APIKeyLogin("erp", keyHash))
+        self.assertEqual(await recheck(), self.erp)
+        await self.store.revokeApiKey("erp", keyId)
+        await self.assertWithdrawn(recheck)
+
+    async def test_networkLoginMoved(self) -> None:
+        recheck, _ = await self.realm.networkLogin(SessionInfo("10.1.9.9", "network"))
+        self.assertEqual(await recheck(), self.erp)
+        await self.withNetworks(self.erp, "192.0.2.0/24")
+        self.clock.advance(1)  # the remembered networks are read again
+        await self.assertWithdrawn(recheck)

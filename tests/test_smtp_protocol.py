@@ -8,6 +8,7 @@ code), so the table and the tests cannot drift apart.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import re
 import socket
 import sqlite3
@@ -16,12 +17,14 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.protocol import ServerFactory
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from mailrelay.smtp import replies
 from mailrelay.smtp.listener import SubmissionFactory
 from mailrelay.smtp.replies import Reply
+from mailrelay.submission import LOGIN_RECHECK_SECONDS
 from tests.smtp_fixture import ACCOUNT, PASSWORD, SENDER_DOMAIN, ProtocolHarness, plain
 
 FROM = f"<app@{SENDER_DOMAIN}>"
@@ -349,6 +352,20 @@ class AuthTests(ProtocolTestCase):
         self.assertTrue(reply.startswith("421 4.7.0 "))
         other = self.harness.connect(clientAddress="192.0.2.8")
         yield other.login()
+
+    @inlineCallbacks
+    def test_disabledAccountEndsOpenSessions(self) -> Any:
+        """A client that stays connected does not keep sending for an account disabled since
+        it logged in: within a second its next MAIL gets a 421 and the connection closes."""
+        yield self.session.login()
+        self.assertReply((yield self.session.command(f"MAIL FROM:{FROM}")), replies.SENDER_OK)
+        yield self.session.command("RSET")
+        account = yield self.harness.store.getAccount(ACCOUNT)
+        yield self.harness.store.updateAccount(dataclasses.replace(account, enabled=False))
+        yield deferLater(reactor, LOGIN_RECHECK_SECONDS, lambda: None)
+        reply = yield self.session.command(f"MAIL FROM:{FROM}")
+        self.assertReply(reply, replies.LOGIN_WITHDRAWN)
+        self.assertTrue(self.session.transport.disconnecting)
 
     @inlineCallbacks
     def test_successDoesNotClearFailures(self) -> Any:

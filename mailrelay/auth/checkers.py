@@ -29,7 +29,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from mailrelay.auth.credentials import IAPIKey
+from mailrelay.auth.credentials import APIKeyLogin, IAPIKey
 from mailrelay.auth.secrets import hashApiKey, hashPassword, verifyPassword
 from mailrelay.interfaces import IStore
 
@@ -142,4 +142,4 @@ class APIKeyChecker:
         account = yield self._store.getAccount(apiKey.account)
         if account is None or not account.enabled:
             raise UnauthorizedLogin()
-        return account.name
+        return APIKeyLogin(account.name, keyHash)

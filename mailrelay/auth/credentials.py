@@ -7,6 +7,8 @@ account name with its password. :func:`credentialsFor` is the one place that mak
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from twisted.cred.credentials import ICredentials, IUsernamePassword, UsernamePassword
 from zope.interface import Attribute, implementer
 
@@ -33,3 +35,12 @@ def credentialsFor(username: str, password: str) -> IAPIKey | IUsernamePassword:
     if username == API_KEY_USER:
         return APIKeyCredentials(password)
     return UsernamePassword(username.encode("utf-8"), password.encode("utf-8"))
+
+
+@dataclass(frozen=True)
+class APIKeyLogin:
+    """The avatar id an API-key login gives the realm: the account, and which key (by its
+    hash) it used, so that an open session can find the key revoked."""
+
+    account: str
+    keyHash: str

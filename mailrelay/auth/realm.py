@@ -8,6 +8,7 @@ account (from the store) and the client (the login's ``mind``, a SessionInfo) kn
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin
@@ -19,12 +20,17 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailrelay.auth.checkers import AccountPasswordChecker, APIKeyChecker, VerifiedPasswords
+from mailrelay.auth.credentials import APIKeyLogin
 from mailrelay.interfaces import IMessageDelivery, IStore
 from mailrelay.model import Account, SessionInfo
 from mailrelay.policy.limits import NetworkIndex, clientAllowed
+from mailrelay.smtp.replies import LOGIN_WITHDRAWN, Refused
 from mailrelay.store.common import ACCOUNT_CACHE_SECONDS
 
-AvatarFactory = Callable[[Account], Any]
+Recheck = Callable[[], Deferred[Account]]
+"""Whether the login that made a session still holds: fires with the account as it is now,
+or fails with ``Refused(LOGIN_WITHDRAWN)``."""
+AvatarFactory = Callable[[Account, Recheck], Any]
 
 
 def _noLogout() -> None:
@@ -90,12 +96,17 @@ class SubmissionRealm:
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
         if IMessageDelivery not in interfaces:
             raise NotImplementedError("mailrelay's realm only makes IMessageDelivery avatars")
-        account = yield self._store.getAccount(avatarId)
-        if account is None or not account.enabled:
+        name, keyHash = (
+            (avatarId.account, avatarId.keyHash)
+            if isinstance(avatarId, APIKeyLogin)
+            else (avatarId, None)
+        )
+        address = mind.client_address if isinstance(mind, SessionInfo) else None
+        account = yield self._store.getAccount(name)
+        if not _stillAllowed(account, address):
             raise UnauthorizedLogin()
-        if isinstance(mind, SessionInfo) and not clientAllowed(account, mind.client_address):
-            raise UnauthorizedLogin()
-        return (IMessageDelivery, self._makeAvatar(account), _noLogout)
+        recheck = partial(self._recheckLogin, name, address, keyHash)
+        return (IMessageDelivery, self._makeAvatar(account, recheck), _noLogout)
 
     @inlineCallbacks
     def networkLogin(self, session: SessionInfo) -> Any:
@@ -105,7 +116,38 @@ class SubmissionRealm:
         account = index.accountFor(session.client_address)
         if account is None:
             return None
-        return (self._makeAvatar(account), _noLogout)
+        recheck = partial(self._recheckNetwork, account.name, session.client_address)
+        return (self._makeAvatar(account, recheck), _noLogout)
+
+    # A session asks again now and then (see AccountSubmission): an account disabled, a key
+    # revoked or a network changed with the admin command line ends the sessions open on it.
+
+    @inlineCallbacks
+    def _recheckLogin(self, name: str, address: str | None, keyHash: str | None) -> Any:
+        account = yield self._store.getAccount(name)
+        if not _stillAllowed(account, address):
+            raise Refused(LOGIN_WITHDRAWN)
+        if keyHash is not None:
+            key = yield self._store.findApiKey(keyHash)
+            if key is None or key.account != name:
+                raise Refused(LOGIN_WITHDRAWN)
+        return account
+
+    @inlineCallbacks
+    def _recheckNetwork(self, name: str, address: str) -> Any:
+        index = yield self._networks.index()
+        account = index.accountFor(address)
+        if account is None or account.name != name:
+            raise Refused(LOGIN_WITHDRAWN)
+        return account
+
+
+def _stillAllowed(account: Account | None, address: str | None) -> bool:
+    """Whether ``account`` exists, is enabled, and takes logins from ``address`` (None: a login
+    that came from no network client, which only networks restrict)."""
+    if account is None or not account.enabled:
+        return False
+    return address is None or clientAllowed(account, address)
 
 
 def makePortal(

@@ -192,6 +192,10 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
             self.transport.write(data)  # type: ignore[union-attr]
 
     def _reply(self, reply: Reply) -> None:
+        if reply.code == 421:  # RFC 5321 §3.8: the server closes the connection after it
+            if not self._closing:
+                self._closeWith(reply)
+            return
         if reply.code in _PROTOCOL_ERRORS:
             self._badCommands += 1
         self._write(reply.wire)

@@ -89,6 +89,9 @@ ENCRYPTION_REQUIRED = Reply(
 )
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures, closing connection")
+LOGIN_WITHDRAWN = Reply(
+    421, "4.7.0", "This session's login no longer holds (account, key or network changed), closing"
+)
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 SENDER_NOT_ALLOWED = Reply(553, "5.7.1", "Sender address not registered to this account")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
