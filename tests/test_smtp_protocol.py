@@ -153,6 +153,16 @@ class OrderAndSyntaxTests(ProtocolTestCase):
         self.assertTrue(reply.startswith("530 5.7.0 "))
 
     @inlineCallbacks
+    def test_mailBeforeAuthCountsAsAnError(self) -> Any:
+        """A client that only repeats MAIL without logging in is closed like one that sends
+        nonsense (after 20 such replies)."""
+        yield self.session.command("EHLO client.test")
+        lines = yield self.session.send(f"MAIL FROM:{FROM}\r\n" * 21, replies=22)
+        self.assertTrue(all(line.startswith("530 5.7.0 ") for line in lines[:20]), lines)
+        self.assertReply(lines[-1], replies.TOO_MANY_ERRORS)
+        self.assertTrue(self.session.transport.disconnecting)
+
+    @inlineCallbacks
     def test_mailBeforeAuthLearnsNothingElse(self) -> Any:
         """Before AUTH every MAIL gets the 530, whatever its parameters: not a 552 that tells
         the size limit, nor a 555 for a parameter."""
@@ -636,7 +646,9 @@ class TransactionTests(ProtocolTestCase):
 
 
 class TimeoutTests(ProtocolTestCase):
-    def test_idleTimeout(self) -> None:
+    @inlineCallbacks
+    def test_idleTimeout(self) -> Any:
+        yield self.session.login()
         self.harness.clock.advance(299)
         self.assertFalse(self.session.transport.disconnecting)
         self.harness.clock.advance(2)
@@ -646,10 +658,32 @@ class TimeoutTests(ProtocolTestCase):
 
     @inlineCallbacks
     def test_activityResetsTimeout(self) -> Any:
+        yield self.session.login()
         self.harness.clock.advance(200)
         yield self.session.command("NOOP")
         self.harness.clock.advance(200)
         self.assertFalse(self.session.transport.disconnecting)
+
+    @inlineCallbacks
+    def test_noLoginInTime(self) -> Any:
+        """Where AUTH is required, a client that keeps its session alive (a NOOP now and then)
+        but never logs in holds a connection slot for command_timeout at most."""
+        self.harness.clock.advance(200)
+        self.assertReply((yield self.session.command("NOOP")), replies.OK)
+        self.harness.clock.advance(99)
+        self.assertFalse(self.session.transport.disconnecting)
+        self.harness.clock.advance(1)
+        self.assertReply(self.session.take()[-1], replies.NO_LOGIN_IN_TIME)
+        self.assertTrue(self.session.transport.disconnecting)
+
+    @inlineCallbacks
+    def test_loggedInSessionHasNoLoginDeadline(self) -> Any:
+        yield self.session.login()
+        self.harness.clock.advance(200)
+        self.assertReply((yield self.session.command("NOOP")), replies.OK)
+        self.harness.clock.advance(200)
+        self.assertFalse(self.session.transport.disconnecting)
+        self.assertEqual(self.session.take(), [])
 
     @inlineCallbacks
     def test_dataTimeout(self) -> Any:

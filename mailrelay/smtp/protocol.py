@@ -41,7 +41,7 @@ MAX_BAD_COMMANDS = 20
 _HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DELETE"})
 # Replies that mean the client does not speak SMTP properly (not policy refusals): too many of
 # them on one connection and it is closed.
-_PROTOCOL_ERRORS = frozenset({500, 501, 502, 503, 504, 555})
+_PROTOCOL_ERRORS = frozenset({500, 501, 502, 503, 504, 530, 555})
 
 CommandResult = Reply | Deferred[Reply] | None
 # A HELO/EHLO argument: a domain or address literal, no white space or control characters
@@ -171,8 +171,19 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         self._logoutAvatar()
 
     def timeoutConnection(self) -> None:
+        if self._mustLogIn():
+            self.log.info("{client} did not authenticate in time", client=self._clientAddress)
+            self._closeWith(replies.NO_LOGIN_IN_TIME)
+            return
         self.log.info("{client} timed out", client=self._clientAddress)
         self._closeWith(replies.TIMEOUT)
+
+    def _mustLogIn(self) -> bool:
+        """Whether this client has yet to log in where AUTH is required. Until it has, its
+        commands do not reset the timeout: command_timeout counts from the connection (or the
+        last login attempt), so a client cannot hold a connection slot for ever with a NOOP
+        now and then without ever logging in."""
+        return not self._authenticated and self.settings.authMode == "required"
 
     def _write(self, data: bytes) -> None:
         # The replies to pipelined commands go out in one write when the input has been
@@ -215,7 +226,8 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        self.resetTimeout()
+        if not self._mustLogIn():
+            self.resetTimeout()
         if self._reader is not None and not self._blocked and self._processing is None:
             self._feedData(data)
         else:

@@ -89,6 +89,7 @@ ENCRYPTION_REQUIRED = Reply(
 )
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures, closing connection")
+NO_LOGIN_IN_TIME = Reply(421, "4.7.0", "No authentication in time, closing connection")
 LOGIN_WITHDRAWN = Reply(
     421, "4.7.0", "This session's login no longer holds (account, key or network changed), closing"
 )
