@@ -262,6 +262,32 @@ class AttachmentTests(RefusalMixin, SynchronousTestCase):
         prepare(raw)
 
 
+class NestingTests(RefusalMixin, SynchronousTestCase):
+    """The MIME parser's time grows with lines x nesting depth: a message is parsed only
+    with up to 32 multipart parts."""
+
+    @staticmethod
+    def nested(depth: int) -> bytes:
+        head = b"From: jo@example.com\r\nTo: bob@example.org\r\nMIME-Version: 1.0\r\n"
+        opening = b"".join(
+            b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (d, d)
+            for d in range(depth)
+        )
+        leaf = b"Content-Type: text/plain\r\n\r\nhello\r\n"
+        closing = b"".join(b"\r\n--b%d--\r\n" % d for d in reversed(range(depth)))
+        return head + opening + leaf + closing
+
+    def test_deepNestingRefused(self) -> None:
+        strip = account(attachments="strip")
+        prepare(self.nested(32), strip)
+        e = self.assertRefused(CONTENT_REFUSED, prepare, self.nested(33), strip)
+        self.assertIn("more than 32 multipart parts", e.reply.text)
+
+    def test_notCountedWhenNoRuleParses(self) -> None:
+        """Without a rule that needs the structure the message is not parsed at all."""
+        prepare(self.nested(100))
+
+
 class RcptHeaderTests(RefusalMixin, SynchronousTestCase):
     ACCOUNT = account(require_rcpt_headers=True, sms_enabled=True)
 
