@@ -446,6 +446,13 @@ class FailureTests(RedisStoreTestsBase):
         self.assertEqual(parsed.address, "[::1]:6380/3")
         self.assertNotIn("s@cret", repr(parsed))
 
+    def test_badURLErrorHidesThePassword(self) -> None:
+        for url in ("//app:s3cret@host:6379/0", "rediss://app:s3cret@host/0"):
+            with self.assertRaises(ValueError) as caught:
+                parseRedisURL(url)
+            self.assertIn("not a redis:// URL", str(caught.exception))
+            self.assertNotIn("s3cret", str(caught.exception))
+
     async def test_serverGoesAwayAndComesBack(self) -> None:
         """
         A private server is killed: operations fail with StoreError within the timeout; once

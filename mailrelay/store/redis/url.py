@@ -47,7 +47,8 @@ def parseRedisURL(url: str) -> RedisURL:
     """The parts of a ``redis://`` URL. Raises ValueError naming what is wrong."""
     parts = urlsplit(url)
     if parts.scheme != "redis":
-        raise ValueError(f"not a redis:// URL: {parts.scheme or url!r}")
+        # Named by its scheme only: the rest may hold a password.
+        raise ValueError(f"not a redis:// URL (scheme {parts.scheme or 'missing'!r})")
     try:
         port = parts.port or DEFAULT_PORT
     except ValueError:
