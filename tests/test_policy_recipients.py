@@ -26,6 +26,29 @@ class ClassifyTests(RefusalMixin, SynchronousTestCase):
             Recipient('"bob smith"@xn--bcher-kva.de', "email"),
         )
 
+    def test_addressLiterals(self) -> None:
+        """A public address literal is an address like any other; one inside a network
+        (loopback, private, link-local, documentation) would let a client reach hosts that
+        only the relay can, once it delivers by MX."""
+        self.assertEqual(
+            classifyRecipient("bob@[8.8.8.8]", MAIL_ACCOUNT),
+            Recipient("bob@[8.8.8.8]", "email"),
+        )
+        self.assertEqual(
+            classifyRecipient("bob@[IPv6:2606:4700::1111]", MAIL_ACCOUNT).channel, "email"
+        )
+        for text in (
+            "bob@[127.0.0.1]",
+            "bob@[10.1.2.3]",
+            "bob@[169.254.169.254]",
+            "bob@[192.0.2.1]",
+            "bob@[IPv6:::1]",
+            "bob@[IPv6:fe80::1]",
+            "bob@[IPv6:::ffff:127.0.0.1]",
+        ):
+            e = self.assertRefused(NO_SUCH_RECIPIENT, classifyRecipient, text, MAIL_ACCOUNT)
+            self.assertIn("is not relayed", e.reply.text)
+
     def test_smsGatewayRecipient(self) -> None:
         """``RCPT TO: +4477331234567`` on an SMS-enabled account."""
         self.assertEqual(

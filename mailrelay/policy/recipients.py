@@ -5,6 +5,7 @@ or a phone number (channel ``sms``), and how many recipients one message may hav
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 
 from mailrelay.model import Account, Recipient
@@ -46,6 +47,12 @@ def classifyRecipient(
             NO_SUCH_RECIPIENT.withText("This relay has no local postmaster; give a full address")
         )
     mailbox = recipientAddress(text, smtputf8=smtputf8)
+    if mailbox.domain.startswith("[") and not _isPublicLiteral(mailbox.domain):
+        raise Refused(
+            NO_SUCH_RECIPIENT.withText(
+                f"{mailbox}: mail to a loopback, private or reserved address is not relayed"
+            )
+        )
     if sender is not None and sender.kind == "sms":
         raise Refused(
             NO_SUCH_RECIPIENT.withText(
@@ -53,6 +60,20 @@ def classifyRecipient(
             )
         )
     return Recipient(str(mailbox), "email")
+
+
+def _isPublicLiteral(literal: str) -> bool:
+    """Whether an address literal (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``, as checked by
+    :func:`recipientAddress`) is a globally routable address: delivery to one inside this
+    network (loopback, private, link-local, reserved) would let a client reach hosts that
+    only the relay can."""
+    inner = literal[1:-1]
+    if inner[:5].lower() == "ipv6:":
+        inner = inner[5:]
+    try:
+        return ipaddress.ip_address(inner).is_global
+    except ValueError:
+        return False
 
 
 def recipientLimit(account: Account, configLimit: int) -> int:
