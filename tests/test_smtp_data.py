@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
@@ -59,6 +62,18 @@ def referenceOutcome(data: bytes, maxLine: int) -> tuple[bytes, bool, bytes] | N
     refused = any(b"\r" in line or b"\n" in line or len(line) > maxLine for line in lines)
     message = b"".join((line[1:] if line.startswith(b".") else line) + b"\r\n" for line in lines)
     return message, refused, wire[end + 5 :]
+
+
+def _openFileSizesUnder(directory: Path) -> list[int]:
+    """The sizes of the files this process has open under ``directory`` (deleted ones too)."""
+    sizes = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(str(directory.resolve())):
+                sizes.append(os.stat(f"/proc/self/fd/{fd}").st_size)
+        except FileNotFoundError:
+            pass  # the listing's own descriptor, closed by now
+    return sizes
 
 
 class DataReaderTests(SynchronousTestCase):
@@ -153,12 +168,17 @@ class DataReaderTests(SynchronousTestCase):
         self.assertEqual(reader.feed(b"\r\n.\r\n"), b"")
 
     def test_largeMessageSpooled(self) -> None:
-        reader = self.reader(maxSize=10 * SPOOL_IN_MEMORY)
+        """Past SPOOL_IN_MEMORY the message waits in a file of the spool directory (unnamed:
+        it is seen among the process's open files), not in memory."""
+        spoolDir = Path(self.mktemp())
+        spoolDir.mkdir()
+        reader = DataReader(10 * SPOOL_IN_MEMORY, 1000, str(spoolDir))
+        self.addCleanup(reader.close)
         line = b"x" * 78 + b"\r\n"
         body = line * (2 * SPOOL_IN_MEMORY // len(line))
         for i in range(0, len(body), 65536):
             self.assertIsNone(reader.feed(body[i : i + 65536]))
-        self.assertIsNotNone(reader._spool)
+        self.assertEqual(_openFileSizesUnder(spoolDir), [len(body)])
         self.assertEqual(reader.feed(b".\r\n"), b"")
         self.assertEqual(reader.message(), body)
 

@@ -19,7 +19,7 @@ versions below, which are the reference: the tests hold the two to the same answ
 
 from __future__ import annotations
 
-from tempfile import SpooledTemporaryFile
+from tempfile import TemporaryFile
 from typing import IO
 
 from mailrelay.smtp import replies
@@ -176,7 +176,9 @@ class DataReader:
             return
         self._parts.append(chunk)
         if self.size > SPOOL_IN_MEMORY:
-            self._spool = SpooledTemporaryFile(max_size=0, dir=self._spoolDir)
+            # An unnamed file (mode 0600, gone when closed) in the spool directory: past
+            # SPOOL_IN_MEMORY a message waits on disk, not in memory, while it arrives.
+            self._spool = TemporaryFile(dir=self._spoolDir)
             self._spool.writelines(self._parts)
             self._parts = []
 
