@@ -18,16 +18,20 @@ import dataclasses
 import getpass
 import ipaddress
 import json
+import os
+import pwd
 import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from twisted.internet import task
 
 from mailrelay.auth.secrets import hashPassword, newApiKey
 from mailrelay.config import ConfigError, loadConfig
+from mailrelay.files import keepFilesPrivate
 from mailrelay.interfaces import AlreadyExists, IStore, NotFound, StoreError
 from mailrelay.model import API_KEY_USER, Account, Sender, SenderKind
 from mailrelay.policy.addresses import AddressSyntaxError, normaliseDomain, parseMailbox
@@ -501,6 +505,8 @@ async def execute(reactor: Any, argv: Sequence[str], console: Console | None = N
         config = loadConfig(args.config)
         if args.prepare is not None:
             args.prepare(args, console)
+        if config.store.backend == "sqlite":
+            _refuseRootInOthersDataDir(config.dataPath)
         store = makeStore(config, reactor)
         await store.open()
         try:
@@ -522,9 +528,29 @@ async def execute(reactor: Any, argv: Sequence[str], console: Console | None = N
     return 0
 
 
+def _refuseRootInOthersDataDir(dataPath: Path) -> None:
+    """Run as root against a data_dir another user owns (the relay's), the command would make
+    root-owned files there that the relay cannot write (or, with a loose umask, that others
+    can read): it must run as that user instead."""
+    try:
+        owner = dataPath.stat().st_uid
+    except OSError:
+        return  # nothing there yet: the store makes it
+    if os.geteuid() == 0 and owner != 0:
+        try:
+            name = pwd.getpwuid(owner).pw_name
+        except KeyError:
+            name = str(owner)
+        raise CommandError(
+            f"data_dir {dataPath} belongs to {name}; run this as that user "
+            f"(sudo -u {name} mailrelay ...), not as root"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The console script's entry point: ``execute`` the command line, exit with its status."""
     arguments = sys.argv[1:] if argv is None else argv
+    keepFilesPrivate()
 
     async def run(reactor: Any) -> None:
         raise SystemExit(await execute(reactor, arguments))

@@ -31,6 +31,7 @@ from twisted.python.threadpool import ThreadPool
 from mailrelay.auth.realm import makePortal
 from mailrelay.auth.throttle import FAILED_LOGINS_PER_CLIENT, LoginThrottle
 from mailrelay.config import Config, ConfigError, ListenerConfig, loadConfigSource
+from mailrelay.files import handOver, keepFilesPrivate, warnIfShared
 from mailrelay.interfaces import IStore, StoreError
 from mailrelay.smtp.data import NATIVE_SCAN
 from mailrelay.smtp.listener import ConnectionCounter, listenerFactory, listenerSettings
@@ -268,6 +269,24 @@ def shortenGILTurns() -> None:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
 
 
+def _handOverToRunAsUser(config: Config, twistdOptions: Any) -> None:
+    """
+    Started as root with ``twistd --uid/--gid``, the relay binds its ports as root and then
+    runs as that user, which must own data_dir: hand it what was made here as root (data_dir,
+    its spool, a self-signed key) or earlier (a database the command line made as root).
+    """
+    if twistdOptions is None or os.geteuid() != 0:
+        return
+    uid, gid = twistdOptions.get("uid"), twistdOptions.get("gid")
+    if uid is None or uid == 0:
+        return
+    changed = handOver(config.dataPath, uid, os.getgid() if gid is None else gid)
+    if changed:
+        log.info(
+            "gave {count} entries of data_dir to uid {uid} (twistd --uid)", count=changed, uid=uid
+        )
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """The whole relay, built from the options' configuration: the main process, which also
     starts the other ``workers - 1`` intake processes (:mod:`mailrelay.workers`)."""
@@ -285,9 +304,12 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     source: str | None = getattr(options, "configSource", None)
     if config is None:
         config, source = loadConfigSource(options["config"])
+    keepFilesPrivate()
     root = MultiService()
     loads = LoadTable.create(config.workers) if config.workers > 1 else None
     core = buildCore(config, reactor, root, loads=loads)
+    warnIfShared(config.dataPath)
+    _handOverToRunAsUser(config, getattr(options, "parent", None))
     listeners = [
         _listen(root, reactor, listener.endpoint, core.listenerFactory(listener))
         for listener in config.listeners

@@ -1,23 +1,30 @@
 """
 The server's TLS context: the configured certificate, or a self-signed one made on first start.
 
-Only TLS 1.2 and later are offered. The certificate file may hold a full chain (leaf first).
+Only TLS 1.2 and later are offered, with forward-secret AEAD ciphers only. The certificate
+file may hold a full chain (leaf first).
 """
 
 from __future__ import annotations
 
 import datetime
-import os
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet.ssl import Certificate, CertificateOptions, PrivateCertificate, TLSVersion
+from twisted.internet.ssl import (
+    AcceptableCiphers,
+    Certificate,
+    CertificateOptions,
+    PrivateCertificate,
+    TLSVersion,
+)
 from twisted.logger import Logger
 
 from mailrelay.config import Config
+from mailrelay.files import writePrivately
 
 log = Logger()
 
@@ -47,10 +54,8 @@ def generateSelfSigned(hostname: str, certPath: Path, keyPath: Path) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd = os.open(keyPath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(keyBytes)
-    certPath.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    writePrivately(keyPath, keyBytes)
+    writePrivately(certPath, certificate.public_bytes(serialization.Encoding.PEM))
 
 
 def certificatePaths(config: Config) -> tuple[Path, Path]:
@@ -84,6 +89,16 @@ def readPEM(certPath: Path, keyPath: Path) -> tuple[bytes, bytes]:
         raise ValueError(f"cannot read TLS file: {e}") from None
 
 
+_TLS12_CIPHERS = AcceptableCiphers.fromOpenSSLCipherString(
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+"""TLS 1.2's ciphers: Mozilla's "intermediate" list without DHE (which would need DH
+parameters): forward secrecy and AEAD only, no static RSA key exchange, no CBC with SHA-1.
+TLS 1.3's own suites are all of that already."""
+
+
 def contextFromPEM(certData: bytes, keyData: bytes, where: str = "TLS") -> CertificateOptions:
     """TLS 1.2+ server options from PEM bytes (leaf first, then the chain; the key); raises
     ValueError naming ``where`` when they are not a usable certificate and key."""
@@ -100,4 +115,5 @@ def contextFromPEM(certData: bytes, keyData: bytes, where: str = "TLS") -> Certi
         certificate=leaf.original,
         extraCertChain=chain,
         raiseMinimumTo=TLSVersion.TLSv1_2,
+        acceptableCiphers=_TLS12_CIPHERS,
     )

@@ -21,7 +21,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from mailrelay.auth.secrets import hashApiKey, verifyPassword
 from mailrelay.cli import Console, execute
@@ -436,6 +436,19 @@ class ConfigTests(CLITestsBase):
         self.assertOneLineError(results[3], "not valid TOML", code=1)
         self.assertOneLineError(results[4], "nonsense", code=2)
         self.assertOneLineError(results[5], code=2)
+
+    async def test_rootRefusedInTheRelaysDataDir(self) -> None:
+        """Run as root against a data_dir the relay's user owns, a command would make files
+        the relay cannot write: it refuses, naming the user to run it as."""
+        if os.geteuid() != 0:
+            raise SkipTest("needs root")
+        self.dataDir.mkdir()
+        os.chown(self.dataDir, 65534, 65534)
+        result = await self.mailrelay("account", "list")
+        self.assertOneLineError(result, "belongs to", "sudo -u", code=1)
+        self.assertEqual(list(self.dataDir.iterdir()), [])
+        os.chown(self.dataDir, 0, 0)
+        await self.ok("account", "list")
 
     async def test_corruptDatabase(self) -> None:
         self.dataDir.mkdir()

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import signal
 import smtplib
 import ssl
 import sys
+import tempfile
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -286,6 +288,28 @@ class TLSTests(RelayTestCase):
             version = await deferToThread(self.handshake, listener, ssl.TLSVersion.TLSv1_2)
             self.assertEqual(version, "TLSv1.2")
 
+    def handshakeWithCiphers(self, ciphers: str) -> str:
+        """Blocking: a TLS 1.2 handshake with the implicit-TLS listener offering only
+        ``ciphers``; the cipher agreed."""
+        context = self.clientContext()
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers(ciphers + ":@SECLEVEL=0")
+        with WireClient(self.relay.ports["tls"]) as client:
+            client.startTLS(context)
+            assert isinstance(client.sock, ssl.SSLSocket)
+            cipher = client.sock.cipher()
+            assert cipher is not None
+            return cipher[0]
+
+    async def test_tls12OnlyForwardSecretAEAD(self) -> None:
+        """TLS 1.2 without forward secrecy (static RSA key exchange) or with CBC and SHA-1 is
+        refused; ECDHE with AES-GCM is served."""
+        agreed = await deferToThread(self.handshakeWithCiphers, "ECDHE+AESGCM")
+        self.assertIn("GCM", agreed)
+        for weak in ("AES128-SHA:AES256-SHA:AES128-GCM-SHA256", "ECDHE+SHA1", "ECDHE+AES+SHA256"):
+            with self.assertRaises(ssl.SSLError, msg=weak):
+                await deferToThread(self.handshakeWithCiphers, weak)
+
     async def test_tls11Refused(self) -> None:
         """A client limited to TLS 1.1 gets a protocol-version alert from the relay."""
         for listener in ("starttls", "tls"):
@@ -461,6 +485,19 @@ class RelayByNetworkTests(RelayTestCase):
         self.assertReply(mail, replies.AUTH_REQUIRED)
 
 
+NOBODY = 65534
+
+
+class _RelayAsNobody(RelayProcess):
+    """The relay process started by root with ``twistd --uid 65534 --gid 65534``."""
+
+    @staticmethod
+    def command(configPath: Path) -> list[str]:
+        command = RelayProcess.command(configPath)
+        at = command.index("mailrelay")
+        return [*command[:at], "--uid", str(NOBODY), "--gid", str(NOBODY), *command[at:]]
+
+
 class RelayProcessTests(TestCase):
     """``twistd -n mailrelay`` as a real process: config errors, and a crash losing nothing."""
 
@@ -487,6 +524,32 @@ class RelayProcessTests(TestCase):
         self.assertIn("unable to open database file", relay.log())
         self.assertNotEqual(status, 0, relay.log())
 
+    async def test_runsAsTheUserOfTwistdUid(self) -> None:
+        """
+        Started as root with ``twistd --uid/--gid``, the relay binds as root and then runs as
+        that user, on a data_dir made as root (with a database the admin command line, run as
+        root, made): it hands them over, and the store opens and keeps a message.
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("twistd --uid needs root")
+        base = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, base, True)
+        files, port = await self.makeRelayFiles(base / "relay")
+        for directory in (base, files.directory):
+            directory.chmod(0o755)  # so that the user can reach data_dir
+        self.assertEqual((files.dataDir / "mailrelay.sqlite3").stat().st_uid, 0)
+        relay = _RelayAsNobody(files, "as-nobody")
+        await deferToThread(relay.start)
+        self.addCleanup(deferToThread, relay.signal, signal.SIGKILL)
+        await deferToThread(relay.waitUntilServing, port)
+        notificationId = await deferToThread(self.submit, files, port, "as nobody")
+        self.assertTrue(notificationId)
+        assert relay.process is not None
+        status = Path(f"/proc/{relay.process.pid}/status").read_text()
+        self.assertIn(f"Uid:\t{NOBODY}\t{NOBODY}", status)
+        for path in (files.dataDir, files.dataDir / "mailrelay.sqlite3"):
+            self.assertEqual(path.stat().st_uid, NOBODY, path)
+
     async def startProcess(self, files: RelayFiles, port: int, name: str) -> RelayProcess:
         """A relay process, listening on ``port``; killed at cleanup if still running."""
         process = RelayProcess(files, name)
@@ -495,11 +558,12 @@ class RelayProcessTests(TestCase):
         await deferToThread(process.waitUntilServing, port)
         return process
 
-    async def makeRelayFiles(self) -> tuple[RelayFiles, int]:
+    async def makeRelayFiles(self, directory: Path | None = None) -> tuple[RelayFiles, int]:
         """Files for a relay process with one STARTTLS listener and the test account."""
         port = freePort()
         files = RelayFiles(
-            Path(self.mktemp()), [Listener("starttls", "starttls", endpoint=f"tcp:{port}")]
+            directory or Path(self.mktemp()),
+            [Listener("starttls", "starttls", endpoint=f"tcp:{port}")],
         )
         store = files.makeStore()
         await store.open()

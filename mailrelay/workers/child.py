@@ -32,6 +32,7 @@ from zope.interface import implementer
 import mailrelay.smtp.protocol  # noqa: F401  (imported now, not at the first session)
 from mailrelay import metrics
 from mailrelay.config import Config, configFromSource
+from mailrelay.files import keepFilesPrivate
 from mailrelay.tap import RelayCore, buildCore, shortenGILTurns
 from mailrelay.workers.balance import LoadTable, balanceAccepts
 from mailrelay.workers.pool import LOAD_FD, SETUP_FD, WorkerSetup
@@ -159,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--setup-fd", type=int, default=SETUP_FD, help=argparse.SUPPRESS)
     parser.add_argument("--load-fd", type=int, default=LOAD_FD, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    keepFilesPrivate()
     shortenGILTurns()
 
     observer = FileLogObserver(

@@ -213,7 +213,9 @@ class WorkerPool(Service):
     def command(self, index: int) -> tuple[list[str], dict[int, Any]]:
         """The worker's argument list and its file descriptors (stdio, the setup pipe, the
         listening sockets from FIRST_LISTENER_FD on)."""
-        args = [self.executable, "-m", "mailrelay.workers.child", "--index", str(index)]
+        # -P: not the working directory (data_dir under the shipped unit) first on sys.path,
+        # where a file named like a module the worker imports would run in it.
+        args = [self.executable, "-P", "-m", "mailrelay.workers.child", "--index", str(index)]
         childFDs: dict[int, Any] = {0: "w", 1: "r", 2: "r", SETUP_FD: "w", LOAD_FD: self.loads.fd}
         for position, listener in enumerate(self.listeners):
             port = listener.port
