@@ -532,6 +532,8 @@ class RelayProcessTests(TestCase):
         """
         if os.geteuid() != 0:
             raise SkipTest("twistd --uid needs root")
+        # Everything the relay needs is imported before twistd drops root, so this runs
+        # wherever the user may not read this tree or this Python.
         base = Path(tempfile.mkdtemp())
         self.addCleanup(shutil.rmtree, base, True)
         files, port = await self.makeRelayFiles(base / "relay")
