@@ -171,6 +171,13 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         self._logoutAvatar()
 
     def timeoutConnection(self) -> None:
+        if self._blocked:
+            # The idle timeout is the client's: while the relay decides (a store slow to
+            # commit, say) the client is waiting, not idle, and a 421 now would be followed by
+            # the store keeping the message, which the client would then send again. The
+            # stores bound their own waits and answer 451. (The timer is spent: start anew.)
+            self.setTimeout(self.timeOut)
+            return
         if self._mustLogIn():
             self.log.info("{client} did not authenticate in time", client=self._clientAddress)
             self._closeWith(replies.NO_LOGIN_IN_TIME)
@@ -226,7 +233,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        if not self._mustLogIn():
+        if self._authenticated or self.settings.authMode != "required":  # not _mustLogIn()
             self.resetTimeout()
         if self._reader is not None and not self._blocked and self._processing is None:
             self._feedData(data)
@@ -298,22 +305,17 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         """Answer a command now, or hold the input until its Deferred answers it."""
         if isinstance(result, Deferred):
             self._blocked = True
-            # The idle timeout is the client's: while the relay decides (a store that is slow
-            # to commit, say) it stops, so that a message the store then keeps is not answered
-            # with a 421 (which the client would retry: a duplicate). The store's own limits
-            # bound the wait and answer 451.
-            period = self.setTimeout(None)
             result.addErrback(self._replyForFailure)
-            result.addCallback(self._answerLater, period)
+            result.addCallback(self._answerLater)
         elif result is not None:
             self._reply(result)
 
-    def _answerLater(self, reply: Reply | None, idleTimeout: float | None = None) -> None:
+    def _answerLater(self, reply: Reply | None) -> None:
         self._blocked = False
         if self._closing:
             return
-        if idleTimeout is not None:
-            self.setTimeout(idleTimeout)
+        if not self._mustLogIn():
+            self.resetTimeout()  # the client's idle time starts with the answer
         if reply is not None:
             self._reply(reply)
         self._processBuffer()
