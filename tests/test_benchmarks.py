@@ -215,3 +215,12 @@ class PlanTests(TestCase):
         names = [adapter.name for adapter in plan(servers, 2)]
         self.assertEqual(names, ["twisted-plain", "aiosmtpd", "postfix"] * 2)
         self.assertEqual(plan(servers, 1), servers)
+
+
+class ProtocolBenchTests(TestCase):
+    def test_everyMessageAccepted(self) -> None:
+        """The protocol benchmark's session accepts what it is fed (it counts the 250s and
+        stops otherwise), so its figure is the cost of accepted messages."""
+        from benchmarks.protocol_bench import microsecondsPerMessage
+
+        self.assertGreater(microsecondsPerMessage(size=4096, messages=50, repeat=1), 0)
