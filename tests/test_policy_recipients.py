@@ -45,6 +45,12 @@ class ClassifyTests(RefusalMixin, SynchronousTestCase):
             "bob@[IPv6:::1]",
             "bob@[IPv6:fe80::1]",
             "bob@[IPv6:::ffff:127.0.0.1]",
+            "bob@[224.0.0.1]",  # multicast (which Python 3.11 counts as global)
+            "bob@[IPv6:64:ff9b::7f00:1]",  # 127.0.0.1 through NAT64
+            "bob@[IPv6:2002:7f00:1::]",  # 127.0.0.1 through 6to4
+            "bob@[IPv6:::127.0.0.1]",  # IPv4-compatible
+            "bob@[IPv6:fec0::1]",  # site-local
+            "bob@[IPv6:ff02::1]",  # multicast
         ):
             e = self.assertRefused(NO_SUCH_RECIPIENT, classifyRecipient, text, MAIL_ACCOUNT)
             self.assertIn("is not relayed", e.reply.text)
