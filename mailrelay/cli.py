@@ -117,7 +117,10 @@ def rate(text: str) -> float | None:
 
 
 def networks(text: str) -> tuple[str, ...]:
-    """Comma-separated CIDR networks in normal form; an empty string means none."""
+    """Comma-separated CIDR networks in normal form; ``none`` (or an empty string): none,
+    as for the other limits."""
+    if text.strip() == "none":
+        return ()
     result = []
     for item in text.split(","):
         item = item.strip()
@@ -436,7 +439,7 @@ def _accountCommands(group: Any) -> None:
         ("--sms-segments", "sms_segments", smsSegments, "N"),
         ("--rate", "rate_per_second", rate, "N/s|none"),
         ("--daily-quota", "daily_quota", optionalLimit, "N|none"),
-        ("--networks", "networks", networks, "CIDR,..."),
+        ("--networks", "networks", networks, "CIDR,...|none"),
         ("--require-alternative", "require_alternative", onOff, "on|off"),
         ("--require-rcpt-headers", "require_rcpt_headers", onOff, "on|off"),
         ("--max-message-size", "max_message_size", optionalLimit, "N|none"),

@@ -238,7 +238,9 @@ class AccountTests(CLITestsBase):
             },
         )
         await self.ok("account", "enable", "acme")
-        await self.ok("account", "set", "acme", "--networks", "", "--rate", "none", "--sms", "off")
+        await self.ok(
+            "account", "set", "acme", "--networks", "none", "--rate", "none", "--sms", "off"
+        )
         store = await self.openStore()
         account = await store.getAccount("acme")
         self.assertEqual(
