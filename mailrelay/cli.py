@@ -221,7 +221,8 @@ async def existingAccount(store: IStore, name: str) -> Account:
 
 
 def readPassword(args: argparse.Namespace, console: Console) -> None:
-    """``account add``: read the new password (never echoed) and hash it."""
+    """``account add`` and ``account password``: read the new password (never echoed) and
+    hash it."""
     if args.password_stdin:
         password = console.stdin.readline().rstrip("\r\n")
     else:
@@ -295,6 +296,15 @@ async def accountDisable(store: IStore, args: argparse.Namespace, console: Conso
 
 async def accountEnable(store: IStore, args: argparse.Namespace, console: Console) -> None:
     await _setEnabled(store, args.name, True, console)
+
+
+async def accountPassword(store: IStore, args: argparse.Namespace, console: Console) -> None:
+    account = await existingAccount(store, args.name)
+    await store.updateAccount(dataclasses.replace(account, password_hash=args.passwordHash))
+    console.say(
+        f"password of account {args.name} changed "
+        "(SMTP sessions logged in with the old one end within seconds)"
+    )
 
 
 async def accountSet(store: IStore, args: argparse.Namespace, console: Console) -> None:
@@ -422,6 +432,12 @@ def _accountCommands(group: Any) -> None:
         "--password-stdin", action="store_true", help="read the password from stdin (one line)"
     )
     add.set_defaults(prepare=readPassword)
+    password = _command(group, "password", accountPassword, "change an account's password")
+    password.add_argument("name")
+    password.add_argument(
+        "--password-stdin", action="store_true", help="read the password from stdin (one line)"
+    )
+    password.set_defaults(prepare=readPassword)
     _command(group, "list", accountList, "list the accounts", listing=True)
     for name, handler, help in [
         ("show", accountShow, "show an account's settings"),

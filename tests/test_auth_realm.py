@@ -121,6 +121,17 @@ class LoginRecheckTests(RealmTestsBase):
         await self.store.updateAccount(replace(changed, enabled=False))
         await self.assertWithdrawn(recheck)
 
+    async def test_passwordChanged(self) -> None:
+        """A session opened with the old password ends; one opened with a key does not."""
+        keyId, _, keyHash = newApiKey()
+        await self.store.addApiKey("erp", keyId, keyHash)
+        byPassword = await self.login("erp")
+        byKey = await self.login(APIKeyLogin("erp", keyHash))
+        changed = replace(self.erp, password_hash="$argon2id$another")
+        await self.store.updateAccount(changed)
+        await self.assertWithdrawn(byPassword)
+        self.assertEqual(await byKey(), changed)
+
     async def test_networksChanged(self) -> None:
         recheck = await self.login("erp")
         await self.withNetworks(self.erp, "192.0.2.0/24")

@@ -154,6 +154,25 @@ class AccountTests(CLITestsBase):
         self.assertTrue(account.enabled)
         self.assertEqual(fileMode(self.dataDir), 0o700)
 
+    async def test_changePassword(self) -> None:
+        await self.addAccount(password="old pass")
+        result = await self.ok(
+            "account", "password", "acme", "--password-stdin", stdin=b"new pass\n"
+        )
+        self.assertIn("password of account acme changed", result.out)
+        store = await self.openStore()
+        account = await store.getAccount("acme")
+        self.assertTrue(verifyPassword(account.password_hash, "new pass"))
+        self.assertFalse(verifyPassword(account.password_hash, "old pass"))
+        unknown, empty = await gatherResults(
+            [
+                self.mailrelay("account", "password", "nobody", "--password-stdin", stdin=b"x\n"),
+                self.mailrelay("account", "password", "acme", "--password-stdin", stdin=b"\n"),
+            ]
+        )
+        self.assertOneLineError(unknown, "unknown account", code=1)
+        self.assertOneLineError(empty, "empty password", code=1)
+
     async def test_addRefused(self) -> None:
         await self.addAccount()
         again, reserved, badName, empty = await gatherResults(

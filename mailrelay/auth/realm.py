@@ -105,7 +105,9 @@ class SubmissionRealm:
         account = yield self._store.getAccount(name)
         if not _stillAllowed(account, address):
             raise UnauthorizedLogin()
-        recheck = partial(self._recheckLogin, name, address, keyHash)
+        # A password login holds while the password does; a key login while the key does.
+        passwordHash = None if keyHash is not None else account.password_hash
+        recheck = partial(self._recheckLogin, name, address, keyHash, passwordHash)
         return (IMessageDelivery, self._makeAvatar(account, recheck), _noLogout)
 
     @inlineCallbacks
@@ -119,14 +121,19 @@ class SubmissionRealm:
         recheck = partial(self._recheckNetwork, account.name, session.client_address)
         return (self._makeAvatar(account, recheck), _noLogout)
 
-    # A session asks again now and then (see AccountSubmission): an account disabled, a key
-    # revoked or a network changed with the admin command line ends the sessions open on it.
+    # A session asks again now and then (see AccountSubmission): an account disabled, its
+    # password changed, a key revoked or a network changed with the admin command line ends
+    # the sessions open on it.
 
     @inlineCallbacks
-    def _recheckLogin(self, name: str, address: str | None, keyHash: str | None) -> Any:
+    def _recheckLogin(
+        self, name: str, address: str | None, keyHash: str | None, passwordHash: str | None
+    ) -> Any:
         account = yield self._store.getAccount(name)
         if not _stillAllowed(account, address):
             raise Refused(LOGIN_WITHDRAWN)
+        if passwordHash is not None and account.password_hash != passwordHash:
+            raise Refused(LOGIN_WITHDRAWN)  # the password it logged in with was changed
         if keyHash is not None:
             key = yield self._store.findApiKey(keyHash)
             if key is None or key.account != name:
