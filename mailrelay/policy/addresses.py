@@ -114,14 +114,23 @@ def _checkAsciiDomain(domain: str) -> str:
     return domain
 
 
+def literalAddress(literal: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The IP address of an address literal (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``);
+    raises ValueError for anything else."""
+    inner = literal[1:-1] if literal.startswith("[") and literal.endswith("]") else ""
+    if "%" in inner:  # an IPv6 scope id: any text at all to ipaddress, and no use here
+        raise ValueError(inner)
+    if inner[:5].lower() == "ipv6:":
+        return ipaddress.IPv6Address(inner[5:])
+    return ipaddress.IPv4Address(inner)
+
+
 def _checkLiteral(literal: str) -> str:
-    inner = literal[1:-1] if literal.endswith("]") else ""
     try:
-        if "%" in inner:  # an IPv6 scope id: any text at all to ipaddress, and no use here
-            raise ValueError(inner)
-        if inner[:5].lower() == "ipv6:":
-            return f"[IPv6:{ipaddress.IPv6Address(inner[5:]).compressed}]"
-        return f"[{ipaddress.IPv4Address(inner)}]"
+        address = literalAddress(literal)
+        if isinstance(address, ipaddress.IPv6Address):
+            return f"[IPv6:{address.compressed}]"
+        return f"[{address}]"
     except ValueError:
         raise AddressSyntaxError(
             f"{literal!r} is not an address literal ([192.0.2.1] or [IPv6:2001:db8::1])"

@@ -9,7 +9,7 @@ import ipaddress
 from collections.abc import Iterable
 
 from mailrelay.model import Account, Recipient
-from mailrelay.policy.addresses import recipientAddress
+from mailrelay.policy.addresses import literalAddress, recipientAddress
 from mailrelay.policy.phones import phoneRecipient
 from mailrelay.policy.senders import EnvelopeSender
 from mailrelay.smtp.replies import NO_SUCH_RECIPIENT, TOO_MANY_RECIPIENTS, Refused
@@ -67,11 +67,8 @@ def _isPublicLiteral(literal: str) -> bool:
     :func:`recipientAddress`) is a globally routable address: delivery to one inside this
     network (loopback, private, link-local, reserved) would let a client reach hosts that
     only the relay can."""
-    inner = literal[1:-1]
-    if inner[:5].lower() == "ipv6:":
-        inner = inner[5:]
     try:
-        address = ipaddress.ip_address(inner)
+        address = literalAddress(literal)
     except ValueError:
         return False
     addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address | None] = [address]
