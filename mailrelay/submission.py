@@ -9,6 +9,7 @@ stored at all.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,7 +18,15 @@ from zope.interface import implementer
 
 from mailrelay.config import Config
 from mailrelay.interfaces import IMessageDelivery, IStore
-from mailrelay.model import Account, Notification, Recipient, Sender, SessionInfo, fromTimestamp
+from mailrelay.model import (
+    Account,
+    MessageText,
+    Notification,
+    Recipient,
+    Sender,
+    SessionInfo,
+    fromTimestamp,
+)
 from mailrelay.policy.content import checkSize, prepareMessage
 from mailrelay.policy.limits import RateLimiter, checkDailyQuota, startOfDay
 from mailrelay.policy.received import receivedHeader
@@ -34,6 +43,8 @@ class Submissions:
         self.clock = clock
         # Each worker process keeps its own buckets, so each allows its share of the rate.
         self.rateLimiter = RateLimiter(clock.seconds, share=1 / config.workers)
+        # Messages of accounts with a daily quota being stored now, by account.
+        self.storing: Counter[str] = Counter()
 
     def __call__(
         self, account: Account, recheck: Callable[[], Deferred[Account]] | None = None
@@ -175,6 +186,30 @@ class AccountSubmission:
         )
         # No log line per message: at thousands a second it would cost more than the rest of
         # the intake path; the status trail and the metrics are the record.
+        if self.account.daily_quota is not None:
+            return self._storeWithinQuota(notification, prepared.pieces)
         return shared.store.enqueue(notification, prepared.pieces).addCallback(
             lambda _: notificationId
         )
+
+    @inlineCallbacks
+    def _storeWithinQuota(self, notification: Notification, pieces: MessageText) -> Any:
+        """
+        Store a message of an account with a daily quota, if it still fits: the check at MAIL
+        let every session that was open at the time through, and each of them may since have
+        been stored. So the count is read again here, and this process's other messages of
+        the account still being stored count too. (Between processes, or relays sharing a
+        Redis store, a race at the very limit can still let one message each through.)
+        """
+        shared, name = self._shared, self.account.name
+        shared.storing[name] += 1
+        try:
+            today = startOfDay(fromTimestamp(shared.clock.seconds()))
+            accepted = yield shared.store.acceptedSince(name, today)
+            checkDailyQuota(self.account, accepted + shared.storing[name] - 1)
+            yield shared.store.enqueue(notification, pieces)
+        finally:
+            shared.storing[name] -= 1
+            if not shared.storing[name]:
+                del shared.storing[name]
+        return notification.notification_id

@@ -333,6 +333,29 @@ class LimitTests(SubmissionTestCase):
         self.assertEqual(reply[:10], "452 4.2.2 ")
 
     @inlineCallbacks
+    def test_dailyQuotaWithSessionsAtOnce(self) -> Any:
+        """Two sessions pass MAIL with one message of the quota left, and end their DATA at
+        the same moment: one is stored, the other gets 452 4.2.2, and the quota holds."""
+        yield self.relogin(daily_quota=2)
+        reply, _ = yield self.submit(f"<{FROM}>", ["<a@example.org>"], simpleMessage())
+        self.assertIsNotNone(_ACCEPTED.match(reply), reply)
+        sessions = [self.session, self.harness.connect()]
+        yield sessions[1].login()
+        for session in sessions:
+            self.assertReply((yield session.command(f"MAIL FROM:<{FROM}>")), replies.SENDER_OK)
+            yield session.command("RCPT TO:<b@example.org>")
+            self.assertTrue((yield session.command("DATA")).startswith("354 "))
+        for session in sessions:
+            session.protocol.dataReceived(wire(simpleMessage()))
+        answers = []
+        for session in sessions:
+            lines = yield session.send(b"")
+            answers.append(lines[-1][:10])
+        self.assertEqual(sorted(answers), ["250 2.0.0 ", "452 4.2.2 "])
+        stats = yield self.harness.store.stats()
+        self.assertEqual(stats.queued, 2)
+
+    @inlineCallbacks
     def test_accountRecipientLimit(self) -> Any:
         yield self.relogin(max_recipients=2)
         yield self.session.command(f"MAIL FROM:<{FROM}>")
