@@ -14,6 +14,20 @@ def unfold(header: bytes) -> str:
     return header.decode("ascii").replace("\r\n\t", " ")
 
 
+def headerFor(recipients: list[Recipient]) -> bytes:
+    """The Received: field of an authenticated plain session's message to ``recipients``."""
+    return receivedHeader(
+        hostname="h.example",
+        helo="c",
+        clientAddress="192.0.2.1",
+        tlsInfo=None,
+        authenticated=True,
+        notificationId="1",
+        recipients=recipients,
+        now=NOW,
+    )
+
+
 class ReceivedTests(SynchronousTestCase):
     def test_authenticatedTls(self) -> None:
         header = receivedHeader(
@@ -58,31 +72,12 @@ class ReceivedTests(SynchronousTestCase):
 
     def test_forOnlyWithOneRecipient(self) -> None:
         two = [Recipient("a@example.org", "email"), Recipient("b@example.org", "email")]
-        header = receivedHeader(
-            hostname="h.example",
-            helo="c",
-            clientAddress="192.0.2.1",
-            tlsInfo=None,
-            authenticated=True,
-            notificationId="1",
-            recipients=two,
-            now=NOW,
-        )
-        self.assertNotIn(b"for <", header)
+        self.assertNotIn(b"for <", headerFor(two))
 
     def test_forClauseHasNoControlCharacters(self) -> None:
         """Whatever let one through the address checks, no control character reaches the
         header; UTF-8 (an SMTPUTF8 address) does."""
-        header = receivedHeader(
-            hostname="h.example",
-            helo="c",
-            clientAddress="192.0.2.1",
-            tlsInfo=None,
-            authenticated=True,
-            notificationId="1",
-            recipients=[Recipient("jörg\x1b[31m\x0b@example.org", "email")],
-            now=NOW,
-        )
+        header = headerFor([Recipient("jörg\x1b[31m\x0b@example.org", "email")])
         self.assertIn("for <jörg?[31m?@example.org>;".encode(), header)
 
     def test_clientTextCannotInjectHeaders(self) -> None:
