@@ -233,7 +233,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        if self._authenticated or self.settings.authMode != "required":  # not _mustLogIn()
+        if not self._mustLogIn():
             self.resetTimeout()
         if self._reader is not None and not self._blocked and self._processing is None:
             self._feedData(data)
