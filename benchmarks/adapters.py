@@ -230,9 +230,9 @@ class Mailrelay:
 
     @property
     def name(self) -> str:
-        if self.nostore:
-            return "mailrelay-nostore"
         suffix = f"-{self.workers}w" if self.workers > 1 else ""
+        if self.nostore:
+            return f"mailrelay-nostore{suffix}"
         return f"mailrelay-{self.backend}{suffix}"
 
     def unavailable(self) -> str | None:
@@ -465,6 +465,7 @@ _ADAPTERS: list[ServerAdapter] = [
     Mailrelay("sqlite", workers=2),
     Mailrelay("redis", workers=2),
     Postfix(),
-    Mailrelay("sqlite", nostore=True),  # a diagnostic, not in the default run
+    Mailrelay("sqlite", nostore=True),  # diagnostics, not in the default run
+    Mailrelay("sqlite", workers=2, nostore=True),
 ]
 ALL: dict[str, ServerAdapter] = {a.name: a for a in _ADAPTERS}
