@@ -28,9 +28,15 @@ from zope.interface import implementer
 
 from mailrelay.auth.throttle import LoginThrottle
 from mailrelay.interfaces import IMessageDelivery, StoreError
-from mailrelay.model import Account
+from mailrelay.model import Account, QueueStats
 from mailrelay.web.auth import BasicLogin, Throttled, Unauthenticated, parseBasic
-from mailrelay.web.health import Health, ListenerState, serviceListeners
+from mailrelay.web.health import (
+    QUEUE_STATS_MAX_AGE,
+    Health,
+    ListenerState,
+    RecentResult,
+    serviceListeners,
+)
 from mailrelay.web.notifications import (
     BadQuery,
     idsAfter,
@@ -219,6 +225,92 @@ class HealthTests(TestCase):
         self.assertEqual(
             list(probe()), [ListenerState("tcp:2525", True), ListenerState("tcp:2587", False)]
         )
+
+
+class CountingStatsStore:
+    """A store whose ping answers at once and whose queue counts answer when the test says."""
+
+    name = "sqlite"
+
+    def __init__(self) -> None:
+        self.asked: list[Deferred[Any]] = []
+
+    def ping(self) -> Deferred[float]:
+        return succeed(0.001)
+
+    def stats(self) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.asked.append(d)
+        return d
+
+
+class RecentResultTests(TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.store = CountingStatsStore()
+        self.recent = RecentResult(self.store.stats, self.clock, maxAge=1.0)
+
+    def test_waitersShareOneRun(self) -> None:
+        first, second = self.recent.get(), self.recent.get()
+        self.assertEqual(len(self.store.asked), 1)
+        self.assertNoResult(first)
+        self.store.asked[0].callback("counts")
+        self.assertEqual(self.successResultOf(first), "counts")
+        self.assertEqual(self.successResultOf(second), "counts")
+
+    def test_keptForMaxAge(self) -> None:
+        self.recent.get()
+        self.store.asked[0].callback("old")
+        self.clock.advance(0.9)
+        self.assertEqual(self.successResultOf(self.recent.get()), "old")
+        self.assertEqual(len(self.store.asked), 1)
+        self.clock.advance(0.1)
+        fresh = self.recent.get()
+        self.assertEqual(len(self.store.asked), 2)
+        self.store.asked[1].callback("new")
+        self.assertEqual(self.successResultOf(fresh), "new")
+
+    def test_ageCountsFromTheStart(self) -> None:
+        """A slow query's result is as old as the moment it was asked for."""
+        d = self.recent.get()
+        self.clock.advance(1.5)
+        self.store.asked[0].callback("slow")
+        self.successResultOf(d)
+        self.recent.get()
+        self.assertEqual(len(self.store.asked), 2)
+
+    def test_failureGoesToItsWaitersAndIsNotKept(self) -> None:
+        first, second = self.recent.get(), self.recent.get()
+        self.store.asked[0].errback(StoreError("down"))
+        self.failureResultOf(first, StoreError)
+        self.failureResultOf(second, StoreError)
+        again = self.recent.get()
+        self.assertEqual(len(self.store.asked), 2)
+        self.store.asked[1].callback("back")
+        self.assertEqual(self.successResultOf(again), "back")
+
+    def test_queryRaising(self) -> None:
+        def broken() -> Any:
+            raise StoreError("at once")
+
+        self.failureResultOf(RecentResult(broken, self.clock, 1.0).get(), StoreError)
+
+
+class MetricsQueueCountTests(TestCase):
+    def test_concurrentScrapesCountOnce(self) -> None:
+        """Many /metrics requests at once (no credentials needed) cost one queue count."""
+        clock = Clock()
+        store = CountingStatsStore()
+        health = Health(store, clock)  # type: ignore[arg-type]
+        scrapes = [Deferred.fromCoroutine(health.metrics()) for _ in range(50)]
+        self.assertEqual(len(store.asked), 1)
+        store.asked[0].callback(QueueStats(queued=7, deferred=0, in_flight=0))
+        depth = b'mailrelay_queue_depth{state="queued"} 7.0'
+        for scrape in scrapes:
+            self.assertIn(depth, self.successResultOf(scrape).body)
+        clock.advance(QUEUE_STATS_MAX_AGE)
+        Deferred.fromCoroutine(health.metrics())
+        self.assertEqual(len(store.asked), 2)
 
 
 class UnexpectedFailureTests(TestCase):

@@ -2,7 +2,11 @@
 Operations endpoints: ``/healthz`` (is the relay able to work) and ``/metrics`` (Prometheus).
 
 Both read the store at request time: a ping, bounded by ``pingTimeout`` so that a hung backend
-makes the health check fail rather than hang, and for metrics the queue depth.
+makes the health check fail rather than hang, and for metrics the queue depth. Counting the
+queue reads the whole queue in the SQLite store (tens of milliseconds per million messages, on
+the thread that also answers the status API), and neither endpoint asks for credentials, so
+the counts are taken at most once per ``QUEUE_STATS_MAX_AGE`` seconds and requests that come
+while they are being taken wait for that one count.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceCollection
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailrelay import metrics
 from mailrelay.interfaces import IStore
@@ -24,6 +29,8 @@ from mailrelay.web.responses import Response, jsonResponse
 
 PING_TIMEOUT = 2.0
 """Seconds a store ping may take before the store counts as unreachable."""
+QUEUE_STATS_MAX_AGE = 1.0
+"""Seconds the queue counts of one ``/metrics`` request serve the requests after it."""
 
 log = Logger()
 
@@ -72,6 +79,42 @@ def serviceListeners(parent: IServiceCollection, endpoints: Sequence[str]) -> Li
     return probe
 
 
+class RecentResult:
+    """
+    A query's result shared for a while: :meth:`get` runs ``query`` only if its last result is
+    older than ``maxAge`` seconds, and callers that come while it runs wait for that run. A
+    failure is passed to the callers that waited for it and not kept.
+    """
+
+    def __init__(self, query: Callable[[], Any], clock: IReactorTime, maxAge: float) -> None:
+        self._query = query
+        self._clock = clock
+        self._maxAge = maxAge
+        self._result: Any = None
+        self._takenAt: float | None = None
+        self._waiting: list[Deferred[Any]] = []
+
+    def get(self) -> Deferred[Any]:
+        if self._takenAt is not None and self._clock.seconds() - self._takenAt < self._maxAge:
+            return succeed(self._result)
+        waiter: Deferred[Any] = Deferred()
+        self._waiting.append(waiter)
+        if len(self._waiting) == 1:
+            started = self._clock.seconds()
+            maybeDeferred(self._query).addBoth(self._answer, started)
+        return waiter
+
+    def _answer(self, result: Any, started: float) -> None:
+        waiting, self._waiting = self._waiting, []
+        if isinstance(result, Failure):
+            for waiter in waiting:
+                waiter.errback(result)
+            return
+        self._result, self._takenAt = result, started
+        for waiter in waiting:
+            waiter.callback(result)
+
+
 class Health:
     """Answers ``/healthz`` and ``/metrics`` for one store."""
 
@@ -88,6 +131,7 @@ class Health:
         self._listeners = listeners
         self._workers = workers
         self._pingTimeout = pingTimeout
+        self._queueStats = RecentResult(store.stats, clock, QUEUE_STATS_MAX_AGE)
 
     async def _ping(self) -> float | None:
         """The store's round trip in seconds, or None if it failed or took too long."""
@@ -121,12 +165,13 @@ class Health:
 
     async def metrics(self) -> Response:
         """The Prometheus text exposition of :data:`mailrelay.metrics.REGISTRY`, with the queue
-        depth and a store ping taken now (if the store fails, the other metrics still render)."""
+        depth (at most a second old) and a store ping taken now (if the store fails, the other
+        metrics still render)."""
         latency = await self._ping()
         if latency is not None:
             metrics.storeLatency.observe(latency)
             try:
-                stats = await self._store.stats()
+                stats = await self._queueStats.get()
             except Exception as e:
                 log.warn("queue stats failed: {error}", error=type(e).__name__)
             else:
