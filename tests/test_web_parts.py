@@ -30,13 +30,7 @@ from mailrelay.auth.throttle import LoginThrottle
 from mailrelay.interfaces import IMessageDelivery, StoreError
 from mailrelay.model import Account, QueueStats
 from mailrelay.web.auth import BasicLogin, Throttled, Unauthenticated, parseBasic
-from mailrelay.web.health import (
-    QUEUE_STATS_MAX_AGE,
-    Health,
-    ListenerState,
-    RecentResult,
-    serviceListeners,
-)
+from mailrelay.web.health import QUEUE_STATS_MAX_AGE, Health, ListenerState, serviceListeners
 from mailrelay.web.notifications import (
     BadQuery,
     idsAfter,
@@ -242,58 +236,6 @@ class CountingStatsStore:
         d: Deferred[Any] = Deferred()
         self.asked.append(d)
         return d
-
-
-class RecentResultTests(TestCase):
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.store = CountingStatsStore()
-        self.recent = RecentResult(self.store.stats, self.clock, maxAge=1.0)
-
-    def test_waitersShareOneRun(self) -> None:
-        first, second = self.recent.get(), self.recent.get()
-        self.assertEqual(len(self.store.asked), 1)
-        self.assertNoResult(first)
-        self.store.asked[0].callback("counts")
-        self.assertEqual(self.successResultOf(first), "counts")
-        self.assertEqual(self.successResultOf(second), "counts")
-
-    def test_keptForMaxAge(self) -> None:
-        self.recent.get()
-        self.store.asked[0].callback("old")
-        self.clock.advance(0.9)
-        self.assertEqual(self.successResultOf(self.recent.get()), "old")
-        self.assertEqual(len(self.store.asked), 1)
-        self.clock.advance(0.1)
-        fresh = self.recent.get()
-        self.assertEqual(len(self.store.asked), 2)
-        self.store.asked[1].callback("new")
-        self.assertEqual(self.successResultOf(fresh), "new")
-
-    def test_ageCountsFromTheStart(self) -> None:
-        """A slow query's result is as old as the moment it was asked for."""
-        d = self.recent.get()
-        self.clock.advance(1.5)
-        self.store.asked[0].callback("slow")
-        self.successResultOf(d)
-        self.recent.get()
-        self.assertEqual(len(self.store.asked), 2)
-
-    def test_failureGoesToItsWaitersAndIsNotKept(self) -> None:
-        first, second = self.recent.get(), self.recent.get()
-        self.store.asked[0].errback(StoreError("down"))
-        self.failureResultOf(first, StoreError)
-        self.failureResultOf(second, StoreError)
-        again = self.recent.get()
-        self.assertEqual(len(self.store.asked), 2)
-        self.store.asked[1].callback("back")
-        self.assertEqual(self.successResultOf(again), "back")
-
-    def test_queryRaising(self) -> None:
-        def broken() -> Any:
-            raise StoreError("at once")
-
-        self.failureResultOf(RecentResult(broken, self.clock, 1.0).get(), StoreError)
 
 
 class MetricsQueueCountTests(TestCase):

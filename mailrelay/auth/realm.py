@@ -13,9 +13,8 @@ from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
-from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
@@ -24,6 +23,7 @@ from mailrelay.auth.credentials import APIKeyLogin
 from mailrelay.interfaces import IMessageDelivery, IStore
 from mailrelay.model import Account, SessionInfo
 from mailrelay.policy.limits import NetworkIndex, clientAllowed
+from mailrelay.recent import RecentResult
 from mailrelay.smtp.replies import LOGIN_WITHDRAWN, Refused
 from mailrelay.store.common import ACCOUNT_CACHE_SECONDS
 
@@ -37,49 +37,22 @@ def _noLogout() -> None:
     pass
 
 
-class RememberedNetworks:
+class RememberedNetworks(RecentResult[NetworkIndex]):
     """
     The :class:`~mailrelay.policy.limits.NetworkIndex` of every account in ``store``, read
     again at most every ``seconds`` (``clock`` tells the time) -- like the rest of the account
     data, a change made with the admin command line counts within that time. Logins that
-    come while it is being read wait for that one read.
+    come while it is being read wait for that one read; a failed read is not remembered.
     """
 
     def __init__(
         self, store: IStore, clock: IReactorTime, seconds: float = ACCOUNT_CACHE_SECONDS
     ) -> None:
-        self._store = store
-        self._clock = clock
-        self._seconds = seconds
-        self._index: NetworkIndex | None = None
-        self._until = 0.0
-        self._waiting: list[Deferred[NetworkIndex]] | None = None
+        super().__init__(lambda: store.listAccounts().addCallback(NetworkIndex), clock, seconds)
 
     def index(self) -> Deferred[NetworkIndex]:
         """The index, as read less than ``seconds`` ago. Returns Deferred[NetworkIndex]."""
-        if self._index is not None and self._clock.seconds() < self._until:
-            return succeed(self._index)
-        waiter: Deferred[NetworkIndex] = Deferred()
-        if self._waiting is not None:
-            self._waiting.append(waiter)
-            return waiter
-        self._waiting = [waiter]
-        started = self._clock.seconds()
-        self._store.listAccounts().addCallback(self._read, started).addErrback(self._failed)
-        return waiter
-
-    def _read(self, accounts: list[Account], started: float) -> None:
-        self._index = NetworkIndex(accounts)
-        self._until = started + self._seconds
-        self._wake(self._index)
-
-    def _failed(self, failure: Failure) -> None:
-        self._wake(failure)  # nothing remembered: the next login asks the store again
-
-    def _wake(self, result: NetworkIndex | Failure) -> None:
-        waiting, self._waiting = self._waiting or [], None
-        for waiter in waiting:
-            waiter.callback(result)
+        return self.get()
 
 
 @implementer(IRealm)

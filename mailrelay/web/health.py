@@ -18,13 +18,14 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceCollection
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from mailrelay import metrics
 from mailrelay.interfaces import IStore
+from mailrelay.model import QueueStats
+from mailrelay.recent import RecentResult
 from mailrelay.web.responses import Response, jsonResponse
 
 PING_TIMEOUT = 2.0
@@ -79,42 +80,6 @@ def serviceListeners(parent: IServiceCollection, endpoints: Sequence[str]) -> Li
     return probe
 
 
-class RecentResult:
-    """
-    A query's result shared for a while: :meth:`get` runs ``query`` only if its last result is
-    older than ``maxAge`` seconds, and callers that come while it runs wait for that run. A
-    failure is passed to the callers that waited for it and not kept.
-    """
-
-    def __init__(self, query: Callable[[], Any], clock: IReactorTime, maxAge: float) -> None:
-        self._query = query
-        self._clock = clock
-        self._maxAge = maxAge
-        self._result: Any = None
-        self._takenAt: float | None = None
-        self._waiting: list[Deferred[Any]] = []
-
-    def get(self) -> Deferred[Any]:
-        if self._takenAt is not None and self._clock.seconds() - self._takenAt < self._maxAge:
-            return succeed(self._result)
-        waiter: Deferred[Any] = Deferred()
-        self._waiting.append(waiter)
-        if len(self._waiting) == 1:
-            started = self._clock.seconds()
-            maybeDeferred(self._query).addBoth(self._answer, started)
-        return waiter
-
-    def _answer(self, result: Any, started: float) -> None:
-        waiting, self._waiting = self._waiting, []
-        if isinstance(result, Failure):
-            for waiter in waiting:
-                waiter.errback(result)
-            return
-        self._result, self._takenAt = result, started
-        for waiter in waiting:
-            waiter.callback(result)
-
-
 class Health:
     """Answers ``/healthz`` and ``/metrics`` for one store."""
 
@@ -131,7 +96,9 @@ class Health:
         self._listeners = listeners
         self._workers = workers
         self._pingTimeout = pingTimeout
-        self._queueStats = RecentResult(store.stats, clock, QUEUE_STATS_MAX_AGE)
+        self._queueStats: RecentResult[QueueStats] = RecentResult(
+            store.stats, clock, QUEUE_STATS_MAX_AGE
+        )
 
     async def _ping(self) -> float | None:
         """The store's round trip in seconds, or None if it failed or took too long."""
