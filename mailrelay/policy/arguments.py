@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from mailrelay.numbers import isDecimal
 from mailrelay.smtp.replies import SYNTAX_ERROR, UNKNOWN_PARAMETER, Refused
 
 Parameters = dict[str, str | None]
@@ -117,7 +118,7 @@ def mailOptions(parameters: Parameters) -> MailOptions:
     smtputf8 = False
     for keyword, value in parameters.items():
         if keyword == "SIZE":
-            if value is None or not value.isascii() or not value.isdigit() or len(value) > 20:
+            if value is None or not isDecimal(value, 20):
                 raise _refuse("SIZE needs a number of octets")
             size = int(value)
         elif keyword == "BODY":

@@ -27,6 +27,7 @@ from mailrelay import metrics
 from mailrelay.auth.credentials import credentialsFor
 from mailrelay.interfaces import IMessageDelivery
 from mailrelay.model import Recipient, SessionInfo
+from mailrelay.numbers import isDecimal
 from mailrelay.policy.arguments import mailOptions, parsePathArgument
 from mailrelay.smtp import replies
 from mailrelay.smtp.data import DataReader, lineProblem
@@ -718,7 +719,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         words = argument.split()
         if (
             not 1 <= len(words) <= 2
-            or not (len(words[0]) <= 20 and words[0].isascii() and words[0].isdigit())
+            or not isDecimal(words[0], 20)
             or (len(words) == 2 and words[1].upper() != "LAST")
         ):
             return replies.SYNTAX_ERROR.withText("Syntax: BDAT size [LAST]")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from mailrelay.model import STATUS_TEXTS, Notification, Recipient, StatusEvent
+from mailrelay.numbers import isDecimal
 
 ACCOUNT_CACHE_SECONDS = 1.0
 """How long a backend may remember account, API-key and sender lookups (its own writes clear
@@ -37,7 +38,7 @@ def fromMillis(millis: int) -> datetime:
 def idNumber(notificationId: str) -> int | None:
     """The integer a notification id is stored as, or None if it cannot be one of ours."""
     # 2**63 has 19 digits; a longer string is no id (and int() refuses past 4,300 digits).
-    if len(notificationId) <= 19 and notificationId.isascii() and notificationId.isdigit():
+    if isDecimal(notificationId, 19):
         number = int(notificationId)
         if number < 2**63 and str(number) == notificationId:
             return number

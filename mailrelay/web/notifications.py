@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from mailrelay.interfaces import IStore
 from mailrelay.model import Notification, fromTimestamp
+from mailrelay.numbers import isDecimal
 from mailrelay.status import statusDocument
 
 RECIPIENT_PREFIXES = ("email:", "sms:")
@@ -41,9 +42,7 @@ def pageLimit(values: list[str]) -> int:
     if not values:
         return MAX_BULK_PAGE
     text = values[0]
-    if not (len(text) <= 9 and text.isascii() and text.isdigit()) or not (
-        1 <= int(text) <= MAX_BULK_PAGE
-    ):
+    if not isDecimal(text, 9) or not 1 <= int(text) <= MAX_BULK_PAGE:
         raise BadQuery(f"limit must be an integer from 1 to {MAX_BULK_PAGE}")
     return int(text)
 
@@ -53,7 +52,7 @@ def pageCursor(values: list[str]) -> str | None:
     if not values:
         return None
     value = values[0]
-    if not (value.isascii() and value.isdigit()) or len(value) > 20:
+    if not isDecimal(value, 20):
         raise BadQuery("after must be a notification id")
     return value
 
