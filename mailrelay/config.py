@@ -64,14 +64,47 @@ class LimitsConfig:
     max_connections_per_client: int = 1000  # from one client address
 
 
+TLSPolicyName = Literal["verify", "opportunistic", "none"]
+
+
 @dataclass(frozen=True)
 class DeliveryConfig:
     mode: Literal["smarthost", "mx", "hold"] = "hold"
     smarthost: str = "tcp:host=127.0.0.1:port=25"
-    smarthost_tls: Literal["required", "opportunistic", "none"] = "opportunistic"
+    smarthost_tls: Literal["required", "opportunistic", "implicit", "none"] = "opportunistic"
+    smarthost_username: str | None = None
+    smarthost_password_file: str | None = None
+    smarthost_ca_file: str | None = None  # CA to verify the smarthost with; default: the system's
+    ca_file: str | None = None  # CA for verified TLS to MX hosts; default: the system's
     nameservers: tuple[str, ...] = ()
     mx_port: int = 25
+    allow_networks: tuple[str, ...] = ()
+    max_connections: int = 100
+    max_connections_per_destination: int = 10
+    max_recipients_per_transaction: int = 50
+    connect_timeout: str = "30s"
+    command_timeout: str = "5m"  # greeting and every command
+    data_timeout: str = "10m"
+    retry_min: str = "5m"
+    retry_max: str = "1h"
     max_queue_lifetime: str = "5d"
+    lease: str = "5m"
+    tls_policy: dict[str, TLSPolicyName] = field(default_factory=dict)
+
+    def seconds(self, name: str) -> int:
+        """One of the duration keys, in seconds (validated at load)."""
+        return parseDuration(getattr(self, name))
+
+
+DELIVERY_DURATIONS = (
+    "connect_timeout",
+    "command_timeout",
+    "data_timeout",
+    "retry_min",
+    "retry_max",
+    "max_queue_lifetime",
+    "lease",
+)
 
 
 @dataclass(frozen=True)
@@ -129,6 +162,14 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table")
         return _build(hint, value, where)  # type: ignore[arg-type]
+    if origin is dict:
+        keyHint, valueHint = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table")
+        return {
+            _convert(k, keyHint, f"{where}"): _convert(v, valueHint, f"{where}.{k}")
+            for k, v in value.items()
+        }
     if origin is tuple:
         (item,) = [a for a in typing.get_args(hint) if a is not Ellipsis]
         if not isinstance(value, list):
@@ -201,18 +242,57 @@ def _validate(config: Config) -> Config:
     if not 0 <= config.store.instance_id <= 1023:
         raise ConfigError("store.instance_id: must be 0..1023")
     _validateWorkers(config)
-    try:
-        parseDuration(config.delivery.max_queue_lifetime)
-    except ValueError as e:
-        raise ConfigError(f"delivery.max_queue_lifetime: {e}") from None
-    for i, network in enumerate(config.delivery_reports.allow_networks):
+    _validateDelivery(config.delivery)
+    _validateNetworks("delivery_reports.allow_networks", config.delivery_reports.allow_networks)
+    return config
+
+
+def _validateNetworks(where: str, networks: tuple[str, ...]) -> None:
+    for i, network in enumerate(networks):
         try:
             ipaddress.ip_network(network, strict=False)
         except ValueError:
+            raise ConfigError(f"{where}[{i}]: not a network: {network!r}") from None
+
+
+def _validateDelivery(delivery: DeliveryConfig) -> None:
+    for name in DELIVERY_DURATIONS:
+        try:
+            seconds = parseDuration(getattr(delivery, name))
+        except ValueError as e:
+            raise ConfigError(f"delivery.{name}: {e}") from None
+        if seconds <= 0:
+            raise ConfigError(f"delivery.{name}: must be longer than 0")
+    if delivery.seconds("retry_min") > delivery.seconds("retry_max"):
+        raise ConfigError("delivery.retry_min: must not be longer than delivery.retry_max")
+    for name in (
+        "max_connections",
+        "max_connections_per_destination",
+        "max_recipients_per_transaction",
+        "mx_port",
+    ):
+        _positive(f"delivery.{name}", getattr(delivery, name))
+    _validateNetworks("delivery.allow_networks", delivery.allow_networks)
+    for i, server in enumerate(delivery.nameservers):
+        host, _, port = server.rpartition(":")
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+            valid = port.isdigit() and 0 < int(port) < 65536
+        except ValueError:
+            valid = False
+        if not valid:
             raise ConfigError(
-                f"delivery_reports.allow_networks[{i}]: not a network: {network!r}"
-            ) from None
-    return config
+                f"delivery.nameservers[{i}]: not an address:port (like 127.0.0.1:53): {server!r}"
+            )
+    if (delivery.smarthost_username is None) != (delivery.smarthost_password_file is None):
+        raise ConfigError("delivery.smarthost_username: goes with smarthost_password_file")
+    if delivery.mode == "smarthost":
+        kind = delivery.smarthost.partition(":")[0].lower()
+        if kind not in ("tcp", "tcp6") or "host=" not in delivery.smarthost:
+            raise ConfigError(
+                "delivery.smarthost: must be a tcp: endpoint with host= and port= "
+                f"(like tcp:host=mta.internal:port=25), not {delivery.smarthost!r}"
+            )
 
 
 MAX_WORKERS = 64

@@ -86,6 +86,99 @@ class IMessageQueue(Interface):
         """Returns Deferred[QueueStats]."""
 
 
+class LeaseLost(StoreError):
+    """The lease named is no longer the notification's current one (it ran out and another
+    worker claimed it, or the notification left the queue): nothing was written."""
+
+
+class IDeliveryQueue(Interface):
+    """
+    The delivery side of the queue (SPEC §8.1): delivery workers claim due notifications under
+    a lease, record each recipient's outcome with its status event in one atomic write, and
+    schedule retries. Several workers -- threads, processes, relays sharing one Redis -- may
+    claim at once: a notification is leased to one of them at a time.
+
+    A notification is *due* when it is ``queued`` or ``deferred`` and its next attempt has
+    come, or ``in_flight`` and its lease has run out (a worker died). ``held`` is never due.
+    Due work is found through an index ordered by due time, never by reading the whole queue.
+    """
+
+    def claimDue(limit: int, leaseSeconds: float):
+        """
+        Claim up to ``limit`` due notifications: each becomes ``in_flight`` under a new lease
+        (a fresh random token) ending ``leaseSeconds`` from now, and its attempt count grows
+        by one. Oldest due first, but never-tried (``queued``) work and retries (``deferred``,
+        lapsed leases) each get at least half of ``limit`` when both are due, so a backlog of
+        retries cannot starve fresh mail nor the reverse. A notification whose message cannot
+        be read is skipped (logged), not handed out. Returns Deferred[list[model.Delivery]].
+        """
+
+    def renewLease(notificationId: str, lease: str, leaseSeconds: float):
+        """Extend ``lease`` to end ``leaseSeconds`` from now. Fails with LeaseLost.
+        Returns Deferred[None]."""
+
+    def recordOutcome(notificationId: str, lease: str, events, finished, nextAttempt):
+        """
+        One atomic write: append ``events`` (StatusEvents of this notification), and take the
+        recipients in ``finished`` (a sequence of Recipient with a final outcome) out of the
+        pending ones. Then, if none is pending, the notification leaves the queue and its
+        message is dropped; else, with ``nextAttempt`` (a datetime) it becomes ``deferred``
+        until then and the lease ends; with ``nextAttempt`` None it stays ``in_flight`` under
+        the same lease (an intermediate record, such as ``CAAS_SENT`` when an attempt starts).
+        Fails with LeaseLost, writing nothing, if ``lease`` is not the current lease.
+        Returns Deferred[None].
+        """
+
+    def releaseLease(notificationId: str, lease: str):
+        """Give the claim back without an outcome (the relay is stopping): due again at once,
+        the attempt it counted taken back. Fails with LeaseLost. Returns Deferred[None]."""
+
+    def queueItems(state, account, limit: int):
+        """The queue as an operator sees it: up to ``limit`` entries (``state`` a QueueState or
+        None for all, ``account`` a name or None for all), by next attempt, oldest first.
+        Returns Deferred[list[model.QueueItem]]."""
+
+    def queueItem(notificationId: str):
+        """Returns Deferred[model.QueueItem | None]."""
+
+    def retryNow(notificationId):
+        """Make ``deferred`` (and ``queued``) entries due now: the one named, or every one
+        with None. Held and in-flight ones are left. Returns Deferred[int]: how many."""
+
+    def hold(notificationId, account):
+        """Hold the entry named, or (``notificationId`` None) every entry of ``account``: it is
+        not claimed until released. An entry in flight is held when its worker records a
+        retry (its lease is left alone). Returns Deferred[int]: how many are held now."""
+
+    def release(notificationId, account):
+        """Release held entries (the one named, or every one of ``account``, or every one
+        with both None): due at once. Returns Deferred[int]: how many."""
+
+    def deleteQueued(notificationId: str, statusText: str, at):
+        """Take a notification out of the queue for good (an operator's decision): each
+        recipient still pending gets a ``CAAS_FAILED`` event with ``statusText`` at ``at``,
+        in the same write, and the message is dropped. A worker that holds it in flight then
+        finds its lease lost. Returns Deferred[list[Recipient]]: the recipients failed;
+        NotFound if it is not in the queue."""
+
+
+class IDkimKeyStore(Interface):
+    """DKIM signing keys per sender domain, shared by every relay using the store."""
+
+    def putDkimKey(key):
+        """Store ``key`` (a model.DkimKey) for its domain, replacing any other. Returns
+        Deferred[None]."""
+
+    def getDkimKey(domain: str):
+        """Returns Deferred[model.DkimKey | None]."""
+
+    def listDkimKeys():
+        """Returns Deferred[list[model.DkimKey]] sorted by domain."""
+
+    def removeDkimKey(domain: str):
+        """Returns Deferred[bool]: whether a key was removed."""
+
+
 class IStatusStore(Interface):
     """Per-recipient status trails and notification metadata."""
 
@@ -108,7 +201,7 @@ class IStatusStore(Interface):
         with their events. Returns Deferred[int]: how many."""
 
 
-class IStore(IAccountStore, IMessageQueue, IStatusStore):
+class IStore(IAccountStore, IMessageQueue, IDeliveryQueue, IDkimKeyStore, IStatusStore):
     """One backend: everything mailrelay keeps."""
 
     name = Attribute("The backend's name as written in the config: 'sqlite' or 'redis'.")

@@ -51,6 +51,7 @@ class Account:
     attachments: AttachmentPolicy = "allow"
     max_message_size: int | None = None
     max_recipients: int | None = None
+    bounces: bool = True  # delivery status notifications to the envelope sender on failure
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,59 @@ class QueueStats:
     queued: int
     deferred: int
     in_flight: int
+    held: int = 0
+
+
+QueueState = Literal["queued", "deferred", "in_flight", "held"]
+"""Where a notification with recipients still to deliver stands: due when its time comes
+(``queued``: never tried; ``deferred``: tried, failed for now), leased by a delivery worker
+(``in_flight``), or kept aside by an operator (``held``: never claimed until released)."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """
+    A notification claimed for delivery (SPEC §8.1): its message, the recipients that have no
+    final outcome yet, and the lease that makes the claim this worker's alone. Every write
+    about it (:meth:`~mailrelay.interfaces.IDeliveryQueue.recordOutcome`, ``renewLease``,
+    ``releaseLease``) names ``lease``; once another worker has claimed it, they fail with
+    ``LeaseLost`` and write nothing.
+    """
+
+    notification: Notification
+    message: bytes = field(repr=False)
+    pending: tuple[Recipient, ...]
+    attempts: int  # claims so far, this one included
+    lease: str
+
+
+@dataclass(frozen=True)
+class QueueItem:
+    """One entry of the queue as an operator lists it (``mailrelay queue list``)."""
+
+    notification_id: str
+    account: str
+    sender: str
+    state: QueueState
+    next_attempt: datetime  # in_flight: when the lease ends
+    attempts: int
+    pending: tuple[Recipient, ...]
+    received_at: datetime
+    size: int
+
+
+DkimAlgorithm = Literal["rsa", "ed25519"]
+
+
+@dataclass(frozen=True)
+class DkimKey:
+    """A sender domain's DKIM signing key. ``private_key`` is PEM (PKCS#8); never shown."""
+
+    domain: str
+    selector: str
+    algorithm: DkimAlgorithm
+    private_key: bytes = field(repr=False)
+    created_at: datetime
 
 
 def utcnow() -> datetime:
