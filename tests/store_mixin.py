@@ -2,10 +2,9 @@
 The one test suite every store backend passes (``class XTests(StoreTestsMixin, TestCase)``).
 
 Everything here goes through :class:`mailrelay.interfaces.IStore` only. A backend's test case
-provides two hooks: ``makeStore()`` (an opened store, closed again by the test's cleanup) and
-``finishDelivery(notificationId)`` (take a notification off the queue, as a delivery worker
-would once it is done -- the interface has no such method yet). Its own extra tests may use
-:class:`StoreHelpersMixin` alone.
+provides the hooks ``makeStore()`` (an opened store, closed again by the test's cleanup) and
+``bodyStored(notificationId)`` (whether the backend still keeps that message's bytes). Its
+own extra tests may use :class:`StoreHelpersMixin` alone.
 """
 
 from __future__ import annotations
@@ -19,12 +18,16 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.task import deferLater
 from zope.interface.verify import verifyObject
 
-from mailrelay.interfaces import AlreadyExists, IStore, NotFound, StoreError
+from mailrelay.interfaces import AlreadyExists, IStore, LeaseLost, NotFound, StoreError
 from mailrelay.model import (
+    STATUS_TEXTS,
     Account,
     ApiKey,
+    Delivery,
+    DkimKey,
     HeaderOptions,
     Notification,
+    QueueItem,
     QueueStats,
     Recipient,
     Sender,
@@ -56,8 +59,8 @@ class StoreHelpersMixin:
         """An opened, empty store, closed again by the test's cleanup."""
         raise NotImplementedError
 
-    def finishDelivery(self, notificationId: str) -> Deferred[None]:
-        """Take a notification off the queue, as a delivery worker does when done."""
+    async def bodyStored(self, notificationId: str) -> bool:
+        """Whether the store still keeps the message bytes of ``notificationId``."""
         raise NotImplementedError
 
     # -- helpers --
@@ -98,6 +101,20 @@ class StoreHelpersMixin:
         await self.store.enqueue(notification, BODY)
         return notification
 
+    async def finishDelivery(self, notificationId: str, store: Any = None) -> None:
+        """Take a notification off the queue as a delivery worker does when it is done:
+        claim it (giving back whatever else was due) and record every recipient finished."""
+        store = store or self.store
+        finished = False
+        for delivery in await store.claimDue(1000, 60):
+            nid = delivery.notification.notification_id
+            if nid == notificationId:
+                await store.recordOutcome(nid, delivery.lease, [], delivery.pending, None)
+                finished = True
+            else:
+                await store.releaseLease(nid, delivery.lease)
+        assert finished, f"{notificationId} was not due"
+
 
 class StoreTestsMixin(StoreHelpersMixin):
     """Tests of IStore's behaviour; mix into a ``twisted.trial.unittest.TestCase``."""
@@ -115,6 +132,7 @@ class StoreTestsMixin(StoreHelpersMixin):
         account = await self.store.addAccount("acme", "$argon2id$hash")
         self.assertEqual(account, Account(name="acme", password_hash="$argon2id$hash"))
         self.assertTrue(account.enabled)
+        self.assertTrue(account.bounces)
         self.assertEqual(await self.store.getAccount("acme"), account)
         self.assertIsNone(await self.store.getAccount("nobody"))
 
@@ -147,6 +165,7 @@ class StoreTestsMixin(StoreHelpersMixin):
             attachments="strip",
             max_message_size=1024,
             max_recipients=7,
+            bounces=False,
         )
         await self.store.updateAccount(changed)
         self.assertEqual(await self.store.getAccount("acme"), changed)
@@ -343,61 +362,379 @@ class StoreTestsMixin(StoreHelpersMixin):
         self.assertEqual(await self.store.expire(T0 + timedelta(days=7)), 0)
 
 
+def past(seconds: float = 1) -> datetime:
+    """A moment ``seconds`` before now, by the reactor's clock (which the stores read)."""
+    return fromTimestamp(int(reactor.seconds() - seconds))
+
+
+def future(seconds: float = 3600) -> datetime:
+    return fromTimestamp(int(reactor.seconds() + seconds))
+
+
 class DeliveryQueueTestsMixin:
-    """
-    The claim / defer / complete methods delivery workers will use (not in IStore yet; both
-    backends have them), and addEvents for notifications that do not exist.
-    """
+    """IDeliveryQueue and IDkimKeyStore: claims under a lease, outcomes, the operator's view
+    of the queue, DKIM keys; and addEvents for notifications that do not exist."""
 
     store: Any
 
-    async def test_claimDeferComplete(self) -> None:
-        notification = await self.enqueued(receivedAt=fromTimestamp(int(reactor.seconds()) - 1))
+    def event(self, notification: Notification, recipient: Recipient, code: str) -> StatusEvent:
+        return StatusEvent(
+            notification.notification_id, recipient, code, STATUS_TEXTS[code], past(0)
+        )
+
+    async def test_claimRecordFinish(self) -> None:
+        """A claim, an intermediate record, a partial finish with a retry, a claim of what
+        is left, and the last record: the notification leaves the queue, its body with it."""
+        notification = await self.enqueued(recipients=(ALICE, PHONE, BOB))
         nid = notification.notification_id
-        (entry,) = await self.store.claim(10, leaseSeconds=60)
-        self.assertEqual((entry.notification, entry.attempts), (notification, 1))
-        self.assertEqual(entry.message, BODY)
+        (delivery,) = await self.store.claimDue(10, leaseSeconds=60)
+        self.assertIsInstance(delivery, Delivery)
+        self.assertEqual(delivery.notification, notification)
+        self.assertEqual((delivery.message, delivery.attempts), (BODY, 1))
+        self.assertEqual(delivery.pending, (ALICE, PHONE, BOB))
         self.assertEqual(await self.store.stats(), QueueStats(0, 0, 1))
-        self.assertEqual(await self.store.claim(10, leaseSeconds=60), [])  # leased
+        self.assertEqual(await self.store.claimDue(10, leaseSeconds=60), [])  # leased
 
-        await self.store.defer(nid, fromTimestamp(reactor.seconds() - 1))
+        started = [self.event(notification, r, "CAAS_SENT") for r in (ALICE, PHONE, BOB)]
+        await self.store.recordOutcome(nid, delivery.lease, started, (), None)
+        self.assertEqual(await self.store.stats(), QueueStats(0, 0, 1))  # still in flight
+        await self.store.renewLease(nid, delivery.lease, 60)
+
+        outcome = [
+            self.event(notification, ALICE, "CH_RECEIVED"),
+            self.event(notification, PHONE, "CH_DEFERRED"),
+            self.event(notification, BOB, "CH_DEFERRED"),
+        ]
+        retryAt = past()
+        await self.store.recordOutcome(nid, delivery.lease, outcome, [ALICE], retryAt)
         self.assertEqual(await self.store.stats(), QueueStats(0, 1, 0))
-        (entry,) = await self.store.claim(10, leaseSeconds=0)
-        self.assertEqual(entry.attempts, 2)
-        (entry,) = await self.store.claim(10, leaseSeconds=60)  # lease of 0 ran out
-        self.assertEqual(entry.attempts, 3)
+        item = await self.store.queueItem(nid)
+        self.assertEqual((item.state, item.attempts, item.pending), ("deferred", 1, (PHONE, BOB)))
+        self.assertEqual(item.next_attempt, retryAt)
 
-        await self.store.complete(nid)
+        (again,) = await self.store.claimDue(10, leaseSeconds=60)
+        self.assertEqual((again.pending, again.attempts), ((PHONE, BOB), 2))
+        self.assertNotEqual(again.lease, delivery.lease)
+        done = [self.event(notification, r, "CH_RECEIVED") for r in (PHONE, BOB)]
+        await self.store.recordOutcome(nid, again.lease, done, [BOB, PHONE], None)
+
         self.assertEqual(await self.store.stats(), QueueStats(0, 0, 0))
-        self.assertEqual(await self.store.claim(10, leaseSeconds=60), [])
+        self.assertIsNone(await self.store.queueItem(nid))
+        self.assertEqual(await self.store.claimDue(10, leaseSeconds=60), [])
+        self.assertFalse(await self.bodyStored(nid))
+        trail = await self.store.statusTrail(nid)
+        self.assertEqual(trail[3:], [*started, *outcome, *done])
+        with self.assertRaises(LeaseLost):
+            await self.store.renewLease(nid, again.lease, 60)
+
+    async def test_staleLease(self) -> None:
+        """A lease that ran out and was claimed again is lost: renew, record and release
+        with it fail with LeaseLost and write nothing."""
+        notification = await self.enqueued(recipients=(ALICE,))
+        nid = notification.notification_id
+        (stale,) = await self.store.claimDue(10, leaseSeconds=0)
+        (current,) = await self.store.claimDue(10, leaseSeconds=60)
+        self.assertEqual(current.attempts, 2)
+        self.assertNotEqual(current.lease, stale.lease)
+        sent = self.event(notification, ALICE, "CH_SENT")
+        with self.assertRaises(LeaseLost):
+            await self.store.recordOutcome(nid, stale.lease, [sent], [ALICE], None)
+        with self.assertRaises(LeaseLost):
+            await self.store.renewLease(nid, stale.lease, 60)
+        with self.assertRaises(LeaseLost):
+            await self.store.releaseLease(nid, stale.lease)
+        self.assertEqual(len(await self.store.statusTrail(nid)), 1)
+        self.assertEqual(await self.store.stats(), QueueStats(0, 0, 1))
+        item = await self.store.queueItem(nid)
+        self.assertEqual((item.state, item.attempts, item.pending), ("in_flight", 2, (ALICE,)))
+        self.assertTrue(await self.bodyStored(nid))
+        await self.store.recordOutcome(nid, current.lease, [sent], [ALICE], None)
+        self.assertEqual(await self.store.stats(), QueueStats(0, 0, 0))
+
+    async def test_unknownLease(self) -> None:
+        unknown = self.store.nextNotificationId()
+        for call in (
+            lambda: self.store.renewLease(unknown, "nope", 60),
+            lambda: self.store.recordOutcome(unknown, "nope", [], [], None),
+            lambda: self.store.releaseLease(unknown, "nope"),
+        ):
+            with self.assertRaises(LeaseLost):
+                await call()
+        notification = await self.enqueued()  # queued, not in flight
+        with self.assertRaises(LeaseLost):
+            await self.store.renewLease(notification.notification_id, "nope", 60)
+
+    async def test_releaseLease(self) -> None:
+        """A claim given back is due at once, the attempt it counted taken back: a never
+        tried notification is queued (fresh) again, a retried one deferred."""
+        notification = await self.enqueued(recipients=(ALICE, BOB))
+        nid = notification.notification_id
+        (delivery,) = await self.store.claimDue(10, leaseSeconds=60)
+        await self.store.releaseLease(nid, delivery.lease)
+        self.assertEqual(await self.store.stats(), QueueStats(1, 0, 0))
+        (delivery,) = await self.store.claimDue(10, leaseSeconds=60)
+        self.assertEqual(delivery.attempts, 1)
+        await self.store.recordOutcome(nid, delivery.lease, [], [ALICE], future())
+        await self.store.retryNow(nid)
+        (delivery,) = await self.store.claimDue(10, leaseSeconds=60)
+        self.assertEqual((delivery.attempts, delivery.pending), (2, (BOB,)))
+        await self.store.releaseLease(nid, delivery.lease)
+        item = await self.store.queueItem(nid)
+        self.assertEqual((item.state, item.attempts, item.pending), ("deferred", 1, (BOB,)))
+        self.assertLessEqual(item.next_attempt, fromTimestamp(reactor.seconds()))
+        (delivery,) = await self.store.claimDue(10, leaseSeconds=60)
+        self.assertEqual(delivery.attempts, 2)
+        with self.assertRaises(LeaseLost):  # not its token
+            await self.store.releaseLease(nid, "x" + delivery.lease)
+
+    async def retries(self, count: int, due: datetime) -> list[Notification]:
+        """``count`` notifications tried once and deferred until ``due``."""
+        notifications = [await self.enqueued(receivedAt=T0) for _ in range(count)]
+        for delivery in await self.store.claimDue(count, leaseSeconds=60):
+            nid = delivery.notification.notification_id
+            await self.store.recordOutcome(nid, delivery.lease, [], [], due)
+        self.assertEqual((await self.store.stats()).deferred, count)
+        return notifications
+
+    async def test_fairShareOfFreshMail(self) -> None:
+        """Many due retries, older than the fresh mail: a claim of 4 still takes 2 fresh."""
+        retries = await self.retries(10, T0 + timedelta(seconds=1))
+        fresh = [await self.enqueued(receivedAt=T0 + timedelta(days=1)) for _ in range(3)]
+        claimed = await self.store.claimDue(4, leaseSeconds=60)
+        ids = [d.notification.notification_id for d in claimed]
+        self.assertEqual(ids, [n.notification_id for n in (*retries[:2], *fresh[:2])])
+        # Once one kind runs out, the other fills the claim.
+        claimed = await self.store.claimDue(10, leaseSeconds=60)
+        self.assertEqual(len(claimed), 9)
+        self.assertEqual(claimed[-1].notification, fresh[2])
+
+    async def test_fairShareOfRetries(self) -> None:
+        """Many fresh notifications older than the due retries: a claim of 4 takes 2 retries
+        (and an odd limit gives the extra one to the oldest)."""
+        retries = await self.retries(3, past())
+        fresh = [await self.enqueued(receivedAt=T0 - timedelta(days=1)) for _ in range(10)]
+        claimed = await self.store.claimDue(5, leaseSeconds=60)
+        ids = [d.notification.notification_id for d in claimed]
+        self.assertEqual(ids, [n.notification_id for n in (*fresh[:3], *retries[:2])])
+        self.assertEqual([d.attempts for d in claimed], [1, 1, 1, 2, 2])
+
+    async def test_hold(self) -> None:
+        held = await self.enqueued()
+        other = await self.enqueued(account="other")
+        self.assertEqual(await self.store.hold(held.notification_id, None), 1)
+        self.assertEqual(await self.store.hold(held.notification_id, None), 1)  # still
+        self.assertEqual(await self.store.stats(), QueueStats(1, 0, 0, held=1))
+        self.assertEqual((await self.store.queueItem(held.notification_id)).state, "held")
+        (delivery,) = await self.store.claimDue(10, leaseSeconds=0)
+        self.assertEqual(delivery.notification, other)
+        self.assertEqual(await self.store.retryNow(held.notification_id), 0)
+        self.assertEqual(await self.store.release(held.notification_id, None), 1)
+        self.assertEqual(await self.store.release(held.notification_id, None), 0)
+        item = await self.store.queueItem(held.notification_id)
+        self.assertEqual((item.state, item.attempts), ("queued", 0))
+        claimed = await self.store.claimDue(10, leaseSeconds=60)
+        self.assertEqual({d.notification for d in claimed}, {held, other})
+
+    async def test_holdByAccount(self) -> None:
+        mine = [await self.enqueued() for _ in range(2)]
+        theirs = await self.enqueued(account="other")
+        (inFlight,) = await self.store.claimDue(1, leaseSeconds=60)
+        self.assertEqual(inFlight.notification, mine[0])
+        self.assertEqual(await self.store.hold(None, "acme"), 1)  # the one in flight: later
+        self.assertEqual(await self.store.stats(), QueueStats(1, 0, 1, held=1))
+        (claimed,) = await self.store.claimDue(10, leaseSeconds=60)
+        self.assertEqual(claimed.notification, theirs)
+        # Its worker records a retry: held, not deferred.
+        nid = inFlight.notification.notification_id
+        await self.store.recordOutcome(nid, inFlight.lease, [], [], past())
+        self.assertEqual(await self.store.stats(), QueueStats(0, 0, 1, held=2))
+        self.assertEqual((await self.store.queueItem(nid)).state, "held")
+        self.assertEqual(await self.store.claimDue(10, leaseSeconds=60), [])
+        self.assertEqual(await self.store.release(None, "other"), 0)
+        self.assertEqual(await self.store.release(None, None), 2)
+        self.assertEqual(await self.store.stats(), QueueStats(1, 1, 1, held=0))
+        self.assertEqual(len(await self.store.claimDue(10, leaseSeconds=60)), 2)
+
+    async def test_holdInFlightThenGivenBack(self) -> None:
+        """An entry held while in flight is held when its claim is given back, or when its
+        lease runs out; released, it is due again."""
+        notification = await self.enqueued()
+        nid = notification.notification_id
+        (delivery,) = await self.store.claimDue(10, leaseSeconds=60)
+        self.assertEqual(await self.store.hold(nid, None), 0)  # not yet
+        await self.store.releaseLease(nid, delivery.lease)
+        self.assertEqual((await self.store.queueItem(nid)).state, "held")
+        self.assertEqual(await self.store.release(None, "acme"), 1)
+        (delivery,) = await self.store.claimDue(10, leaseSeconds=0)
+        self.assertEqual(await self.store.hold(None, "acme"), 0)
+        self.assertEqual(await self.store.claimDue(10, leaseSeconds=60), [])  # lapsed: held
+        self.assertEqual(await self.store.stats(), QueueStats(0, 0, 0, held=1))
+        with self.assertRaises(LeaseLost):
+            await self.store.recordOutcome(nid, delivery.lease, [], [], None)
+
+    async def test_releaseUnmarksInFlight(self) -> None:
+        notification = await self.enqueued()
+        nid = notification.notification_id
+        (delivery,) = await self.store.claimDue(10, leaseSeconds=60)
+        await self.store.hold(nid, None)
+        self.assertEqual(await self.store.release(nid, None), 0)
+        await self.store.recordOutcome(nid, delivery.lease, [], [], past())
+        self.assertEqual((await self.store.queueItem(nid)).state, "deferred")
+
+    async def test_retryNow(self) -> None:
+        first, second = await self.retries(2, future())
+        queuedLater = await self.enqueued(receivedAt=future())
+        self.assertEqual(await self.store.claimDue(10, leaseSeconds=60), [])
+        self.assertEqual(await self.store.retryNow(first.notification_id), 1)
+        (delivery,) = await self.store.claimDue(10, leaseSeconds=60)
+        self.assertEqual(delivery.notification, first)
+        self.assertEqual(await self.store.retryNow(first.notification_id), 0)  # in flight
+        self.assertEqual(await self.store.retryNow(self.store.nextNotificationId()), 0)
+        self.assertEqual(await self.store.retryNow("not-an-id"), 0)
+        self.assertEqual(await self.store.retryNow(None), 2)
+        claimed = await self.store.claimDue(10, leaseSeconds=60)
+        self.assertEqual({d.notification for d in claimed}, {second, queuedLater})
+
+    async def test_deleteQueued(self) -> None:
+        notification = await self.enqueued(recipients=(ALICE, PHONE, BOB))
+        nid = notification.notification_id
+        (delivery,) = await self.store.claimDue(10, leaseSeconds=60)
+        await self.store.recordOutcome(
+            nid, delivery.lease, [self.event(notification, ALICE, "CH_SENT")], [ALICE], None
+        )
+        at = T0 + timedelta(hours=1)
+        failed = await self.store.deleteQueued(nid, "deleted by an operator", at)
+        self.assertEqual(failed, [PHONE, BOB])
+        trail = await self.store.statusTrail(nid)
+        self.assertEqual(
+            [
+                (e.recipient, e.status_code, e.status_text, e.timestamp)
+                for e in trail
+                if e.status_code == "CAAS_FAILED"
+            ],
+            [
+                (PHONE, "CAAS_FAILED", "deleted by an operator", at),
+                (BOB, "CAAS_FAILED", "deleted by an operator", at),
+            ],
+        )
+        self.assertEqual(await self.store.stats(), QueueStats(0, 0, 0))
+        self.assertFalse(await self.bodyStored(nid))
+        with self.assertRaises(LeaseLost):
+            await self.store.recordOutcome(nid, delivery.lease, [], [PHONE, BOB], None)
         with self.assertRaises(NotFound):
-            await self.store.complete(nid)
+            await self.store.deleteQueued(nid, "again", at)
         with self.assertRaises(NotFound):
-            await self.store.defer(nid, T0)
+            await self.store.deleteQueued(self.store.nextNotificationId(), "never", at)
+
+    async def test_deleteHeld(self) -> None:
+        notification = await self.enqueued(recipients=(ALICE,))
+        await self.store.hold(notification.notification_id, None)
+        failed = await self.store.deleteQueued(notification.notification_id, "no", T0)
+        self.assertEqual(failed, [ALICE])
+        self.assertEqual(await self.store.stats(), QueueStats(0, 0, 0, held=0))
+
+    async def test_queueItems(self) -> None:
+        (deferred,) = await self.retries(1, future(60))
+        old = await self.enqueued(receivedAt=T0)
+        held = await self.enqueued(receivedAt=T0 + timedelta(seconds=5), account="other")
+        await self.store.hold(held.notification_id, None)
+        later = await self.enqueued(receivedAt=future(7200), recipients=(PHONE,))
+        items = await self.store.queueItems(None, None, 10)
+        self.assertEqual(
+            [(i.notification_id, i.state) for i in items],
+            [
+                (old.notification_id, "queued"),
+                (held.notification_id, "held"),
+                (deferred.notification_id, "deferred"),
+                (later.notification_id, "queued"),
+            ],
+        )
+        first = items[0]
+        self.assertIsInstance(first, QueueItem)
+        self.assertEqual(
+            (first.account, first.sender, first.attempts, first.pending, first.size),
+            ("acme", old.sender, 0, old.recipients, old.size),
+        )
+        self.assertEqual((first.received_at, first.next_attempt), (T0, T0))
+        self.assertEqual(items[1].account, "other")
+        self.assertEqual(items[2].attempts, 1)
+        self.assertEqual(await self.store.queueItem(later.notification_id), items[3])
+        self.assertEqual(await self.store.queueItems(None, None, 2), items[:2])
+        self.assertEqual(await self.store.queueItems("queued", None, 10), [items[0], items[3]])
+        self.assertEqual(await self.store.queueItems("held", None, 10), [items[1]])
+        self.assertEqual(await self.store.queueItems(None, "other", 10), [items[1]])
+        self.assertEqual(await self.store.queueItems("queued", "other", 10), [])
+        self.assertEqual(await self.store.queueItems("in_flight", None, 10), [])
+        self.assertIsNone(await self.store.queueItem(self.store.nextNotificationId()))
+        self.assertIsNone(await self.store.queueItem("not-an-id"))
+
+    async def test_expireKeepsEveryQueueState(self) -> None:
+        """Only notifications out of the queue expire: never queued, deferred, in-flight or
+        held ones, however old."""
+        kept = [await self.enqueued(receivedAt=T0) for _ in range(4)]
+        finished = await self.enqueued(receivedAt=T0)
+        await self.finishDelivery(finished.notification_id)
+        deliveries = await self.store.claimDue(10, leaseSeconds=60)
+        for delivery in deliveries[1:]:
+            nid = delivery.notification.notification_id
+            await self.store.recordOutcome(nid, delivery.lease, [], [], future())
+        await self.store.hold(kept[3].notification_id, None)
+        stats = await self.store.stats()
+        self.assertEqual(stats, QueueStats(0, 2, 1, held=1))
+        self.assertEqual(await self.store.expire(T0 + timedelta(days=30)), 1)
+        self.assertIsNone(await self.store.getNotification(finished.notification_id))
+        for notification in kept:
+            nid = notification.notification_id
+            self.assertEqual(await self.store.getNotification(nid), notification)
+            self.assertTrue(await self.bodyStored(nid))
+        self.assertEqual(await self.store.stats(), stats)
+
+    async def test_dkimKeys(self) -> None:
+        self.assertIsNone(await self.store.getDkimKey("example.com"))
+        self.assertEqual(await self.store.listDkimKeys(), [])
+        first = DkimKey("example.com", "s1", "rsa", b"-----BEGIN PRIVATE KEY-----\nAAA\n", T0)
+        other = DkimKey("acme.example", "mail", "ed25519", b"\x00\xffkey", T0)
+        await self.store.putDkimKey(first)
+        await self.store.putDkimKey(other)
+        self.assertEqual(await self.store.getDkimKey("example.com"), first)
+        self.assertEqual(await self.store.listDkimKeys(), [other, first])
+        replaced = dataclasses.replace(
+            first, selector="s2", private_key=b"new", created_at=T0 + timedelta(1)
+        )
+        await self.store.putDkimKey(replaced)
+        self.assertEqual(await self.store.getDkimKey("example.com"), replaced)
+        self.assertEqual(await self.store.listDkimKeys(), [other, replaced])
+        self.assertTrue(await self.store.removeDkimKey("example.com"))
+        self.assertFalse(await self.store.removeDkimKey("example.com"))
+        self.assertIsNone(await self.store.getDkimKey("example.com"))
+        self.assertEqual(await self.store.listDkimKeys(), [other])
+        self.assertNotIn("PRIVATE", repr(first))
+        self.assertNotIn("new", repr(replaced))
 
     async def test_messageInPieces(self) -> None:
         """A message handed over in pieces (a new header, a view of the body) is stored as
         the pieces joined."""
-        notification = self.notification(receivedAt=fromTimestamp(int(reactor.seconds()) - 1))
+        notification = self.notification(receivedAt=past())
         arrived = b"xxFrom: a@example.com\r\n\r\nhello\r\n"
         await self.store.enqueue(notification, (b"Received: by x\r\n", memoryview(arrived)[2:]))
-        (entry,) = await self.store.claim(10, leaseSeconds=60)
-        self.assertEqual(entry.message, b"Received: by x\r\n" + arrived[2:])
+        (delivery,) = await self.store.claimDue(10, leaseSeconds=60)
+        self.assertEqual(delivery.message, b"Received: by x\r\n" + arrived[2:])
 
     async def test_claimNotDueYet(self) -> None:
-        await self.enqueued(receivedAt=fromTimestamp(reactor.seconds() + 3600))
-        self.assertEqual(await self.store.claim(10, leaseSeconds=60), [])
+        await self.enqueued(receivedAt=future())
+        self.assertEqual(await self.store.claimDue(10, leaseSeconds=60), [])
+        self.assertEqual(await self.store.claimDue(0, leaseSeconds=60), [])
 
     async def test_claimOldestDueFirst(self) -> None:
         later = await self.enqueued(receivedAt=T0 + timedelta(seconds=1))
         first = await self.enqueued(receivedAt=T0)
         sameTime = await self.enqueued(receivedAt=T0)
-        await self.enqueued(receivedAt=fromTimestamp(reactor.seconds() + 3600))  # not due
-        claimed = await self.store.claim(2, leaseSeconds=60)
+        await self.enqueued(receivedAt=future())  # not due
+        claimed = await self.store.claimDue(2, leaseSeconds=60)
         # Equal times: the smaller id first.
-        self.assertEqual([e.notification for e in claimed], [first, sameTime])
-        (entry,) = await self.store.claim(10, leaseSeconds=60)
-        self.assertEqual(entry.notification, later)
+        self.assertEqual([d.notification for d in claimed], [first, sameTime])
+        (delivery,) = await self.store.claimDue(10, leaseSeconds=60)
+        self.assertEqual(delivery.notification, later)
 
     async def test_eventsForUnknownNotification(self) -> None:
         known = await self.enqueued(recipients=(ALICE,))
@@ -409,9 +746,24 @@ class DeliveryQueueTestsMixin:
             await self.store.addEvents(events)
         self.assertEqual(len(await self.store.statusTrail(known.notification_id)), 1)
 
-    async def test_expireAfterComplete(self) -> None:
+    async def test_recordEventsOfAnotherNotification(self) -> None:
+        notification = await self.enqueued(recipients=(ALICE,))
+        other = await self.enqueued(recipients=(ALICE,))
+        (delivery,) = await self.store.claimDue(1, leaseSeconds=60)
+        self.assertEqual(delivery.notification, notification)
+        with self.assertRaises(StoreError):
+            await self.store.recordOutcome(
+                notification.notification_id,
+                delivery.lease,
+                [self.event(other, ALICE, "CH_SENT")],
+                [ALICE],
+                None,
+            )
+        self.assertEqual((await self.store.stats()).in_flight, 1)
+
+    async def test_expireAfterFinish(self) -> None:
         notification = await self.enqueued(receivedAt=T0)
-        await self.store.complete(notification.notification_id)
+        await self.finishDelivery(notification.notification_id)
         self.assertEqual(await self.store.expire(T0 + timedelta(milliseconds=1)), 1)
 
 

@@ -27,7 +27,6 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from mailrelay.model import API_KEY_USER
 from mailrelay.smtp import replies
-from mailrelay.store.sqlite import SQLiteStore
 from tests.relay_fixture import (
     ACCOUNT,
     CLIENT_TIMEOUT,
@@ -611,7 +610,6 @@ class RelayProcessTests(TestCase):
         self.assertIn("Server Shut Down", restarted.log())
 
         store = files.makeStore()
-        assert isinstance(store, SQLiteStore)  # claim() is SQLite's, not IStore's (yet)
         await store.open()
         self.addCleanup(store.close)
         notification = await store.getNotification(notificationId)
@@ -622,7 +620,9 @@ class RelayProcessTests(TestCase):
         self.assertEqual((stats.queued, stats.deferred, stats.in_flight), (2, 0, 0))
         trail = await store.statusTrail(notificationId)
         self.assertEqual([event.status_code for event in trail], ["CAAS_RECEIVED"] * 2)
-        entries = {entry.notification.notification_id: entry for entry in await store.claim(10, 60)}
+        entries = {
+            entry.notification.notification_id: entry for entry in await store.claimDue(10, 60)
+        }
         self.assertEqual(set(entries), {notificationId, laterId})
         self.assertIn(b"Subject: survives kill -9", entries[notificationId].message)
         self.assertIn(b"Hello from the integration test", entries[notificationId].message)

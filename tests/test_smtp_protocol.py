@@ -806,7 +806,7 @@ class ChunkingTests(ProtocolTestCase):
         match = _ACCEPTED.match(reply)
         self.assertIsNotNone(match, reply)
         assert match is not None
-        entries = yield self.harness.store.claim(10, 60)
+        entries = yield self.harness.store.claimDue(10, 60)
         [entry] = [e for e in entries if e.notification.notification_id == match.group(1)]
         return entry.message
 

@@ -30,7 +30,15 @@ from twisted.trial.unittest import SkipTest, TestCase
 from mailrelay.config import ConfigError, parseConfig
 from mailrelay.ids import INSTANCE_BITS, SEQUENCE_BITS
 from mailrelay.interfaces import AlreadyExists, StoreError
-from mailrelay.model import STATUS_TEXTS, Account, QueueStats, Recipient, Sender, StatusEvent
+from mailrelay.model import (
+    STATUS_TEXTS,
+    Account,
+    DkimKey,
+    QueueStats,
+    Recipient,
+    Sender,
+    StatusEvent,
+)
 from mailrelay.store import makeStore
 from mailrelay.store.redis import RedisStore
 from mailrelay.store.redis.client import RedisClient
@@ -119,6 +127,9 @@ class RedisStoreTestsBase(StoreHelpersMixin, TestCase):
             if cursor == 0:
                 return sorted(found)
 
+    async def bodyStored(self, notificationId: str) -> bool:
+        return bool(await self.redis("EXISTS", f"{self.prefix}body:{notificationId}"))
+
     async def _closeAdmin(self) -> None:
         if self._admin is not None:
             await self._admin.disconnect()
@@ -136,9 +147,6 @@ class AccountDataRememberedTests(RememberedAccountDataTestsMixin, RedisStoreTest
 
 class RedisStoreTests(StoreTestsMixin, RedisStoreTestsBase):
     """The shared suite, against Redis."""
-
-    def finishDelivery(self, notificationId: str) -> Deferred[None]:
-        return self.store.complete(notificationId)
 
 
 class SharedServerTests(RedisStoreTestsBase):
@@ -227,8 +235,8 @@ class SharedServerTests(RedisStoreTestsBase):
         self.assertEqual(len(await store.statusTrail(nid)), 2)
         self.assertEqual(await store.notificationsForBulk("acme", "b1"), [nid])
         self.assertEqual(await store.stats(), QueueStats(queued=1, deferred=0, in_flight=0))
-        (entry,) = await store.claim(10, 60)
-        self.assertEqual(entry.message, BODY)
+        (delivery,) = await store.claimDue(10, 60)
+        self.assertEqual(delivery.message, BODY)
 
     async def test_namesWithColons(self) -> None:
         """Account and bulk ids with colons in them never share an index key."""
@@ -380,6 +388,77 @@ class EnqueueTests(RedisStoreTestsBase):
 
 
 class DeliveryQueueTests(DeliveryQueueTestsMixin, RedisStoreTestsBase):
+    async def test_relaysNeverClaimTheSameNotification(self) -> None:
+        """Two relays on one server claim the same queue at once, in small batches, until
+        it is empty: each notification is claimed exactly once."""
+        other = await self.openStore()
+        notifications = [self.notification(receivedAt=T0) for _ in range(200)]
+        await gatherResults([self.store.enqueue(n, BODY) for n in notifications])
+        claims: dict[str, list[str]] = {}
+
+        async def drain(store: RedisStore, name: str) -> None:
+            while True:
+                claimed = await store.claimDue(3, leaseSeconds=60)
+                if not claimed:
+                    return
+                for delivery in claimed:
+                    claims.setdefault(delivery.notification.notification_id, []).append(name)
+
+        await gatherResults(
+            [
+                Deferred.fromCoroutine(drain(store, f"{name}{i}"))
+                for i in range(4)
+                for name, store in (("first", self.store), ("second", other))
+            ]
+        )
+        self.assertEqual(set(claims), {n.notification_id for n in notifications})
+        self.assertEqual({nid: len(names) for nid, names in claims.items() if len(names) > 1}, {})
+        self.assertTrue({names[0][:-1] for names in claims.values()} == {"first", "second"})
+        self.assertEqual(await self.store.stats(), QueueStats(0, 0, 200))
+
+    async def test_layoutOfTheDeliveryQueue(self) -> None:
+        """A notification in flight has its lease in its hash, a retried one its pending
+        recipients; held ones are in queue:held; DKIM keys in dkim:<domain>."""
+        notification = await self.enqueued(recipients=(ALICE, PHONE))
+        nid = notification.notification_id
+        key = f"{self.prefix}notification:{nid}"
+        (delivery,) = await self.store.claimDue(10, 60)
+        self.assertEqual(await self.redis("HGET", key, "lease"), delivery.lease.encode())
+        await self.store.recordOutcome(nid, delivery.lease, [], [ALICE], T0)
+        self.assertEqual(await self.redis("HMGET", key, "pending", "lease"), [b"[1]", None])
+        await self.store.hold(nid, None)
+        self.assertEqual(
+            await self.redis("ZSCORE", f"{self.prefix}queue:held", nid), b"1425826710252"
+        )
+        await self.store.putDkimKey(DkimKey("example.com", "s", "rsa", b"pem", T0))
+        self.assertEqual(await self.redis("TYPE", f"{self.prefix}dkim:example.com"), "hash")
+        self.assertEqual(
+            await self.redis("SMEMBERS", f"{self.prefix}dkim-domains"), [b"example.com"]
+        )
+
+    async def test_accountWithoutBouncesField(self) -> None:
+        """An account stored before the setting existed has bounces on."""
+        await self.store.addAccount("acme", "h")
+        await self.redis("HDEL", f"{self.prefix}account:acme", "bounces")
+        store = await self.openStore()
+        self.assertTrue((await store.getAccount("acme")).bounces)
+
+    async def test_queuePages(self) -> None:
+        """The operator's listing and changes by account page through long queues."""
+        self.store.queuePage = 3
+        mine = [await self.enqueued(receivedAt=T0 + timedelta(seconds=i)) for i in range(7)]
+        theirs = [await self.enqueued(account="other", receivedAt=T0) for _ in range(4)]
+        items = await self.store.queueItems(None, "acme", 5)
+        self.assertEqual([i.notification_id for i in items], [n.notification_id for n in mine[:5]])
+        self.assertEqual(len(await self.store.queueItems("queued", None, 100)), 11)
+        self.assertEqual(await self.store.hold(None, "acme"), 7)
+        self.assertEqual(await self.store.stats(), QueueStats(4, 0, 0, held=7))
+        self.assertEqual(await self.store.release(None, "acme"), 7)
+        self.assertEqual(await self.store.hold(None, "other"), 4)
+        self.assertEqual(await self.store.release(None, None), 4)
+        self.assertEqual(await self.store.retryNow(None), 11)
+        self.assertEqual(len(theirs), 4)
+
     async def test_expireInBatches(self) -> None:
         """Expiry pages through ``received`` past the notifications it has to keep."""
         self.store.expireBatch = 3
@@ -387,7 +466,7 @@ class DeliveryQueueTests(DeliveryQueueTestsMixin, RedisStoreTestsBase):
         for i in range(10):
             notification = await self.enqueued(receivedAt=T0 + timedelta(seconds=i))
             if i % 3:
-                await self.store.complete(notification.notification_id)
+                await self.finishDelivery(notification.notification_id)
                 gone.append(notification)
             else:
                 kept.append(notification)

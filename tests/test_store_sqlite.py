@@ -26,13 +26,21 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from mailrelay.config import parseConfig
-from mailrelay.interfaces import AlreadyExists, NotFound, StoreError
+from mailrelay.interfaces import AlreadyExists, LeaseLost, NotFound, StoreError
 from mailrelay.model import STATUS_TEXTS, Notification, QueueStats, Recipient, StatusEvent
 from mailrelay.policy.limits import startOfDay
 from mailrelay.store import makeStore
 from mailrelay.store.sqlite import SQLiteStore, workerFile
 from mailrelay.store.sqlite.migrate import schemaScripts, statements
-from mailrelay.store.sqlite.store import _acceptedSince, _expire, _insertRows, _stats
+from mailrelay.store.sqlite.store import (
+    _EXPIRE_START,
+    _acceptedSince,
+    _claimEntries,
+    _dueEntries,
+    _expireBatch,
+    _insertRows,
+    _stats,
+)
 from mailrelay.store.sqlite.threads import GroupCommitThread, Work
 from tests.store_mixin import (
     ALICE,
@@ -78,12 +86,22 @@ class SQLiteStoreTestsBase(StoreHelpersMixin, TestCase):
         self.addCleanup(store.close)
         return store
 
+    async def bodyStored(self, notificationId: str) -> bool:
+        for file in self.store.notificationFiles():
+            connection = sqlite3.connect(file)
+            try:
+                row = connection.execute(
+                    "SELECT 1 FROM messages WHERE notification_id = ?", (int(notificationId),)
+                ).fetchone()
+            finally:
+                connection.close()
+            if row is not None:
+                return True
+        return False
+
 
 class SQLiteStoreTests(StoreTestsMixin, SQLiteStoreTestsBase):
     """The shared suite, against SQLite."""
-
-    def finishDelivery(self, notificationId: str) -> Deferred[None]:
-        return self.store.complete(notificationId)
 
 
 class DurabilityTests(SQLiteStoreTestsBase):
@@ -146,7 +164,7 @@ class DurabilityTests(SQLiteStoreTestsBase):
             self.assertIsNotNone(notification)
             self.assertEqual(notification.recipients, (ALICE,))
             self.assertEqual(await store.stats(), QueueStats(queued=2, deferred=0, in_flight=0))
-            entries = {e.notification.notification_id: e for e in await store.claim(10, 60)}
+            entries = {e.notification.notification_id: e for e in await store.claimDue(10, 60)}
             self.assertEqual(entries[small].message, b"Subject: crash\r\n\r\nbody\r\n")
             self.assertEqual(entries[large].message, CRASH_LARGE_BODY)
 
@@ -369,7 +387,7 @@ class SchemaTests(TestCase):
     def test_indexesAnEnqueueMaintains(self) -> None:
         """Every index on the tables an enqueue writes costs each commit a B-tree insert and a
         WAL page: only these, each needed by a query (bulk lookups, expiry, the bodies'
-        segments, the queue counts, due work)."""
+        segments, due work and the queue counts)."""
         connection = databaseAtVersion(Path(self.mktemp()), schemaScripts()[-1][0])
         self.addCleanup(connection.close)
         indexes = connection.execute(
@@ -383,13 +401,12 @@ class SchemaTests(TestCase):
                 ("messages", "messages_by_segment"),
                 ("notifications", "notifications_by_bulk"),
                 ("notifications", "notifications_by_time"),
-                ("queue", "queue_by_state"),
-                ("queue", "queue_due"),
+                ("queue", "queue_by_state_due"),
             ],
         )
 
     def test_queueCountsReadTheIndex(self) -> None:
-        """The queue counts (``/metrics``, ``queue stats``) read queue_by_state, five times
+        """The queue counts (``/metrics``, ``queue stats``) read the index by state, much
         smaller to scan than the queue itself."""
         connection = databaseAtVersion(Path(self.mktemp()), schemaScripts()[-1][0])
         self.addCleanup(connection.close)
@@ -399,7 +416,7 @@ class SchemaTests(TestCase):
         connection.set_trace_callback(None)
         (query,) = queries
         plan = " / ".join(row[3] for row in connection.execute(f"EXPLAIN QUERY PLAN {query}"))
-        self.assertIn("USING COVERING INDEX queue_by_state", plan)
+        self.assertIn("USING COVERING INDEX queue_by_state_due", plan)
 
     def test_timeQueriesUseAnIndex(self) -> None:
         """A count since a moment other than midnight and expiry find their rows through
@@ -409,13 +426,55 @@ class SchemaTests(TestCase):
         queries: list[str] = []
         connection.set_trace_callback(queries.append)
         _acceptedSince(connection, "acme", since=1_700_000_000_123)
-        _expire(connection, before=1_700_000_000_123)
+        _expireBatch(connection, before=1_700_000_000_123, after=_EXPIRE_START, batch=500)
         connection.set_trace_callback(None)
         onNotifications = [q for q in queries if "FROM notifications" in q]
         self.assertEqual(len(onNotifications), 2)
         for query in onNotifications:
             plan = " / ".join(row[3] for row in connection.execute(f"EXPLAIN QUERY PLAN {query}"))
-            self.assertIn("SEARCH notifications USING INDEX notifications_by_time", plan)
+            self.assertIn("SEARCH notifications USING", plan)
+            self.assertIn("INDEX notifications_by_time", plan)
+            self.assertNotIn("TEMP B-TREE", plan)
+
+    def test_dueWorkFoundThroughTheIndex(self) -> None:
+        """With 20,000 entries queued but not due, a claim reads a range of the index by
+        state and due time per state (empty here), in the index's order: no scan, no sort."""
+        connection = databaseAtVersion(Path(self.mktemp()), schemaScripts()[-1][0])
+        self.addCleanup(connection.close)
+        later = 1_800_000_000_000
+        connection.execute("BEGIN")
+        for number in range(1, 20_001):
+            connection.execute(
+                "INSERT INTO notifications (id, account, sender, size, received_at, "
+                "notify_content_type, recipient_list) VALUES (?, 'acme', 'a@acme.example', 1, "
+                "?, 'text/plain', '[]')",
+                (number, later),
+            )
+            connection.execute(
+                "INSERT INTO queue (notification_id, state, next_attempt) VALUES (?, ?, ?)",
+                (number, ("queued", "deferred")[number % 2], later + number),
+            )
+        connection.execute("COMMIT")
+        connection.execute("ANALYZE")
+        queries: list[str] = []
+        connection.set_trace_callback(queries.append)
+        self.assertEqual(_dueEntries(connection, limit=10, now=later), ([], []))
+        connection.execute("BEGIN")
+        self.assertEqual(_claimEntries(connection, [1, 2], now=later, leaseUntil=later), ([], []))
+        connection.execute("ROLLBACK")
+        connection.set_trace_callback(None)
+        onQueue = [q for q in queries if "FROM queue" in q]
+        self.assertEqual(len(onQueue), 5)
+        for query in onQueue:
+            plan = " / ".join(row[3] for row in connection.execute(f"EXPLAIN QUERY PLAN {query}"))
+            self.assertNotIn("SCAN", plan)
+            self.assertNotIn("TEMP B-TREE", plan)
+        for query in onQueue[:3]:
+            plan = " / ".join(row[3] for row in connection.execute(f"EXPLAIN QUERY PLAN {query}"))
+            self.assertIn(
+                "SEARCH queue USING COVERING INDEX queue_by_state_due (state=? AND next_attempt<?)",
+                plan,
+            )
 
 
 class AccountDataRememberedTests(RememberedAccountDataTestsMixin, SQLiteStoreTestsBase):
@@ -441,9 +500,6 @@ class WorkerFileTestsBase(SQLiteStoreTestsBase):
 class WorkerFileStoreTests(StoreTestsMixin, WorkerFileTestsBase):
     """The shared suite, against a worker's store: the accounts are in the main file, the
     notifications in the worker's."""
-
-    def finishDelivery(self, notificationId: str) -> Deferred[None]:
-        return self.store.complete(notificationId)
 
 
 class WorkerFileDeliveryQueueTests(DeliveryQueueTestsMixin, WorkerFileTestsBase):
@@ -510,26 +566,39 @@ class WorkerFilesTests(WorkerFileTestsBase):
 
     async def test_deliveryAcrossFiles(self) -> None:
         """The main process's store claims the oldest due entries of every file, and
-        completes or defers a notification wherever it is."""
+        records outcomes for a notification wherever it is; so does another process's store
+        that did not claim it (the admin command)."""
         worker = self.store
         inWorker = await self.enqueued(receivedAt=T0)
         self.store = self.main
         inMain = await self.enqueued(receivedAt=T0 + timedelta(seconds=1))
         self.store = worker
         laterInWorker = await self.enqueued(receivedAt=T0 + timedelta(seconds=2))
-        claimed = await self.main.claim(2, leaseSeconds=60)
-        self.assertEqual([e.notification for e in claimed], [inWorker, inMain])
+        claimed = await self.main.claimDue(2, leaseSeconds=60)
+        self.assertEqual([d.notification for d in claimed], [inWorker, inMain])
         self.assertEqual(await self.main.stats(), QueueStats(1, 0, 2))
-        await self.main.complete(inWorker.notification_id)
-        await self.main.defer(inMain.notification_id, T0)
-        (entry,) = await self.main.claim(1, leaseSeconds=60)
-        self.assertEqual((entry.notification, entry.attempts), (inMain, 2))
-        (entry,) = await self.main.claim(1, leaseSeconds=60)
-        self.assertEqual(entry.notification, laterInWorker)
-        with self.assertRaises(NotFound):
-            await self.main.complete(inWorker.notification_id)
+        first, second = claimed
+        await self.main.recordOutcome(
+            inWorker.notification_id, first.lease, [], inWorker.recipients, None
+        )
+        await self.main.recordOutcome(inMain.notification_id, second.lease, [], [ALICE], T0)
+        (delivery,) = await self.main.claimDue(1, leaseSeconds=60)
+        self.assertEqual((delivery.notification, delivery.attempts), (inMain, 2))
+        self.assertEqual(delivery.pending, (PHONE,))
+        (delivery,) = await self.main.claimDue(1, leaseSeconds=60)
+        self.assertEqual(delivery.notification, laterInWorker)
+        admin = await self.openStore(self.main.path)
+        await admin.renewLease(laterInWorker.notification_id, delivery.lease, 60)
+        self.assertEqual(await admin.hold(None, "acme"), 0)
+        await admin.releaseLease(laterInWorker.notification_id, delivery.lease)
+        self.assertEqual(await self.main.stats(), QueueStats(0, 0, 1, held=1))
+        self.assertEqual(await admin.release(None, None), 1)
+        failed = await admin.deleteQueued(laterInWorker.notification_id, "gone", T0)
+        self.assertEqual(failed, list(laterInWorker.recipients))
+        with self.assertRaises(LeaseLost):
+            await self.main.renewLease(inWorker.notification_id, first.lease, 60)
         with self.assertRaises(StoreError):
-            await self.main.complete("not an id")
+            await self.main.renewLease("not an id", first.lease, 60)
 
     async def test_eventsAcrossFiles(self) -> None:
         """Events for notifications in two files are stored in each one's file; with an
@@ -554,12 +623,9 @@ class WorkerFilesTests(WorkerFileTestsBase):
         worker = self.store
         for store in (self.main, worker):
             self.store = store
-            await self.finished(await self.enqueued(receivedAt=T0))
+            await self.finishDelivery((await self.enqueued(receivedAt=T0)).notification_id)
         self.assertEqual(await self.main.expire(T0 + timedelta(days=1)), 2)
         self.assertEqual(await self.main.stats(), QueueStats(0, 0, 0))
-
-    async def finished(self, notification: Notification) -> None:
-        await self.main.complete(notification.notification_id)
 
     async def test_accountChangesGoToTheMainFile(self) -> None:
         """A worker's store writes account data to the main file, in the same writer as its
@@ -637,11 +703,14 @@ class WorkerFileFailureTests(WorkerFileTestsBase):
         inMain = await self.enqueued(receivedAt=T0)
         self.store = worker
         await self.enqueued(receivedAt=T0)
+        claimed = await main.claimDue(2, leaseSeconds=60)
+        (delivery,) = [d for d in claimed if d.notification == inMain]
         self.lockWriting(workerFile(main.path, 1))
-        await main.defer(inMain.notification_id, T0)
-        await main.complete(inMain.notification_id)
-        with self.assertRaises(NotFound):
-            await main.complete(inMain.notification_id)
+        await main.recordOutcome(inMain.notification_id, delivery.lease, [], [ALICE], T0)
+        (delivery,) = await main.claimDue(10, leaseSeconds=60)
+        await main.recordOutcome(inMain.notification_id, delivery.lease, [], [PHONE], None)
+        with self.assertRaises(LeaseLost):
+            await main.releaseLease(inMain.notification_id, delivery.lease)
 
     async def test_claimGivesWhatTheOtherFilesGave(self) -> None:
         """A file whose write fails is left for the next claim; what the others gave is
@@ -652,12 +721,12 @@ class WorkerFileFailureTests(WorkerFileTestsBase):
         self.store = worker
         inWorker = await self.enqueued(receivedAt=T0 - timedelta(seconds=1))
         release = self.lockWriting(workerFile(main.path, 1))
-        (entry,) = await main.claim(10, leaseSeconds=60)
-        self.assertEqual(entry.notification, inMain)
+        (delivery,) = await main.claimDue(10, leaseSeconds=60)
+        self.assertEqual(delivery.notification, inMain)
         self.assertEqual(await main.stats(), QueueStats(1, 0, 1))  # the worker's still queued
         release()
-        (entry,) = await main.claim(10, leaseSeconds=60)
-        self.assertEqual(entry.notification, inWorker)
+        (delivery,) = await main.claimDue(10, leaseSeconds=60)
+        self.assertEqual(delivery.notification, inWorker)
 
     async def test_oldWorkerFileUpgradedWhenTheMainStoreOpens(self) -> None:
         """A worker's file made by an older mailrelay (a worker no longer configured, or one
@@ -685,14 +754,11 @@ class WorkerFileFailureTests(WorkerFileTestsBase):
     async def test_expireForgetsOldDailyCounts(self) -> None:
         for store in (self.main, self.store):
             self.store = store
-            await self.finished(await self.enqueued(receivedAt=T0))
+            await self.finishDelivery((await self.enqueued(receivedAt=T0)).notification_id)
         midnight = startOfDay(T0)
         self.assertEqual(await self.main.acceptedSince("acme", midnight), 2)
         await self.main.expire(midnight + timedelta(days=1))
         self.assertEqual(await self.main.acceptedSince("acme", midnight), 0)
-
-    async def finished(self, notification: Notification) -> None:
-        await self.main.complete(notification.notification_id)
 
 
 class UpgradeTests(SQLiteStoreTestsBase):
@@ -763,6 +829,75 @@ class UpgradeTests(SQLiteStoreTestsBase):
         new = await self.enqueued()
         self.assertEqual(await store.getNotification(new.notification_id), new)
         self.assertEqual(len(await store.statusTrail(new.notification_id)), 2)
+
+    async def test_queueFromBeforeLeases(self) -> None:
+        """The queue of schema version 7 is rebuilt with its rows (every recipient pending, no
+        lease), and takes the new state; the accounts get bounces on."""
+        path = self.databasePath()
+        old = databaseAtVersion(path, 7)
+        received = int(T0.timestamp() * 1000)
+        rows = [
+            (7, "queued", received, 0),
+            (8, "deferred", received + 5, 2),
+            (9, "in_flight", 1, 1),
+        ]
+        for number, state, nextAttempt, attempts in rows:
+            old.execute(
+                "INSERT INTO notifications (id, account, sender, size, received_at, "
+                "notify_content_type, recipient_list) VALUES (?, 'acme', 'a@acme.example', 1, "
+                "?, 'text/plain', ?)",
+                (number, received, '[["name1@customer.com","email"],["+4477331234567","sms"]]'),
+            )
+            old.execute(
+                "INSERT INTO messages (notification_id, body) VALUES (?, ?)", (number, b"body")
+            )
+            old.execute(
+                "INSERT INTO queue (notification_id, state, next_attempt, attempts) "
+                "VALUES (?, ?, ?, ?)",
+                (number, state, nextAttempt, attempts),
+            )
+        old.execute("INSERT INTO accounts (name, password_hash) VALUES ('acme', 'h')")
+        old.close()
+        store = self.store = await self.openStore(path)
+        self.assertEqual(await store.stats(), QueueStats(1, 1, 1))
+        items = await store.queueItems(None, None, 10)
+        self.assertEqual(
+            [(i.notification_id, i.state, i.attempts, i.pending) for i in items],
+            [
+                ("9", "in_flight", 1, (ALICE, PHONE)),
+                ("7", "queued", 0, (ALICE, PHONE)),
+                ("8", "deferred", 2, (ALICE, PHONE)),
+            ],
+        )
+        self.assertEqual(await store.hold("8", None), 1)
+        self.assertEqual(await store.stats(), QueueStats(1, 0, 1, held=1))
+        claimed = await store.claimDue(10, leaseSeconds=60)
+        self.assertEqual(
+            [(d.notification.notification_id, d.attempts) for d in claimed], [("9", 2), ("7", 1)]
+        )
+        self.assertTrue((await store.getAccount("acme")).bounces)  # type: ignore[union-attr]
+
+
+class ExpiryTests(SQLiteStoreTestsBase):
+    """Expiry writes a batch at a time and pages past the notifications it keeps."""
+
+    async def test_expireInBatches(self) -> None:
+        self.store.expireBatch = 3
+        kept, gone = [], []
+        for i in range(10):
+            notification = await self.enqueued(receivedAt=T0 + timedelta(seconds=i // 2))
+            (kept if i % 3 == 0 else gone).append(notification)
+        for notification in gone:
+            await self.finishDelivery(notification.notification_id)
+        await self.store.hold(kept[0].notification_id, None)
+        before = self.store.commits
+        self.assertEqual(await self.store.expire(T0 + timedelta(days=1)), len(gone))
+        self.assertGreaterEqual(self.store.commits - before, 4)  # batches of 3, then the rest
+        for notification in gone:
+            self.assertIsNone(await self.store.getNotification(notification.notification_id))
+        for notification in kept:
+            self.assertIsNotNone(await self.store.getNotification(notification.notification_id))
+        self.assertEqual(await self.store.expire(T0 + timedelta(days=1)), 0)
 
 
 class CompactIntakeTests(SQLiteStoreTestsBase):

@@ -304,7 +304,7 @@ class StoreBodiesTests(SQLiteStoreTestsBase):
         return notification.notification_id
 
     async def claimedBodies(self, store: SQLiteStore | None = None) -> dict[str, bytes]:
-        entries = await (store or self.store).claim(100, leaseSeconds=60)
+        entries = await (store or self.store).claimDue(100, leaseSeconds=60)
         return {e.notification.notification_id: e.message for e in entries}
 
     async def test_largeInSegmentSmallInRow(self) -> None:
@@ -383,12 +383,29 @@ class StoreBodiesTests(SQLiteStoreTestsBase):
         self.assertEqual(await self.store.expire(before), 0)  # all still queued
         self.assertEqual(sorted(p.name for p in directory.iterdir()), ["1", "2", "3"])
 
-        await self.store.complete(finished)
-        await self.store.complete(last)
+        await self.finishDelivery(finished)
+        await self.finishDelivery(last)
         self.assertEqual(await self.store.expire(before), 2)
         # 1: nothing refers to it; 2: the queued one's body; 3: the newest, kept.
         self.assertEqual(sorted(p.name for p in directory.iterdir()), ["2", "3"])
         self.assertEqual(await self.claimedBodies(), {kept: LARGE})
+
+    async def test_finishDeletesASegmentNoLongerNeeded(self) -> None:
+        """The last body of a segment that is not the newest: once its notification is
+        finished (or deleted from the queue), the segment goes at once."""
+        path = self.store.path
+        directory = segmentDirectory(path)
+        first = await self.enqueueBody(LARGE)
+        second = await self.enqueueBody(LARGE)  # the same segment, 1
+        await self.store.close()
+        self.store = await self.openStore(path)
+        newest = await self.enqueueBody(LARGE)  # segment 2
+        await self.finishDelivery(first)
+        self.assertEqual(sorted(p.name for p in directory.iterdir()), ["1", "2"])
+        await self.store.deleteQueued(second, "deleted", T0)
+        self.assertEqual(sorted(p.name for p in directory.iterdir()), ["2"])
+        await self.finishDelivery(newest)  # the newest stays, for the next bodies
+        self.assertEqual(sorted(p.name for p in directory.iterdir()), ["2"])
 
     async def test_upgradedDatabaseKeepsItsBodies(self) -> None:
         """A file made before segments existed: its bodies are in the rows, and stay there."""
@@ -455,5 +472,5 @@ class WorkerBodiesTests(WorkerFileTestsBase):
         await self.store.enqueue(notification, LARGE)
         self.assertTrue((segmentDirectory(workerFile(self.main.path, 1)) / "1").exists())
         self.assertFalse(segmentDirectory(self.main.path).exists())
-        (entry,) = await self.main.claim(10, leaseSeconds=60)
+        (entry,) = await self.main.claimDue(10, leaseSeconds=60)
         self.assertEqual((entry.notification, entry.message), (notification, LARGE))

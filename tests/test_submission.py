@@ -96,7 +96,7 @@ class SubmissionTestCase(TestCase):
         self.assertIsNotNone(match, reply)
         assert match is not None
         notification = yield self.harness.store.getNotification(match.group(1))
-        entries = yield self.harness.store.claim(100, 60)
+        entries = yield self.harness.store.claimDue(100, 60)
         [entry] = [e for e in entries if e.notification.notification_id == match.group(1)]
         return notification, entry.message
 

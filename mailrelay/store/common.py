@@ -1,16 +1,17 @@
 """
-What every store backend shares: timestamps as stored, notification ids as numbers, the queue
-entry delivery workers claim, and how long account data may be remembered.
+What every store backend shares: timestamps as stored, notification ids as numbers, recipients
+and the pending ones among them as kept, which due work a claim takes, and how long account
+data may be remembered.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
-from mailrelay.model import STATUS_TEXTS, Notification, Recipient, StatusEvent
+from mailrelay.model import STATUS_TEXTS, Recipient, StatusEvent
 from mailrelay.numbers import isDecimal
 
 ACCOUNT_CACHE_SECONDS = 1.0
@@ -43,15 +44,6 @@ def idNumber(notificationId: str) -> int | None:
         if number < 2**63 and str(number) == notificationId:
             return number
     return None
-
-
-@dataclass(frozen=True)
-class QueueEntry:
-    """A notification claimed by a delivery worker: what to send and how often it was tried."""
-
-    notification: Notification
-    message: bytes
-    attempts: int
 
 
 def recipientsJSON(recipients: Sequence[Recipient]) -> str:
@@ -93,3 +85,50 @@ def trailWithReceived(
         for recipient in recipients
     ]
     return sorted([*received, *later], key=lambda event: event.timestamp)
+
+
+def pendingPositions(recipients: Sequence[Recipient], pending: str | None) -> list[int]:
+    """The positions (in ``recipients``, from 0) of the recipients still pending, from what
+    both backends keep: a JSON list of positions, or None for all of them."""
+    if pending is None:
+        return list(range(len(recipients)))
+    return [int(position) for position in json.loads(pending)]
+
+
+def pendingJSON(positions: Sequence[int]) -> str:
+    """The positions of the pending recipients as both backends keep them."""
+    return json.dumps(list(positions), separators=(",", ":"))
+
+
+def recipientsAt(
+    recipients: Sequence[Recipient], positions: Iterable[int]
+) -> tuple[Recipient, ...]:
+    """The recipients at ``positions``, in RCPT order."""
+    return tuple(recipients[position] for position in sorted(positions))
+
+
+def withoutFinished(
+    recipients: Sequence[Recipient], positions: Iterable[int], finished: Iterable[Recipient]
+) -> list[int]:
+    """``positions`` less those whose recipient is one of ``finished``."""
+    done = set(finished)
+    return [position for position in positions if recipients[position] not in done]
+
+
+Due = TypeVar("Due", bound=tuple[Any, ...])
+
+
+def fairShare(fresh: Sequence[Due], retries: Sequence[Due], limit: int) -> list[Due]:
+    """
+    What a claim of ``limit`` takes from due work never tried (``fresh``) and due retries
+    (deferred entries and lapsed leases), each a list of tuples that sort oldest first and
+    sorted so: at least half of ``limit`` of each kind while it lasts (so that neither a
+    backlog of retries nor a flood of new mail starves the other), the rest the oldest of what
+    is left of both. The Redis claim script does the same in Lua. Returns them oldest first.
+    """
+    half = limit // 2
+    takeFresh = min(len(fresh), half)
+    takeRetries = min(len(retries), half)
+    left = limit - takeFresh - takeRetries
+    rest = sorted([*fresh[takeFresh:], *retries[takeRetries:]])[:left]
+    return sorted([*fresh[:takeFresh], *retries[:takeRetries], *rest])

@@ -11,8 +11,24 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from mailrelay.model import Account, HeaderOptions, Notification, Recipient, StatusEvent
-from mailrelay.store.common import fromMillis, recipientsFromJSON, recipientsJSON, toMillis
+from mailrelay.model import (
+    Account,
+    DkimKey,
+    HeaderOptions,
+    Notification,
+    QueueItem,
+    QueueState,
+    Recipient,
+    StatusEvent,
+)
+from mailrelay.store.common import (
+    fromMillis,
+    pendingPositions,
+    recipientsAt,
+    recipientsFromJSON,
+    recipientsJSON,
+    toMillis,
+)
 
 _COMPACT = (",", ":")
 
@@ -65,6 +81,7 @@ def accountFields(account: Account) -> dict[str, str | None]:
         "attachments": account.attachments,
         "max_message_size": _optionalInt(account.max_message_size),
         "max_recipients": _optionalInt(account.max_recipients),
+        "bounces": _flag(account.bounces),
     }
 
 
@@ -84,6 +101,8 @@ def accountFromFields(name: str, fields: dict[str, str]) -> Account:
         attachments=fields["attachments"],  # type: ignore[arg-type]  # written by accountFields
         max_message_size=_intOrNone(fields, "max_message_size"),
         max_recipients=_intOrNone(fields, "max_recipients"),
+        # Absent in accounts stored before the setting existed: its default.
+        bounces=fields.get("bounces", "1") == "1",
     )
 
 
@@ -151,4 +170,54 @@ def eventFromJSON(notificationId: str, data: bytes | str) -> StatusEvent:
         status_code=code,
         status_text=statusText,
         timestamp=fromMillis(millis),
+    )
+
+
+def pendingOf(notification: Notification, fields: dict[str, str]) -> tuple[Recipient, ...]:
+    """The recipients of ``notification`` still pending, by its hash's ``pending`` field."""
+    recipients = notification.recipients
+    return recipientsAt(recipients, pendingPositions(recipients, fields.get("pending")))
+
+
+def queueItemFromFields(
+    notificationId: str, state: QueueState, score: bytes | str, fields: dict[str, str]
+) -> QueueItem:
+    """The QueueItem of a notification in queue ``state`` with ``score`` there."""
+    notification = notificationFromFields(notificationId, fields)
+    return QueueItem(
+        notification_id=notificationId,
+        account=notification.account,
+        sender=notification.sender,
+        state=state,
+        next_attempt=fromMillis(int(float(score))),
+        attempts=int(fields.get("attempts", "0")),
+        pending=pendingOf(notification, fields),
+        received_at=notification.received_at,
+        size=notification.size,
+    )
+
+
+def dkimKeyFields(key: DkimKey) -> list[str | bytes]:
+    """``HSET`` arguments of ``dkim:<domain>`` (the domain is in the key)."""
+    return [
+        "selector",
+        key.selector,
+        "algorithm",
+        key.algorithm,
+        "private_key",
+        bytes(key.private_key),
+        "created",
+        str(toMillis(key.created_at)),
+    ]
+
+
+def dkimKeyFromFields(domain: str, flat: Sequence[Any]) -> DkimKey:
+    """The key from an ``HGETALL`` reply of ``dkim:<domain>`` (the private key stays bytes)."""
+    raw = {text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+    return DkimKey(
+        domain=domain,
+        selector=text(raw["selector"]),
+        algorithm=text(raw["algorithm"]),  # type: ignore[arg-type]  # written by dkimKeyFields
+        private_key=bytes(raw["private_key"]),
+        created_at=fromMillis(int(raw["created"])),
     )

@@ -18,7 +18,12 @@ key                                  value
 ``senders:<account>``                hash value -> kind (``domain``/``address``/``sms``)
 ``notification:<id>``                hash: the Notification's fields, ``recipients`` as a
                                      JSON list of ``[address, channel]``, ``received``;
-                                     ``attempts`` while deliveries are tried;
+                                     ``attempts``: claims so far (absent: none);
+                                     ``pending``: JSON list of the positions (from 0, in
+                                     ``recipients``) still to deliver (absent: all);
+                                     ``lease``: the current claim's token while in flight;
+                                     ``hold``: ``1`` while in flight and held by an operator
+                                     (held when its worker records a retry);
                                      ``received_events`` = ``implied``: the CAAS_RECEIVED
                                      events are these recipients at ``received`` (absent
                                      in older notifications: they are in ``events:<id>``)
@@ -28,7 +33,9 @@ key                                  value
                                      CAAS_RECEIVED (absent until there is one)
 ``queue:queued``                     sorted sets of notification ids scored by the next
 ``queue:deferred``                   attempt (``in_flight``: by the end of the worker's
-``queue:in_flight``                  lease); an id is in at most one of them
+``queue:in_flight``                  lease; ``held``: as it was when held); an id is in at
+``queue:held``                       most one of them, and only while it has recipients
+                                     to deliver
 ``accepted:<account>``               sorted set of the account's ids by received time
                                      (daily quotas: ``acceptedSince``)
 ``received``                         sorted set of every id by received time (``expire``)
@@ -36,6 +43,11 @@ key                                  value
                                      account's length in UTF-8 bytes, so that colons in
                                      names cannot make two pairs share a key
 ``instance``                         counter handing out notification-id instance numbers
+``instance-lease:<n>``               string: the token of the open store using instance
+                                     ``n``, expiring unless renewed
+``dkim:<domain>``                    hash ``selector``, ``algorithm``, ``private_key`` (PEM
+                                     bytes), ``created``: the domain's DKIM signing key
+``dkim-domains``                     set of the domains that have a ``dkim:<domain>``
 ===================================  =====================================================
 
 The Lua scripts in :mod:`mailrelay.store.redis.scripts` build some of these names themselves
@@ -45,7 +57,9 @@ of naming here is a change there too.
 
 from __future__ import annotations
 
-QUEUE_STATES = ("queued", "deferred", "in_flight")
+from mailrelay.model import QueueState
+
+QUEUE_STATES: tuple[QueueState, ...] = ("queued", "deferred", "in_flight", "held")
 
 
 class Keys:
@@ -58,7 +72,9 @@ class Keys:
         self.received = f"{prefix}received"
         self.instance = f"{prefix}instance"
         self.queues = tuple(f"{prefix}queue:{state}" for state in QUEUE_STATES)
-        """The ``queued``, ``deferred`` and ``in_flight`` sorted sets, in that order."""
+        """The ``queued``, ``deferred``, ``in_flight`` and ``held`` sorted sets, in that
+        order (that of QUEUE_STATES)."""
+        self.dkimDomains = f"{prefix}dkim-domains"
 
     def instanceLease(self, number: int) -> str:
         """Held (SET NX with an expiry, renewed) by the open store using instance ``number``."""
@@ -87,6 +103,9 @@ class Keys:
 
     def events(self, notificationId: str) -> str:
         return f"{self.prefix}events:{notificationId}"
+
+    def dkim(self, domain: str) -> str:
+        return f"{self.prefix}dkim:{domain}"
 
     def accepted(self, account: str) -> str:
         return f"{self.prefix}accepted:{account}"

@@ -142,73 +142,346 @@ return 1
 )
 
 STATS = """
--- KEYS: queue:queued, queue:deferred, queue:in_flight
-return {redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2]), redis.call('ZCARD', KEYS[3])}
+-- KEYS: queue:queued, queue:deferred, queue:in_flight, queue:held
+local counts = {}
+for i = 1, #KEYS do counts[i] = redis.call('ZCARD', KEYS[i]) end
+return counts
 """
 
-CLAIM = """
--- KEYS: queue:queued, queue:deferred, queue:in_flight
--- ARGV: now (ms), limit, lease end (ms), the notification:<id> prefix, the body:<id> prefix
--- Takes the due entries, oldest due first (ties: smaller id first), into in_flight until the
--- lease ends. Returns {id, attempts, notification fields, body} per entry.
-local limit = tonumber(ARGV[2])
-local due = {}
-for source = 1, 3 do
-  local found = redis.call('ZRANGEBYSCORE', KEYS[source], '-inf', ARGV[1], 'WITHSCORES',
-                           'LIMIT', 0, limit)
-  for i = 1, #found, 2 do
-    due[#due + 1] = {tonumber(found[i + 1]), found[i], source}
-  end
+LEASE_LOST = -2
+"""What a delivery-queue script answers when the lease it was given is not current."""
+
+# Helpers of the delivery-queue scripts. Each script computes everything first and only then
+# writes: Redis does not undo what a script wrote before it failed.
+_QUEUE_HELPERS = """
+-- Whether notification:<id> is in flight under ``lease`` (its current one).
+local function leased(notification, inFlight, id, lease)
+  return redis.call('ZSCORE', inFlight, id) and redis.call('HGET', notification, 'lease') == lease
 end
--- ids are decimal integers too long for Lua's doubles: compare them as digit strings
-table.sort(due, function(a, b)
+
+-- The notification's recipients (a list of {address, channel}) and the positions (from 0)
+-- of those still pending: its ``pending`` field, or all of them when there is none.
+local function pendingOf(notification)
+  local recipients = cjson.decode(redis.call('HGET', notification, 'recipients'))
+  local stored = redis.call('HGET', notification, 'pending')
+  local pending = {}
+  if stored then
+    pending = cjson.decode(stored)
+  else
+    for i = 1, #recipients do pending[i] = i - 1 end
+  end
+  return recipients, pending
+end
+
+-- Notification ids are decimal integers too long for Lua's doubles: entries {score, id, ...}
+-- sort by score, then by id compared as digit strings.
+local function older(a, b)
   if a[1] ~= b[1] then return a[1] < b[1] end
   if #a[2] ~= #b[2] then return #a[2] < #b[2] end
   return a[2] < b[2]
-end)
-local claimed = {}
-for k = 1, math.min(limit, #due) do
-  local id, source = due[k][2], due[k][3]
-  redis.call('ZREM', KEYS[source], id)
-  redis.call('ZADD', KEYS[3], ARGV[3], id)
-  local key = ARGV[4] .. id
-  local attempts = redis.call('HINCRBY', key, 'attempts', 1)
-  claimed[k] = {id, attempts, redis.call('HGETALL', key), redis.call('GET', ARGV[5] .. id)}
 end
-return claimed
 """
 
-DEFER = """
--- KEYS: queue:queued, queue:deferred, queue:in_flight; ARGV: id, next attempt (ms)
-local removed = 0
-for i = 1, 3 do removed = removed + redis.call('ZREM', KEYS[i], ARGV[1]) end
-if removed == 0 then return 0 end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+CLAIM_DUE = (
+    _QUEUE_HELPERS
+    + """
+-- KEYS: queue:queued, queue:deferred, queue:in_flight, queue:held
+-- ARGV: now (ms), limit, lease end (ms), the notification:<id> prefix, the body:<id> prefix,
+--       then ``limit`` fresh lease tokens
+-- Claims up to ``limit`` due entries, chosen as mailrelay.store.common.fairShare chooses:
+-- at least half of ``limit`` each of never-tried (queued) ones and retries (deferred, and
+-- in_flight whose lease has run out) while they last, the rest the oldest of both. Each goes
+-- to in_flight until the lease ends, under a token of its own, one attempt more. A lapsed
+-- entry an operator held goes to queue:held instead; an entry without a body stays where it
+-- is. Returns {{id, attempts, notification fields, body, token}, ...}, {ids without body}.
+local now, limit = ARGV[1], tonumber(ARGV[2])
+local function due(key, source)
+  local found = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
+  local entries = {}
+  for i = 1, #found, 2 do
+    entries[#entries + 1] = {tonumber(found[i + 1]), found[i], source}
+  end
+  return entries
+end
+local fresh, retries = due(KEYS[1], 1), due(KEYS[2], 2)
+for _, entry in ipairs(due(KEYS[3], 3)) do retries[#retries + 1] = entry end
+table.sort(retries, older)
+local half = math.floor(limit / 2)
+local chosen, rest = {}, {}
+for i, entry in ipairs(fresh) do
+  if i <= half then chosen[#chosen + 1] = entry else rest[#rest + 1] = entry end
+end
+for i, entry in ipairs(retries) do
+  if i <= half then chosen[#chosen + 1] = entry else rest[#rest + 1] = entry end
+end
+table.sort(rest, older)
+local left = limit - #chosen
+for i = 1, math.min(#rest, left) do chosen[#chosen + 1] = rest[i] end
+table.sort(chosen, older)
+local claimed, unreadable = {}, {}
+for k, entry in ipairs(chosen) do
+  local id, source = entry[2], entry[3]
+  local key = ARGV[4] .. id
+  if source == 3 and redis.call('HGET', key, 'hold') == '1' then
+    redis.call('ZREM', KEYS[3], id)
+    redis.call('ZADD', KEYS[4], entry[1], id)
+    redis.call('HDEL', key, 'lease', 'hold')
+  else
+    local body = redis.call('GET', ARGV[5] .. id)
+    if body then
+      local token = ARGV[5 + k]
+      redis.call('ZREM', KEYS[source], id)
+      redis.call('ZADD', KEYS[3], ARGV[3], id)
+      local attempts = redis.call('HINCRBY', key, 'attempts', 1)
+      redis.call('HSET', key, 'lease', token)
+      claimed[#claimed + 1] = {id, attempts, redis.call('HGETALL', key), body, token}
+    else
+      unreadable[#unreadable + 1] = id
+    end
+  end
+end
+return {claimed, unreadable}
+"""
+)
+
+RENEW_CLAIM = (
+    _QUEUE_HELPERS
+    + """
+-- KEYS: notification:<id>, queue:in_flight; ARGV: id, lease, new lease end (ms)
+-- Returns 1, or -2 if the lease is not current.
+if not leased(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return -2 end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return 1
+"""
+)
+
+RECORD_OUTCOME = (
+    _IN_SLICES
+    + _QUEUE_HELPERS
+    + """
+-- KEYS: notification:<id>, events:<id>, queue:deferred, queue:in_flight, queue:held, body:<id>
+-- ARGV: id, lease, next attempt (ms, or '' for none), event count n, n events (JSON), then
+--       the channel and address of each recipient finished
+-- Returns 1 (still queued), 2 (nothing pending: out of the queue, body dropped), or -2 if
+-- the lease is not current (nothing written).
+local id, key = ARGV[1], KEYS[1]
+if not leased(key, KEYS[4], id, ARGV[2]) then return -2 end
+local count = tonumber(ARGV[4])
+local finished = {}
+for i = 5 + count, #ARGV, 2 do finished[ARGV[i] .. ':' .. ARGV[i + 1]] = true end
+local recipients, pending = pendingOf(key)
+local left = {}
+for _, position in ipairs(pending) do
+  local recipient = recipients[position + 1]
+  if not finished[recipient[2] .. ':' .. recipient[1]] then left[#left + 1] = position end
+end
+inSlices('RPUSH', KEYS[2], ARGV, 5, 4 + count)
+if #left == 0 then
+  redis.call('ZREM', KEYS[4], id)
+  redis.call('DEL', KEYS[6])
+  redis.call('HDEL', key, 'lease', 'hold', 'pending')
+  return 2
+end
+redis.call('HSET', key, 'pending', '[' .. table.concat(left, ',') .. ']')
+if ARGV[3] ~= '' then
+  local target = KEYS[3]
+  if redis.call('HGET', key, 'hold') == '1' then target = KEYS[5] end
+  redis.call('ZREM', KEYS[4], id)
+  redis.call('ZADD', target, ARGV[3], id)
+  redis.call('HDEL', key, 'lease', 'hold')
+end
+return 1
+"""
+)
+
+RELEASE_CLAIM = (
+    _QUEUE_HELPERS
+    + """
+-- KEYS: notification:<id>, queue:queued, queue:deferred, queue:in_flight, queue:held
+-- ARGV: id, lease, now (ms)
+-- Gives the claim back: due at once (held, if an operator held it meanwhile), the attempt it
+-- counted taken back. Returns 1, or -2 if the lease is not current.
+local id, key = ARGV[1], KEYS[1]
+if not leased(key, KEYS[4], id, ARGV[2]) then return -2 end
+local attempts = math.max(tonumber(redis.call('HGET', key, 'attempts') or '1') - 1, 0)
+local target = KEYS[3]
+if redis.call('HGET', key, 'hold') == '1' then
+  target = KEYS[5]
+elseif attempts == 0 then
+  target = KEYS[2]
+end
+redis.call('HSET', key, 'attempts', attempts)
+redis.call('HDEL', key, 'lease', 'hold')
+redis.call('ZREM', KEYS[4], id)
+redis.call('ZADD', target, ARGV[3], id)
+return 1
+"""
+)
+
+QUEUE_ITEM = """
+-- KEYS: notification:<id>, queue:queued, queue:deferred, queue:in_flight, queue:held
+-- ARGV: id. Returns {state (1-4, in that order), score, notification fields}, or 0 if the
+-- notification is in no queue.
+for i = 2, 5 do
+  local score = redis.call('ZSCORE', KEYS[i], ARGV[1])
+  if score then return {i - 1, score, redis.call('HGETALL', KEYS[1])} end
+end
+return 0
 """
 
-COMPLETE = """
--- KEYS: queue:queued, queue:deferred, queue:in_flight, body:<id>; ARGV: id
-local removed = 0
-for i = 1, 3 do removed = removed + redis.call('ZREM', KEYS[i], ARGV[1]) end
-if removed == 0 then return 0 end
-redis.call('DEL', KEYS[4])
-return 1
+QUEUE_PAGE = """
+-- KEYS: one queue; ARGV: offset, count, account ('' for every one), the notification:<id>
+-- prefix. Looks at ``count`` entries from ``offset`` on (by score). Returns {looked,
+-- {id, score, notification fields}, ...} for those of the account.
+local first = tonumber(ARGV[1])
+local found = redis.call('ZRANGE', KEYS[1], first, first + tonumber(ARGV[2]) - 1, 'WITHSCORES')
+local result = {#found / 2}
+for i = 1, #found, 2 do
+  local key = ARGV[4] .. found[i]
+  if ARGV[3] == '' or redis.call('HGET', key, 'account') == ARGV[3] then
+    result[#result + 1] = {found[i], found[i + 1], redis.call('HGETALL', key)}
+  end
+end
+return result
 """
+
+RETRY_ONE = """
+-- KEYS: queue:queued, queue:deferred; ARGV: id, now (ms)
+-- Makes the entry due now if it is queued or deferred. Returns 1 if it is, else 0.
+for i = 1, 2 do
+  local score = redis.call('ZSCORE', KEYS[i], ARGV[1])
+  if score then
+    if tonumber(score) > tonumber(ARGV[2]) then redis.call('ZADD', KEYS[i], ARGV[2], ARGV[1]) end
+    return 1
+  end
+end
+return 0
+"""
+
+RETRY_PAGE = """
+-- KEYS: queue:queued or queue:deferred; ARGV: now (ms), count
+-- Makes up to ``count`` entries not yet due, due now. Returns how many.
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'LIMIT', 0, ARGV[2])
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[1], id) end
+return #ids
+"""
+
+HOLD_ONE = """
+-- KEYS: notification:<id>, queue:queued, queue:deferred, queue:in_flight, queue:held; ARGV: id
+-- Holds a queued or deferred entry; marks one in flight, to be held when its worker records
+-- a retry. Returns 1 if it is held now, else 0.
+for i = 2, 3 do
+  local score = redis.call('ZSCORE', KEYS[i], ARGV[1])
+  if score then
+    redis.call('ZREM', KEYS[i], ARGV[1])
+    redis.call('ZADD', KEYS[5], score, ARGV[1])
+    return 1
+  end
+end
+if redis.call('ZSCORE', KEYS[5], ARGV[1]) then return 1 end
+if redis.call('ZSCORE', KEYS[4], ARGV[1]) then redis.call('HSET', KEYS[1], 'hold', '1') end
+return 0
+"""
+
+RELEASE_ONE = """
+-- KEYS: notification:<id>, queue:queued, queue:deferred, queue:in_flight, queue:held
+-- ARGV: id, now (ms). Releases a held entry: due now (queued if never tried). Clears the mark
+-- of one in flight. Returns 1 if a held entry was released, else 0.
+if redis.call('ZSCORE', KEYS[5], ARGV[1]) then
+  local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+  local target = KEYS[3]
+  if attempts == 0 then target = KEYS[2] end
+  redis.call('ZREM', KEYS[5], ARGV[1])
+  redis.call('ZADD', target, ARGV[2], ARGV[1])
+  return 1
+end
+if redis.call('ZSCORE', KEYS[4], ARGV[1]) then redis.call('HDEL', KEYS[1], 'hold') end
+return 0
+"""
+
+ACCOUNT_PAGE = """
+-- KEYS: the queue to walk, then queue:queued, queue:deferred, queue:held
+-- ARGV: offset, count, account ('' for every one), the notification:<id> prefix, what to do
+--       with each of the account's entries, now (ms):
+--       'hold' (to queue:held), 'mark' (in flight: to be held), 'unmark', 'release' (from
+--       queue:held, due now: queued if never tried), 'count' (nothing)
+-- Looks at ``count`` entries from ``offset`` on. Returns {looked, moved out of the queue
+-- walked, matched}: the next page starts at offset + looked - moved.
+local first = tonumber(ARGV[1])
+local found = redis.call('ZRANGE', KEYS[1], first, first + tonumber(ARGV[2]) - 1, 'WITHSCORES')
+local what, moved, matched = ARGV[5], 0, 0
+for i = 1, #found, 2 do
+  local id, score = found[i], found[i + 1]
+  local key = ARGV[4] .. id
+  if ARGV[3] == '' or redis.call('HGET', key, 'account') == ARGV[3] then
+    matched = matched + 1
+    if what == 'hold' then
+      redis.call('ZREM', KEYS[1], id)
+      redis.call('ZADD', KEYS[4], score, id)
+      moved = moved + 1
+    elseif what == 'mark' then
+      redis.call('HSET', key, 'hold', '1')
+    elseif what == 'unmark' then
+      redis.call('HDEL', key, 'hold')
+    elseif what == 'release' then
+      local target = KEYS[3]
+      if tonumber(redis.call('HGET', key, 'attempts') or '0') == 0 then target = KEYS[2] end
+      redis.call('ZREM', KEYS[1], id)
+      redis.call('ZADD', target, ARGV[6], id)
+      moved = moved + 1
+    end
+  end
+end
+return {#found / 2, moved, matched}
+"""
+
+DELETE_QUEUED = (
+    _IN_SLICES
+    + _QUEUE_HELPERS
+    + """
+-- KEYS: notification:<id>, events:<id>, queue:queued, queue:deferred, queue:in_flight,
+--       queue:held, body:<id>
+-- ARGV: id, status text, time (ms)
+-- Takes the notification out of the queue with a CAAS_FAILED event for each recipient still
+-- pending, and drops its body (its lease, if in flight, is lost). Returns {address, channel,
+-- ...} of those recipients, or 0 if it is in no queue.
+local id, key = ARGV[1], KEYS[1]
+local queue = nil
+for i = 3, 6 do
+  if redis.call('ZSCORE', KEYS[i], id) then queue = KEYS[i] end
+end
+if not queue then return 0 end
+local recipients, pending = pendingOf(key)
+local failed, entries = {}, {}
+local tail = ',"CAAS_FAILED",' .. cjson.encode(ARGV[2]) .. ',' .. ARGV[3] .. ']'
+for _, position in ipairs(pending) do
+  local recipient = recipients[position + 1]
+  failed[#failed + 1] = recipient[1]
+  failed[#failed + 1] = recipient[2]
+  entries[#entries + 1] = '[' .. cjson.encode(recipient[1]) .. ',' .. cjson.encode(recipient[2])
+    .. tail
+end
+inSlices('RPUSH', KEYS[2], entries, 1, #entries)
+redis.call('ZREM', queue, id)
+redis.call('DEL', KEYS[7])
+redis.call('HDEL', key, 'lease', 'hold', 'pending')
+return failed
+"""
+)
 
 EXPIRE = """
--- KEYS: received, queue:queued, queue:deferred, queue:in_flight
+-- KEYS: received, queue:queued, queue:deferred, queue:in_flight, queue:held
 -- ARGV: before (ms, exclusive), offset, count, and the prefixes of notification:<id>,
 --       body:<id>, events:<id>, accepted:<account>, bulk:...
--- Looks at ``count`` ids received before ``before`` from ``offset`` on, and deletes those no
--- longer queued with everything kept about them. Returns {deleted, looked at}; the ones
--- kept stay where they were, so the next batch starts at offset + kept.
+-- Looks at ``count`` ids received before ``before`` from ``offset`` on, and deletes those in
+-- no queue (in whatever state) with everything kept about them. Returns {deleted, looked
+-- at}; the ones kept stay where they were, so the next batch starts at offset + kept.
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1],
                        'LIMIT', ARGV[2], ARGV[3])
 local deleted = 0
 for _, id in ipairs(ids) do
   local queued = false
-  for i = 2, 4 do
+  for i = 2, 5 do
     if redis.call('ZSCORE', KEYS[i], id) then
       queued = true
       break
@@ -230,6 +503,34 @@ for _, id in ipairs(ids) do
   end
 end
 return {deleted, #ids}
+"""
+
+PUT_DKIM_KEY = """
+-- KEYS: dkim:<domain>, dkim-domains; ARGV: domain, field, value, ...
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+"""
+
+REMOVE_DKIM_KEY = """
+-- KEYS: dkim:<domain>, dkim-domains; ARGV: domain. Returns 1 if a key was removed, else 0.
+local removed = redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+return removed
+"""
+
+LIST_DKIM_KEYS = """
+-- KEYS: dkim-domains; ARGV: the dkim:<domain> prefix. Returns domain, fields, domain, ...
+local result = {}
+for _, domain in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local fields = redis.call('HGETALL', ARGV[1] .. domain)
+  if #fields > 0 then
+    result[#result + 1] = domain
+    result[#result + 1] = fields
+  end
+end
+return result
 """
 
 RENEW_LEASE = """

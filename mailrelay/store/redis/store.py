@@ -33,6 +33,13 @@ commands come and go; a store that cannot renew in time (the lease expired, e.g.
 pause) logs it and takes a fresh number. At most 1024 stores can be open at once. Give either
 every relay an explicit ``instanceId`` or none.
 
+Delivery. Each claim, lease renewal, outcome and operator's change of a queue entry is one
+Lua script, so a lease token is checked and the write made with nothing in between: two
+relays that claim at once never both hold a lease on one notification, and a worker whose
+lease was taken over writes nothing (LeaseLost). Operator's changes that concern a whole
+account walk the queue a page (``QUEUE_PAGE`` entries) per script, so that none blocks the
+server for long; each entry changes atomically, the set of them is not a snapshot.
+
 Failures reach the caller as :class:`~mailrelay.interfaces.StoreError` (AlreadyExists /
 NotFound where the interface says), never as a txredisapi exception; an operation that gets
 no answer within ``timeout`` seconds (server down: the pool keeps reconnecting) fails so too.
@@ -62,13 +69,18 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.ids import MAX_INSTANCE, NotificationIdGenerator
-from mailrelay.interfaces import AlreadyExists, IStore, NotFound, StoreError
+from mailrelay.interfaces import AlreadyExists, IStore, LeaseLost, NotFound, StoreError
 from mailrelay.model import (
     Account,
     ApiKey,
+    Delivery,
+    DkimKey,
     MessageText,
     Notification,
+    QueueItem,
+    QueueState,
     QueueStats,
+    Recipient,
     Sender,
     StatusEvent,
     joinText,
@@ -76,7 +88,6 @@ from mailrelay.model import (
 from mailrelay.store.common import (
     ACCOUNT_CACHE_ENTRIES,
     ACCOUNT_CACHE_SECONDS,
-    QueueEntry,
     fromMillis,
     idNumber,
     recipientsFromJSON,
@@ -88,15 +99,19 @@ from mailrelay.store.redis.client import RedisClient, ResponseError
 from mailrelay.store.redis.codec import (
     accountFields,
     accountFromFields,
+    dkimKeyFields,
+    dkimKeyFromFields,
     eventFromJSON,
     eventJSON,
     fieldsOf,
     flatten,
     notificationFields,
     notificationFromFields,
+    pendingOf,
+    queueItemFromFields,
     text,
 )
-from mailrelay.store.redis.keys import Keys
+from mailrelay.store.redis.keys import QUEUE_STATES, Keys
 from mailrelay.store.redis.url import parseRedisURL
 
 T = TypeVar("T")
@@ -114,6 +129,8 @@ DEFAULT_TIMEOUT = 10.0
 DEFAULT_POOL_SIZE = 10
 EXPIRE_BATCH = 500
 """Notifications one expire script looks at: each script call blocks the server briefly."""
+QUEUE_PAGE = 500
+"""Queue entries one script of an operator's listing or change (by account, or all) looks at."""
 
 
 @implementer(IStore)
@@ -130,6 +147,7 @@ class RedisStore:
     name = "redis"
     log = Logger()
     expireBatch = EXPIRE_BATCH
+    queuePage = QUEUE_PAGE
 
     def __init__(
         self,
@@ -567,66 +585,319 @@ class RedisStore:
 
     def stats(self) -> Deferred[QueueStats]:
         async def stats(client: RedisClient) -> QueueStats:
-            queued, deferred, inFlight = await client.eval(
+            queued, deferred, inFlight, held = await client.eval(
                 scripts.STATS, list(self._keys.queues), []
             )
-            return QueueStats(queued=queued, deferred=deferred, in_flight=inFlight)
+            return QueueStats(queued=queued, deferred=deferred, in_flight=inFlight, held=held)
 
         return self._run(stats)
 
-    # -- delivery workers (not part of IStore yet) --
+    # -- the delivery queue --
 
-    def claim(self, limit: int, leaseSeconds: float) -> Deferred[list[QueueEntry]]:
-        """
-        Take up to ``limit`` due queue entries (oldest due first) for delivery: they become
-        ``in_flight`` for ``leaseSeconds``; an entry whose lease runs out (its worker died) is
-        due again. Each claim counts as an attempt. Returns Deferred[list[QueueEntry]].
-        """
-        now = int(self._reactor.seconds() * 1000)
+    def _now(self) -> int:
+        return int(self._reactor.seconds() * 1000)
+
+    def claimDue(self, limit: int, leaseSeconds: float) -> Deferred[list[Delivery]]:
+        if limit <= 0:
+            return succeed([])
+        now = self._now()
         leaseUntil = now + int(leaseSeconds * 1000)
+        tokens = [secrets.token_hex(8) for _ in range(limit)]
 
-        async def claim(client: RedisClient) -> list[QueueEntry]:
+        async def claim(client: RedisClient) -> list[Delivery]:
             keys = self._keys
-            reply = await client.eval(
-                scripts.CLAIM,
+            claimed, unreadable = await client.eval(
+                scripts.CLAIM_DUE,
                 list(keys.queues),
-                [now, limit, leaseUntil, keys.notification(""), keys.body("")],
+                [now, limit, leaseUntil, keys.notification(""), keys.body(""), *tokens],
             )
-            entries = []
-            for rawId, attempts, fields, body in reply:
+            for rawId in unreadable:
+                self.log.error(
+                    "claim: notification {id} left queued: its message is missing",
+                    id=text(rawId),
+                )
+            deliveries = []
+            for rawId, attempts, rawFields, body, token in claimed:
                 nid = text(rawId)
-                if not fields or body is None:
-                    raise StoreError(f"queued notification {nid} has no record or message")
-                notification = notificationFromFields(nid, fieldsOf(fields))
-                entries.append(QueueEntry(notification, bytes(body), int(attempts)))
-            return entries
+                fields = fieldsOf(rawFields)
+                notification = notificationFromFields(nid, fields)
+                deliveries.append(
+                    Delivery(
+                        notification=notification,
+                        message=bytes(body),
+                        pending=pendingOf(notification, fields),
+                        attempts=int(attempts),
+                        lease=text(token),
+                    )
+                )
+            return deliveries
 
         return self._run(claim)
 
-    def complete(self, notificationId: str) -> Deferred[None]:
-        """Delivery is finished (sent or failed for good): leave the queue, drop the body."""
+    def _leaseScript(self, source: str, keys: list[str], args: list[Any]) -> Deferred[Any]:
+        """Run a script that checks a lease; LeaseLost if it answers that it is not current."""
 
-        async def complete(client: RedisClient) -> None:
-            keys = self._keys
-            done = await client.eval(
-                scripts.COMPLETE, [*keys.queues, keys.body(notificationId)], [notificationId]
+        async def run(client: RedisClient) -> Any:
+            answer = await client.eval(source, keys, args)
+            if answer == scripts.LEASE_LOST:
+                raise LeaseLost(f"the lease on {args[0]} is not current")
+            return answer
+
+        return self._run(run)
+
+    def renewLease(self, notificationId: str, lease: str, leaseSeconds: float) -> Deferred[None]:
+        keys = self._keys
+        until = self._now() + int(leaseSeconds * 1000)
+        return self._leaseScript(
+            scripts.RENEW_CLAIM,
+            [keys.notification(notificationId), keys.queues[2]],
+            [notificationId, lease, until],
+        ).addCallback(lambda _: None)
+
+    def recordOutcome(
+        self,
+        notificationId: str,
+        lease: str,
+        events: Iterable[StatusEvent],
+        finished: Iterable[Recipient],
+        nextAttempt: datetime | None,
+    ) -> Deferred[None]:
+        encoded = []
+        for event in events:
+            if event.notification_id != notificationId:
+                return _failed(
+                    StoreError(
+                        f"recordOutcome: events of another notification than {notificationId}"
+                    )
+                )
+            encoded.append(eventJSON(event))
+        keys = self._keys
+        _, deferred, inFlight, held = keys.queues
+        done = [value for r in finished for value in (r.channel, r.address)]
+        when = "" if nextAttempt is None else toMillis(nextAttempt)
+        return self._leaseScript(
+            scripts.RECORD_OUTCOME,
+            [
+                keys.notification(notificationId),
+                keys.events(notificationId),
+                deferred,
+                inFlight,
+                held,
+                keys.body(notificationId),
+            ],
+            [notificationId, lease, when, len(encoded), *encoded, *done],
+        ).addCallback(lambda _: None)
+
+    def releaseLease(self, notificationId: str, lease: str) -> Deferred[None]:
+        keys = self._keys
+        return self._leaseScript(
+            scripts.RELEASE_CLAIM,
+            [keys.notification(notificationId), *keys.queues],
+            [notificationId, lease, self._now()],
+        ).addCallback(lambda _: None)
+
+    def queueItems(
+        self, state: QueueState | None, account: str | None, limit: int
+    ) -> Deferred[list[QueueItem]]:
+        states = [state] if state is not None else list(QUEUE_STATES)
+
+        async def items(client: RedisClient) -> list[QueueItem]:
+            found: list[QueueItem] = []
+            for each in states:
+                found += await self._queuePage(client, each, account, limit)
+            found.sort(key=lambda item: (item.next_attempt, int(item.notification_id)))
+            return found[:limit]
+
+        return self._run(items)
+
+    async def _queuePage(
+        self, client: RedisClient, state: QueueState, account: str | None, limit: int
+    ) -> list[QueueItem]:
+        """The first ``limit`` entries of queue ``state`` (of ``account``: None for all),
+        looked for a page at a time so that no script walks a long queue at once."""
+        key = self._keys.queues[QUEUE_STATES.index(state)]
+        found: list[QueueItem] = []
+        offset = 0
+        while len(found) < limit:
+            looked, *entries = await client.eval(
+                scripts.QUEUE_PAGE,
+                [key],
+                [offset, self.queuePage, account or "", self._keys.notification("")],
             )
-            if done == scripts.MISSING:
-                raise NotFound(f"not in the queue: {notificationId}")
+            for rawId, score, fields in entries:
+                nid = text(rawId)
+                found.append(queueItemFromFields(nid, state, score, fieldsOf(fields)))
+            if looked < self.queuePage:
+                break
+            offset += looked
+        return found[:limit]
 
-        return self._run(complete)
+    def queueItem(self, notificationId: str) -> Deferred[QueueItem | None]:
+        if idNumber(notificationId) is None:
+            return succeed(None)
+        keys = self._keys
 
-    def defer(self, notificationId: str, nextAttempt: datetime) -> Deferred[None]:
-        """Delivery failed for now: try again at ``nextAttempt``."""
-
-        async def defer(client: RedisClient) -> None:
-            done = await client.eval(
-                scripts.DEFER, list(self._keys.queues), [notificationId, toMillis(nextAttempt)]
+        async def item(client: RedisClient) -> QueueItem | None:
+            answer = await client.eval(
+                scripts.QUEUE_ITEM,
+                [keys.notification(notificationId), *keys.queues],
+                [notificationId],
             )
-            if done == scripts.MISSING:
-                raise NotFound(f"not in the queue: {notificationId}")
+            if not answer:
+                return None
+            state, score, fields = answer
+            return queueItemFromFields(
+                notificationId, QUEUE_STATES[state - 1], score, fieldsOf(fields)
+            )
 
-        return self._run(defer)
+        return self._run(item)
+
+    def retryNow(self, notificationId: str | None) -> Deferred[int]:
+        now = self._now()
+        keys = self._keys
+        dueKinds = list(keys.queues[:2])
+
+        async def retry(client: RedisClient) -> int:
+            if notificationId is not None:
+                return int(await client.eval(scripts.RETRY_ONE, dueKinds, [notificationId, now]))
+            for key in dueKinds:
+                while (
+                    await client.eval(scripts.RETRY_PAGE, [key], [now, self.queuePage])
+                    >= self.queuePage
+                ):
+                    pass
+            return sum([int(await client.command("ZCARD", key)) for key in dueKinds])
+
+        return self._run(retry)
+
+    def hold(self, notificationId: str | None, account: str | None) -> Deferred[int]:
+        keys = self._keys
+        queued, deferred, inFlight, held = keys.queues
+        if notificationId is not None:
+            return self._count(
+                scripts.HOLD_ONE,
+                [keys.notification(notificationId), *keys.queues],
+                [notificationId],
+            )
+        if account is None:
+            return _failed(StoreError("hold: name a notification or an account"))
+
+        async def holdAll(client: RedisClient) -> int:
+            await self._eachOfAccount(client, queued, account, "hold")
+            await self._eachOfAccount(client, deferred, account, "hold")
+            await self._eachOfAccount(client, inFlight, account, "mark")
+            return await self._eachOfAccount(client, held, account, "count")
+
+        return self._run(holdAll)
+
+    def release(self, notificationId: str | None, account: str | None) -> Deferred[int]:
+        keys = self._keys
+        now = self._now()
+        if notificationId is not None:
+            return self._count(
+                scripts.RELEASE_ONE,
+                [keys.notification(notificationId), *keys.queues],
+                [notificationId, now],
+            )
+
+        async def releaseAll(client: RedisClient) -> int:
+            await self._eachOfAccount(client, keys.queues[2], account, "unmark")
+            return await self._eachOfAccount(client, keys.queues[3], account, "release", now)
+
+        return self._run(releaseAll)
+
+    def _count(self, source: str, keys: list[str], args: list[Any]) -> Deferred[int]:
+        """Run a script that answers with a count."""
+
+        async def run(client: RedisClient) -> int:
+            return int(await client.eval(source, keys, args))
+
+        return self._run(run)
+
+    async def _eachOfAccount(
+        self, client: RedisClient, queue: str, account: str | None, what: str, now: int = 0
+    ) -> int:
+        """Do ``what`` (see :data:`scripts.ACCOUNT_PAGE`) to each entry of ``queue`` that is
+        ``account``'s (None: everyone's), a page at a time. Returns how many there were."""
+        keys = self._keys
+        matched = offset = 0
+        while True:
+            looked, moved, found = await client.eval(
+                scripts.ACCOUNT_PAGE,
+                [queue, keys.queues[0], keys.queues[1], keys.queues[3]],
+                [offset, self.queuePage, account or "", keys.notification(""), what, now],
+            )
+            matched += found
+            offset += looked - moved
+            if looked < self.queuePage:
+                return matched
+
+    def deleteQueued(
+        self, notificationId: str, statusText: str, at: datetime
+    ) -> Deferred[list[Recipient]]:
+        keys = self._keys
+
+        async def delete(client: RedisClient) -> list[Recipient]:
+            answer = await client.eval(
+                scripts.DELETE_QUEUED,
+                [
+                    keys.notification(notificationId),
+                    keys.events(notificationId),
+                    *keys.queues,
+                    keys.body(notificationId),
+                ],
+                [notificationId, statusText, toMillis(at)],
+            )
+            if answer == scripts.MISSING:
+                raise NotFound(f"not in the queue: {notificationId}")
+            return [
+                Recipient(address=text(answer[i]), channel=text(answer[i + 1]))  # type: ignore[arg-type]
+                for i in range(0, len(answer), 2)
+            ]
+
+        return self._run(delete)
+
+    # -- DKIM keys --
+
+    def putDkimKey(self, key: DkimKey) -> Deferred[None]:
+        async def put(client: RedisClient) -> None:
+            await client.eval(
+                scripts.PUT_DKIM_KEY,
+                [self._keys.dkim(key.domain), self._keys.dkimDomains],
+                [key.domain, *dkimKeyFields(key)],
+            )
+
+        return self._changeAccountData(put)
+
+    def getDkimKey(self, domain: str) -> Deferred[DkimKey | None]:
+        async def get(client: RedisClient) -> DkimKey | None:
+            flat = await client.command("HGETALL", self._keys.dkim(domain))
+            return dkimKeyFromFields(domain, flat) if flat else None
+
+        return self._remembered(("dkim", domain), get)
+
+    def listDkimKeys(self) -> Deferred[list[DkimKey]]:
+        async def listAll(client: RedisClient) -> list[DkimKey]:
+            reply = await client.eval(
+                scripts.LIST_DKIM_KEYS, [self._keys.dkimDomains], [self._keys.dkim("")]
+            )
+            found = [
+                dkimKeyFromFields(text(reply[i]), reply[i + 1]) for i in range(0, len(reply), 2)
+            ]
+            return sorted(found, key=lambda key: key.domain)
+
+        return self._run(listAll)
+
+    def removeDkimKey(self, domain: str) -> Deferred[bool]:
+        async def remove(client: RedisClient) -> bool:
+            removed = await client.eval(
+                scripts.REMOVE_DKIM_KEY,
+                [self._keys.dkim(domain), self._keys.dkimDomains],
+                [domain],
+            )
+            return bool(removed)
+
+        return self._changeAccountData(remove)
 
     # -- status trails --
 

@@ -24,6 +24,13 @@ notification lives in exactly one), so the status API and the admin command see 
 from any process, whatever ``workers`` is now; a delivery update writes only the file that holds
 its notification. The main process brings every worker's file to the current schema at open.
 
+Delivery. A claim reads the due entries of every file (ranges of the queue's index by state
+and due time) on the reader thread, then claims each file's share in a write that takes only
+those still due; every later write about a claimed notification -- renewing its lease,
+recording an outcome with its status events, giving it back -- is one transaction on the file
+that holds it, which checks the lease token in that transaction (LeaseLost, nothing written,
+if it is not current). Expiry deletes in batches of ``EXPIRE_BATCH``, a transaction each.
+
 Several processes may open the same file (the ``mailrelay`` admin command while the server runs):
 SQLite's locks serialise their writes, and a busy timeout makes each wait its turn.
 """
@@ -32,10 +39,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import secrets
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -50,13 +58,17 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailrelay.ids import NotificationIdGenerator
-from mailrelay.interfaces import AlreadyExists, IStore, NotFound, StoreError
+from mailrelay.interfaces import AlreadyExists, IStore, LeaseLost, NotFound, StoreError
 from mailrelay.model import (
     Account,
     ApiKey,
+    Delivery,
+    DkimKey,
     HeaderOptions,
     MessageText,
     Notification,
+    QueueItem,
+    QueueState,
     QueueStats,
     Recipient,
     Sender,
@@ -67,13 +79,17 @@ from mailrelay.model import (
 from mailrelay.store.common import (
     ACCOUNT_CACHE_ENTRIES,
     ACCOUNT_CACHE_SECONDS,
-    QueueEntry,
+    fairShare,
     fromMillis,
     idNumber,
+    pendingJSON,
+    pendingPositions,
+    recipientsAt,
     recipientsFromJSON,
     recipientsJSON,
     toMillis,
     trailWithReceived,
+    withoutFinished,
 )
 from mailrelay.store.sqlite.bodies import (
     EXTERNAL_BODY_MIN,
@@ -89,8 +105,16 @@ from mailrelay.store.sqlite.threads import DatabaseThread, GroupCommitThread, Wo
 BUSY_TIMEOUT = 10.0
 """Seconds a connection waits for another process's lock before giving up (-> StoreError)."""
 
-_PENDING_STATES = ("queued", "deferred", "in_flight")
+_QUEUE_STATES: tuple[QueueState, ...] = ("queued", "deferred", "in_flight", "held")
 _DAY_MS = 86_400_000
+EXPIRE_BATCH = 500
+"""Notifications one expiry write looks at: the writer is free for enqueues between them."""
+_MOST_REMEMBERED_FILES = 100_000
+"""Claimed notifications whose file a store remembers; past it, it forgets them all."""
+
+NumberedWork = Callable[..., Any]
+"""Work about one queue entry: ``work(connection, number=...)`` (the notification id as
+stored; None for some: every entry)."""
 
 
 def workerFile(main: Path, index: int) -> Path:
@@ -119,6 +143,7 @@ class SQLiteStore:
 
     name = "sqlite"
     log = Logger()
+    expireBatch = EXPIRE_BATCH
 
     def __init__(
         self,
@@ -151,6 +176,7 @@ class SQLiteStore:
             self.notificationFiles,
         )
         self._accountData: dict[tuple[str, str], tuple[float, Any]] = {}
+        self._claimedIn: dict[int, Path] = {}
         # Only the writer thread appends to the home file's segments (see bodies.py).
         self._segments = SegmentWriter(segmentDirectory(self.home))
 
@@ -328,33 +354,35 @@ class SQLiteStore:
 
     def stats(self) -> Deferred[QueueStats]:
         def total(parts: list[tuple[Path, QueueStats]]) -> QueueStats:
-            counts = {state: sum(getattr(p, state) for _, p in parts) for state in _PENDING_STATES}
+            counts = {state: sum(getattr(p, state) for _, p in parts) for state in _QUEUE_STATES}
             return QueueStats(**counts)
 
         return self._reader.submitEach(_stats).addCallback(total)
 
-    # -- delivery workers (not part of IStore yet) --
+    # -- the delivery queue --
 
-    def claim(self, limit: int, leaseSeconds: float) -> Deferred[list[QueueEntry]]:
-        """
-        Take up to ``limit`` due queue entries (oldest due first) for delivery: they become
-        ``in_flight`` for ``leaseSeconds``; an entry whose lease runs out (its worker died) is
-        due again. Each claim counts as an attempt. Returns Deferred[list[QueueEntry]].
-        """
-        return Deferred.fromCoroutine(self._claim(limit, leaseSeconds))
+    def _now(self) -> int:
+        return int(self._reactor.seconds() * 1000)
 
-    async def _claim(self, limit: int, leaseSeconds: float) -> list[QueueEntry]:
-        now = int(self._reactor.seconds() * 1000)
-        # The oldest due entries of all files, then each file's share claimed in its own write
-        # (which takes only those still due: another claimer may have come first).
+    def claimDue(self, limit: int, leaseSeconds: float) -> Deferred[list[Delivery]]:
+        return Deferred.fromCoroutine(self._claimDue(limit, leaseSeconds))
+
+    async def _claimDue(self, limit: int, leaseSeconds: float) -> list[Delivery]:
+        if limit <= 0:
+            return []
+        now = self._now()
+        # The oldest due entries of each kind in every file (an index range each), the share
+        # of each chosen over all files, then each file's share claimed in its own write,
+        # which takes only those still due: another claimer may have come first.
         due = await self._reader.submitEach(partial(_dueEntries, limit=limit, now=now))
-        chosen = sorted((key, file) for file, keys in due for key in keys)[:limit]
-        entries: list[QueueEntry] = []
+        fresh = sorted((key, file) for file, (keys, _) in due for key in keys)
+        retries = sorted((key, file) for file, (_, keys) in due for key in keys)
+        chosen = fairShare(fresh, retries, limit)
+        leaseUntil = now + int(leaseSeconds * 1000)
+        deliveries: list[Delivery] = []
         for file in dict.fromkeys(file for _, file in chosen):
             numbers = [number for (_, number), f in chosen if f == file]
-            work = partial(
-                _claim, numbers=numbers, now=now, leaseUntil=now + int(leaseSeconds * 1000)
-            )
+            work = partial(_claimEntries, numbers=numbers, now=now, leaseUntil=leaseUntil)
             try:
                 claimed, unreadable = await self._writer.submit(work, file)
             except StoreError as e:
@@ -362,7 +390,9 @@ class SQLiteStore:
                 # it in flight until its lease runs out.
                 self.log.warn("claim: {file} failed: {error}", file=str(file), error=str(e))
                 continue
-            entries += claimed
+            for delivery in claimed:
+                self._rememberFile(int(delivery.notification.notification_id), file)
+            deliveries += claimed
             # A damaged body stays queued (and is reported at every claim) without holding up
             # the others.
             for number, error in unreadable:
@@ -370,30 +400,163 @@ class SQLiteStore:
                     "claim: notification {id} left queued: {error}", id=number, error=error
                 )
         rank = {number: i for i, ((_, number), _) in enumerate(chosen)}
-        return sorted(entries, key=lambda e: rank[int(e.notification.notification_id)])
+        return sorted(deliveries, key=lambda d: rank[int(d.notification.notification_id)])
 
-    def complete(self, notificationId: str) -> Deferred[None]:
-        """Delivery is finished (sent or failed for good): leave the queue, drop the body."""
-        return self._inTheQueue(notificationId, partial(_complete, notificationId=notificationId))
+    def _rememberFile(self, number: int, file: Path) -> None:
+        """Remember which file holds a claimed notification, for the writes about it (a
+        notification never moves, so what is remembered stays true)."""
+        if len(self._claimedIn) >= _MOST_REMEMBERED_FILES:
+            self._claimedIn.clear()
+        self._claimedIn[number] = file
 
-    def defer(self, notificationId: str, nextAttempt: datetime) -> Deferred[None]:
-        """Delivery failed for now: try again at ``nextAttempt``."""
-        work = partial(_defer, notificationId=notificationId, nextAttempt=toMillis(nextAttempt))
-        return self._inTheQueue(notificationId, work)
-
-    def _inTheQueue(self, notificationId: str, work: Work) -> Deferred[None]:
-        """Run ``work`` (which returns how many queue rows it changed) on the file that holds
-        the notification, and no other (a write locks its file); NotFound if it is in no
-        file's queue."""
-        return Deferred.fromCoroutine(self._changeQueueEntry(notificationId, work))
-
-    async def _changeQueueEntry(self, notificationId: str, work: Work) -> None:
-        number = _requireId(notificationId)
+    async def _fileOf(self, number: int) -> Path | None:
+        """The file that holds notification ``number``, or None if none does."""
+        file = self._claimedIn.get(number)
+        if file is not None:
+            return file
         found = await self._reader.submitEach(partial(_present, numbers=(number,)))
-        for file, present in found:
-            if present and await self._writer.submit(work, file):
-                return
-        raise NotFound(f"not in the queue: {notificationId}")
+        return next((file for file, present in found if present), None)
+
+    async def _onItsFile(
+        self, notificationId: str, work: NumberedWork, missing: StoreError | None
+    ) -> Any:
+        """``work(connection, number=...)`` on the file that holds the notification; if no
+        file does, fails with ``missing`` (None: returns None)."""
+        number = _requireId(notificationId)
+        file = await self._fileOf(number)
+        if file is None:
+            if missing is None:
+                return None
+            raise missing
+        return await self._writer.submit(partial(work, number=number), file)
+
+    def renewLease(self, notificationId: str, lease: str, leaseSeconds: float) -> Deferred[None]:
+        work = partial(_renewLease, lease=lease, until=self._now() + int(leaseSeconds * 1000))
+        return Deferred.fromCoroutine(
+            self._onItsFile(notificationId, work, LeaseLost(f"not queued: {notificationId}"))
+        )
+
+    def recordOutcome(
+        self,
+        notificationId: str,
+        lease: str,
+        events: Iterable[StatusEvent],
+        finished: Iterable[Recipient],
+        nextAttempt: datetime | None,
+    ) -> Deferred[None]:
+        return Deferred.fromCoroutine(
+            self._recordOutcome(notificationId, lease, tuple(events), tuple(finished), nextAttempt)
+        )
+
+    async def _recordOutcome(
+        self,
+        notificationId: str,
+        lease: str,
+        events: tuple[StatusEvent, ...],
+        finished: tuple[Recipient, ...],
+        nextAttempt: datetime | None,
+    ) -> None:
+        if any(event.notification_id != notificationId for event in events):
+            raise StoreError(f"recordOutcome: events of another notification than {notificationId}")
+        work = partial(
+            _recordOutcome,
+            lease=lease,
+            events=events,
+            finished=finished,
+            nextAttempt=None if nextAttempt is None else toMillis(nextAttempt),
+        )
+        lost = LeaseLost(f"not queued: {notificationId}")
+        segment = await self._onItsFile(notificationId, work, lost)
+        await self._sweep(notificationId, segment)
+
+    async def _sweep(self, notificationId: str, segment: int | None) -> None:
+        """Delete the body segment a write left unreferenced, if any, in a write of its own:
+        only once no committed row can need it again."""
+        if segment is None:
+            return
+        file = await self._fileOf(_requireId(notificationId))
+        if file is None:
+            return
+        try:
+            await self._writer.submit(partial(_sweepSegment, segment=segment), file)
+        except StoreError as e:  # the next expiry sweeps it
+            self.log.warn("could not delete body segment {n}: {error}", n=segment, error=str(e))
+
+    def releaseLease(self, notificationId: str, lease: str) -> Deferred[None]:
+        work = partial(_releaseLease, lease=lease, now=self._now())
+        return Deferred.fromCoroutine(
+            self._onItsFile(notificationId, work, LeaseLost(f"not queued: {notificationId}"))
+        )
+
+    def queueItems(
+        self, state: QueueState | None, account: str | None, limit: int
+    ) -> Deferred[list[QueueItem]]:
+        d = self._reader.submitEach(partial(_queueItems, state=state, account=account, limit=limit))
+        return d.addCallback(
+            lambda parts: sorted(
+                (item for _, items in parts for item in items),
+                key=lambda item: (item.next_attempt, int(item.notification_id)),
+            )[:limit]
+        )
+
+    def queueItem(self, notificationId: str) -> Deferred[QueueItem | None]:
+        if idNumber(notificationId) is None:
+            return succeed(None)
+        d = self._reader.submitEach(partial(_queueItem, number=int(notificationId)))
+        return d.addCallback(lambda found: next((i for _, i in found if i is not None), None))
+
+    def retryNow(self, notificationId: str | None) -> Deferred[int]:
+        return self._queueChange(notificationId, partial(_retryNow, now=self._now()))
+
+    def hold(self, notificationId: str | None, account: str | None) -> Deferred[int]:
+        if notificationId is None and account is None:
+            return _failedWith(StoreError("hold: name a notification or an account"))
+        return self._queueChange(notificationId, partial(_hold, account=account))
+
+    def release(self, notificationId: str | None, account: str | None) -> Deferred[int]:
+        return self._queueChange(
+            notificationId, partial(_release, account=account, now=self._now())
+        )
+
+    def _queueChange(self, notificationId: str | None, work: NumberedWork) -> Deferred[int]:
+        """``work(connection, number=...)``, which counts what it changed: on the file of the
+        notification named (0 if there is none), or with None on every file (the sum)."""
+        if notificationId is None:
+            d = self._writer.submitEach(partial(work, number=None))
+            return d.addCallback(lambda counts: sum(count for _, count in counts))
+        if idNumber(notificationId) is None:
+            return succeed(0)
+        d = Deferred.fromCoroutine(self._onItsFile(notificationId, work, None))
+        return d.addCallback(lambda count: count or 0)
+
+    def deleteQueued(
+        self, notificationId: str, statusText: str, at: datetime
+    ) -> Deferred[list[Recipient]]:
+        return Deferred.fromCoroutine(self._deleteQueued(notificationId, statusText, at))
+
+    async def _deleteQueued(
+        self, notificationId: str, statusText: str, at: datetime
+    ) -> list[Recipient]:
+        work = partial(_deleteQueued, statusText=statusText, at=toMillis(at))
+        failed, segment = await self._onItsFile(
+            notificationId, work, NotFound(f"not in the queue: {notificationId}")
+        )
+        await self._sweep(notificationId, segment)
+        return failed
+
+    # -- DKIM keys --
+
+    def putDkimKey(self, key: DkimKey) -> Deferred[None]:
+        return self._changeAccountData(partial(_putDkimKey, key=key))
+
+    def getDkimKey(self, domain: str) -> Deferred[DkimKey | None]:
+        return self._remembered(("dkim", domain), partial(_getDkimKey, domain=domain))
+
+    def listDkimKeys(self) -> Deferred[list[DkimKey]]:
+        return self._reader.submit(_listDkimKeys)
+
+    def removeDkimKey(self, domain: str) -> Deferred[bool]:
+        return self._changeAccountData(partial(_removeDkimKey, domain=domain))
 
     # -- status trails --
 
@@ -428,8 +591,23 @@ class SQLiteStore:
         )
 
     def expire(self, before: datetime) -> Deferred[int]:
-        d = self._writer.submitEach(partial(_expire, before=toMillis(before)))
-        return d.addCallback(lambda counts: sum(count for _, count in counts))
+        return Deferred.fromCoroutine(self._expire(toMillis(before)))
+
+    async def _expire(self, before: int) -> int:
+        # A write per batch of ``expireBatch`` notifications looked at, so that a long history
+        # (or a long queue, whose notifications are looked at and kept) never holds the
+        # writer, and the enqueues waiting for it, in one long statement. The first batch
+        # runs on every file that is ready, the rest on each of those files in turn.
+        deleted = 0
+        work = partial(_expireBatch, before=before, after=_EXPIRE_START, batch=self.expireBatch)
+        for file, (gone, after) in await self._writer.submitEach(work):
+            deleted += gone
+            while after is not None:
+                work = partial(_expireBatch, before=before, after=after, batch=self.expireBatch)
+                gone, after = await self._writer.submit(work, file)
+                deleted += gone
+        await self._writer.submitEach(partial(_expireFinish, before=before))
+        return deleted
 
 
 # The work functions below run on a database thread, inside a transaction the thread manages
@@ -455,6 +633,7 @@ def _accountFromRow(row: Sequence[Any]) -> Account:
         attachments=row[10],
         max_message_size=row[11],
         max_recipients=row[12],
+        bounces=bool(row[13]),
     )
 
 
@@ -473,6 +652,7 @@ def _accountRow(account: Account) -> tuple[Any, ...]:
         account.attachments,
         account.max_message_size,
         account.max_recipients,
+        int(account.bounces),
     )
 
 
@@ -728,7 +908,7 @@ def _acceptedSince(connection: sqlite3.Connection, account: str, since: int) -> 
 
 
 def _stats(connection: sqlite3.Connection) -> QueueStats:
-    counts = dict.fromkeys(_PENDING_STATES, 0)
+    counts = dict.fromkeys(_QUEUE_STATES, 0)
     for state, count in connection.execute("SELECT state, COUNT(*) FROM queue GROUP BY state"):
         counts[state] = count
     return QueueStats(**counts)
@@ -743,22 +923,11 @@ def _loadNotification(connection: sqlite3.Connection, number: int) -> Notificati
     ).fetchone()
     if row is None:
         return None
-    if row[12] is not None:
-        recipients = recipientsFromJSON(row[12])
-    else:  # accepted before schema version 4: a row per recipient
-        recipients = tuple(
-            Recipient(address=address, channel=channel)
-            for address, channel in connection.execute(
-                "SELECT address, channel FROM recipients WHERE notification_id = ? "
-                "ORDER BY position",
-                (number,),
-            )
-        )
     return Notification(
         notification_id=str(number),
         account=row[0],
         sender=row[1],
-        recipients=recipients,
+        recipients=_recipients(connection, number, row[12]),
         size=row[2],
         received_at=fromMillis(row[3]),
         options=HeaderOptions(
@@ -771,6 +940,22 @@ def _loadNotification(connection: sqlite3.Connection, number: int) -> Notificati
         ),
         client_address=row[10],
         helo=row[11],
+    )
+
+
+def _recipients(
+    connection: sqlite3.Connection, number: int, recipientList: str | None
+) -> tuple[Recipient, ...]:
+    """Notification ``number``'s recipients, in RCPT order, from its ``recipient_list``."""
+    if recipientList is not None:
+        return recipientsFromJSON(recipientList)
+    # Accepted before schema version 4: a row per recipient.
+    return tuple(
+        Recipient(address=address, channel=channel)
+        for address, channel in connection.execute(
+            "SELECT address, channel FROM recipients WHERE notification_id = ? ORDER BY position",
+            (number,),
+        )
     )
 
 
@@ -868,68 +1053,407 @@ def _notificationsForBulk(
     ).fetchall()
 
 
-def _expire(connection: sqlite3.Connection, before: int) -> int:
+_EXPIRE_START = (-(2**63), -(2**63))
+"""Where expiry starts: before every (received_at, id)."""
+
+
+def _expireBatch(
+    connection: sqlite3.Connection, before: int, after: tuple[int, int], batch: int
+) -> tuple[int, tuple[int, int] | None]:
+    """
+    Look at up to ``batch`` notifications received before ``before`` that come after
+    ``after`` in (received_at, id) order, through notifications_by_time, and delete those not
+    in the queue (in any state), with everything kept about them. Returns how many went and
+    where the next batch starts (None: none is left).
+    """
+    rows = connection.execute(
+        "SELECT received_at, id FROM notifications WHERE received_at < ? "
+        "AND (received_at, id) > (?, ?) ORDER BY received_at, id LIMIT ?",
+        (before, *after, batch),
+    ).fetchall()
+    doomed = [
+        (number,)
+        for _, number in rows
+        if connection.execute("SELECT 1 FROM queue WHERE notification_id = ?", (number,)).fetchone()
+        is None
+    ]
     # Recipients, bodies and status events go with their notification (ON DELETE CASCADE).
-    cursor = connection.execute(
-        "DELETE FROM notifications WHERE received_at < ? AND id NOT IN "
-        "(SELECT notification_id FROM queue WHERE state IN (?, ?, ?))",
-        (before, *_PENDING_STATES),
-    )
-    # The counts of days wholly before ``before`` (no quota looks back that far).
+    connection.executemany("DELETE FROM notifications WHERE id = ?", doomed)
+    return len(doomed), (rows[-1] if len(rows) == batch else None)
+
+
+def _expireFinish(connection: sqlite3.Connection, before: int) -> None:
+    """After the notifications: the counts of days wholly before ``before`` (no quota looks
+    back that far) and the body segments no row refers to any more."""
     connection.execute("DELETE FROM daily_counts WHERE day < ?", (before // _DAY_MS,))
     _sweepSegments(connection)
-    return cursor.rowcount
 
 
 def _sweepSegments(connection: sqlite3.Connection) -> None:
     """Delete the body segments no row needs any more (delivered or expired messages')."""
-    referenced = connection.execute(
-        "SELECT DISTINCT body_segment FROM messages WHERE body_segment IS NOT NULL"
-    )
-    sweepSegments(_segmentsOf(connection), (segment for (segment,) in referenced))
+    sweepSegments(_segmentsOf(connection), _referencedSegments(connection))
+
+
+def _referencedSegments(connection: sqlite3.Connection) -> list[int]:
+    """The segments some row refers to: one step down messages_by_segment per segment, not
+    a read of every message's entry."""
+    found: list[int] = []
+    segment = -1
+    while True:
+        (segment,) = connection.execute(
+            "SELECT MIN(body_segment) FROM messages WHERE body_segment IS NOT NULL "
+            "AND body_segment > ?",
+            (segment,),
+        ).fetchone()
+        if segment is None:
+            return found
+        found.append(segment)
+
+
+def _sweepSegment(connection: sqlite3.Connection, segment: int) -> None:
+    """Delete body segment ``segment`` if no row refers to it (any more) and it is not the
+    newest (see :func:`~mailrelay.store.sqlite.bodies.sweepSegments`)."""
+    if connection.execute(
+        "SELECT 1 FROM messages WHERE body_segment = ? LIMIT 1", (segment,)
+    ).fetchone():
+        return
+    sweepSegments(_segmentsOf(connection), _referencedSegments(connection))
 
 
 def _nothing(connection: sqlite3.Connection) -> None:
     """A write that changes nothing: connecting for it brings the file's schema up to date."""
 
 
-def _dueEntries(connection: sqlite3.Connection, limit: int, now: int) -> list[tuple[int, int]]:
-    """The oldest due queue entries of this file, as (next_attempt, id)."""
-    return connection.execute(
-        "SELECT next_attempt, notification_id FROM queue WHERE next_attempt <= ? "
-        "ORDER BY next_attempt, notification_id LIMIT ?",
-        (now, limit),
-    ).fetchall()
+_DUE = (
+    "SELECT next_attempt, notification_id FROM queue WHERE state = ? AND next_attempt <= ? "
+    "ORDER BY next_attempt, notification_id LIMIT ?"
+)
+"""Due entries of one state, oldest first: a range of queue_by_state_due, in its order."""
 
 
-def _claim(
+def _dueEntries(
+    connection: sqlite3.Connection, limit: int, now: int
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """This file's oldest due entries, as (next_attempt, id): up to ``limit`` never tried
+    (``queued``), and up to ``limit`` retries (``deferred``, and ``in_flight`` whose lease
+    has run out)."""
+    fresh = connection.execute(_DUE, ("queued", now, limit)).fetchall()
+    deferred = connection.execute(_DUE, ("deferred", now, limit)).fetchall()
+    lapsed = connection.execute(_DUE, ("in_flight", now, limit)).fetchall()
+    return fresh, sorted(deferred + lapsed)[:limit]
+
+
+def _claimEntries(
     connection: sqlite3.Connection, numbers: Sequence[int], now: int, leaseUntil: int
-) -> tuple[list[QueueEntry], list[tuple[int, str]]]:
-    """Claim the entries ``numbers`` that are still due, in that order. Returns them, and the
-    notifications left unclaimed because their body cannot be read, with why."""
-    entries = []
+) -> tuple[list[Delivery], list[tuple[int, str]]]:
+    """Claim the entries ``numbers`` that are still due, in that order, each under a new
+    lease. Returns them, and the notifications left unclaimed because their body cannot be
+    read, with why."""
+    deliveries = []
     unreadable = []
     for number in numbers:
         row = connection.execute(
-            "SELECT attempts FROM queue WHERE notification_id = ? AND next_attempt <= ?",
+            "SELECT state, attempts, pending, hold_requested FROM queue "
+            "WHERE notification_id = ? AND state != 'held' AND next_attempt <= ?",
             (number, now),
         ).fetchone()
         if row is None:
             continue  # claimed or finished meanwhile
+        state, attempts, pending, holdRequested = row
+        if state == "in_flight" and holdRequested:
+            # Its worker died while an operator held it: held, as a retry would have made it.
+            connection.execute(
+                "UPDATE queue SET state = 'held', lease = NULL, hold_requested = 0 "
+                "WHERE notification_id = ?",
+                (number,),
+            )
+            continue
         try:
             body = _body(connection, number)
         except StoreError as e:
             unreadable.append((number, str(e)))
             continue
+        lease = secrets.token_hex(8)
         connection.execute(
-            "UPDATE queue SET state = 'in_flight', next_attempt = ?, attempts = attempts + 1 "
-            "WHERE notification_id = ?",
-            (leaseUntil, number),
+            "UPDATE queue SET state = 'in_flight', next_attempt = ?, attempts = attempts + 1, "
+            "lease = ? WHERE notification_id = ?",
+            (leaseUntil, lease, number),
         )
         notification = _loadNotification(connection, number)
         assert notification is not None  # the queue row's foreign key
-        entries.append(QueueEntry(notification, body, row[0] + 1))
-    return entries, unreadable
+        recipients = notification.recipients
+        deliveries.append(
+            Delivery(
+                notification=notification,
+                message=body,
+                pending=recipientsAt(recipients, pendingPositions(recipients, pending)),
+                attempts=attempts + 1,
+                lease=lease,
+            )
+        )
+    return deliveries, unreadable
+
+
+def _leased(
+    connection: sqlite3.Connection, number: int, lease: str
+) -> tuple[int, str | None, bool]:
+    """The attempts, pending positions and hold request of the entry in flight under
+    ``lease``; LeaseLost if that is not its current lease (or it is not in flight)."""
+    row = connection.execute(
+        "SELECT lease, attempts, pending, hold_requested FROM queue "
+        "WHERE notification_id = ? AND state = 'in_flight'",
+        (number,),
+    ).fetchone()
+    if row is None or row[0] != lease:
+        raise LeaseLost(f"the lease on {number} is not current")
+    return row[1], row[2], bool(row[3])
+
+
+def _renewLease(connection: sqlite3.Connection, number: int, lease: str, until: int) -> None:
+    _leased(connection, number, lease)
+    connection.execute(
+        "UPDATE queue SET next_attempt = ? WHERE notification_id = ?", (until, number)
+    )
+
+
+def _recordOutcome(
+    connection: sqlite3.Connection,
+    number: int,
+    lease: str,
+    events: tuple[StatusEvent, ...],
+    finished: tuple[Recipient, ...],
+    nextAttempt: int | None,
+) -> int | None:
+    """The write of :meth:`SQLiteStore.recordOutcome`. Returns the body segment it left
+    unreferenced, if any, to be deleted once this has committed."""
+    _, pending, holdRequested = _leased(connection, number, lease)
+    _addEvents(connection, events)
+    recipients = _queuedRecipients(connection, number)
+    left = withoutFinished(recipients, pendingPositions(recipients, pending), finished)
+    if not left:
+        connection.execute("DELETE FROM queue WHERE notification_id = ?", (number,))
+        return _dropBody(connection, number)
+    if nextAttempt is None:
+        connection.execute(
+            "UPDATE queue SET pending = ? WHERE notification_id = ?", (pendingJSON(left), number)
+        )
+    else:
+        connection.execute(
+            "UPDATE queue SET state = ?, next_attempt = ?, pending = ?, lease = NULL, "
+            "hold_requested = 0 WHERE notification_id = ?",
+            ("held" if holdRequested else "deferred", nextAttempt, pendingJSON(left), number),
+        )
+    return None
+
+
+def _queuedRecipients(connection: sqlite3.Connection, number: int) -> tuple[Recipient, ...]:
+    (recipientList,) = connection.execute(
+        "SELECT recipient_list FROM notifications WHERE id = ?", (number,)
+    ).fetchone()
+    return _recipients(connection, number, recipientList)
+
+
+def _dropBody(connection: sqlite3.Connection, number: int) -> int | None:
+    """Delete notification ``number``'s body. Returns its segment if no other row refers to
+    it now (None: the body was in its row, or the segment is still needed)."""
+    row = connection.execute(
+        "SELECT body_segment FROM messages WHERE notification_id = ?", (number,)
+    ).fetchone()
+    connection.execute("DELETE FROM messages WHERE notification_id = ?", (number,))
+    if row is None or row[0] is None:
+        return None
+    stillNeeded = connection.execute(
+        "SELECT 1 FROM messages WHERE body_segment = ? LIMIT 1", (row[0],)
+    ).fetchone()
+    return None if stillNeeded else int(row[0])
+
+
+def _releaseLease(connection: sqlite3.Connection, number: int, lease: str, now: int) -> None:
+    attempts, _, holdRequested = _leased(connection, number, lease)
+    attempts = max(attempts - 1, 0)
+    state = "held" if holdRequested else "queued" if attempts == 0 else "deferred"
+    connection.execute(
+        "UPDATE queue SET state = ?, next_attempt = ?, attempts = ?, lease = NULL, "
+        "hold_requested = 0 WHERE notification_id = ?",
+        (state, now, attempts, number),
+    )
+
+
+_QUEUE_ITEMS = (
+    "SELECT q.notification_id, q.state, q.next_attempt, q.attempts, q.pending, n.account, "
+    "n.sender, n.received_at, n.size, n.recipient_list "
+    "FROM queue AS q JOIN notifications AS n ON n.id = q.notification_id "
+)
+
+
+def _queueItemFromRow(connection: sqlite3.Connection, row: Sequence[Any]) -> QueueItem:
+    number, state, nextAttempt, attempts, pending, account, sender, received, size, listed = row
+    recipients = _recipients(connection, number, listed)
+    return QueueItem(
+        notification_id=str(number),
+        account=account,
+        sender=sender,
+        state=state,
+        next_attempt=fromMillis(nextAttempt),
+        attempts=attempts,
+        pending=recipientsAt(recipients, pendingPositions(recipients, pending)),
+        received_at=fromMillis(received),
+        size=size,
+    )
+
+
+def _queueItems(
+    connection: sqlite3.Connection, state: QueueState | None, account: str | None, limit: int
+) -> list[QueueItem]:
+    """This file's first ``limit`` entries (by next attempt) of ``state`` (None: of each
+    state), of ``account`` (None: of every one)."""
+    items = []
+    with _snapshot(connection):
+        for each in (state,) if state is not None else _QUEUE_STATES:
+            rows = connection.execute(
+                _QUEUE_ITEMS + "WHERE q.state = ? AND (? IS NULL OR n.account = ?) "
+                "ORDER BY q.next_attempt, q.notification_id LIMIT ?",
+                (each, account, account, limit),
+            ).fetchall()
+            items += [_queueItemFromRow(connection, row) for row in rows]
+    return items
+
+
+def _queueItem(connection: sqlite3.Connection, number: int) -> QueueItem | None:
+    with _snapshot(connection):
+        row = connection.execute(_QUEUE_ITEMS + "WHERE q.notification_id = ?", (number,)).fetchone()
+        return None if row is None else _queueItemFromRow(connection, row)
+
+
+_OF_ACCOUNT = "(SELECT account FROM notifications WHERE id = queue.notification_id) = ?"
+"""An account's queue entries: a look-up of each entry's notification (there is no index of
+notifications by account, and the queue is the shorter list)."""
+
+
+def _retryNow(connection: sqlite3.Connection, number: int | None, now: int) -> int:
+    if number is not None:
+        cursor = connection.execute(
+            "UPDATE queue SET next_attempt = MIN(next_attempt, ?) "
+            "WHERE notification_id = ? AND state IN ('queued', 'deferred')",
+            (now, number),
+        )
+        return cursor.rowcount
+    connection.execute(
+        "UPDATE queue SET next_attempt = ? WHERE state IN ('queued', 'deferred') "
+        "AND next_attempt > ?",
+        (now, now),
+    )
+    (count,) = connection.execute(
+        "SELECT COUNT(*) FROM queue WHERE state IN ('queued', 'deferred')"
+    ).fetchone()
+    return int(count)
+
+
+def _hold(connection: sqlite3.Connection, number: int | None, account: str | None) -> int:
+    """Hold the entry ``number``, or (None) every entry of ``account``; returns how many of
+    them are held now (entries in flight are marked, to be held when their attempt ends)."""
+    where, args = (
+        ("notification_id = ?", (number,)) if number is not None else (_OF_ACCOUNT, (account,))
+    )
+    connection.execute(
+        f"UPDATE queue SET state = 'held' WHERE state IN ('queued', 'deferred') AND {where}",  # noqa: S608
+        args,
+    )
+    connection.execute(
+        f"UPDATE queue SET hold_requested = 1 WHERE state = 'in_flight' AND {where}",  # noqa: S608
+        args,
+    )
+    (count,) = connection.execute(
+        f"SELECT COUNT(*) FROM queue WHERE state = 'held' AND {where}",  # noqa: S608
+        args,
+    ).fetchone()
+    return int(count)
+
+
+def _release(
+    connection: sqlite3.Connection, number: int | None, account: str | None, now: int
+) -> int:
+    """Release the entry ``number``, or (None) every entry of ``account``, or (both None)
+    every entry: held ones are due at once, and in-flight ones no longer to be held."""
+    args: tuple[Any, ...]
+    if number is not None:
+        where, args = "notification_id = ?", (number,)
+    elif account is not None:
+        where, args = _OF_ACCOUNT, (account,)
+    else:
+        where, args = "1", ()
+    cursor = connection.execute(
+        "UPDATE queue SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END, "  # noqa: S608
+        f"next_attempt = ? WHERE state = 'held' AND {where}",
+        (now, *args),
+    )
+    released = cursor.rowcount
+    connection.execute(
+        "UPDATE queue SET hold_requested = 0 WHERE state = 'in_flight' AND hold_requested = 1 "  # noqa: S608
+        f"AND {where}",
+        args,
+    )
+    return released
+
+
+def _deleteQueued(
+    connection: sqlite3.Connection, number: int, statusText: str, at: int
+) -> tuple[list[Recipient], int | None]:
+    """Fail the pending recipients of queue entry ``number`` with CAAS_FAILED and take it
+    out of the queue. Returns them, and the body segment left unreferenced (if any)."""
+    row = connection.execute(
+        "SELECT pending FROM queue WHERE notification_id = ?", (number,)
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"not in the queue: {number}")
+    recipients = _queuedRecipients(connection, number)
+    failed = recipientsAt(recipients, pendingPositions(recipients, row[0]))
+    _addEvents(
+        connection,
+        tuple(
+            StatusEvent(str(number), recipient, "CAAS_FAILED", statusText, fromMillis(at))
+            for recipient in failed
+        ),
+    )
+    connection.execute("DELETE FROM queue WHERE notification_id = ?", (number,))
+    return list(failed), _dropBody(connection, number)
+
+
+def _dkimKeyFromRow(row: Sequence[Any]) -> DkimKey:
+    return DkimKey(
+        domain=row[0],
+        selector=row[1],
+        algorithm=row[2],
+        private_key=bytes(row[3]),
+        created_at=fromMillis(row[4]),
+    )
+
+
+_DKIM_COLUMNS = "domain, selector, algorithm, private_key, created_at"
+
+
+def _putDkimKey(connection: sqlite3.Connection, key: DkimKey) -> None:
+    connection.execute(
+        f"INSERT OR REPLACE INTO dkim_keys ({_DKIM_COLUMNS}) VALUES (?, ?, ?, ?, ?)",  # noqa: S608
+        (key.domain, key.selector, key.algorithm, bytes(key.private_key), toMillis(key.created_at)),
+    )
+
+
+def _getDkimKey(connection: sqlite3.Connection, domain: str) -> DkimKey | None:
+    row = connection.execute(
+        f"SELECT {_DKIM_COLUMNS} FROM dkim_keys WHERE domain = ?",  # noqa: S608
+        (domain,),
+    ).fetchone()
+    return None if row is None else _dkimKeyFromRow(row)
+
+
+def _listDkimKeys(connection: sqlite3.Connection) -> list[DkimKey]:
+    rows = connection.execute(f"SELECT {_DKIM_COLUMNS} FROM dkim_keys ORDER BY domain")  # noqa: S608
+    return [_dkimKeyFromRow(row) for row in rows]
+
+
+def _removeDkimKey(connection: sqlite3.Connection, domain: str) -> bool:
+    return connection.execute("DELETE FROM dkim_keys WHERE domain = ?", (domain,)).rowcount > 0
 
 
 def _body(connection: sqlite3.Connection, number: int) -> bytes:
@@ -954,20 +1478,7 @@ def _segmentsOf(connection: sqlite3.Connection) -> Path:
     raise StoreError("sqlite store: the connection has no main database")
 
 
-def _complete(connection: sqlite3.Connection, notificationId: str) -> int:
-    """Take the notification out of this file's queue, if it is there; how many rows went."""
-    number = _requireId(notificationId)
-    cursor = connection.execute("DELETE FROM queue WHERE notification_id = ?", (number,))
-    if cursor.rowcount:
-        connection.execute("DELETE FROM messages WHERE notification_id = ?", (number,))
-    return cursor.rowcount
-
-
-def _defer(connection: sqlite3.Connection, notificationId: str, nextAttempt: int) -> int:
-    """Put off the notification's next attempt, if it is in this file's queue; how many rows
-    changed."""
-    cursor = connection.execute(
-        "UPDATE queue SET state = 'deferred', next_attempt = ? WHERE notification_id = ?",
-        (nextAttempt, _requireId(notificationId)),
-    )
-    return cursor.rowcount
+def _failedWith(error: Exception) -> Deferred[Any]:
+    d: Deferred[Any] = Deferred()
+    d.errback(error)
+    return d

@@ -25,7 +25,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 
-from mailrelay.interfaces import AlreadyExists, NotFound, StoreError
+from mailrelay.interfaces import AlreadyExists, LeaseLost, NotFound, StoreError
 
 Work = Callable[[sqlite3.Connection], Any]
 Connect = Callable[[Path], "sqlite3.Connection | None"]
@@ -239,7 +239,9 @@ class DatabaseThread:
                 outcome.request.deferred.callback(outcome.value)
             else:
                 error = outcome.value
-                if not isinstance(error, AlreadyExists | NotFound):
+                # What the caller is told of and expects to happen now and then is no error
+                # of the store's.
+                if not isinstance(error, AlreadyExists | NotFound | LeaseLost):
                     self.log.error(
                         "{thread}: store operation failed: {error}",
                         thread=self._name,
