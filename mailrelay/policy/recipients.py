@@ -5,10 +5,10 @@ or a phone number (channel ``sms``), and how many recipients one message may hav
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 
 from mailrelay.model import Account, Recipient
+from mailrelay.netaddress import isPublicAddress
 from mailrelay.policy.addresses import literalAddress, recipientAddress
 from mailrelay.policy.phones import phoneRecipient
 from mailrelay.policy.senders import EnvelopeSender
@@ -71,20 +71,7 @@ def _isPublicLiteral(literal: str) -> bool:
         address = literalAddress(literal)
     except ValueError:
         return False
-    addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address | None] = [address]
-    if isinstance(address, ipaddress.IPv6Address):
-        # An IPv4 address inside an IPv6 one reaches that IPv4 host: mapped, 6to4, Teredo,
-        # NAT64 (64:ff9b::/96) and the old IPv4-compatible form (::a.b.c.d).
-        teredo = address.teredo
-        addresses += [address.ipv4_mapped, address.sixtofour, teredo and teredo[1]]
-        if address in _NAT64 or int(address) >> 32 == 0:
-            addresses.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
-        if address.is_site_local:
-            return False
-    return all(one is None or (one.is_global and not one.is_multicast) for one in addresses)
-
-
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+    return isPublicAddress(address)
 
 
 def recipientLimit(account: Account, configLimit: int) -> int:
