@@ -1,5 +1,6 @@
 """
-The ``mailrelay`` admin console script (SPEC §9): accounts, API keys, senders, status, queue.
+The ``mailrelay`` admin console script (SPEC §9): accounts, API keys, senders, status, the
+delivery queue, DKIM keys.
 
 ``mailrelay [--config FILE] COMMAND ...`` reads the same configuration file as the server and
 opens the same store (SQLite allows both at once). Each command is one small function below;
@@ -8,7 +9,7 @@ prints one line on stderr and exits 1 (2 for a command line that does not parse)
 
 Secrets: a password is read without echo (or from stdin with ``--password-stdin``) and only its
 Argon2 hash is stored; an API key is printed once and only its SHA-256 is stored. Neither hash
-is ever printed.
+is ever printed, nor is a DKIM private key (``dkim generate`` prints the public DNS record).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import Any, NoReturn, TextIO, get_args
 
 from twisted.internet import task
 
@@ -33,7 +34,18 @@ from mailrelay.auth.secrets import hashPassword, newApiKey
 from mailrelay.config import ConfigError, loadConfig
 from mailrelay.files import keepFilesPrivate
 from mailrelay.interfaces import AlreadyExists, IStore, NotFound, StoreError
-from mailrelay.model import API_KEY_USER, Account, Sender, SenderKind
+from mailrelay.message.dkim import DkimError, dnsRecord, generateKey
+from mailrelay.model import (
+    API_KEY_USER,
+    Account,
+    DkimAlgorithm,
+    DkimKey,
+    QueueItem,
+    QueueState,
+    Sender,
+    SenderKind,
+    utcnow,
+)
 from mailrelay.policy.addresses import AddressSyntaxError, normaliseDomain, parseMailbox
 from mailrelay.policy.senders import SenderIdError, normaliseSenderId
 from mailrelay.status import formatTimestamp, statusDocument
@@ -154,6 +166,16 @@ def senderValue(text: str) -> tuple[SenderKind, str]:
         f"{text!r} is neither a domain, an address nor an SMS sender id "
         "(up to 16 digits, or up to 11 letters and digits)"
     )
+
+
+def signingDomain(text: str) -> str:
+    """A domain name to sign for with DKIM, in normal form (lower-case, IDNA A-labels)."""
+    try:
+        if "." in text and not text.startswith("["):
+            return normaliseDomain(text)
+    except AddressSyntaxError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    raise argparse.ArgumentTypeError(f"not a domain name: {text!r}")
 
 
 # -- output --
@@ -393,11 +415,216 @@ async def status(store: IStore, args: argparse.Namespace, console: Console) -> N
 
 async def queueStats(store: IStore, args: argparse.Namespace, console: Console) -> None:
     stats = await store.stats()
-    counts = {"queued": stats.queued, "deferred": stats.deferred, "in_flight": stats.in_flight}
+    counts = {
+        "queued": stats.queued,
+        "deferred": stats.deferred,
+        "in_flight": stats.in_flight,
+        "held": stats.held,
+    }
     if args.json:
         console.printJson(counts)
     else:
         console.printTable([(f"{state}:", str(count)) for state, count in counts.items()])
+
+
+def queueItemDocument(item: QueueItem) -> dict[str, Any]:
+    """A queue entry for display; ``next_attempt`` of an entry in flight is when its lease
+    ends."""
+    return {
+        "notification_id": item.notification_id,
+        "account": item.account,
+        "sender": item.sender,
+        "state": item.state,
+        "next_attempt": formatTimestamp(item.next_attempt),
+        "attempts": item.attempts,
+        "pending": [recipient.key for recipient in item.pending],
+        "received_at": formatTimestamp(item.received_at),
+        "size": item.size,
+    }
+
+
+def _notQueued(notificationId: str) -> CommandError:
+    return CommandError(
+        f"notification {notificationId} is not in the queue "
+        "(unknown, or no recipient left to deliver)"
+    )
+
+
+async def existingQueueItem(store: IStore, notificationId: str) -> QueueItem:
+    """The queue entry of ``notificationId``; CommandError if it is not in the queue."""
+    item = await store.queueItem(notificationId)
+    if item is None:
+        raise _notQueued(notificationId)
+    return item
+
+
+def _entries(count: int) -> str:
+    return f"{count} queue {'entry' if count == 1 else 'entries'}"
+
+
+async def queueList(store: IStore, args: argparse.Namespace, console: Console) -> None:
+    if args.account is not None:
+        await existingAccount(store, args.account)
+    items = await store.queueItems(args.state, args.account, args.limit)
+    if args.json:
+        console.printJson([queueItemDocument(item) for item in items])
+    elif items:
+        console.printTable(
+            [("ID", "STATE", "ACCOUNT", "NEXT ATTEMPT (UTC)", "ATTEMPTS", "PENDING")]
+            + [
+                (
+                    item.notification_id,
+                    item.state,
+                    item.account,
+                    formatTimestamp(item.next_attempt),
+                    str(item.attempts),
+                    str(len(item.pending)),
+                )
+                for item in items
+            ]
+        )
+    else:
+        console.say("the queue is empty" if args.state is None else f"no {args.state} entries")
+
+
+async def queueShow(store: IStore, args: argparse.Namespace, console: Console) -> None:
+    item = await existingQueueItem(store, args.id)
+    document = queueItemDocument(item)
+    trail = statusDocument(args.id, await store.statusTrail(args.id))["SAPnotification"]["status"]
+    if args.json:
+        console.printJson({**document, "status": trail})
+        return
+    document["pending"] = ", ".join(document["pending"])
+    console.printTable([(f"{key}:", _shown(value)) for key, value in document.items()])
+    if trail:
+        console.say("")
+        console.printTable(
+            [("TIMESTAMP (UTC)", "RECIPIENT", "STATUS", "TEXT")]
+            + [(e["timestamp"], e["recipient"], e["statusCode"], e["statusText"]) for e in trail]
+        )
+
+
+async def queueRetry(store: IStore, args: argparse.Namespace, console: Console) -> None:
+    if args.id is not None:
+        item = await existingQueueItem(store, args.id)
+        if item.state in ("held", "in_flight"):
+            state = "held (queue release it)" if item.state == "held" else "in flight"
+            raise CommandError(f"notification {args.id} is {state}: not made due")
+    count = await store.retryNow(args.id)
+    console.say(f"{_entries(count)} due now")
+
+
+async def queueDelete(store: IStore, args: argparse.Namespace, console: Console) -> None:
+    await existingQueueItem(store, args.id)
+    try:
+        failed = await store.deleteQueued(args.id, "deleted by an operator", utcnow())
+    except NotFound:
+        raise _notQueued(args.id) from None
+    console.say(
+        f"notification {args.id} deleted: {len(failed)} "
+        f"{'recipient' if len(failed) == 1 else 'recipients'} failed (CAAS_FAILED)"
+    )
+
+
+async def _queueTarget(store: IStore, args: argparse.Namespace) -> QueueItem | None:
+    """The entry ``hold`` / ``release`` names, if it names one; CommandError if that entry or
+    the account named does not exist."""
+    if args.id is not None:
+        return await existingQueueItem(store, args.id)
+    if args.account is not None:
+        await existingAccount(store, args.account)
+    return None
+
+
+async def queueHold(store: IStore, args: argparse.Namespace, console: Console) -> None:
+    item = await _queueTarget(store, args)
+    count = await store.hold(args.id, args.account)
+    console.say(f"{_entries(count)} held")
+    if item is not None and item.state == "in_flight":
+        console.say(f"notification {args.id} is in flight: held if this attempt defers it")
+
+
+async def queueRelease(store: IStore, args: argparse.Namespace, console: Console) -> None:
+    await _queueTarget(store, args)
+    count = await store.release(args.id, args.account)
+    console.say(f"{_entries(count)} released, due now")
+
+
+def defaultSelector() -> str:
+    """``mr`` and the year and month (``mr202612``): a new key's selector differs from the
+    last one's, so both can be published while DNS caches turn over."""
+    return "mr" + utcnow().strftime("%Y%m")
+
+
+def zoneFileRecord(name: str, value: str) -> str:
+    """A TXT record as a zone file line: the text in quoted strings of at most 255 octets
+    (an RSA key's text is longer than one may be)."""
+    strings = " ".join(f'"{value[i : i + 255]}"' for i in range(0, len(value), 255))
+    return f"{name}. IN TXT ( {strings} )"
+
+
+async def dkimGenerate(store: IStore, args: argparse.Namespace, console: Console) -> None:
+    existing = await store.getDkimKey(args.domain)
+    if existing is not None and not args.force:
+        raise CommandError(
+            f"{args.domain} has a DKIM key already (selector {existing.selector}, created "
+            f"{formatTimestamp(existing.created_at)}); --force replaces it"
+        )
+    try:
+        key = generateKey(args.domain, args.selector or defaultSelector(), args.algorithm, utcnow())
+        name, value = dnsRecord(key)
+    except DkimError as e:
+        raise CommandError(str(e)) from None
+    await store.putDkimKey(key)
+    console.say(
+        f"DKIM key for {key.domain} stored ({key.algorithm}, selector {key.selector}). "
+        "Publish this DNS TXT record:"
+    )
+    console.printTable([("name:", name), ("value:", value)])
+    console.say("")
+    console.say(zoneFileRecord(name, value))
+    if existing is None:
+        return
+    if existing.selector != key.selector:
+        console.say(
+            f"Keep {existing.selector}._domainkey.{existing.domain} published a few days: "
+            "mail signed with the old key may still be queued or on its way."
+        )
+    else:
+        console.say(
+            "This replaces the key published under the same selector: mail signed with the "
+            "old one fails verification once DNS has the new record (another --selector "
+            "avoids that)."
+        )
+
+
+def dkimKeyDocument(key: DkimKey) -> dict[str, str]:
+    """A DKIM key for display: never its private half."""
+    return {
+        "domain": key.domain,
+        "selector": key.selector,
+        "algorithm": key.algorithm,
+        "created_at": formatTimestamp(key.created_at),
+    }
+
+
+async def dkimList(store: IStore, args: argparse.Namespace, console: Console) -> None:
+    keys = [dkimKeyDocument(key) for key in await store.listDkimKeys()]
+    if args.json:
+        console.printJson(keys)
+    elif keys:
+        console.printTable(
+            [("DOMAIN", "SELECTOR", "ALGORITHM", "CREATED (UTC)")]
+            + [(k["domain"], k["selector"], k["algorithm"], k["created_at"]) for k in keys]
+        )
+    else:
+        console.say("no DKIM keys")
+
+
+async def dkimRemove(store: IStore, args: argparse.Namespace, console: Console) -> None:
+    if not await store.removeDkimKey(args.domain):
+        raise CommandError(f"no DKIM key for {args.domain}")
+    console.say(f"DKIM key of {args.domain} removed; its mail is no longer signed")
 
 
 # -- the command line --
@@ -460,6 +687,7 @@ def _accountCommands(group: Any) -> None:
         ("--require-rcpt-headers", "require_rcpt_headers", onOff, "on|off"),
         ("--max-message-size", "max_message_size", optionalLimit, "N|none"),
         ("--max-recipients", "max_recipients", optionalLimit, "N|none"),
+        ("--bounces", "bounces", onOff, "on|off"),
     ]
     for flag, dest, convert, metavar in options:
         change.add_argument(
@@ -493,6 +721,47 @@ def _senderCommands(group: Any) -> None:
     remove.add_argument("sender")
 
 
+def _queueCommands(group: Any) -> None:
+    _command(group, "stats", queueStats, "count queued messages", listing=True)
+    listing = _command(group, "list", queueList, "list the queue's entries", listing=True)
+    listing.add_argument("--state", choices=get_args(QueueState))
+    listing.add_argument("--account", metavar="NAME")
+    listing.add_argument("--limit", type=positiveInt, default=100, metavar="N")
+    show = _command(group, "show", queueShow, "an entry and its status trail", listing=True)
+    show.add_argument("id", metavar="ID")
+    delete = _command(
+        group, "delete", queueDelete, "fail an entry's pending recipients and drop it"
+    )
+    delete.add_argument("id", metavar="ID")
+    for name, handler, help, flags in [
+        ("retry", queueRetry, "make deferred entries due now", ("--all",)),
+        ("hold", queueHold, "keep entries from delivery until released", ("--account",)),
+        ("release", queueRelease, "let held entries go, due now", ("--account", "--all")),
+    ]:
+        command = _command(group, name, handler, help)
+        which = command.add_mutually_exclusive_group(required=True)
+        which.add_argument("id", nargs="?", metavar="ID")
+        if "--account" in flags:
+            which.add_argument("--account", metavar="NAME")
+        else:
+            command.set_defaults(account=None)
+        if "--all" in flags:
+            which.add_argument("--all", action="store_true")
+
+
+def _dkimCommands(group: Any) -> None:
+    generate = _command(
+        group, "generate", dkimGenerate, "make a domain's signing key; print its DNS record"
+    )
+    generate.add_argument("domain", type=signingDomain, metavar="DOMAIN")
+    generate.add_argument("--selector", metavar="S", help="default: mr and the year and month")
+    generate.add_argument("--algorithm", choices=get_args(DkimAlgorithm), default="rsa")
+    generate.add_argument("--force", action="store_true", help="replace an existing key")
+    _command(group, "list", dkimList, "list the DKIM keys", listing=True)
+    remove = _command(group, "remove", dkimRemove, "stop signing a domain's mail")
+    remove.add_argument("domain", type=signingDomain, metavar="DOMAIN")
+
+
 def buildParser() -> argparse.ArgumentParser:
     """The whole ``mailrelay`` command line."""
     parser = _Parser(prog=PROG, description="Administer a mailrelay instance.")
@@ -502,14 +771,13 @@ def buildParser() -> argparse.ArgumentParser:
         ("account", "customer accounts", _accountCommands),
         ("apikey", "API keys of an account", _apikeyCommands),
         ("sender", "senders registered to an account", _senderCommands),
+        ("queue", "the delivery queue", _queueCommands),
+        ("dkim", "DKIM signing keys of sender domains", _dkimCommands),
     ]:
         topic = topics.add_parser(name, help=help, description=help)
         addCommands(topic.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     command = _command(topics, "status", status, "a notification's status trail", listing=True)
     command.add_argument("id", metavar="NOTIFICATION_ID")
-    queue = topics.add_parser("queue", help="the delivery queue", description="the delivery queue")
-    queueCommands = queue.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _command(queueCommands, "stats", queueStats, "count queued messages", listing=True)
     return parser
 
 

@@ -222,6 +222,7 @@ class AccountTests(CLITestsBase):
                 "attachments": "allow",
                 "max_message_size": None,
                 "max_recipients": None,
+                "bounces": True,
             },
         )
         for result in (listed, listedJson, shown, shownJson):
@@ -235,7 +236,7 @@ class AccountTests(CLITestsBase):
             "--sms", "on", "--sms-segments", "3", "--rate", "10/s", "--daily-quota", "5000",
             "--networks", "192.0.2.7/24, 2001:db8::/32", "--require-alternative", "on",
             "--require-rcpt-headers", "on", "--attachments", "strip",
-            "--max-message-size", "1048576", "--max-recipients", "50",
+            "--max-message-size", "1048576", "--max-recipients", "50", "--bounces", "off",
         )  # fmt: skip
         await self.ok("account", "disable", "acme")
         settings = (await self.ok("account", "show", "acme", "--json")).json()
@@ -254,18 +255,23 @@ class AccountTests(CLITestsBase):
                 "attachments": "strip",
                 "max_message_size": 1048576,
                 "max_recipients": 50,
+                "bounces": False,
             },
         )
         await self.ok("account", "enable", "acme")
+        shown = await self.ok("account", "show", "acme")
+        self.assertIn("bounces:               off", shown.out)
         await self.ok(
-            "account", "set", "acme", "--networks", "none", "--rate", "none", "--sms", "off"
-        )
+            "account", "set", "acme", "--networks", "none", "--rate", "none", "--sms", "off",
+            "--bounces", "on",
+        )  # fmt: skip
         store = await self.openStore()
         account = await store.getAccount("acme")
         self.assertEqual(
             (account.enabled, account.networks, account.rate_per_second, account.sms_enabled),
             (True, (), None, False),
         )
+        self.assertTrue(account.bounces)
         self.assertEqual(account.daily_quota, 5000)  # untouched
 
     async def test_setRefused(self) -> None:
@@ -277,13 +283,17 @@ class AccountTests(CLITestsBase):
                 self.mailrelay("account", "set", "acme", "--sms", "yes"),
                 self.mailrelay("account", "set", "acme", "--max-recipients", "0"),
                 self.mailrelay("account", "set", "acme", "--attachments", "zip"),
+                self.mailrelay("account", "set", "acme", "--bounces", "no"),
                 self.mailrelay("account", "set", "acme"),
                 self.mailrelay("account", "set", "nobody", "--sms", "on"),
                 self.mailrelay("account", "show", "nobody"),
                 self.mailrelay("account", "disable", "nobody"),
             ]
         )
-        words = ["300.1.2.3/8", "10/s", "on or off", "greater than 0", "zip", "nothing to set"]
+        words = [
+            "300.1.2.3/8", "10/s", "on or off", "greater than 0", "zip", "on or off",
+            "nothing to set",
+        ]  # fmt: skip
         for result, word in zip(results, words, strict=False):
             self.assertOneLineError(result, word)
         for result in results[-3:]:
@@ -417,7 +427,7 @@ class StatusAndQueueTests(CLITestsBase):
             ],
         )
         self.assertIn("sms:+4477331234567", human.out)
-        self.assertEqual(statsJson.json(), {"queued": 1, "deferred": 0, "in_flight": 0})
+        self.assertEqual(statsJson.json(), {"queued": 1, "deferred": 0, "in_flight": 0, "held": 0})
         self.assertIn("queued:", stats.out)
         self.assertOneLineError(unknown, unknownId, code=1)
         # With --json: the HTTP API's document for an unknown id, and the same exit status.
