@@ -34,6 +34,10 @@ from mailrelay.policy.recipients import checkRecipientCount, classifyRecipient
 from mailrelay.policy.senders import EnvelopeSender, checkEnvelopeSender
 
 
+def _nothing() -> None:
+    pass
+
+
 class Submissions:
     """What every avatar shares (store, config, clock, rate limiter); makes one per login."""
 
@@ -45,6 +49,9 @@ class Submissions:
         self.rateLimiter = RateLimiter(clock.seconds, share=1 / config.workers)
         # Messages of accounts with a daily quota being stored now, by account.
         self.storing: Counter[str] = Counter()
+        self.stored: Callable[[], None] = _nothing
+        """Called after each message is stored: the delivery loop's wake-up, when it runs in
+        this process."""
 
     def __call__(
         self, account: Account, recheck: Callable[[], Deferred[Account]] | None = None
@@ -187,10 +194,14 @@ class AccountSubmission:
         # No log line per message: at thousands a second it would cost more than the rest of
         # the intake path; the status trail and the metrics are the record.
         if self.account.daily_quota is not None:
-            return self._storeWithinQuota(notification, prepared.pieces)
-        return shared.store.enqueue(notification, prepared.pieces).addCallback(
-            lambda _: notificationId
-        )
+            d = self._storeWithinQuota(notification, prepared.pieces)
+        else:
+            d = shared.store.enqueue(notification, prepared.pieces)
+        return d.addCallback(self._stored, notificationId)
+
+    def _stored(self, _: object, notificationId: str) -> str:
+        self._shared.stored()
+        return notificationId
 
     @inlineCallbacks
     def _storeWithinQuota(self, notification: Notification, pieces: MessageText) -> Any:

@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailrelay import metrics
+from mailrelay.delivery.service import DeliveryProbe
 from mailrelay.interfaces import IStore
 from mailrelay.model import QueueStats
 from mailrelay.recent import RecentResult
@@ -90,8 +91,10 @@ class Health:
         listeners: ListenerProbe = noListeners,
         pingTimeout: float = PING_TIMEOUT,
         workers: WorkerProbe = oneProcess,
+        delivery: DeliveryProbe | None = None,
     ) -> None:
         self._store = store
+        self._delivery = delivery
         self._clock = clock
         self._listeners = listeners
         self._workers = workers
@@ -115,7 +118,8 @@ class Health:
         503 with the same shape and ``"status": "unavailable"`` otherwise."""
         latency = await self._ping()
         listeners = list(self._listeners())
-        healthy = latency is not None and all(listener.up for listener in listeners)
+        delivering = self._delivery is None or self._delivery.healthy
+        healthy = latency is not None and delivering and all(s.up for s in listeners)
         document: dict[str, Any] = {
             "status": "ok" if healthy else "unavailable",
             "store": {
@@ -128,6 +132,8 @@ class Health:
         # A worker that ended is being restarted and the others serve on: reported, not unhealthy.
         configured, serving = self._workers()
         document["workers"] = {"configured": configured, "serving": serving}
+        if self._delivery is not None:
+            document["delivery"] = self._delivery.document()
         return jsonResponse(200 if healthy else 503, document)
 
     async def metrics(self) -> Response:
@@ -142,6 +148,11 @@ class Health:
             except Exception as e:
                 log.warn("queue stats failed: {error}", error=type(e).__name__)
             else:
-                for state in ("queued", "deferred", "in_flight"):
+                for state in ("queued", "deferred", "in_flight", "held"):
                     metrics.queueDepth.labels(state).set(getattr(stats, state))
+            if self._delivery is not None:
+                try:
+                    await self._delivery.updateMetrics()
+                except Exception as e:
+                    log.warn("delivery metrics failed: {error}", error=type(e).__name__)
         return Response(200, generate_latest(metrics.REGISTRY), contentType=CONTENT_TYPE_LATEST)

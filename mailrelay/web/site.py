@@ -27,6 +27,7 @@ from twisted.web.resource import Resource
 
 from mailrelay.auth.throttle import LoginThrottle
 from mailrelay.config import Config
+from mailrelay.delivery.service import DeliveryProbe
 from mailrelay.interfaces import IStore, StoreError
 from mailrelay.web.auth import BasicLogin, Throttled, Unauthenticated, clientAddress
 from mailrelay.web.health import Health, ListenerProbe, WorkerProbe, noListeners, oneProcess
@@ -208,17 +209,18 @@ def makeWebSite(
     clock: IReactorTime,
     listenersUp: ListenerProbe = noListeners,
     workers: WorkerProbe = oneProcess,
+    delivery: DeliveryProbe | None = None,
 ) -> server.Site:
     """
     The site of the web endpoint. ``portal`` and ``throttle`` are the SMTP listeners' own, so a
     client's failures count the same over both; ``clock`` tells the time for the retention
     period, the throttle and timeouts; ``listenersUp`` reports the SMTP listeners and
-    ``workers`` the intake processes for ``/healthz``.
+    ``workers`` the intake processes and ``delivery`` the outbound side for ``/healthz``.
     """
     root = WebRoot(
         BasicLogin(portal, throttle),
         NotificationStatus(store, clock, config.limits.status_retention_days),
-        Health(store, clock, listenersUp, workers=workers),
+        Health(store, clock, listenersUp, workers=workers, delivery=delivery),
         openAPIDocument(),
     )
     site = server.Site(root, requestFactory=BoundedRequest, timeout=REQUEST_TIMEOUT)

@@ -477,6 +477,8 @@ class SMTPClientProtocol(Protocol):
 class SMTPClientFactory(Factory):
     """Builds :class:`SMTPClientProtocol` instances sharing one clock and timeouts."""
 
+    noisy = False  # one connection per transaction at most: the delivery log line says enough
+
     def __init__(self, clock: IReactorTime, timeouts: Timeouts) -> None:
         self.clock = clock
         self.timeouts = timeouts

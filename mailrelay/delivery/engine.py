@@ -1,0 +1,334 @@
+"""
+One delivery attempt, as a short list of named steps (SPEC §8.1, §8.2):
+
+1. :meth:`DeliveryEngine.start` -- the first attempt of a notification writes ``CAAS_SENT``;
+2. :meth:`~DeliveryEngine.prepare` -- the bytes that leave: DKIM-signed once, the same bytes on
+   every retry;
+3. :meth:`~DeliveryEngine.route` -- the pending recipients grouped by destination (the
+   smarthost, or each recipient domain's MX hosts);
+4. :meth:`~DeliveryEngine.send` -- one SMTP transaction per destination, all at once, each
+   recipient coming back with its own outcome;
+5. :meth:`~DeliveryEngine.bounce` -- a delivery status notification to the sender for the
+   recipients that failed for good (queued like any other message, before the outcome is
+   recorded, so a crash in between sends a second one rather than none);
+6. :meth:`~DeliveryEngine.record` -- every outcome with its status event in one write: the
+   finished recipients leave the queue, the others are deferred to their next attempt, or
+   given up with ``CAAS_FAILED`` once the queue lifetime is over.
+
+SMS recipients wait here until the SMS channel has a gateway: a notification with nothing but
+SMS recipients left is held (``mailrelay queue release`` sends it on once one is configured).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailrelay.delivery import stats
+from mailrelay.delivery.router import Route, Router
+from mailrelay.delivery.schedule import RetrySchedule
+from mailrelay.delivery.smtp.client import Envelope, RecipientOutcome
+from mailrelay.delivery.smtp.mx import RouteError
+from mailrelay.delivery.smtp.pool import SMTPClientPool
+from mailrelay.interfaces import IStore
+from mailrelay.message.dkim import DkimSigner
+from mailrelay.message.dsn import FailedRecipient, buildBounce, isDeliveryReport
+from mailrelay.message.outbound import prepareForDelivery, senderDomain
+from mailrelay.model import (
+    Delivery,
+    Notification,
+    Recipient,
+    StatusEvent,
+    fromTimestamp,
+)
+
+log = Logger()
+
+Kind = Literal["delivered", "deferred", "failed"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one recipient in this attempt."""
+
+    recipient: Recipient
+    kind: Kind
+    reply: str  # for the trail: "host: 550 5.1.1 ..." or a local reason
+    dsnCode: str
+    host: str = ""
+    final: bool = False  # delivered to the recipient's own MX (mx mode)
+
+
+class DeliveryEngine:
+    """Runs the steps above for one claimed :class:`~mailrelay.model.Delivery` at a time
+    (many at once: each call is independent)."""
+
+    def __init__(
+        self,
+        store: IStore,
+        router: Router,
+        pool: SMTPClientPool,
+        clock: IReactorTime,
+        hostname: str,
+        schedule: RetrySchedule,
+        signer: DkimSigner | None = None,
+    ) -> None:
+        self._store = store
+        self._router = router
+        self._pool = pool
+        self._clock = clock
+        self._hostname = hostname
+        self._schedule = schedule
+        self._signer = signer if signer is not None else DkimSigner()
+
+    def deliver(self, delivery: Delivery) -> Deferred[None]:
+        """Try every pending recipient of ``delivery`` once and record the outcomes. Fails
+        only when the store does (the lease then runs out and the delivery is due again)."""
+        return Deferred.fromCoroutine(self._deliver(delivery))
+
+    async def _deliver(self, delivery: Delivery) -> None:
+        email = [r for r in delivery.pending if r.channel == "email"]
+        if email:
+            await self.start(delivery, email)
+            message = await self.prepare(delivery)
+            routes = self.route(email)
+            outcomes = await self.send(delivery, routes, message)
+        else:
+            outcomes = []
+        await self.bounce(delivery, outcomes)
+        await self.record(delivery, outcomes)
+
+    # -- the steps --
+
+    async def start(self, delivery: Delivery, recipients: Sequence[Recipient]) -> None:
+        """``CAAS_SENT`` for each recipient when the notification's first attempt starts."""
+        if delivery.attempts != 1:
+            return
+        now = self._now()
+        events = [self._event(delivery, r, "CAAS_SENT", "Successful", now) for r in recipients]
+        await self._store.recordOutcome(
+            delivery.notification.notification_id, delivery.lease, events, (), None
+        )
+
+    async def prepare(self, delivery: Delivery) -> bytes:
+        """The message as it leaves: without X-IB-* options, with Message-ID and Date, signed
+        with the sender domain's DKIM key if it has one.
+        The signature's time is the acceptance time, so every retry sends the same bytes."""
+        notification = delivery.notification
+        # The intake already did this; a message queued by other means (a bounce, another
+        # producer on a shared Redis) gets the same treatment, and a second pass changes nothing.
+        message = prepareForDelivery(
+            delivery.message,
+            hostname=self._hostname,
+            notificationId=notification.notification_id,
+            receivedAt=notification.received_at,
+        )
+        domain = senderDomain(message, notification.sender)
+        if domain is None:
+            return message
+        key = await self._store.getDkimKey(domain)
+        if key is None:
+            return message
+        return self._signer.sign(message, key, int(notification.received_at.timestamp()))
+
+    def route(self, recipients: Sequence[Recipient]) -> dict[str, list[Recipient]]:
+        """The recipients grouped by destination, in RCPT order within each."""
+        groups: dict[str, list[Recipient]] = defaultdict(list)
+        for recipient in recipients:
+            groups[self._router.destinationOf(recipient)].append(recipient)
+        return groups
+
+    async def send(
+        self, delivery: Delivery, groups: dict[str, list[Recipient]], message: bytes
+    ) -> list[Outcome]:
+        """One transaction per destination, all destinations at once."""
+        sends = [
+            Deferred.fromCoroutine(self._sendTo(delivery, destination, recipients, message))
+            for destination, recipients in groups.items()
+        ]
+        results = await DeferredList(sends, consumeErrors=True)
+        outcomes: list[Outcome] = []
+        for (ok, value), recipients in zip(results, groups.values(), strict=True):
+            if ok:
+                outcomes += value
+            else:
+                assert isinstance(value, Failure)
+                # A bug here must not lose the recipients: try them again later.
+                log.failure("delivery of {id} failed", value, id=_id(delivery))
+                outcomes += [
+                    Outcome(r, "deferred", "local error, will retry", "4.3.0") for r in recipients
+                ]
+        return outcomes
+
+    async def _sendTo(
+        self, delivery: Delivery, destination: str, recipients: list[Recipient], message: bytes
+    ) -> list[Outcome]:
+        try:
+            route: Route = await self._router.route(destination)
+        except RouteError as e:
+            kind: Kind = "failed" if e.permanent else "deferred"
+            code = "5.1.2" if e.permanent else "4.4.3"
+            return [Outcome(r, kind, e.reason, code) for r in recipients]
+        envelope = Envelope(
+            sender=delivery.notification.sender,
+            recipients=tuple(r.address for r in recipients),
+            message=message,
+        )
+        results: list[RecipientOutcome] = await self._pool.deliver(
+            route.destination, route.candidates, route.tls, envelope, route.credentials
+        )
+        byAddress = {result.recipient: result for result in results}
+        outcomes = []
+        for recipient in recipients:
+            result = byAddress.get(recipient.address)
+            if result is None:  # the client answers for every recipient; if not, retry
+                outcomes.append(Outcome(recipient, "deferred", "no answer recorded", "4.3.0"))
+                continue
+            outcomes.append(
+                Outcome(
+                    recipient,
+                    result.kind,
+                    result.reply,
+                    result.dsnCode,
+                    result.host,
+                    final=route.final,
+                )
+            )
+        return outcomes
+
+    async def bounce(self, delivery: Delivery, outcomes: Sequence[Outcome]) -> None:
+        """Queue a delivery status notification to the envelope sender for the recipients
+        that failed for good in this attempt (or expired with it), unless the sender is
+        null, the account turned bounces off, or the message is itself a report."""
+        notification = delivery.notification
+        now = self._clock.seconds()
+        expired = self._expired(notification, now)
+        failed = [o for o in outcomes if o.kind == "failed" or (o.kind == "deferred" and expired)]
+        # Never to a null sender (a bounce itself), nor to an SMS sender id: no mailbox there.
+        if not failed or "@" not in notification.sender:
+            return
+        account = await self._store.getAccount(notification.account)
+        if account is None or not account.bounces or isDeliveryReport(delivery.message):
+            return
+        when = fromTimestamp(now)
+        report = buildBounce(
+            original=delivery.message,
+            notification=notification,
+            failed=[
+                FailedRecipient(
+                    recipient=o.recipient,
+                    action="failed",
+                    status=o.dsnCode if o.dsnCode[:1] == "5" else "4.4.7",
+                    remoteMta=o.host or None,
+                    diagnostic=o.reply,
+                    lastAttempt=when,
+                )
+                for o in failed
+            ],
+            hostname=self._hostname,
+            now=when,
+            reason="expired" if expired and all(o.kind == "deferred" for o in failed) else "failed",
+        )
+        bounceId = self._store.nextNotificationId()
+        await self._store.enqueue(
+            Notification(
+                notification_id=bounceId,
+                account=notification.account,
+                sender="",
+                recipients=(Recipient(notification.sender, "email"),),
+                size=len(report),
+                received_at=when,
+                client_address="",
+                helo=self._hostname,
+            ),
+            report,
+        )
+        stats.bounces.inc()
+        log.info(
+            "bounce {bounce} queued for {id}: {count} recipient(s) failed",
+            bounce=bounceId,
+            id=notification.notification_id,
+            count=len(failed),
+        )
+
+    async def record(self, delivery: Delivery, outcomes: Sequence[Outcome]) -> None:
+        """Every outcome and its status event in one write, and what comes next."""
+        notification = delivery.notification
+        now = self._clock.seconds()
+        when = fromTimestamp(now)
+        expired = self._expired(notification, now)
+        events: list[StatusEvent] = []
+        finished: list[Recipient] = []
+        for outcome in outcomes:
+            recipient = outcome.recipient
+            if outcome.kind == "delivered":
+                events.append(self._event(delivery, recipient, "CH_RECEIVED", outcome.reply, when))
+                if outcome.final:
+                    events.append(self._event(delivery, recipient, "CH_SENT", outcome.reply, when))
+                finished.append(recipient)
+            elif outcome.kind == "failed":
+                events.append(self._event(delivery, recipient, "CH_FAILED", outcome.reply, when))
+                finished.append(recipient)
+            elif expired:
+                text = f"expired: {outcome.reply}"
+                events.append(self._event(delivery, recipient, "CH_DEFERRED", outcome.reply, when))
+                events.append(self._event(delivery, recipient, "CAAS_FAILED", text, when))
+                finished.append(recipient)
+            else:
+                events.append(self._event(delivery, recipient, "CH_DEFERRED", outcome.reply, when))
+            stats.countOutcome(
+                "expired" if outcome.kind == "deferred" and expired else outcome.kind
+            )
+            log.info(
+                "delivery {id} to={recipient} relay={host} status={status} dsn={dsn} "
+                "delay={delay:.1f}s ({reply})",
+                id=notification.notification_id,
+                recipient=recipient.address,
+                host=outcome.host or "none",
+                status=outcome.kind,
+                dsn=outcome.dsnCode,
+                delay=now - notification.received_at.timestamp(),
+                reply=outcome.reply,
+            )
+        left = [r for r in delivery.pending if r not in finished]
+        nextAttempt = None
+        if left:
+            if all(r.channel == "sms" for r in left):
+                # No SMS gateway in this build yet: keep them aside until an operator releases.
+                await self._store.hold(notification.notification_id, None)
+                nextAttempt = when
+            else:
+                nextAttempt = fromTimestamp(
+                    self._schedule.nextAttempt(
+                        delivery.attempts, notification.received_at.timestamp(), now
+                    )
+                )
+        await self._store.recordOutcome(
+            notification.notification_id, delivery.lease, events, finished, nextAttempt
+        )
+
+    # -- helpers --
+
+    def _expired(self, notification: Notification, now: float) -> bool:
+        return self._schedule.expired(notification.received_at.timestamp(), now)
+
+    def _now(self) -> datetime:
+        return fromTimestamp(self._clock.seconds())
+
+    @staticmethod
+    def _event(
+        delivery: Delivery, recipient: Recipient, code: str, text: str, when: datetime
+    ) -> StatusEvent:
+        return StatusEvent(delivery.notification.notification_id, recipient, code, text, when)
+
+
+def _id(delivery: Delivery) -> str:
+    return delivery.notification.notification_id

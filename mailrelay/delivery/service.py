@@ -1,0 +1,255 @@
+"""
+The delivery loop as a Twisted service of the relay's tree: take due work, hand each claimed
+notification to the :class:`~mailrelay.delivery.engine.DeliveryEngine`, keep its lease alive
+while the attempt runs, and on stop let attempts in flight finish within a deadline, then give
+back the leases of the rest.
+
+Only the relay's main process runs it (``workers`` are intake processes): with the SQLite store
+exactly one process delivers; relays sharing a Redis store each claim their own share, the
+store's leases making sure no two hold the same notification.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+
+from mailrelay.delivery import stats
+from mailrelay.delivery.engine import DeliveryEngine
+from mailrelay.interfaces import IStore, LeaseLost, StoreError
+from mailrelay.model import Delivery
+
+log = Logger()
+
+MAX_DESTINATION_LABELS = 20
+POOL_CLOSE_WAIT = 2.0
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    leaseSeconds: float = 300.0
+    concurrency: int = 200  # notifications being delivered at once
+    batch: int = 50  # claimed per store call at most
+    pollInterval: float = 0.5  # seconds between looks at the queue when it had nothing due
+    stopDeadline: float = 10.0  # seconds attempts in flight may take to finish at stop
+
+
+class DeliveryService(Service):
+    """Claims due notifications and delivers them; see the module's docstring."""
+
+    name = "delivery"
+
+    def __init__(
+        self,
+        store: IStore,
+        engine: DeliveryEngine,
+        clock: IReactorTime,
+        settings: LoopSettings = LoopSettings(),
+        closePool: Callable[[], Deferred[None]] | None = None,
+        whenReady: Callable[[], Deferred[None]] | None = None,
+        connections: Callable[[], dict[str, int]] | None = None,
+    ) -> None:
+        self.connections = connections or dict
+        self._store = store
+        self._engine = engine
+        self._clock = clock
+        self._settings = settings
+        self._closePool = closePool
+        self._whenReady = whenReady
+        self._inFlight: dict[str, tuple[Delivery, Deferred[None]]] = {}
+        self._next: IDelayedCall | None = None
+        self._polling = False
+        self._storeDown = False
+        self.lastPoll: float | None = None  # when the queue was last read successfully
+
+    @property
+    def healthy(self) -> bool:
+        """Running, and the last look at the queue worked."""
+        return bool(self.running) and not self._storeDown
+
+    @property
+    def inFlight(self) -> int:
+        """Notifications being delivered now."""
+        return len(self._inFlight)
+
+    def startService(self) -> None:
+        super().startService()
+        if self._whenReady is None:
+            self._schedule(0)
+        else:
+            # The store opens after the services start: the first look waits for it.
+            self._whenReady().addCallback(self._storeReady)
+
+    def _storeReady(self, _: object) -> None:
+        if self.running:
+            self._schedule(0)
+
+    def wake(self) -> None:
+        """New work may be due (a message was just accepted): look now, not at the next poll."""
+        if self.running and not self._polling and self._next is not None:
+            self._schedule(0)
+
+    def _schedule(self, delay: float) -> None:
+        if self._next is not None and self._next.active():
+            self._next.cancel()
+        self._next = self._clock.callLater(delay, self._poll)
+
+    def _poll(self) -> None:
+        self._next = None
+        if not self.running:
+            return
+        self._polling = True
+        Deferred.fromCoroutine(self._claim()).addBoth(self._polled)
+
+    def _polled(self, more: Any) -> None:
+        self._polling = False
+        if self.running:
+            self._schedule(0 if more is True else self._settings.pollInterval)
+
+    async def _claim(self) -> bool:
+        """Claim what fits; True if there may be more due right away."""
+        free = self._settings.concurrency - len(self._inFlight)
+        if free <= 0:
+            return False
+        wanted = min(free, self._settings.batch)
+        try:
+            claimed = await self._store.claimDue(wanted, self._settings.leaseSeconds)
+        except Exception as e:
+            if not self._storeDown:
+                log.error("delivery: cannot read the queue: {error}", error=str(e))
+            self._storeDown = True
+            return False
+        if self._storeDown:
+            log.info("delivery: the queue can be read again")
+        self._storeDown = False
+        self.lastPoll = self._clock.seconds()
+        for delivery in claimed:
+            self._start(delivery)
+        return len(claimed) == wanted
+
+    def _start(self, delivery: Delivery) -> None:
+        nid = delivery.notification.notification_id
+        renewal = LoopingCall(self._renew, delivery)
+        renewal.clock = self._clock
+        renewal.start(self._settings.leaseSeconds / 3, now=False)
+        d = self._engine.deliver(delivery)
+        self._inFlight[nid] = (delivery, d)
+        stats.inFlight.set(len(self._inFlight))
+
+        def done(result: Any) -> None:
+            renewal.stop()
+            self._inFlight.pop(nid, None)
+            stats.inFlight.set(len(self._inFlight))
+            if isinstance(result, Exception) or hasattr(result, "value"):
+                error = getattr(result, "value", result)
+                if isinstance(error, LeaseLost):
+                    log.warn("delivery {id}: lease lost, outcome not recorded", id=nid)
+                else:
+                    log.error("delivery {id} not recorded: {error}", id=nid, error=str(error))
+            if self.running and len(self._inFlight) == self._settings.concurrency - 1:
+                self.wake()
+
+        d.addBoth(done)
+
+    def _renew(self, delivery: Delivery) -> Deferred[None]:
+        d = self._store.renewLease(
+            delivery.notification.notification_id, delivery.lease, self._settings.leaseSeconds
+        )
+
+        def failed(failure: Any) -> None:
+            if not failure.check(LeaseLost, StoreError):
+                log.failure("lease renewal", failure)
+
+        return d.addErrback(failed)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._next is not None and self._next.active():
+            self._next.cancel()
+        self._next = None
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        running = [d for _, d in self._inFlight.values()]
+        if running:
+            log.info("delivery: waiting for {count} attempts in flight", count=len(running))
+            # Not addTimeout: cancelling the attempts would make them look finished, and
+            # their leases must be given back instead.
+            finished: Deferred[Any] = DeferredList(running, consumeErrors=True)
+            deadline: Deferred[Any] = deferLater(
+                self._clock, self._settings.stopDeadline, lambda: None
+            )
+            await DeferredList([finished, deadline], fireOnOneCallback=True, consumeErrors=True)
+            deadline.cancel()
+        for nid, (delivery, _) in list(self._inFlight.items()):
+            try:
+                await self._store.releaseLease(nid, delivery.lease)
+            except Exception as e:
+                log.warn("delivery {id}: lease not released: {error}", id=nid, error=str(e))
+        if self._closePool is not None:
+            # Attempts past the deadline have no lease any more; their connections are not
+            # worth waiting for beyond a moment (what they record now fails with LeaseLost).
+            closed = self._closePool()
+            pause: Deferred[Any] = deferLater(self._clock, POOL_CLOSE_WAIT, lambda: None)
+            await DeferredList([closed, pause], fireOnOneCallback=True, consumeErrors=True)
+            pause.cancel()
+
+
+async def oldestDueAge(store: IStore, now: float) -> float:
+    """Seconds the longest-waiting due entry (queued or deferred) has been due; 0 if none.
+    Two indexed reads of one entry each, whatever the size of the queue."""
+    oldest = 0.0
+    for state in ("queued", "deferred"):
+        for item in await store.queueItems(state, None, 1):
+            oldest = max(oldest, now - item.next_attempt.timestamp())
+    return oldest
+
+
+class DeliveryProbe:
+    """What ``/healthz`` and ``/metrics`` say about delivery: the mode, whether the loop runs,
+    the attempts and connections open, how long due work has waited."""
+
+    def __init__(
+        self,
+        mode: str,
+        store: IStore,
+        clock: IReactorTime,
+        service: DeliveryService | None,
+        connections: Callable[[], dict[str, int]] | None = None,
+    ) -> None:
+        self.mode = mode
+        self._store = store
+        self._clock = clock
+        self._service = service
+        self._connections = connections
+
+    @property
+    def healthy(self) -> bool:
+        """Hold mode is healthy by definition; otherwise the loop must run and read."""
+        return self._service is None or self._service.healthy
+
+    def document(self) -> dict[str, Any]:
+        service = self._service
+        return {
+            "mode": self.mode,
+            "running": service is not None and service.healthy,
+            "in_flight": 0 if service is None else service.inFlight,
+        }
+
+    async def updateMetrics(self) -> None:
+        """Set the delivery gauges for a scrape."""
+        stats.oldestDue.set(await oldestDueAge(self._store, self._clock.seconds()))
+        if self._connections is not None:
+            stats.connectionsOpen.clear()
+            # The busiest destinations only: in mx mode every recipient domain is one, and a
+            # label per domain would grow the exposition without bound.
+            busiest = sorted(self._connections().items(), key=lambda item: -item[1])
+            for destination, count in busiest[:MAX_DESTINATION_LABELS]:
+                stats.connectionsOpen.labels(destination).set(count)
