@@ -371,3 +371,91 @@ class StopTests(TestCase):
         self.assertLessEqual(item.next_attempt.timestamp(), reactor.seconds())
         trail = [event.status_code for event in await store.statusTrail(nid)]
         self.assertEqual(trail, ["CAAS_RECEIVED", "CAAS_SENT"])
+
+
+class TLSPolicyTests(TestCase):
+    timeout = 60
+
+    async def test_verifyPolicyWithoutStarttlsDefers(self) -> None:
+        """A domain whose policy says verify is not sent to in clear when its MX offers no
+        STARTTLS: the recipient is deferred, nothing reaches the server."""
+        sink = await startScriptedSink(self)
+        dns = await startDNSServer(
+            self,
+            {
+                "customer.example": {"MX": [(10, "mx.customer.example")]},
+                "mx.customer.example": {"A": ["127.0.0.1"]},
+            },
+        )
+        extra = "\n".join(
+            [
+                "[delivery]",
+                'mode = "mx"',
+                f'nameservers = ["{dns.nameserver}"]',
+                f"mx_port = {sink.port}",
+                'allow_networks = ["127.0.0.0/8"]',
+                "[delivery.tls_policy]",
+                '"customer.example" = "verify"',
+            ]
+        )
+        relay = await startRelay(self, extra=extra + "\n")
+        nid = await deferToThread(submit, relay, [ALICE])
+        deadline = reactor.seconds() + 20
+        while (ALICE, "CH_DEFERRED") not in await trailOf(relay, nid):
+            self.assertLess(reactor.seconds(), deadline, await trailOf(relay, nid))
+            await deferLater(reactor, 0.05, lambda: None)
+        (deferred,) = [
+            e for e in await relay.store.statusTrail(nid) if e.status_code == "CH_DEFERRED"
+        ]
+        self.assertIn("TLS", deferred.status_text)
+        self.assertEqual(sink.messages, [])
+        self.assertNotIn("MAIL", sink.transactionCommands)
+
+
+class OperationsTests(TestCase):
+    timeout = 60
+
+    async def test_healthAndMetricsReportDelivery(self) -> None:
+        import json
+
+        import treq
+
+        sink = await startScriptedSink(self)
+        relay = await startRelay(self, extra=smarthostConfig(sink.port))
+        nid = await deferToThread(submit, relay, [ALICE])
+        await waitForTrail(relay, nid, 1)
+        base = f"http://127.0.0.1:{relay.ports['web']}"
+        health = json.loads(await (await treq.get(f"{base}/healthz", persistent=False)).text())
+        self.assertEqual(health["status"], "ok")
+        self.assertEqual(health["delivery"]["mode"], "smarthost")
+        self.assertTrue(health["delivery"]["running"])
+        text = await (await treq.get(f"{base}/metrics", persistent=False)).text()
+        self.assertRegex(text, r'mailrelay_deliveries_total\{outcome="delivered"\} [1-9]')
+        self.assertIn("mailrelay_queue_oldest_due_seconds 0.0", text)
+
+    async def test_retentionExpiresDeliveredNotifications(self) -> None:
+        """The retention timer forgets a delivered notification once it is older than
+        status_retention_days, and never one still queued."""
+        from datetime import timedelta
+
+        from twisted.internet.task import Clock
+
+        from mailrelay.retention import RetentionService
+
+        sink = await startScriptedSink(self, replies={f"RCPT:{BOB}": "451 4.2.0 Mailbox busy"})
+        relay = await startRelay(self, extra=smarthostConfig(sink.port))
+        delivered = await deferToThread(submit, relay, [ALICE])
+        queued = await deferToThread(submit, relay, [BOB])
+        await waitForTrail(relay, delivered, 1)
+        clock = Clock()
+        clock.advance(reactor.seconds() + timedelta(days=8).total_seconds())
+        service = RetentionService(relay.store, 7, clock, interval=60)
+        service.startService()
+        self.addCleanup(service.stopService)
+        clock.advance(60)
+        deadline = reactor.seconds() + 10
+        while await relay.store.getNotification(delivered) is not None:
+            self.assertLess(reactor.seconds(), deadline, "not expired")
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertIsNotNone(await relay.store.getNotification(queued))
+        self.assertIsNotNone(await relay.store.queueItem(queued))

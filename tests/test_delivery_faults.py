@@ -200,3 +200,71 @@ class TwoRelaysOneRedisTests(FaultTestCase):
         byRelay = collections.Counter(helos[m.connection] for m in sink.messages)
         self.assertEqual(set(byRelay), {"relay-a.test", "relay-b.test"}, byRelay)
         print(f"\n{count} messages, each delivered once: {dict(byRelay)}")
+
+
+class WorkersTests(FaultTestCase):
+    async def test_messagesAcceptedByWorkersAreDeliveredOnce(self) -> None:
+        """With workers = 2 the worker process keeps its own file of notifications; the main
+        process delivers them all, each once."""
+        import dataclasses
+        import smtplib
+
+        count = 40
+        sink = await startScriptedSink(self)
+        port = freePort()
+        files = RelayFiles(
+            Path(self.mktemp()),
+            [
+                Listener(
+                    "network", "none", auth="network", endpoint=f"tcp:{port}:interface=127.0.0.1"
+                )
+            ],
+            f'workers = 2\n[delivery]\nmode = "smarthost"\n'
+            f'smarthost = "tcp:host=127.0.0.1:port={sink.port}"\nsmarthost_tls = "none"\n',
+        )
+        text = files.configPath.read_text()
+        # workers is a top-level key: it must come before the first table.
+        text = text.replace("workers = 2\n", "").replace("[tls]", "workers = 2\n\n[tls]", 1)
+        files.configPath.write_text(text)
+        store = files.makeStore()
+        await store.open()
+        try:
+            credentials = await addAccount(store)
+            await store.updateAccount(
+                dataclasses.replace(credentials.account, networks=("127.0.0.0/8",))
+            )
+        finally:
+            await store.close()
+        relay = await self.startProcess(files, port, "workers")
+
+        # The worker serves once its own file exists (it makes it as it starts).
+        await self.waitFor(
+            lambda: bool(list(files.dataDir.glob("*.worker-1.sqlite3"))), 15, "the worker"
+        )
+        await deferLater(reactor, 0.5, lambda: None)
+
+        def submitAll() -> None:
+            # Eight sessions open at once, so that the processes share them out.
+            sessions = [smtplib.SMTP("127.0.0.1", port, timeout=10) for _ in range(8)]
+            for number in range(count):
+                sessions[number % 8].sendmail(
+                    SENDER, [f"rcpt{number}@customer.example"], letter(number)
+                )
+            for smtp in sessions:
+                smtp.quit()
+
+        await deferToThread(submitAll)
+        await self.waitFor(lambda: len(sink.messages) >= count, 30, "every delivery")
+        await deferLater(reactor, 1.0, lambda: None)
+        await deferToThread(relay.signal, signal.SIGTERM)
+        received = numbersReceived(sink)
+        self.assertEqual(set(received), set(range(count)))
+        self.assertEqual([n for n, times in received.items() if times > 1], [])
+        import sqlite3
+
+        (workerFile,) = files.dataDir.glob("*.worker-1.sqlite3")
+        with sqlite3.connect(workerFile) as connection:
+            (accepted,) = connection.execute("SELECT COUNT(*) FROM notifications").fetchone()
+        # Connections are shared out between the two processes: some went to the worker.
+        self.assertGreater(accepted, 0)
+        self.assertLess(accepted, count)
