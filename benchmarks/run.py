@@ -94,6 +94,25 @@ def _parser() -> argparse.ArgumentParser:
         "(default: in full runs, where it is installed)",
     )
     p.add_argument("--smtp-source-messages", type=int, default=5000)
+    p.add_argument(
+        "--smtp-source-sessions",
+        type=_counts,
+        default=[10],
+        metavar="N[,N...]",
+        help="smtp-source's parallel sessions, one run per count (default: 10), e.g. "
+        "100,250,400,500 for the concurrency cliff",
+    )
+    p.add_argument(
+        "--smtp-source-mode",
+        choices=("both", "persist", "1per"),
+        default="both",
+        help="persistent sessions (-d), one message per connection, or both (default)",
+    )
+    p.add_argument(
+        "--smtp-source-only",
+        action="store_true",
+        help="run only smtp-source (implies --smtp-source): no load generator scenarios",
+    )
     p.add_argument("--keep", type=Path, metavar="DIR", help="keep server logs and data here")
     p.add_argument("--no-record", action="store_true", help="don't append to RESULTS.md")
     return p
@@ -102,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     scenarios = args.scenario or (QUICK if args.quick else FULL)
+    if args.smtp_source_only:
+        scenarios, args.smtp_source = [], True
     if args.duration is None:
         args.duration = 1.5 if args.quick else 10.0
     if args.warmup is None:
@@ -146,6 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _counts(text: str) -> list[int]:
+    """``100,250,400`` as [100, 250, 400]: positive whole numbers."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not N[,N...]: {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"not positive counts: {text!r}")
+    return counts
+
+
 def plan(servers: list[adapters.ServerAdapter], repeat: int) -> list[adapters.ServerAdapter]:
     """
     The order of one scenario's runs: every server once, then every server again, ``repeat``
@@ -162,10 +194,13 @@ def _smtp_source_runs(
     key: Path,
     args: argparse.Namespace,
 ) -> list[SourceResult]:
-    """Postfix's smtp-source against every server's plain listener, persistent and not."""
+    """Postfix's smtp-source against every server's plain listener, persistent and/or not
+    (``--smtp-source-mode``), at each of ``--smtp-source-sessions``."""
     results = []
-    for persistent in (True, False):
-        scenario = Scenario(persistent=persistent)
+    modes = {"both": (True, False), "persist": (True,), "1per": (False,)}[args.smtp_source_mode]
+    runs = [(persistent, n) for persistent in modes for n in args.smtp_source_sessions]
+    for persistent, sessions in runs:
+        scenario = Scenario(concurrency=sessions, persistent=persistent)
         for adapter in servers:
             if adapter.skip(scenario):
                 continue
@@ -183,13 +218,18 @@ def _smtp_source_runs(
                     adapter.name,
                     server.listeners["plain"],
                     server.pid,
+                    sessions=sessions,
                     messages=args.smtp_source_messages,
                     persistent=persistent,
                     tree=server.tree,
                 )
             finally:
                 server.stop()
-            print(f"  {result.msgs_per_s:,.0f} msgs/s {result.failure}", file=sys.stderr)
+            print(
+                f"  {result.msgs_per_s:,.0f} msgs/s, listen overflows "
+                f"{result.listen_overflows} {result.failure}",
+                file=sys.stderr,
+            )
             results.append(result)
     return results
 

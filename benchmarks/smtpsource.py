@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from benchmarks.adapters import Listener
 from benchmarks.messages import SENDER
 from benchmarks.procstat import ServerMonitor, ServerUsage
+from mailrelay.listening import listenQueueDrops
 
 SMTP_SOURCE = "smtp-source"
 
@@ -30,6 +31,9 @@ class SourceResult:
     usage: ServerUsage | None
     client_cpu_s: float = 0.0  # smtp-source's own CPU
     failure: str = ""
+    # Connections the kernel dropped meanwhile because a listen queue was full (TcpExt
+    # ListenOverflows, machine-wide): each such client waited for a SYN retransmit. None: unknown.
+    listen_overflows: int | None = None
 
     @property
     def msgs_per_s(self) -> float:
@@ -75,6 +79,7 @@ def run_smtp_source(
     monitor.start()
     failure = ""
     children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    drops0 = listenQueueDrops()
     try:
         done = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
         if done.returncode:
@@ -83,7 +88,11 @@ def run_smtp_source(
     except subprocess.TimeoutExpired:
         failure = f"failed: not done within {timeout:.0f} s"
     elapsed = time.monotonic() - start
+    drops = listenQueueDrops()
+    overflows = drops.overflows - drops0.overflows if drops and drops0 else None
     usage = monitor.finish()
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     client_cpu = (children.ru_utime - children0.ru_utime) + (children.ru_stime - children0.ru_stime)
-    return SourceResult(server, sessions, persistent, messages, elapsed, usage, client_cpu, failure)
+    return SourceResult(
+        server, sessions, persistent, messages, elapsed, usage, client_cpu, failure, overflows
+    )
