@@ -22,6 +22,8 @@ from __future__ import annotations
 from tempfile import TemporaryFile
 from typing import IO
 
+from twisted.internet.interfaces import IDelayedCall
+
 from mailrelay.smtp import replies
 from mailrelay.smtp.replies import Reply
 
@@ -114,8 +116,14 @@ class DataReader:
         self._atLineStart = True
         self.size = 0
         self.refusal: Reply | None = None
+        # Octets fed so far, kept or not, and when the DATA section started (the protocol's
+        # clock): what its minimum rate and total deadline are checked against.
+        self.received = 0
+        self.startedAt = 0.0
+        self.paceCheck: IDelayedCall | None = None  # the protocol's next look at both
 
     def feed(self, data: bytes) -> bytes | None:
+        self.received += len(data)
         # A virtual CRLF before a line start lets one search find the end marker (and dot-stuffed
         # lines) at the very start of the buffer as well as after any real CRLF.
         buffer = (_CRLF if self._atLineStart else b"") + self._carry + data
@@ -201,5 +209,8 @@ class DataReader:
         return self._spool.read()
 
     def close(self) -> None:
-        """Release the spool file, if any."""
+        """Release the spool file, if any, and stop the pace check."""
         self._discard()
+        if self.paceCheck is not None and self.paceCheck.active():
+            self.paceCheck.cancel()
+        self.paceCheck = None

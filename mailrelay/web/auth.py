@@ -24,7 +24,7 @@ from mailrelay import metrics
 from mailrelay.auth.credentials import credentialsFor
 from mailrelay.auth.throttle import LoginThrottle
 from mailrelay.interfaces import IMessageDelivery
-from mailrelay.model import SessionInfo
+from mailrelay.model import API_KEY_USER, SessionInfo
 
 WEB_LISTENER = "web"
 """The ``SessionInfo.listener`` of logins over HTTP."""
@@ -79,19 +79,25 @@ class BasicLogin:
         if self._throttle.blocked(clientAddress):
             raise Throttled()
         user, password = credentials
+        # Guesses at one account from many addresses (see mailrelay.auth.throttle); API-key
+        # logins (user App) name no account.
+        account = None if user == API_KEY_USER else user
+        if account is not None and self._throttle.accountBlocked(account, clientAddress):
+            raise Throttled()
         session = SessionInfo(client_address=clientAddress, listener=WEB_LISTENER)
         try:
             loggedIn: Any = await self._portal.login(
                 credentialsFor(user, password), session, IMessageDelivery
             )
         except (UnauthorizedLogin, UnhandledCredentials):
-            self._throttle.failed(clientAddress)
+            self._throttle.failed(clientAddress, account)
             metrics.authentications.labels("failure").inc()
             log.info("{client} failed to authenticate over HTTP", client=clientAddress)
             raise Unauthenticated() from None
         _, avatar, logout = loggedIn
         logout()
         metrics.authentications.labels("success").inc()
+        self._throttle.succeeded(avatar.account.name, clientAddress)
         return str(avatar.account.name)
 
 

@@ -17,9 +17,12 @@ from twisted.internet.interfaces import IReactorTime
 from mailrelay.interfaces import IStore
 from mailrelay.model import Notification, fromTimestamp
 from mailrelay.numbers import isDecimal
+from mailrelay.policy.addresses import AddressSyntaxError, parseMailbox
+from mailrelay.policy.phones import PhoneNumberError, normalisePhoneNumber
 from mailrelay.status import statusDocument
 
 RECIPIENT_PREFIXES = ("email:", "sms:")
+_BAD_RECIPIENT = "recipient must be email:<address> or sms:<E.164 number>"
 MAX_BULK_PAGE = 1000
 
 
@@ -28,13 +31,31 @@ class BadQuery(ValueError):
 
 
 def recipientFilter(values: list[str]) -> str | None:
-    """The ``recipient`` parameter (``email:<addr>`` or ``sms:<E.164>``), if given."""
+    """
+    The ``recipient`` parameter (``email:<addr>`` or ``sms:<E.164>``), if given, in the normal
+    form RCPT gives the recipients it stores (IDNA domain, E.164 number), so that every way of
+    writing one address finds it. BadQuery if it names no address or number.
+    """
     if not values:
         return None
     value = values[0]
     if not value.startswith(RECIPIENT_PREFIXES) or len(value) > 320:
-        raise BadQuery("recipient must be email:<address> or sms:<E.164 number>")
-    return value
+        raise BadQuery(_BAD_RECIPIENT)
+    channel, _, address = value.partition(":")
+    address = address.strip()
+    try:
+        if channel == "sms":
+            return "sms:" + normalisePhoneNumber(address)
+        return "email:" + str(parseMailbox(address))
+    except PhoneNumberError:
+        raise BadQuery(_BAD_RECIPIENT) from None  # fixed text: never echo the client's
+    except AddressSyntaxError:
+        local, at, domain = address.rpartition("@")
+        if not (at and local and domain):
+            raise BadQuery(_BAD_RECIPIENT) from None
+        # local@domain, but not one RCPT would take (a name without a dot): it can match no
+        # stored recipient, and an empty answer says so as well as a 400 would.
+        return value
 
 
 def pageLimit(values: list[str]) -> int:
