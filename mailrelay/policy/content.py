@@ -478,16 +478,116 @@ def _body(root: Message) -> bytes:
     return flattened[flattened.index(b"\r\n\r\n") + 4 :]
 
 
-def _smsText(root: Message, account: Account) -> tuple[str, SmsLength]:
+def _plainText(root: Message) -> str | None:
+    """The text of the first text/plain part that is not an attachment, line endings as
+    ``\n``, trailing white space gone; None when there is no such part."""
     for part in _leaves(root):
         if not part.isAttachment and part.contentType == "text/plain":
             with _hostile("The text/plain part cannot be decoded (charset or encoding)"):
                 text = cast(EmailMessage, part.message).get_content()
-            text = text.replace("\r\n", "\n").rstrip()
-            if not text:
-                raise _refuse("The text/plain body is empty; there is nothing to send as SMS")
-            return text, checkSmsText(text, account.sms_segments)
-    raise _refuse("A message to a phone number needs a text/plain body")
+            return str(text).replace("\r\n", "\n").rstrip()
+    return None
+
+
+def _smsText(root: Message, account: Account) -> tuple[str, SmsLength]:
+    text = _plainText(root)
+    if text is None:
+        raise _refuse("A message to a phone number needs a text/plain body")
+    if not text:
+        raise _refuse("The text/plain body is empty; there is nothing to send as SMS")
+    return text, checkSmsText(text, account.sms_segments)
+
+
+def smsTextOf(message: bytes) -> str:
+    """
+    The SMS text of a message as stored (what :func:`prepareMessage` measured when it accepted
+    it: the first text/plain part); for the delivery side. Raises ValueError when the message
+    has none or cannot be read.
+    """
+    try:
+        text = _plainText(_Tree(message).root)
+    except Refused as e:
+        raise ValueError(e.reply.text) from None
+    if not text:
+        raise ValueError("the message has no text/plain part")
+    return text
+
+
+_MESSAGE_FIELDS = frozenset(
+    {
+        "from",
+        "to",
+        "cc",
+        "bcc",
+        "subject",
+        "date",
+        "message-id",
+        "mime-version",
+        "content-type",
+        "content-transfer-encoding",
+        "reply-to",
+        "sender",
+        "received",
+    }
+)
+"""Fields that make a DATA section to phone numbers a message rather than bare text."""
+
+
+def _isBareText(blockBytes: bytes) -> bool:
+    """
+    Whether a DATA section sent only to phone numbers is the SMS text itself (SPEC §5): its
+    first lines do not read as a header, or read as one only by chance (``Note: at 5``) --
+    no field of a message (From:, Subject:, Content-Type:, an ``X-IB-`` option...) among them.
+    """
+    try:
+        header = _Header(blockBytes)
+    except Refused:
+        return True
+    return not any(
+        f.name in _MESSAGE_FIELDS or f.name.startswith(OPTION_PREFIX) for f in header.fields
+    )
+
+
+def _prepareBareText(
+    raw: bytes,
+    account: Account,
+    *,
+    hostname: str,
+    now: datetime,
+    notificationId: str | None,
+    received: bytes,
+) -> PreparedMessage:
+    """A header-less DATA section as a text/plain message whose body is the text as sent."""
+    lineEndings = raw.count(b"\r\n")
+    if raw.count(b"\r") > lineEndings or raw.count(b"\n") > lineEndings:
+        raise Refused(BARE_LINE_ENDING)
+    if b"\x00" in raw:
+        raise _refuse("The text contains a NUL character")
+    try:
+        text = raw.decode("utf-8").replace("\r\n", "\n").rstrip()
+    except UnicodeDecodeError:
+        raise _refuse("An SMS text without a header must be UTF-8") from None
+    if not text:
+        raise _refuse("The text is empty; there is nothing to send as SMS")
+    length = checkSmsText(text, account.sms_segments)
+    messageId = f"<{notificationId or secrets.token_hex(16)}@{hostname}>"
+    header = (
+        b"MIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n"
+        b"Message-ID: " + messageId.encode("ascii", "replace") + b"\r\n"
+        b"Date: " + format_datetime(now).encode("ascii") + b"\r\n\r\n"
+    )
+    body = raw if raw.endswith(b"\r\n") else raw + b"\r\n"
+    pieces = (received, header, body) if received else (header, body)
+    return PreparedMessage(
+        pieces=pieces,
+        options=HeaderOptions(),
+        fromAddress=None,
+        messageId=messageId,
+        smsText=text,
+        smsLength=length,
+    )
 
 
 def _contentType(header: _Header) -> tuple[str, str | None]:
@@ -578,6 +678,15 @@ def prepareMessage(
     """
     checkSize(len(raw), account)
     blockBytes, bodyStart = _split(raw)
+    if recipients and all(r.channel == "sms" for r in recipients) and _isBareText(blockBytes):
+        return _prepareBareText(
+            raw,
+            account,
+            hostname=hostname,
+            now=now,
+            notificationId=notificationId,
+            received=received,
+        )
     body: bytes | memoryview = memoryview(raw)[bodyStart:]
     header = _Header(blockBytes)
     options, removed, ignored = _options(header)
