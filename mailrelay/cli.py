@@ -102,6 +102,16 @@ def optionalLimit(text: str) -> int | None:
     return None if text == "none" else positiveInt(text)
 
 
+def smsCredits(text: str) -> int | None:
+    """Prepaid SMS credits (segments) left: a whole number from 0, or ``none`` for no
+    prepaid limit."""
+    if text == "none":
+        return None
+    if not text.isascii() or not text.isdigit() or len(text) > 12:
+        raise argparse.ArgumentTypeError(f"not a number of credits: {text!r}")
+    return int(text)
+
+
 def smsSegments(text: str) -> int:
     """How many SMS segments a message may use: 1 to 255."""
     value = positiveInt(text)
@@ -627,6 +637,56 @@ async def dkimRemove(store: IStore, args: argparse.Namespace, console: Console) 
     console.say(f"DKIM key of {args.domain} removed; its mail is no longer signed")
 
 
+# -- delivery reports (SPEC §8.4) --
+
+
+async def accountWebhookSecret(store: IStore, args: argparse.Namespace, console: Console) -> None:
+    """Print the account's signing secrets, the current one first (made now if it has
+    none). ``--rotate`` makes a new one and keeps the one it replaces, printed after it:
+    reports carry both signatures until the next rotation, which drops the older."""
+    from mailrelay.delivery.reports import newWebhookSecret
+
+    if await store.getAccount(args.name) is None:
+        raise CommandError(f"no such account: {args.name}")
+    current = tuple(await store.webhookSecrets(args.name))
+    if args.rotate or not current:
+        current = (newWebhookSecret(), *current[:1])
+        await store.setWebhookSecrets(args.name, current)
+    # One secret a line, newest first, so that a script reads the current one on line 1.
+    console.say(current[0])
+    for previous in current[1:]:
+        console.say(f"{previous} (previous: signs reports too until the next --rotate)")
+
+
+async def reportsList(store: IStore, args: argparse.Namespace, console: Console) -> None:
+    """Print each POST of a notification's reports, oldest first: when, the URL's host, the
+    answer's code (0: none) and what became of the report."""
+    attempts = [
+        {
+            "report": a.report_id,
+            "host": a.host,
+            "code": a.code,
+            "outcome": a.outcome,
+            "at": formatTimestamp(a.at),
+        }
+        for a in await store.reportAttempts(args.id)
+    ]
+    if args.json:
+        console.printJson(attempts)
+    elif attempts:
+        console.printTable(
+            [("TIME (UTC)", "HOST", "CODE", "OUTCOME", "REPORT")]
+            + [(a["at"], a["host"], str(a["code"]), a["outcome"], a["report"]) for a in attempts]
+        )
+    else:
+        console.say(f"no report attempts for {args.id}")
+
+
+def _reportsCommands(group: Any) -> None:
+    listing = _command(group, "list", reportsList, "a notification's report POSTs", listing=True)
+    listing.add_argument("id", metavar="NOTIFICATION_ID")
+
+
 # -- the command line --
 
 
@@ -680,6 +740,7 @@ def _accountCommands(group: Any) -> None:
     options: list[tuple[str, str, Any, str]] = [
         ("--sms", "sms_enabled", onOff, "on|off"),
         ("--sms-segments", "sms_segments", smsSegments, "N"),
+        ("--sms-credits", "sms_credits", smsCredits, "N|none"),
         ("--rate", "rate_per_second", rate, "N/s|none"),
         ("--daily-quota", "daily_quota", optionalLimit, "N|none"),
         ("--networks", "networks", networks, "CIDR,...|none"),
@@ -696,6 +757,11 @@ def _accountCommands(group: Any) -> None:
     change.add_argument(
         "--attachments", choices=("allow", "strip", "refuse"), default=argparse.SUPPRESS
     )
+    secret = _command(
+        group, "webhook-secret", accountWebhookSecret, "print the reports' signing secret"
+    )
+    secret.add_argument("name")
+    secret.add_argument("--rotate", action="store_true", help="make a new secret, keep the old")
 
 
 def _apikeyCommands(group: Any) -> None:
@@ -773,6 +839,7 @@ def buildParser() -> argparse.ArgumentParser:
         ("sender", "senders registered to an account", _senderCommands),
         ("queue", "the delivery queue", _queueCommands),
         ("dkim", "DKIM signing keys of sender domains", _dkimCommands),
+        ("reports", "delivery and tracking reports", _reportsCommands),
     ]:
         topic = topics.add_parser(name, help=help, description=help)
         addCommands(topic.add_subparsers(dest="command", required=True, metavar="COMMAND"))

@@ -17,6 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 DEFAULT_CONFIG_FILE = "mailrelay.toml"
 
@@ -62,6 +63,16 @@ class LimitsConfig:
     max_line_length: int = 1000  # octets including CRLF, RFC 5321 §4.5.3.1.6
     max_connections: int = 20000  # SMTP connections open at once, all listeners together
     max_connections_per_client: int = 1000  # from one client address
+    # A TLS handshake (implicit TLS, or after STARTTLS) must complete within this many seconds,
+    # else the connection is aborted: a stalled handshake would otherwise hold a slot for ever.
+    tls_handshake_timeout: int = 30
+    # The whole DATA section (354 to the end marker) within data_total_timeout seconds, and
+    # from data_rate_grace seconds on at least data_min_rate octets for every second past it
+    # (the grace is data_timeout's: as long as a client may be silent anyway). A client that
+    # dribbles a byte now and then cannot hold a slot for ever (see SECURITY.md).
+    data_total_timeout: int = 1800
+    data_min_rate: int = 1024
+    data_rate_grace: int = 600
 
 
 TLSPolicyName = Literal["verify", "opportunistic", "none"]
@@ -110,12 +121,32 @@ DELIVERY_DURATIONS = (
 @dataclass(frozen=True)
 class SMSConfig:
     domains: tuple[str, ...] = ()
-    gateway_url: str = "https://sms-gateway.internal/send"
+    gateway: str = ""  # "smpp://USER:PASSWORD@host:port" or "https://..."; "": SMS held
+    receipt_secret_file: str | None = None  # HMAC key of POST /dlr/sms (HTTP gateway)
+    window: int = 10  # SMPP: submit_sm outstanding at once
+
+    def __repr__(self) -> str:
+        # The gateway URL may carry the SMPP password.
+        return f"SMSConfig(domains={self.domains!r}, gateway=<{self.gatewayKind or 'none'}>)"
+
+    @property
+    def gatewayKind(self) -> str:
+        """The gateway protocol: smpp, http, or empty for none."""
+        scheme = self.gateway.partition(":")[0].lower()
+        return {"smpp": "smpp", "https": "http", "http": "http"}.get(scheme, scheme)
 
 
 @dataclass(frozen=True)
 class DeliveryReportsConfig:
     allow_networks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """SPEC §8.5: empty ``base_url``, no tracking (the headers are accepted and ignored)."""
+
+    base_url: str = ""  # e.g. "https://t.relay.example.com": where /t/o/ and /t/c/ are reached
+    endpoint: str = "tcp:8080"  # the public listener serving them (not the status API's)
 
 
 DEFAULT_LISTENERS = (
@@ -138,6 +169,7 @@ class Config:
     delivery: DeliveryConfig = DeliveryConfig()
     sms: SMSConfig = SMSConfig()
     delivery_reports: DeliveryReportsConfig = DeliveryReportsConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @property
     def dataPath(self) -> Path:
@@ -235,16 +267,47 @@ def _validate(config: Config) -> Config:
         "max_auth_failures",
         "max_connections",
         "max_connections_per_client",
+        "tls_handshake_timeout",
+        "data_total_timeout",
     ):
         _positive(f"limits.{name}", getattr(config.limits, name))
+    if config.limits.data_min_rate < 0 or config.limits.data_rate_grace < 0:
+        raise ConfigError("limits.data_min_rate, data_rate_grace: must not be negative")
     if config.limits.max_line_length < 100:
         raise ConfigError("limits.max_line_length: must be at least 100")
     if not 0 <= config.store.instance_id <= 1023:
         raise ConfigError("store.instance_id: must be 0..1023")
     _validateWorkers(config)
     _validateDelivery(config.delivery)
+    _validateSms(config)
     _validateNetworks("delivery_reports.allow_networks", config.delivery_reports.allow_networks)
+    base = config.tracking.base_url
+    if base and not re.match(r"^https?://[^/?#\s]+(/[^?#\s]*)?$", base):
+        raise ConfigError(f"tracking.base_url: not an http(s) URL without query: {base!r}")
     return config
+
+
+def _validateSms(config: Config) -> None:
+    """The ``[sms]`` gateway must be one this build serves, and the delivery loop must run
+    (the SMS channel is part of it)."""
+    sms = config.sms
+    _positive("sms.window", sms.window)
+    if not sms.gateway:
+        return
+    if sms.gatewayKind not in ("smpp", "http"):
+        raise ConfigError(
+            "sms.gateway: this build serves smpp://USER:PASSWORD@host:port and https:// "
+            f"gateways, not {sms.gatewayKind}:"
+        )
+    try:
+        parts = urlsplit(sms.gateway)
+        parts.port  # noqa: B018  # raises for a port that is not a number
+    except ValueError as e:
+        raise ConfigError(f"sms.gateway: not a URL: {e}") from None
+    if not parts.hostname:
+        raise ConfigError("sms.gateway: the URL names no host")
+    if sms.gatewayKind == "smpp" and (not parts.username or parts.path not in ("", "/")):
+        raise ConfigError("sms.gateway: an SMPP gateway is smpp://USER:PASSWORD@host:port")
 
 
 def _validateNetworks(where: str, networks: tuple[str, ...]) -> None:

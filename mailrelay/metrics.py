@@ -3,9 +3,11 @@ Prometheus metrics, in registries of mailrelay's own; :data:`REGISTRY` is served
 
 The protocol and the web login count into :data:`PROCESS` (this process's SMTP and login
 counters); the store-wide values (queue depth, store latency) are set by the web resource at
-scrape time straight into :data:`REGISTRY`. With worker processes (``workers > 1``) each worker
-sends a :func:`snapshot` of its counters to the main process about once a second, and
-:data:`REGISTRY` serves the sum of the main process's and every worker's.
+scrape time straight into :data:`REGISTRY`, and the kernel's listen queue drops are read from
+``/proc/net/netstat`` at scrape time (:class:`ListenQueueCollector`). With worker processes
+(``workers > 1``) each worker sends a :func:`snapshot` of its counters to the main process
+about once a second, and :data:`REGISTRY` serves the sum of the main process's and every
+worker's.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
+
+from mailrelay.listening import NETSTAT_PATH, listenQueueDrops
 
 PROCESS = CollectorRegistry(auto_describe=True)
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -32,6 +37,11 @@ messages = Counter(
     "mailrelay_messages",
     "Messages answered at the end of DATA, by reply code",
     ["code"],
+    registry=PROCESS,
+)
+storeFailures = Counter(
+    "mailrelay_store_failures",
+    "Intake operations answered 451 because the store failed (logged once per outage)",
     registry=PROCESS,
 )
 queueDepth = Gauge("mailrelay_queue_depth", "Queue entries by state", ["state"], registry=REGISTRY)
@@ -113,3 +123,38 @@ class _AllProcesses(Collector):
 
 workerMetrics = _AllProcesses()
 REGISTRY.register(workerMetrics)
+
+
+class ListenQueueCollector(Collector):
+    """
+    The kernel's counts of connections lost at listening sockets because an accept queue was
+    full (``TcpExt`` ``ListenOverflows`` and ``ListenDrops`` in ``netstat``, what ``nstat``
+    shows), read at each scrape. They count every listening socket of the relay's network
+    namespace since boot, not only the relay's; where they cannot be read (not Linux) there are
+    no samples. See docs/listeners.md.
+    """
+
+    def __init__(self, path: str = NETSTAT_PATH) -> None:
+        self.path = path
+
+    def collect(self) -> Iterator[Metric]:
+        counts = listenQueueDrops(self.path)
+        if counts is None:
+            return
+        yield CounterMetricFamily(
+            "mailrelay_tcp_listen_overflows",
+            "Connections the kernel dropped because a listening socket's accept queue was full "
+            "(TcpExt ListenOverflows; every socket of the network namespace, since boot)",
+            value=counts.overflows,
+        )
+        yield CounterMetricFamily(
+            "mailrelay_tcp_listen_drops",
+            "SYNs and handshakes the kernel dropped at a listening socket, overflows included "
+            "(TcpExt ListenDrops; every socket of the network namespace, since boot)",
+            value=counts.drops,
+        )
+
+
+# Scraped in the main process only (REGISTRY, not PROCESS): the counts are the namespace's, so
+# a worker's copy would count the same drops again.
+REGISTRY.register(ListenQueueCollector())

@@ -52,6 +52,7 @@ class Account:
     max_message_size: int | None = None
     max_recipients: int | None = None
     bounces: bool = True  # delivery status notifications to the envelope sender on failure
+    sms_credits: int | None = None  # prepaid SMS segments left; None: no prepaid limit
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,8 @@ STATUS_TEXTS = {
     "CH_DEFERRED": "Deferred",
     "CH_FAILED": "Failed",
     "CAAS_FAILED": "Failed",
+    "OPENED": "Opened",  # open and click tracking (SPEC §8.5): statusText is the link clicked
+    "CLICKED": "Clicked",
 }
 
 
@@ -216,3 +219,46 @@ def utcnow() -> datetime:
 def fromTimestamp(seconds: float) -> datetime:
     """A timezone-aware UTC datetime from a POSIX timestamp (e.g. ``clock.seconds()``)."""
     return datetime.fromtimestamp(seconds, UTC)
+
+
+ReportKind = Literal["delivery", "tracking"]
+
+
+@dataclass(frozen=True)
+class PendingReport:
+    """
+    One report waiting in the outbox to be POSTed to a customer's URL (SPEC §8.4, §8.5):
+    ``result`` is the JSON text of one entry of the document's ``results`` list, ``report_id``
+    a unique id; ``content_type`` says whether the document goes as JSON or XML.
+    """
+
+    report_id: str
+    notification_id: str
+    account: str
+    url: str
+    content_type: str
+    kind: ReportKind
+    result: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ClaimedReport:
+    """A report claimed for sending under ``lease``; ``attempts`` made before this one."""
+
+    report: PendingReport
+    attempts: int
+    lease: str
+
+
+@dataclass(frozen=True)
+class ReportAttempt:
+    """One POST of a report as ``mailrelay reports list`` shows it: the URL's host, the
+    answer's status code (0: no answer) and what became of it."""
+
+    notification_id: str
+    report_id: str
+    host: str
+    code: int
+    outcome: str  # "sent", "retry", "dropped", "gone", "refused"
+    at: datetime

@@ -14,10 +14,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.config import Config
-from mailrelay.interfaces import IMessageDelivery, IStore
+from mailrelay.interfaces import IMessageDelivery, InsufficientCredits, IStore
 from mailrelay.model import (
     Account,
     MessageText,
@@ -32,10 +33,30 @@ from mailrelay.policy.limits import RateLimiter, checkDailyQuota, startOfDay
 from mailrelay.policy.received import receivedHeader
 from mailrelay.policy.recipients import checkRecipientCount, classifyRecipient
 from mailrelay.policy.senders import EnvelopeSender, checkEnvelopeSender
+from mailrelay.policy.sms import SmsLength
+from mailrelay.smtp.replies import SMS_CREDITS_EXHAUSTED, Refused
 
 
 def _nothing() -> None:
     pass
+
+
+def smsCost(account: Account, recipients: Sequence[Recipient], length: SmsLength | None) -> int:
+    """The prepaid SMS credits a message costs (SPEC §8.3): one per segment per SMS
+    recipient; 0 for an account without a prepaid limit."""
+    if account.sms_credits is None or length is None:
+        return 0
+    return length.segments * sum(1 for r in recipients if r.channel == "sms")
+
+
+def _creditsRefused(failure: Failure, credits: int) -> Failure:
+    if failure.check(InsufficientCredits):
+        raise Refused(
+            SMS_CREDITS_EXHAUSTED.withText(
+                f"SMS credits do not cover this message ({credits} needed)"
+            )
+        )
+    return failure
 
 
 class Submissions:
@@ -193,10 +214,15 @@ class AccountSubmission:
         )
         # No log line per message: at thousands a second it would cost more than the rest of
         # the intake path; the status trail and the metrics are the record.
+        credits = smsCost(self.account, recipients, prepared.smsLength)
         if self.account.daily_quota is not None:
-            d = self._storeWithinQuota(notification, prepared.pieces)
+            d = self._storeWithinQuota(notification, prepared.pieces, credits)
+        elif credits:
+            d = shared.store.enqueue(notification, prepared.pieces, smsCredits=credits)
         else:
             d = shared.store.enqueue(notification, prepared.pieces)
+        if credits:
+            d.addErrback(_creditsRefused, credits)
         return d.addCallback(self._stored, notificationId)
 
     def _stored(self, _: object, notificationId: str) -> str:
@@ -204,7 +230,9 @@ class AccountSubmission:
         return notificationId
 
     @inlineCallbacks
-    def _storeWithinQuota(self, notification: Notification, pieces: MessageText) -> Any:
+    def _storeWithinQuota(
+        self, notification: Notification, pieces: MessageText, credits: int = 0
+    ) -> Any:
         """
         Store a message of an account with a daily quota, if it still fits: the check at MAIL
         let every session that was open at the time through, and each of them may since have
@@ -218,7 +246,10 @@ class AccountSubmission:
             today = startOfDay(fromTimestamp(shared.clock.seconds()))
             accepted = yield shared.store.acceptedSince(name, today)
             checkDailyQuota(self.account, accepted + shared.storing[name] - 1)
-            yield shared.store.enqueue(notification, pieces)
+            if credits:
+                yield shared.store.enqueue(notification, pieces, smsCredits=credits)
+            else:
+                yield shared.store.enqueue(notification, pieces)
         finally:
             shared.storing[name] -= 1
             if not shared.storing[name]:

@@ -29,10 +29,20 @@ from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from mailrelay.auth.realm import makePortal
-from mailrelay.auth.throttle import FAILED_LOGINS_PER_CLIENT, LoginThrottle
+from mailrelay.auth.throttle import (
+    FAILED_LOGINS_PER_ACCOUNT,
+    FAILED_LOGINS_PER_CLIENT,
+    LoginThrottle,
+)
 from mailrelay.config import Config, ConfigError, ListenerConfig, loadConfigSource
+from mailrelay.delivery.build import makeDelivery
+from mailrelay.delivery.reportsbuild import TrackingKeyService, makeDispatcher, makeTracker
+from mailrelay.delivery.service import DeliveryProbe, DeliveryService
 from mailrelay.files import handOver, keepFilesPrivate, warnIfShared
 from mailrelay.interfaces import IStore, StoreError
+from mailrelay.listening import defaultBacklog, withBacklog
+from mailrelay.message.tracking import Tracker
+from mailrelay.retention import RetentionService
 from mailrelay.smtp.data import NATIVE_SCAN
 from mailrelay.smtp.listener import ConnectionCounter, listenerFactory, listenerSettings
 from mailrelay.store import makeStore
@@ -40,6 +50,7 @@ from mailrelay.submission import Submissions
 from mailrelay.tls import certificatePaths, contextFromPEM, readPEM
 from mailrelay.web import makeWebSite, serviceListeners
 from mailrelay.web.health import oneProcess
+from mailrelay.web.tracking import makeTrackingSite
 from mailrelay.workers.balance import LoadTable
 from mailrelay.workers.pool import WorkerPool, WorkerSetup
 
@@ -152,8 +163,13 @@ class ListenerService(StreamServerEndpointService):
 def _listen(
     parent: IServiceCollection, reactor: Any, endpoint: str, factory: Any
 ) -> ListenerService:
+    """A ListenerService for ``endpoint`` under ``parent``. An endpoint that binds its own socket
+    and names no ``backlog=`` listens with :func:`mailrelay.listening.defaultBacklog` rather
+    than Twisted's 50 (docs/listeners.md); the service keeps ``endpoint`` as written."""
     try:
-        serverEndpoint = endpoints.serverFromString(reactor, endpoint)
+        serverEndpoint = endpoints.serverFromString(
+            reactor, withBacklog(endpoint, defaultBacklog())
+        )
     except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"mailrelay: not a usable endpoint {endpoint!r}: {e}") from None
     service = ListenerService(endpoint, serverEndpoint, factory)
@@ -172,6 +188,7 @@ class RelayCore:
     connections: ConnectionCounter
     listenerFactory: Callable[[ListenerConfig], IProtocolFactory]
     tlsPEM: tuple[bytes, bytes] | None  # what the TLS context was made of (None: no TLS)
+    submissions: Submissions
 
 
 def buildCore(
@@ -222,7 +239,11 @@ def buildCore(
     submissions = Submissions(store, config, reactor)
     portal, realm = makePortal(store, submissions, reactor, authPool)
     workers = config.workers
-    throttle = LoginThrottle(reactor.seconds, maxFailures=_share(FAILED_LOGINS_PER_CLIENT, workers))
+    throttle = LoginThrottle(
+        reactor.seconds,
+        maxFailures=_share(FAILED_LOGINS_PER_CLIENT, workers),
+        maxAccountFailures=_share(FAILED_LOGINS_PER_ACCOUNT, workers),
+    )
     connections = ConnectionCounter(
         _share(config.limits.max_connections, workers),
         _share(config.limits.max_connections_per_client, workers),
@@ -245,7 +266,9 @@ def buildCore(
         )
         return listenerFactory(settings)
 
-    return RelayCore(store, portal, throttle, storeService, connections, factory, tlsPEM)
+    return RelayCore(
+        store, portal, throttle, storeService, connections, factory, tlsPEM, submissions
+    )
 
 
 def _share(limit: int, workers: int) -> int:
@@ -287,6 +310,45 @@ def _handOverToRunAsUser(config: Config, twistdOptions: Any) -> None:
         )
 
 
+def _deliveryServices(
+    config: Config, core: RelayCore, reactor: Any, root: MultiService
+) -> DeliveryService | None:
+    """The outbound side, in the main process only (with the SQLite store one process
+    delivers; relays sharing Redis split the work through its leases), and the expiry of old
+    status trails. Added after the store, so they stop before it closes."""
+    tracker = makeTracker(config)
+    try:
+        delivery = makeDelivery(
+            config, core.store, reactor, core.storeService.whenReady, tracker=tracker
+        )
+    except ConfigError as e:
+        raise SystemExit(f"mailrelay: {e}") from None
+    if delivery is not None:
+        if delivery.sms is not None and delivery.sms.service is not None:
+            # Before the loop: started first, stopped after it (the SMPP link).
+            delivery.sms.service.setServiceParent(root)
+        delivery.setServiceParent(root)
+        core.submissions.stored = delivery.wake
+    RetentionService(core.store, config.limits.status_retention_days, reactor).setServiceParent(
+        root
+    )
+    _reportServices(config, core, reactor, root, tracker)
+    return delivery
+
+
+def _reportServices(
+    config: Config, core: RelayCore, reactor: Any, root: MultiService, tracker: Tracker | None
+) -> None:
+    """The report dispatcher (SPEC §8.4) and, with tracking on, the key loader and the
+    public tracking listener (SPEC §8.5): main process only, like delivery."""
+    whenReady = core.storeService.whenReady
+    makeDispatcher(config, core.store, reactor, whenReady).setServiceParent(root)
+    if tracker is not None:
+        TrackingKeyService(tracker, core.store, whenReady).setServiceParent(root)
+        site = makeTrackingSite(tracker, core.store, reactor)
+        _listen(root, reactor, config.tracking.endpoint, site)
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """The whole relay, built from the options' configuration: the main process, which also
     starts the other ``workers - 1`` intake processes (:mod:`mailrelay.workers`)."""
@@ -314,6 +376,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         _listen(root, reactor, listener.endpoint, core.listenerFactory(listener))
         for listener in config.listeners
     ]
+    delivery = _deliveryServices(config, core, reactor, root)
     pool = None
     if loads is not None:
         loads.set(0, 0)  # the main process serves from the start
@@ -341,6 +404,14 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             reactor,
             listenersUp=serviceListeners(root, [lc.endpoint for lc in config.listeners]),
             workers=oneProcess if pool is None else pool.serving,
+            delivery=DeliveryProbe(
+                config.delivery.mode,
+                core.store,
+                reactor,
+                delivery,
+                None if delivery is None else delivery.connections,
+            ),
+            smsReceipts=None if delivery is None or delivery.sms is None else delivery.sms.receipts,
         ),
     )
     return root

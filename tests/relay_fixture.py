@@ -274,7 +274,11 @@ def _isSMTPListener(service: object) -> bool:
 
 
 def _isWebListener(service: object) -> bool:
-    return isinstance(service, StreamServerEndpointService) and isinstance(service.factory, Site)
+    return (
+        isinstance(service, StreamServerEndpointService)
+        and isinstance(service.factory, Site)
+        and not getattr(service.factory, "tracking", False)  # the public tracking listener
+    )
 
 
 async def startRelay(

@@ -223,6 +223,7 @@ class AccountTests(CLITestsBase):
                 "max_message_size": None,
                 "max_recipients": None,
                 "bounces": True,
+                "sms_credits": None,
             },
         )
         for result in (listed, listedJson, shown, shownJson):
@@ -237,6 +238,7 @@ class AccountTests(CLITestsBase):
             "--networks", "192.0.2.7/24, 2001:db8::/32", "--require-alternative", "on",
             "--require-rcpt-headers", "on", "--attachments", "strip",
             "--max-message-size", "1048576", "--max-recipients", "50", "--bounces", "off",
+            "--sms-credits", "0",
         )  # fmt: skip
         await self.ok("account", "disable", "acme")
         settings = (await self.ok("account", "show", "acme", "--json")).json()
@@ -256,6 +258,7 @@ class AccountTests(CLITestsBase):
                 "max_message_size": 1048576,
                 "max_recipients": 50,
                 "bounces": False,
+                "sms_credits": 0,
             },
         )
         await self.ok("account", "enable", "acme")
@@ -587,3 +590,113 @@ class _Prompted(ProcessProtocol):
 
 def fileMode(path: Path) -> int:
     return path.stat().st_mode & 0o777
+
+
+class ReportsCommandTests(CLITestsBase):
+    """``account webhook-secret`` and ``reports list`` (SPEC §8.4)."""
+
+    async def secretsInStore(self) -> tuple[str, ...]:
+        """The account's secrets as a store opened now reads them (none remembered)."""
+        return tuple(await (await self.openStore()).webhookSecrets("acme"))
+
+    async def test_webhookSecretMadeOnceThenRotated(self) -> None:
+        from standardwebhooks import Webhook
+
+        from mailrelay.delivery.reports import signatureHeaders
+
+        await self.addAccount()
+        made = await self.ok("account", "webhook-secret", "acme")
+        (first,) = made.out.splitlines()
+        self.assertTrue(first.startswith("whsec_"), made.out)
+        self.assertEqual((await self.ok("account", "webhook-secret", "acme")).out, made.out)
+        self.assertEqual(await self.secretsInStore(), (first,))
+
+        rotated = await self.ok("account", "webhook-secret", "acme", "--rotate")
+        second = rotated.out.splitlines()[0]
+        self.assertTrue(second.startswith("whsec_"), rotated.out)
+        self.assertNotEqual(second, first)
+        self.assertIn(first, rotated.out)  # the previous one is listed, still valid
+        self.assertEqual(await self.secretsInStore(), (second, first))
+        shown = await self.ok("account", "webhook-secret", "acme")
+        self.assertEqual(shown.out, rotated.out)
+
+        # Reports are signed with both: a receiver knowing either secret accepts them.
+        now = int(reactor.seconds())
+        body = b'{"results": []}'
+        headers = signatureHeaders("msg_1", now, body, await self.secretsInStore())
+        headers = {str(k): str(v) for k, v in headers.items()}
+        for secret in (first, second):
+            self.assertEqual(Webhook(secret).verify(body, headers), {"results": []})
+
+        again = await self.ok("account", "webhook-secret", "acme", "--rotate")
+        third = again.out.splitlines()[0]
+        self.assertEqual(await self.secretsInStore(), (third, second))  # the oldest goes
+
+    async def test_webhookSecretOfUnknownAccount(self) -> None:
+        self.assertOneLineError(
+            await self.mailrelay("account", "webhook-secret", "nobody"), "nobody", code=1
+        )
+
+    async def test_reportsList(self) -> None:
+        from datetime import timedelta
+
+        from mailrelay.model import ReportAttempt
+        from tests.store_mixin import pendingReport
+
+        store = await self.openStore()
+        notification = Notification(
+            notification_id=store.nextNotificationId(),
+            account="acme",
+            sender="app@acme.example",
+            recipients=(ALICE,),
+            size=10,
+            received_at=T0,
+        )
+        await store.enqueue(notification, b"body")
+        nid = notification.notification_id
+        await store.addEventsWithReports([], [pendingReport(notification)])
+        (claim,) = await store.claimReports(10, 60)
+        pair = [(claim.report.report_id, claim.lease)]
+        failed = ReportAttempt(nid, "", "hooks.acme.example", 503, "retry", T0)
+        await store.recordReportAttempt(pair, failed, T0)  # due again at once
+        (claim,) = await store.claimReports(10, 60)
+        later = T0 + timedelta(minutes=1)
+        sent = ReportAttempt(nid, "", "hooks.acme.example", 200, "sent", later)
+        await store.recordReportAttempt([(claim.report.report_id, claim.lease)], sent, None)
+
+        human, document, none = await gatherResults(
+            [
+                self.ok("reports", "list", nid),
+                self.ok("reports", "list", nid, "--json"),
+                self.ok("reports", "list", store.nextNotificationId()),
+            ]
+        )
+        reportId = claim.report.report_id
+        self.assertEqual(
+            document.json(),
+            [
+                {
+                    "report": reportId,
+                    "host": "hooks.acme.example",
+                    "code": 503,
+                    "outcome": "retry",
+                    "at": "2015-03-08 14:58:30.252",
+                },
+                {
+                    "report": reportId,
+                    "host": "hooks.acme.example",
+                    "code": 200,
+                    "outcome": "sent",
+                    "at": "2015-03-08 14:59:30.252",
+                },
+            ],
+        )
+        lines = human.out.splitlines()
+        self.assertEqual(len(lines), 3, human.out)
+        self.assertIn("HOST", lines[0])
+        self.assertEqual(
+            lines[1].split(),
+            ["2015-03-08", "14:58:30.252", "hooks.acme.example", "503", "retry", reportId],
+        )
+        self.assertEqual(lines[2].split()[2:5], ["hooks.acme.example", "200", "sent"])
+        self.assertIn("no report attempts", none.out)

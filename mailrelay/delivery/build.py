@@ -12,12 +12,14 @@ from mailrelay.delivery.engine import DeliveryEngine
 from mailrelay.delivery.router import MXRouter, Router, SmarthostRouter
 from mailrelay.delivery.schedule import RetrySchedule
 from mailrelay.delivery.service import DeliveryService, LoopSettings
+from mailrelay.delivery.sms.build import SmsParts, makeSms
 from mailrelay.delivery.smtp.client import Timeouts
 from mailrelay.delivery.smtp.mtasts import MTASTSPolicies
 from mailrelay.delivery.smtp.mx import MXResolver, makeResolver
 from mailrelay.delivery.smtp.pool import SMTPClientPool
 from mailrelay.delivery.smtp.safeagent import safeAgent
 from mailrelay.interfaces import IStore
+from mailrelay.message.tracking import Tracker
 from mailrelay.netaddress import AddressPolicy
 
 
@@ -25,6 +27,7 @@ def makeRouter(config: Config, reactor: Any) -> Router:
     """The router of ``delivery.mode`` (smarthost or mx). Raises ConfigError for a smarthost
     or password file it cannot use."""
     delivery = config.delivery
+    assert delivery.mode != "hold"
     if delivery.mode == "smarthost":
         return SmarthostRouter(delivery)
     addresses = AddressPolicy(delivery.allow_networks)
@@ -43,10 +46,15 @@ def makeDelivery(
     store: IStore,
     reactor: Any,
     whenReady: Callable[[], Deferred[None]] | None = None,
+    tracker: Tracker | None = None,
 ) -> DeliveryService | None:
-    """The delivery loop for ``config`` on ``store``, or None in hold mode."""
+    """The delivery loop for ``config`` on ``store``, or None in hold mode without an SMS
+    gateway (with one, the loop sends SMS and holds e-mail). Its ``sms`` is the SMS
+    channel's parts when ``[sms] gateway`` is set (the gateway's service goes in the tree
+    before the loop, so it stops after it)."""
     delivery = config.delivery
-    if delivery.mode == "hold":
+    sms: SmsParts | None = makeSms(config, store, reactor)
+    if delivery.mode == "hold" and sms is None:
         return None
     pool = SMTPClientPool(
         reactor,
@@ -62,17 +70,19 @@ def makeDelivery(
     )
     engine = DeliveryEngine(
         store,
-        makeRouter(config, reactor),
+        None if delivery.mode == "hold" else makeRouter(config, reactor),
         pool,
         reactor,
         hostname=config.hostname,
         schedule=RetrySchedule.fromConfig(delivery),
+        tracker=tracker,
+        sms=None if sms is None else sms.channel,
     )
     settings = LoopSettings(
         leaseSeconds=delivery.seconds("lease"),
         concurrency=max(2 * delivery.max_connections, 10),
     )
-    return DeliveryService(
+    service = DeliveryService(
         store,
         engine,
         reactor,
@@ -81,3 +91,5 @@ def makeDelivery(
         whenReady=whenReady,
         connections=pool.openConnections,
     )
+    service.sms = sms
+    return service

@@ -15,17 +15,18 @@ One delivery attempt, as a short list of named steps (SPEC §8.1, §8.2):
    finished recipients leave the queue, the others are deferred to their next attempt, or
    given up with ``CAAS_FAILED`` once the queue lifetime is over.
 
-SMS recipients wait here until the SMS channel has a gateway: a notification with nothing but
-SMS recipients left is held (``mailrelay queue release`` sends it on once one is configured).
+SMS recipients go to the ``[sms] gateway`` (:mod:`~mailrelay.delivery.sms`) in the same
+attempt, beside the e-mail ones, and come back with outcomes of the same kind. Recipients of
+a channel this relay does not send on -- SMS without a gateway, e-mail in hold mode (no
+router) -- wait: a notification with nothing else left is held (``mailrelay queue release``
+sends it on once the channel is configured).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
@@ -33,8 +34,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailrelay.delivery import stats
+from mailrelay.delivery.outcome import Kind, Outcome
+from mailrelay.delivery.reports import reportsFor
 from mailrelay.delivery.router import Route, Router
 from mailrelay.delivery.schedule import RetrySchedule
+from mailrelay.delivery.sms.gateway import SmsChannel
 from mailrelay.delivery.smtp.client import Envelope, RecipientOutcome
 from mailrelay.delivery.smtp.mx import RouteError
 from mailrelay.delivery.smtp.pool import SMTPClientPool
@@ -42,7 +46,9 @@ from mailrelay.interfaces import IStore
 from mailrelay.message.dkim import DkimSigner
 from mailrelay.message.dsn import FailedRecipient, buildBounce, isDeliveryReport
 from mailrelay.message.outbound import prepareForDelivery, senderDomain
+from mailrelay.message.tracking import Tracker
 from mailrelay.model import (
+    Channel,
     Delivery,
     Notification,
     Recipient,
@@ -52,35 +58,33 @@ from mailrelay.model import (
 
 log = Logger()
 
-Kind = Literal["delivered", "deferred", "failed"]
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What became of one recipient in this attempt."""
-
-    recipient: Recipient
-    kind: Kind
-    reply: str  # for the trail: "host: 550 5.1.1 ..." or a local reason
-    dsnCode: str
-    host: str = ""
-    final: bool = False  # delivered to the recipient's own MX (mx mode)
+__all__ = ["DeliveryEngine", "Kind", "Outcome"]
 
 
 class DeliveryEngine:
     """Runs the steps above for one claimed :class:`~mailrelay.model.Delivery` at a time
     (many at once: each call is independent)."""
 
+    receiptsFollow: frozenset[Channel] = frozenset()
+    """Channels whose ``CH_RECEIVED`` is not final: a receipt (``CH_SENT``) follows, and only
+    that makes the final delivery report (:func:`~mailrelay.delivery.reports.reportsFor`)."""
+
     def __init__(
         self,
         store: IStore,
-        router: Router,
-        pool: SMTPClientPool,
+        router: Router | None,
+        pool: SMTPClientPool | None,
         clock: IReactorTime,
         hostname: str,
         schedule: RetrySchedule,
         signer: DkimSigner | None = None,
+        tracker: Tracker | None = None,
+        sms: SmsChannel | None = None,
     ) -> None:
+        self.tracker = tracker  # open and click tracking (SPEC §8.5); None: off
+        self._sms = sms  # the [sms] gateway; None: SMS recipients are held
+        if sms is not None and sms.receiptsFollow:
+            self.receiptsFollow = self.receiptsFollow | {"sms"}
         self._store = store
         self._router = router
         self._pool = pool
@@ -95,16 +99,20 @@ class DeliveryEngine:
         return Deferred.fromCoroutine(self._deliver(delivery))
 
     async def _deliver(self, delivery: Delivery) -> None:
-        email = [r for r in delivery.pending if r.channel == "email"]
-        if email:
-            await self.start(delivery, email)
-            message = await self.prepare(delivery)
-            routes = self.route(email)
-            outcomes = await self.send(delivery, routes, message)
-        else:
-            outcomes = []
+        # In hold mode (no router) e-mail recipients wait, as SMS ones do without a gateway.
+        email = [r for r in delivery.pending if r.channel == "email" and self._router is not None]
+        sms = [r for r in delivery.pending if r.channel == "sms" and self._sms is not None]
+        if email or sms:
+            await self.start(delivery, [*email, *sms])
+        # The SMS channel beside the e-mail one, not after it; recorded with its outcomes.
+        smsSent = self._sms.send(delivery, sms) if sms and self._sms is not None else None
+        outcomes = await self.sendEmail(delivery, email) if email else []
+        if smsSent is not None:
+            outcomes = [*outcomes, *(await smsSent)]
         await self.bounce(delivery, outcomes)
         await self.record(delivery, outcomes)
+        if smsSent is not None and self._sms is not None:
+            self._sms.recorded(delivery.notification.notification_id)
 
     # -- the steps --
 
@@ -115,12 +123,32 @@ class DeliveryEngine:
         now = self._now()
         events = [self._event(delivery, r, "CAAS_SENT", "Successful", now) for r in recipients]
         await self._store.recordOutcome(
-            delivery.notification.notification_id, delivery.lease, events, (), None
+            delivery.notification.notification_id,
+            delivery.lease,
+            events,
+            (),
+            None,
+            reports=reportsFor(delivery.notification, events, self.receiptsFollow),
         )
 
-    async def prepare(self, delivery: Delivery) -> bytes:
-        """The message as it leaves: without X-IB-* options, with Message-ID and Date, signed
-        with the sender domain's DKIM key if it has one.
+    async def sendEmail(self, delivery: Delivery, email: Sequence[Recipient]) -> list[Outcome]:
+        """Steps 2 to 4 for the e-mail recipients. A message that cannot be prepared (a DKIM
+        key that does not load, the store failing) defers them all: retried with backoff,
+        and given up with a bounce at the end of the queue lifetime, never stuck."""
+        try:
+            if self.tracker is not None and self.tracker.wants(delivery.notification):
+                return await self.sendTracked(delivery, email)
+            message = await self.prepare(delivery)
+        except Exception:
+            log.failure("delivery {id}: cannot prepare the message", id=_id(delivery))
+            reason = "local error preparing the message, will retry"
+            return [Outcome(r, "deferred", reason, "4.3.0") for r in email]
+        return await self.send(delivery, self.route(email), message)
+
+    async def prepare(self, delivery: Delivery, recipient: Recipient | None = None) -> bytes:
+        """The message as it leaves: without X-IB-* options, with Message-ID and Date, its
+        HTML links tracked for ``recipient`` if given (SPEC §8.5), signed with the sender
+        domain's DKIM key if it has one.
         The signature's time is the acceptance time, so every retry sends the same bytes."""
         notification = delivery.notification
         # The intake already did this; a message queued by other means (a bounce, another
@@ -131,6 +159,8 @@ class DeliveryEngine:
             notificationId=notification.notification_id,
             receivedAt=notification.received_at,
         )
+        if recipient is not None and self.tracker is not None:
+            message = self.tracker.rewrite(message, notification, recipient)
         domain = senderDomain(message, notification.sender)
         if domain is None:
             return message
@@ -139,8 +169,32 @@ class DeliveryEngine:
             return message
         return self._signer.sign(message, key, int(notification.received_at.timestamp()))
 
+    async def sendTracked(
+        self, delivery: Delivery, recipients: Sequence[Recipient]
+    ) -> list[Outcome]:
+        """Prepare, route and send for each recipient on its own: tracked links carry a
+        token per recipient, so each gets its own bytes and its own transaction."""
+
+        async def one(recipient: Recipient) -> list[Outcome]:
+            message = await self.prepare(delivery, recipient)
+            return await self.send(delivery, self.route([recipient]), message)
+
+        sends = [Deferred.fromCoroutine(one(r)) for r in recipients]
+        outcomes: list[Outcome] = []
+        for (ok, value), recipient in zip(
+            await DeferredList(sends, consumeErrors=True), recipients, strict=True
+        ):
+            if ok:
+                outcomes += value
+            else:
+                assert isinstance(value, Failure)
+                log.failure("tracked delivery of {id} failed", value, id=_id(delivery))
+                outcomes.append(Outcome(recipient, "deferred", "local error, will retry", "4.3.0"))
+        return outcomes
+
     def route(self, recipients: Sequence[Recipient]) -> dict[str, list[Recipient]]:
         """The recipients grouped by destination, in RCPT order within each."""
+        assert self._router is not None  # e-mail is not sent in hold mode
         groups: dict[str, list[Recipient]] = defaultdict(list)
         for recipient in recipients:
             groups[self._router.destinationOf(recipient)].append(recipient)
@@ -171,6 +225,7 @@ class DeliveryEngine:
     async def _sendTo(
         self, delivery: Delivery, destination: str, recipients: list[Recipient], message: bytes
     ) -> list[Outcome]:
+        assert self._router is not None and self._pool is not None
         try:
             route: Route = await self._router.route(destination)
         except RouteError as e:
@@ -301,8 +356,8 @@ class DeliveryEngine:
         left = [r for r in delivery.pending if r not in finished]
         nextAttempt = None
         if left:
-            if all(r.channel == "sms" for r in left):
-                # No SMS gateway in this build yet: keep them aside until an operator releases.
+            if not any(self._sends(r) for r in left):
+                # No [sms] gateway, or hold mode for e-mail: aside until an operator releases.
                 await self._store.hold(notification.notification_id, None)
                 nextAttempt = when
             else:
@@ -312,10 +367,20 @@ class DeliveryEngine:
                     )
                 )
         await self._store.recordOutcome(
-            notification.notification_id, delivery.lease, events, finished, nextAttempt
+            notification.notification_id,
+            delivery.lease,
+            events,
+            finished,
+            nextAttempt,
+            reports=reportsFor(notification, events, self.receiptsFollow),
         )
 
     # -- helpers --
+
+    def _sends(self, recipient: Recipient) -> bool:
+        """Whether this relay sends on ``recipient``'s channel now."""
+        channel = self._router if recipient.channel == "email" else self._sms
+        return channel is not None
 
     def _expired(self, notification: Notification, now: float) -> bool:
         return self._schedule.expired(notification.received_at.timestamp(), now)

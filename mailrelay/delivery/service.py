@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
@@ -25,6 +25,9 @@ from mailrelay.delivery import stats
 from mailrelay.delivery.engine import DeliveryEngine
 from mailrelay.interfaces import IStore, LeaseLost, StoreError
 from mailrelay.model import Delivery
+
+if TYPE_CHECKING:
+    from mailrelay.delivery.sms.build import SmsParts
 
 log = Logger()
 
@@ -57,6 +60,7 @@ class DeliveryService(Service):
         connections: Callable[[], dict[str, int]] | None = None,
     ) -> None:
         self.connections = connections or dict
+        self.sms: SmsParts | None = None  # the SMS channel's parts, set by makeDelivery
         self._store = store
         self._engine = engine
         self._clock = clock

@@ -18,21 +18,24 @@ from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailrelay import metrics
 from mailrelay.auth.credentials import credentialsFor
-from mailrelay.interfaces import IMessageDelivery
-from mailrelay.model import Recipient, SessionInfo
+from mailrelay.interfaces import IMessageDelivery, StoreError
+from mailrelay.model import API_KEY_USER, Recipient, SessionInfo
 from mailrelay.numbers import isDecimal
 from mailrelay.policy.arguments import mailOptions, parsePathArgument
 from mailrelay.smtp import replies
 from mailrelay.smtp.data import DataReader, lineProblem
 from mailrelay.smtp.listener import ListenerSettings
 from mailrelay.smtp.replies import Reply
+from mailrelay.smtp.storehealth import storeHealth
 
 # RFC 5321 allows 512 octets for a command line; AUTH responses may be up to 12288 (RFC 4954).
 MAX_COMMAND_LINE = 12288
@@ -43,6 +46,12 @@ _HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DE
 # Replies that mean the client does not speak SMTP properly (not policy refusals): too many of
 # them on one connection and it is closed.
 _PROTOCOL_ERRORS = frozenset({500, 501, 502, 503, 504, 530, 555})
+# Seconds a connection being closed politely (a reply, then loseConnection) may take to go:
+# a client that stops reading keeps the reply unsent, a TLS close waits for a handshake, and
+# either would hold the slot for ever. Then it is aborted.
+CLOSE_GRACE = 10.0
+# _tlsVersion while a TLS handshake is under way (the TLS layer holds all input meanwhile).
+_HANDSHAKING = "handshaking"
 
 CommandResult = Reply | Deferred[Reply] | None
 # A HELO/EHLO argument: a domain or address literal, no white space or control characters
@@ -52,6 +61,13 @@ _HELO_NAME = re.compile(r"[^\x00-\x20\x7f]{1,255}")
 
 def _isHeloName(argument: str) -> bool:
     return _HELO_NAME.fullmatch(argument) is not None
+
+
+def _throttledAccount(user: str) -> str | None:
+    """The account a login names, for the per-account throttle; None for API-key logins
+    (``App``: a 256-bit key is not guessed, and one name shared by every key holder would let
+    a guesser lock all of them out)."""
+    return None if user == API_KEY_USER else user
 
 
 def _acceptedReply(notificationId: str) -> Reply:
@@ -83,6 +99,7 @@ class Chunk:
     refusal: Reply | None
 
 
+@implementer(IHandshakeListener)
 class SubmissionProtocol(Protocol, TimeoutMixin):
     log = Logger()
 
@@ -127,6 +144,10 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         metrics.connections.labels(self.settings.name).inc()
         metrics.sessions.labels(self.settings.name).inc()
         self.setTimeout(self.settings.limits.command_timeout)
+        if self._tls:
+            # Implicit TLS: the handshake comes first, and the greeting waits in the TLS layer
+            # for it. The idle timeout's polite close would wait for it too (for ever).
+            self._startHandshakeDeadline()
         # Replies go out whole (one write per reactor turn), so Nagle's algorithm would only
         # hold back a reply written after an asynchronous check -- until the client's delayed
         # ACK, some 40 ms later.
@@ -171,7 +192,41 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
             self._reader = None
         self._logoutAvatar()
 
+    # -- hard deadlines --------------------------------------------------------------------
+
+    # The idle timer (TimeoutMixin's) is also the hard deadline of the phases in which the
+    # client's bytes do not reach dataReceived, so cannot reset it: a TLS handshake (the TLS
+    # layer consumes them) and a polite close (they are ignored).
+
+    def _startHandshakeDeadline(self) -> None:
+        self._tlsVersion = _HANDSHAKING
+        self.setTimeout(self.settings.limits.tls_handshake_timeout)
+
+    def handshakeCompleted(self) -> None:
+        """The TLS layer's news that the handshake is done (IHandshakeListener)."""
+        if self._tlsVersion is _HANDSHAKING:
+            self._tlsVersion = None  # read from the connection when first needed
+        if not self._closing:
+            self.setTimeout(self.settings.limits.command_timeout)
+
+    def _abort(self) -> None:
+        self._closing = True
+        self._buffer, self._pos = b"", 0
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
     def timeoutConnection(self) -> None:
+        if self._closing:
+            # The polite close did not finish in CLOSE_GRACE (the client does not read).
+            self._abort()
+            return
+        if self._tlsVersion is _HANDSHAKING:
+            # Nothing can be said to a client that has not finished its handshake, and a
+            # polite close would wait for the handshake: abort.
+            self.log.info(
+                "{client} did not complete a TLS handshake in time", client=self._clientAddress
+            )
+            self._abort()
+            return
         if self._blocked:
             # The idle timeout is the client's: while the relay decides (a store slow to
             # commit, say) the client is waiting, not idle, and a 421 now would be followed by
@@ -228,6 +283,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         self._buffer = b""
         self._pos = 0
         self.transport.loseConnection()  # type: ignore[union-attr]
+        self.setTimeout(CLOSE_GRACE)
 
     # -- input -----------------------------------------------------------------------------
 
@@ -340,6 +396,9 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
     def _replyForFailure(self, failure: Failure) -> Reply:
         if failure.check(replies.Refused):
             return failure.value.reply  # type: ignore[union-attr]
+        if failure.check(StoreError):
+            storeHealth.failed(failure)
+            return replies.TEMPORARY_FAILURE
         self.log.failure("internal error answering {client}", failure, client=self._clientAddress)
         return replies.TEMPORARY_FAILURE
 
@@ -385,7 +444,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
     def _currentTLSVersion(self) -> str | None:
         if not self._tls:
             return None
-        if self._tlsVersion is None:
+        if self._tlsVersion is None or self._tlsVersion is _HANDSHAKING:
             try:
                 self._tlsVersion = self.transport.getHandle().get_protocol_version_name()  # type: ignore[union-attr]
             except Exception:
@@ -476,6 +535,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         self._resetSession()
         self.transport.startTLS(self.settings.tlsContext)  # type: ignore[union-attr]
         self._tls = True
+        self._startHandshakeDeadline()
         return None
 
     def smtp_AUTH(self, argument: str) -> CommandResult:
@@ -542,16 +602,29 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         if self.settings.throttle.blocked(self._clientAddress):
             self._closeWith(replies.TOO_MANY_AUTH_FAILURES)
             return None
+        account = _throttledAccount(user)
+        if account is not None and self.settings.throttle.accountBlocked(
+            account, self._clientAddress
+        ):
+            # Not checked, so not counted as a failure of this address: the guesser is
+            # told to wait, and the owner (who logged in from here before) is let through.
+            self.log.info("{client}: logins to a throttled account", client=self._clientAddress)
+            self._authFailures += 1
+            if self._authFailures >= self.settings.limits.max_auth_failures:
+                self._closeWith(replies.TOO_MANY_AUTH_FAILURES)
+                return None
+            return replies.ACCOUNT_THROTTLED
         d: Deferred[Any] = self.settings.portal.login(
             credentialsFor(user, password), self._session(), IMessageDelivery
         )
-        d.addCallbacks(self._loggedIn, self._loginFailed)
+        d.addCallbacks(self._loggedIn, self._loginFailed, errbackArgs=(account,))
         return d
 
     def _loggedIn(self, result: tuple[Any, Any, Callable[[], None]]) -> Reply:
         _, avatar, logout = result
         self._avatar, self._logout, self._authenticated = avatar, logout, True
         metrics.authentications.labels("success").inc()
+        self.settings.throttle.succeeded(avatar.account.name, self._clientAddress)
         self.log.info(
             "{client} authenticated as {account}",
             client=self._clientAddress,
@@ -559,14 +632,14 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         )
         return replies.AUTH_OK
 
-    def _loginFailed(self, failure: Failure) -> Any:
+    def _loginFailed(self, failure: Failure, account: str | None = None) -> Any:
         if failure.check(UnauthorizedLogin, UnhandledCredentials):
-            return self._authFailed()
+            return self._authFailed(account)
         return failure
 
-    def _authFailed(self) -> CommandResult:
+    def _authFailed(self, account: str | None = None) -> CommandResult:
         self._authFailures += 1
-        self.settings.throttle.failed(self._clientAddress)
+        self.settings.throttle.failed(self._clientAddress, account)
         metrics.authentications.labels("failure").inc()
         self.log.info("{client} failed to authenticate", client=self._clientAddress)
         if self._authFailures >= self.settings.limits.max_auth_failures:
@@ -671,12 +744,59 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
             return replies.BAD_SEQUENCE.withText("DATA after BDAT; send BDAT ... LAST")
         if argument:
             return replies.SYNTAX_ERROR.withText("Syntax: DATA")
+        if self._pos < len(self._buffer):
+            # Text sent before the 354 (RFC 2920 §3.1: DATA is the last command of a group):
+            # neither message nor commands can be told from it. Discarded, never executed.
+            self.log.info(
+                "{client}: improper command pipelining after DATA", client=self._clientAddress
+            )
+            self._transaction = None
+            self._closeWith(replies.IMPROPER_PIPELINING)
+            return None
         limits = self.settings.limits
         self._reader = DataReader(
             limits.max_message_size, limits.max_line_length, self.settings.spoolDir
         )
+        self._reader.startedAt = self.settings.clock.seconds()
         self.setTimeout(limits.data_timeout)
+        self._checkDataPaceIn(min(limits.data_rate_grace, limits.data_total_timeout))
         return replies.START_DATA
+
+    def _checkDataPaceIn(self, seconds: float) -> None:
+        reader = self._reader
+        assert reader is not None
+        reader.paceCheck = self.callLater(seconds, self._checkDataPace)
+
+    def _checkDataPace(self) -> None:
+        """End a DATA section that has run past its total deadline or below the minimum
+        rate; else check again when it next could."""
+        reader, limits = self._reader, self.settings.limits
+        if reader is None or self._closing:
+            return
+        reader.paceCheck = None
+        elapsed = self.settings.clock.seconds() - reader.startedAt
+        # The first data_rate_grace seconds are free: a slow start (a large TCP window
+        # filling, a spool warming up) is not held against the client.
+        minimum = limits.data_min_rate * (elapsed - limits.data_rate_grace)
+        if elapsed >= limits.data_total_timeout or reader.received < minimum:
+            self.log.info(
+                "{client}: DATA too slow ({octets} octets in {seconds:.0f} s)",
+                client=self._clientAddress,
+                octets=reader.received,
+                seconds=elapsed,
+            )
+            self._reader = None
+            reader.close()
+            self._transaction = None
+            metrics.countMessage(replies.DATA_TOO_SLOW.code)
+            self._closeWith(replies.DATA_TOO_SLOW)
+            return
+        # When the octets so far stop being enough.
+        nextCheck = float(limits.data_total_timeout)
+        if limits.data_min_rate:
+            enoughUntil = limits.data_rate_grace + reader.received / limits.data_min_rate
+            nextCheck = min(nextCheck, enoughUntil)
+        self._checkDataPaceIn(max(nextCheck - elapsed, 0.001))
 
     def _feedData(self, data: bytes) -> None:
         reader = self._reader
@@ -786,4 +906,6 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
 
     def _countMessage(self, reply: Reply) -> Reply:
         metrics.countMessage(reply.code)
+        if reply.code == replies.ACCEPTED.code and storeHealth.down:
+            storeHealth.succeeded()
         return reply

@@ -6,6 +6,8 @@ Routes (all ``GET``, and ``HEAD`` likewise):
 - ``/{accountId}/notifications/id/{notificationId}[?recipient=...]`` -- SPEC §7, Basic auth
 - ``/{accountId}/notifications/bulk/{bulkId}[?recipient=...&limit=N&after=ID]`` -- Basic auth
 - ``/healthz``, ``/metrics``, ``/openapi.json`` -- no auth (the endpoint is loopback by default)
+- ``POST /dlr/sms`` -- SMS delivery receipts of the HTTP gateway, authenticated by the HMAC of
+  the body (:class:`~mailrelay.delivery.sms.http.HttpReceipts`); 404 when none is configured
 
 Every answer, errors included, is built as a :class:`~mailrelay.web.responses.Response`, so the
 headers (``nosniff``, ``Cache-Control``) and the JSON error bodies are the same everywhere.
@@ -28,8 +30,10 @@ from twisted.web.resource import Resource
 from mailrelay.auth.throttle import LoginThrottle
 from mailrelay.config import Config
 from mailrelay.delivery.service import DeliveryProbe
+from mailrelay.delivery.sms.http import SIGNATURE_HEADER, BadReceipt, HttpReceipts
 from mailrelay.interfaces import IStore, StoreError
 from mailrelay.web.auth import BasicLogin, Throttled, Unauthenticated, clientAddress
+from mailrelay.web.channel import HeadDeadlineChannel
 from mailrelay.web.health import Health, ListenerProbe, WorkerProbe, noListeners, oneProcess
 from mailrelay.web.notifications import (
     BadQuery,
@@ -51,6 +55,7 @@ AUTH_CHALLENGE = ("WWW-Authenticate", 'Basic realm="mailrelay"')
 RETRY_AFTER = 300
 """Seconds a throttled client is told to wait: LoginThrottle's default failure window."""
 REQUEST_TIMEOUT = 60
+MAX_RECEIPT_POST = 64 * 1024
 """Seconds an idle HTTP connection stays open."""
 
 log = Logger()
@@ -106,15 +111,24 @@ class WebRoot(Resource):
         notifications: NotificationStatus,
         health: Health,
         openapi: bytes,
+        smsReceipts: HttpReceipts | None = None,
     ) -> None:
         super().__init__()
+        self._smsReceipts = smsReceipts
         self._login = login
         self._notifications = notifications
         self._health = health
         self._openapi = Response(200, openapi, cacheControl="public, max-age=3600")
 
     def render(self, request: server.Request) -> Any:
-        handler = self._route(_segments(request))
+        segments = _segments(request)
+        if segments == ["dlr", "sms"] and self._smsReceipts is not None:
+            if request.method != b"POST":
+                writeResponse(request, errorResponse(405, headers=(("Allow", "POST"),)))
+            else:
+                writeResponse(request, self._smsReceipt(request, self._smsReceipts))
+            return server.NOT_DONE_YET
+        handler = self._route(segments)
         if handler is None:
             writeResponse(request, errorResponse(404))
         elif request.method not in ALLOWED_METHODS:
@@ -136,6 +150,18 @@ class WebRoot(Resource):
             case [account, "notifications", "bulk", bulkId] if account and bulkId:
                 return self._authenticated(account, self._byBulkHandler(bulkId))
         return None
+
+    def _smsReceipt(self, request: server.Request, receipts: HttpReceipts) -> Response:
+        """One receipt post: 204 when applied; 4xx, nothing applied, otherwise."""
+        assert request.content is not None
+        body = request.content.read(MAX_RECEIPT_POST + 1)
+        signature = request.getHeader(SIGNATURE_HEADER)
+        try:
+            receipts.receive(body, signature.decode("latin-1") if signature else None)
+        except BadReceipt as e:
+            log.info("sms receipt post refused: {reason}", reason=str(e))
+            return errorResponse(e.code, str(e))
+        return Response(204, b"")
 
     async def _openAPI(self, request: server.Request) -> Response:
         return self._openapi
@@ -210,6 +236,7 @@ def makeWebSite(
     listenersUp: ListenerProbe = noListeners,
     workers: WorkerProbe = oneProcess,
     delivery: DeliveryProbe | None = None,
+    smsReceipts: HttpReceipts | None = None,
 ) -> server.Site:
     """
     The site of the web endpoint. ``portal`` and ``throttle`` are the SMTP listeners' own, so a
@@ -222,7 +249,11 @@ def makeWebSite(
         NotificationStatus(store, clock, config.limits.status_retention_days),
         Health(store, clock, listenersUp, workers=workers, delivery=delivery),
         openAPIDocument(),
+        smsReceipts,
     )
     site = server.Site(root, requestFactory=BoundedRequest, timeout=REQUEST_TIMEOUT)
+    # Plain HTTP/1.1 channels whose request heads have a deadline (a client dribbling headers
+    # is timed out); the endpoint speaks no HTTP/2.
+    site.protocol = HeadDeadlineChannel  # type: ignore[assignment]
     site.displayTracebacks = False
     return site
