@@ -69,13 +69,18 @@ class IMessageQueue(Interface):
     def nextNotificationId() -> str:
         """A new notification id: decimal, time-ordered, unique across relay instances."""
 
-    def enqueue(notification, message):
+    def enqueue(notification, message, smsCredits: int = 0):
         """
         Durably store ``notification`` with the message bytes (a ``model.MessageText``: whole
         or in pieces) and one ``CAAS_RECEIVED`` status event per recipient, all or nothing.
         The Deferred fires only once the data is on disk (SQLite: committed with fsync) or
         acknowledged by the server (Redis); it fails with StoreError otherwise. Returns
         Deferred[None].
+
+        With ``smsCredits`` > 0, that many of the account's prepaid SMS credits are taken in
+        the same write, if it has that many (an account without a prepaid limit is not
+        charged); if not, it fails with InsufficientCredits and stores nothing. Two sessions
+        racing for the last credits cannot both have them.
         """
 
     def acceptedSince(account: str, since):
@@ -84,6 +89,10 @@ class IMessageQueue(Interface):
 
     def stats():
         """Returns Deferred[QueueStats]."""
+
+
+class InsufficientCredits(StoreError):
+    """The account's prepaid SMS credits do not cover the message: nothing was stored."""
 
 
 class LeaseLost(StoreError):
@@ -117,9 +126,11 @@ class IDeliveryQueue(Interface):
         """Extend ``lease`` to end ``leaseSeconds`` from now. Fails with LeaseLost.
         Returns Deferred[None]."""
 
-    def recordOutcome(notificationId: str, lease: str, events, finished, nextAttempt):
+    def recordOutcome(notificationId: str, lease: str, events, finished, nextAttempt, reports=()):
         """
-        One atomic write: append ``events`` (StatusEvents of this notification), and take the
+        One atomic write: append ``events`` (StatusEvents of this notification), put
+        ``reports`` (PendingReports of this notification, due at once) in the report outbox
+        (IReportQueue), and take the
         recipients in ``finished`` (a sequence of Recipient with a final outcome) out of the
         pending ones. Then, if none is pending, the notification leaves the queue and its
         message is dropped; else, with ``nextAttempt`` (a datetime) it becomes ``deferred``
@@ -197,11 +208,111 @@ class IStatusStore(Interface):
         Returns Deferred[list[str]]."""
 
     def expire(before):
-        """Forget notifications received before ``before`` that are no longer queued,
-        with their events. Returns Deferred[int]: how many."""
+        """Forget notifications received before ``before`` that are no longer queued, with
+        everything kept about them: their events, their reports still in the outbox (claimed
+        or not) and the attempts of their reports (IReportQueue), the gateway ids of their
+        texts (IGatewayIds). Gateway ids past their time go too. Returns Deferred[int]: how
+        many notifications."""
 
 
-class IStore(IAccountStore, IMessageQueue, IDeliveryQueue, IDkimKeyStore, IStatusStore):
+class IReportQueue(Interface):
+    """
+    The outbox of delivery and tracking reports (SPEC §8.4, §8.5), and the secrets they are
+    signed with. A report enters it in the same write as the status event it reports
+    (``recordOutcome``'s ``reports``, :meth:`addEventsWithReports`), so none is lost between
+    an outcome and its report. Dispatchers claim due reports under a lease (several relays may
+    share a store), and record each POST's answer: done, or due again at a later time.
+    """
+
+    def addEventsWithReports(events, reports):
+        """Append ``events`` (StatusEvents) and put ``reports`` (PendingReports, due at once)
+        in the outbox in one atomic write, for what happens outside a delivery attempt (a
+        tracked open or click, an SMS receipt). Every event and report must be of one
+        notification. Returns Deferred[None]; NotFound for an unknown notification (nothing
+        written)."""
+
+    def claimReports(limit: int, leaseSeconds: float):
+        """Claim up to ``limit`` due reports, oldest due first, under a new lease ending
+        ``leaseSeconds`` from now (then due again unless recorded). Returns
+        Deferred[list[model.ClaimedReport]]."""
+
+    def recordReportAttempt(claims, attempt, nextAttempt):
+        """For each ``(reportId, lease)`` in ``claims`` whose lease is current: append
+        ``attempt`` (a model.ReportAttempt) to its notification's attempts, and either drop
+        it from the outbox (``nextAttempt`` None) or make it due at ``nextAttempt`` with one
+        attempt more. With ``attempt`` None the claim is given back uncounted (a dispatcher
+        stopping): due at ``nextAttempt``, or at once with None. Claims whose lease is not
+        current are left alone. Returns Deferred[int]: how many were written."""
+
+    def reportAttempts(notificationId: str):
+        """The POSTs of a notification's reports, oldest first.
+        Returns Deferred[list[model.ReportAttempt]]."""
+
+    def pendingReports():
+        """Returns Deferred[int]: how many reports are in the outbox."""
+
+    def markGone(url: str):
+        """Remember that ``url`` answered ``410 Gone``: no report goes there any more.
+        Returns Deferred[None]."""
+
+    def isGone(url: str):
+        """Returns Deferred[bool]: whether ``url`` answered ``410 Gone`` once."""
+
+    def webhookSecrets(account: str):
+        """The account's signing secrets, newest first (two during a rotation, else one or
+        none). Returns Deferred[tuple[str, ...]]."""
+
+    def setWebhookSecrets(account: str, secrets):
+        """Replace the account's signing secrets (a sequence of str, newest first).
+        Returns Deferred[None]."""
+
+    def sharedKey(name: str, candidate: bytes):
+        """The key stored under ``name``; stores ``candidate`` first if there is none, so
+        every relay sharing the store gets the same one. Returns Deferred[bytes]."""
+
+
+class IGatewayIds(Interface):
+    """
+    The message ids SMS gateways gave the texts they accepted, kept until the texts' delivery
+    receipts come (SPEC §8.1). An SMPP receipt names nothing but that id, and it may reach any
+    relay sharing the store, before or after a restart. A text sent in several parts has one
+    id per part: it is delivered when every part is, failed as soon as one part is.
+
+    Every id is kept with a time limit: past it, it is forgotten whether or not its receipt
+    came, so ids whose receipts never come do not pile up. ``IStatusStore.expire`` forgets the
+    ids of the notifications it forgets.
+    """
+
+    def rememberGatewayIds(notificationId: str, recipient, ids, until):
+        """Remember that ``ids`` (a sequence of str, the parts of one text) are those of the
+        text of the stored notification ``notificationId`` to ``recipient`` (a Recipient),
+        until ``until`` (a datetime). An id already remembered is taken over by this text.
+        Returns Deferred[None]; NotFound for an unknown notification (nothing written)."""
+
+    def lookupGatewayId(gatewayId: str):
+        """The text ``gatewayId`` belongs to. Returns Deferred[tuple[str, Recipient,
+        tuple[str, ...]] | None]: its notification id, its recipient and the ids of its parts
+        not settled yet, sorted (``gatewayId`` among them); None for an id unknown, settled
+        or past its time."""
+
+    def settleGatewayId(gatewayId: str, delivered: bool = True):
+        """Apply a final receipt for ``gatewayId`` in one atomic step: ``delivered``, its part
+        is done (forgotten); not ``delivered``, the whole text failed and every part is
+        forgotten. Returns Deferred[bool]: whether this receipt settles the text -- True once
+        per text, for its last part delivered or its first part failed; False for a part
+        whose text has more to come, and for an id unknown, settled already or past its time
+        (a receipt repeated, or one that came to two relays at once)."""
+
+
+class IStore(
+    IAccountStore,
+    IMessageQueue,
+    IDeliveryQueue,
+    IDkimKeyStore,
+    IStatusStore,
+    IReportQueue,
+    IGatewayIds,
+):
     """One backend: everything mailrelay keeps."""
 
     name = Attribute("The backend's name as written in the config: 'sqlite' or 'redis'.")
@@ -216,15 +327,17 @@ class IStore(IAccountStore, IMessageQueue, IDeliveryQueue, IDkimKeyStore, IStatu
         """Check the backend answers. Returns Deferred[float]: seconds the round trip took."""
 
 
-class IMessageDelivery(Interface):
+class ISubmission(Interface):
     """
-    The SMTP avatar: an account's side of a mail transaction.
+    The SMTP avatar: an account's side of a mail transaction, from MAIL to the end of DATA.
 
-    This is what ``twisted.mail.smtp.IMessageDelivery`` is to Twisted's ESMTP, reshaped for a
-    relay that stores one notification per message (not one message per recipient). The realm
-    hands one out per login; the protocol speaks the wire and asks it to decide. Each method
-    returns a Deferred that fails with ``mailrelay.smtp.replies.Refused`` to answer the command
-    with that reply; any other failure is answered ``451 4.3.0`` so the client retries.
+    The realm hands one out per login; the protocol speaks the wire and asks it to decide. (Its
+    part is that of ``twisted.mail.smtp.IMessageDelivery`` in Twisted's ESMTP, with other
+    signatures: a relay that queues one notification per message, not one message per
+    recipient.) A decision is either the value itself or a Deferred firing with it; a refusal
+    is a ``mailrelay.policy.decisions.Refusal``, raised or as the Deferred's failure, which the
+    protocol answers with the refusal's reply; any other failure is answered ``451 4.3.0`` so
+    the client retries.
     """
 
     account = Attribute("The model.Account this avatar submits as.")
@@ -232,13 +345,15 @@ class IMessageDelivery(Interface):
     def validateFrom(session, sender: str, smtputf8: bool, size: int | None):
         """Decide MAIL FROM. ``sender`` is the path without brackets ('' for the null sender),
         ``size`` what the client declared with SIZE= (None: nothing), already within the
-        listener's limit. Returns Deferred[sender value]: whatever the avatar wants handed
-        back as ``sender`` to validateTo and deliverMessage for this transaction."""
+        listener's limit. Returns the sender value, or a Deferred firing with it: whatever the
+        avatar wants handed back as ``sender`` to validateTo and acceptMessage for this
+        transaction."""
 
     def validateTo(session, sender, recipient: str, accepted, smtputf8: bool):
-        """Decide one RCPT TO, given the recipients already accepted (a sequence of Recipient).
-        Returns Deferred[model.Recipient]."""
+        """Decide one RCPT TO, given the recipients already accepted (a sequence of Recipient):
+        the recipient limit, then the recipient. Returns the model.Recipient (no Deferred)."""
 
-    def deliverMessage(session, sender, recipients, message: bytes):
-        """Check the complete message and store it durably with its recipients.
-        Returns Deferred[str]: the notification id, fired only once the store has it on disk."""
+    def acceptMessage(session, sender, recipients, message: bytes):
+        """Check the complete message and put it in the queue with its recipients (delivery
+        comes later, from the queue). Returns Deferred[str]: the notification id, fired only
+        once the queue has it on disk."""

@@ -10,6 +10,7 @@ own extra tests may use :class:`StoreHelpersMixin` alone.
 from __future__ import annotations
 
 import dataclasses
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -27,6 +28,7 @@ from mailrelay.model import (
     DkimKey,
     HeaderOptions,
     Notification,
+    PendingReport,
     QueueItem,
     QueueStats,
     Recipient,
@@ -360,6 +362,65 @@ class StoreTestsMixin(StoreHelpersMixin):
         for kept in (new, stillQueued):
             self.assertEqual(await self.store.getNotification(kept.notification_id), kept)
         self.assertEqual(await self.store.expire(T0 + timedelta(days=7)), 0)
+
+    async def test_expireForgetsReportsAndGatewayIds(self) -> None:
+        """An expired notification's reports go from the outbox, claimed or not, with the
+        attempts of its reports and the gateway ids of its texts; a newer one's stay."""
+        from mailrelay.model import ReportAttempt
+
+        old = await self.enqueued(receivedAt=T0, recipients=(PHONE,))
+        new = await self.enqueued(receivedAt=T0 + timedelta(days=8), recipients=(PHONE,))
+        oldId, newId = old.notification_id, new.notification_id
+        event = StatusEvent(oldId, PHONE, "CH_SENT", "Successful", past(0))
+        await self.store.addEventsWithReports([event], [pendingReport(old, 0)])
+        await self.store.addEventsWithReports([event], [pendingReport(old, 1)])
+        sent, claimed = await self.store.claimReports(10, leaseSeconds=60)
+        attempt = ReportAttempt(oldId, "", "acme.example", 200, "sent", past(0))
+        self.assertEqual(
+            await self.store.recordReportAttempt(
+                [(sent.report.report_id, sent.lease)], attempt, None
+            ),
+            1,
+        )
+        await self.store.addEventsWithReports([event], [pendingReport(old, 2)])  # not claimed
+        await self.store.addEventsWithReports(
+            [dataclasses.replace(event, notification_id=newId)], [pendingReport(new, 0)]
+        )
+        await self.store.rememberGatewayIds(oldId, PHONE, ["o1", "o2"], future(3 * 86400))
+        await self.store.rememberGatewayIds(newId, PHONE, ["n1"], future(3 * 86400))
+        await self.finishDelivery(oldId)
+        await self.finishDelivery(newId)
+        self.assertEqual(await self.store.pendingReports(), 3)
+
+        self.assertEqual(await self.store.expire(T0 + timedelta(days=7)), 1)
+
+        self.assertEqual(await self.store.pendingReports(), 1)
+        (left,) = await self.store.claimReports(10, leaseSeconds=60)
+        self.assertEqual(left.report, pendingReport(new, 0))
+        self.assertEqual(await self.store.reportAttempts(oldId), [])
+        self.assertEqual(
+            await self.store.recordReportAttempt(
+                [(claimed.report.report_id, claimed.lease)], attempt, None
+            ),
+            0,
+        )
+        self.assertIsNone(await self.store.lookupGatewayId("o1"))
+        self.assertFalse(await self.store.settleGatewayId("o2"))
+        self.assertEqual(await self.store.lookupGatewayId("n1"), (newId, PHONE, ("n1",)))
+
+
+def pendingReport(notification: Notification, n: int = 0) -> PendingReport:
+    """Report ``n`` of ``notification``, made now."""
+    return PendingReport(
+        report_id=f"msg_{notification.notification_id}_{n}",
+        notification_id=notification.notification_id,
+        account=notification.account,
+        url="https://acme.example/dlr",
+        content_type="application/json",
+        kind="delivery",
+        result=json.dumps({"messageId": notification.notification_id}),
+        created_at=past(0),
+    )
 
 
 def past(seconds: float = 1) -> datetime:
@@ -787,3 +848,190 @@ class RememberedAccountDataTestsMixin:
         self.assertEqual(len(await second.listSenders("acme")), 1)  # another's: remembered...
         await deferLater(reactor, ACCOUNT_CACHE_SECONDS + 0.05, lambda: None)
         self.assertEqual(await second.listSenders("acme"), [])  # ...for at most a second
+
+
+class ReportQueueTestsMixin:
+    """IReportQueue: reports written with the outcome they report, claimed under a lease,
+    retried or dropped, their attempts listed; webhook secrets and shared keys."""
+
+    store: Any
+
+    def report(self, notification: Notification, n: int = 0) -> Any:
+        return pendingReport(notification, n)
+
+    async def test_reportsWithTheOutcome(self) -> None:
+        """recordOutcome writes the reports with the events; a stale lease writes neither."""
+        notification = await self.enqueued(recipients=(ALICE,))
+        nid = notification.notification_id
+        (stale,) = await self.store.claimDue(10, leaseSeconds=0)
+        (delivery,) = await self.store.claimDue(10, leaseSeconds=60)
+        event = StatusEvent(nid, ALICE, "CH_SENT", "Successful", past(0))
+        report = self.report(notification)
+        with self.assertRaises(LeaseLost):
+            await self.store.recordOutcome(nid, stale.lease, [event], [ALICE], None, [report])
+        self.assertEqual(await self.store.pendingReports(), 0)
+        await self.store.recordOutcome(nid, delivery.lease, [event], [ALICE], None, [report])
+        self.assertEqual(await self.store.pendingReports(), 1)
+        (claimed,) = await self.store.claimReports(10, 60)
+        self.assertEqual((claimed.report, claimed.attempts), (report, 0))
+        self.assertEqual(await self.store.claimReports(10, 60), [])  # leased
+
+    async def test_retryThenSent(self) -> None:
+        from mailrelay.model import ReportAttempt
+
+        notification = await self.enqueued(recipients=(ALICE,))
+        nid = notification.notification_id
+        event = StatusEvent(nid, ALICE, "OPENED", "Opened", past(0))
+        reports = [self.report(notification, 0), self.report(notification, 1)]
+        await self.store.addEventsWithReports([event], reports)
+        self.assertEqual((await self.store.statusTrail(nid))[-1], event)
+        claims = await self.store.claimReports(10, 60)
+        self.assertEqual(len(claims), 2)
+        pairs = [(c.report.report_id, c.lease) for c in claims]
+        failed = ReportAttempt(nid, "", "acme.example", 500, "retry", past(0))
+        self.assertEqual(await self.store.recordReportAttempt(pairs, failed, past(0)), 2)
+        self.assertEqual(await self.store.recordReportAttempt(pairs, failed, past(0)), 0)
+        again = await self.store.claimReports(10, 60)
+        self.assertEqual([c.attempts for c in again], [1, 1])
+        sent = ReportAttempt(nid, "", "acme.example", 200, "sent", past(0))
+        done = [(c.report.report_id, c.lease) for c in again]
+        self.assertEqual(await self.store.recordReportAttempt(done, sent, None), 2)
+        self.assertEqual(await self.store.pendingReports(), 0)
+        attempts = await self.store.reportAttempts(nid)
+        self.assertEqual(
+            [(a.code, a.outcome) for a in attempts], [(500, "retry")] * 2 + [(200, "sent")] * 2
+        )
+        self.assertEqual({a.report_id for a in attempts}, {r.report_id for r in reports})
+        self.assertEqual({a.notification_id for a in attempts}, {nid})
+
+    async def test_notDueUntilLater(self) -> None:
+        notification = await self.enqueued(recipients=(ALICE,))
+        await self.store.addEventsWithReports([], [self.report(notification)])
+        (claim,) = await self.store.claimReports(10, 60)
+        pair = [(claim.report.report_id, claim.lease)]
+        await self.store.recordReportAttempt(pair, None, future())
+        self.assertEqual(await self.store.claimReports(10, 60), [])
+        self.assertEqual(await self.store.pendingReports(), 1)
+
+    async def test_releasedClaimDueAtOnceUncounted(self) -> None:
+        notification = await self.enqueued(recipients=(ALICE,))
+        await self.store.addEventsWithReports([], [self.report(notification)])
+        (claim,) = await self.store.claimReports(10, 60)
+        await self.store.recordReportAttempt([(claim.report.report_id, claim.lease)], None, None)
+        (again,) = await self.store.claimReports(10, 60)
+        self.assertEqual(again.attempts, 0)
+        self.assertEqual(await self.store.reportAttempts(notification.notification_id), [])
+
+    async def test_lapsedLeaseDueAgain(self) -> None:
+        notification = await self.enqueued(recipients=(ALICE,))
+        await self.store.addEventsWithReports([], [self.report(notification)])
+        (first,) = await self.store.claimReports(10, 0)
+        (second,) = await self.store.claimReports(10, 60)
+        self.assertNotEqual(first.lease, second.lease)
+
+    async def test_reportsForUnknownNotification(self) -> None:
+        unknown = dataclasses.replace(self.notification(), notification_id="1234")
+        with self.assertRaises(NotFound):
+            await self.store.addEventsWithReports([], [self.report(unknown)])
+        self.assertEqual(await self.store.pendingReports(), 0)
+
+    async def test_gone(self) -> None:
+        self.assertFalse(await self.store.isGone("https://a.example/x"))
+        await self.store.markGone("https://a.example/x")
+        self.assertTrue(await self.store.isGone("https://a.example/x"))
+        self.assertFalse(await self.store.isGone("https://a.example/y"))
+
+    async def test_webhookSecrets(self) -> None:
+        await self.store.addAccount("acme", "hash")
+        self.assertEqual(await self.store.webhookSecrets("acme"), ())
+        await self.store.setWebhookSecrets("acme", ["whsec_b", "whsec_a"])
+        self.assertEqual(await self.store.webhookSecrets("acme"), ("whsec_b", "whsec_a"))
+        with self.assertRaises(NotFound):
+            await self.store.setWebhookSecrets("nobody", ["whsec_c"])
+
+    async def test_sharedKeyMadeOnce(self) -> None:
+        first = await self.store.sharedKey("tracking", b"\x00\xffone")
+        self.assertEqual(first, b"\x00\xffone")
+        self.assertEqual(await self.store.sharedKey("tracking", b"two"), first)
+
+
+class GatewayIdsTestsMixin:
+    """IGatewayIds: the SMS gateways' ids of the parts of a text, settled one by one (or all
+    at once by a failure) in one atomic step each, forgotten past their time."""
+
+    store: Any
+
+    async def sentText(self, ids: list[str], recipient: Recipient = PHONE) -> str:
+        notification = await self.enqueued(recipients=(recipient,))
+        nid: str = notification.notification_id
+        await self.store.rememberGatewayIds(nid, recipient, ids, future(3 * 86400))
+        return nid
+
+    async def test_partsDeliveredOneByOne(self) -> None:
+        nid = await self.sentText(["m3", "m1", "m2"])
+        self.assertEqual(await self.store.lookupGatewayId("m2"), (nid, PHONE, ("m1", "m2", "m3")))
+        self.assertFalse(await self.store.settleGatewayId("m1"))
+        self.assertEqual(await self.store.lookupGatewayId("m3"), (nid, PHONE, ("m2", "m3")))
+        self.assertIsNone(await self.store.lookupGatewayId("m1"))
+        self.assertFalse(await self.store.settleGatewayId("m1"))  # a receipt repeated
+        self.assertFalse(await self.store.settleGatewayId("m2"))
+        self.assertTrue(await self.store.settleGatewayId("m3"))
+        self.assertIsNone(await self.store.lookupGatewayId("m3"))
+        self.assertFalse(await self.store.settleGatewayId("m3"))
+
+    async def test_onePartFailedSettlesTheText(self) -> None:
+        nid = await self.sentText(["a1", "a2"])
+        other = await self.sentText(["b1"], Recipient("+393331234567", "sms"))
+        self.assertTrue(await self.store.settleGatewayId("a1", delivered=False))
+        self.assertIsNone(await self.store.lookupGatewayId("a2"))
+        self.assertFalse(await self.store.settleGatewayId("a2", delivered=False))
+        self.assertFalse(await self.store.settleGatewayId("a2"))
+        self.assertNotEqual(nid, other)
+        self.assertEqual(
+            await self.store.lookupGatewayId("b1"),
+            (other, Recipient("+393331234567", "sms"), ("b1",)),
+        )
+
+    async def test_settledOnceWhenReceiptsRace(self) -> None:
+        """Two relays settling the last parts at once: exactly one of them settles the
+        text; a failure racing a delivery likewise."""
+        await self.sentText(["r1", "r2"])
+        settled = await gatherResults(
+            [self.store.settleGatewayId("r1"), self.store.settleGatewayId("r2")]
+        )
+        self.assertEqual(sorted(settled), [False, True])
+        await self.sentText(["f1", "f2"])
+        settled = await gatherResults(
+            [
+                self.store.settleGatewayId("f1", delivered=False),
+                self.store.settleGatewayId("f2"),
+            ]
+        )
+        self.assertEqual(settled.count(True), 1)
+
+    async def test_pastTheirTime(self) -> None:
+        notification = await self.enqueued(recipients=(PHONE,))
+        nid = notification.notification_id
+        await self.store.rememberGatewayIds(nid, PHONE, ["late"], past(1))
+        self.assertIsNone(await self.store.lookupGatewayId("late"))
+        self.assertFalse(await self.store.settleGatewayId("late"))
+        await self.store.expire(T0)  # forgets what is past its time; nothing else
+        self.assertEqual(await self.store.getNotification(nid), notification)
+
+    async def test_idTakenOverByAnotherText(self) -> None:
+        """An id given again (a gateway restarting its numbering) belongs to the newer text."""
+        first = await self.sentText(["x1", "x2"])
+        second = await self.sentText(["x2"], Recipient("+393331234567", "sms"))
+        self.assertEqual(await self.store.lookupGatewayId("x1"), (first, PHONE, ("x1",)))
+        self.assertEqual(
+            await self.store.lookupGatewayId("x2"),
+            (second, Recipient("+393331234567", "sms"), ("x2",)),
+        )
+        self.assertTrue(await self.store.settleGatewayId("x1"))
+
+    async def test_unknownNotification(self) -> None:
+        unknown = self.store.nextNotificationId()
+        with self.assertRaises(NotFound):
+            await self.store.rememberGatewayIds(unknown, PHONE, ["u1"], future())
+        self.assertIsNone(await self.store.lookupGatewayId("u1"))
+        self.assertIsNone(await self.store.lookupGatewayId("never"))

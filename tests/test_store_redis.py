@@ -50,7 +50,9 @@ from tests.store_mixin import (
     PHONE,
     T0,
     DeliveryQueueTestsMixin,
+    GatewayIdsTestsMixin,
     RememberedAccountDataTestsMixin,
+    ReportQueueTestsMixin,
     StoreHelpersMixin,
     StoreTestsMixin,
 )
@@ -613,3 +615,11 @@ class AccountValuesTests(RedisStoreTestsBase):
         self.assertEqual(await self.store.getAccount("007"), account)
         await self.store.addSender(Sender("007", "0123", "sms"))
         self.assertEqual(await self.store.listSenders("007"), [Sender("007", "0123", "sms")])
+
+
+class ReportQueueTests(ReportQueueTestsMixin, RedisStoreTestsBase):
+    pass
+
+
+class GatewayIdsTests(GatewayIdsTestsMixin, RedisStoreTestsBase):
+    pass

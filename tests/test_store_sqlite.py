@@ -48,7 +48,9 @@ from tests.store_mixin import (
     PHONE,
     T0,
     DeliveryQueueTestsMixin,
+    GatewayIdsTestsMixin,
     RememberedAccountDataTestsMixin,
+    ReportQueueTestsMixin,
     StoreHelpersMixin,
     StoreTestsMixin,
 )
@@ -1065,3 +1067,15 @@ class InsertRowsTests(TestCase):
                 _insertRows(connection, "t (n, word)", rows)
                 self.assertEqual(len(statements), inserts, statements)
                 self.assertEqual(list(connection.execute("SELECT n, word FROM t")), rows)
+
+
+class ReportQueueTests(ReportQueueTestsMixin, SQLiteStoreTestsBase):
+    pass
+
+
+class GatewayIdsTests(GatewayIdsTestsMixin, SQLiteStoreTestsBase):
+    pass
+
+
+class WorkerFileGatewayIdsTests(GatewayIdsTestsMixin, WorkerFileTestsBase):
+    pass

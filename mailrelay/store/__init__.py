@@ -6,12 +6,18 @@ Store backends: implementations of :class:`mailrelay.interfaces.IStore`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from mailrelay.config import Config, ConfigError
 from mailrelay.interfaces import IStore, StoreError
 
 SQLITE_FILE_NAME = "mailrelay.sqlite3"
+
+
+def sqlitePath(config: Config) -> Path:
+    """The main file of the SQLite store of ``config`` (whether or not it exists)."""
+    return config.dataPath / SQLITE_FILE_NAME
 
 
 def makeStore(config: Config, reactor: Any, processIndex: int = 0) -> IStore:
@@ -37,7 +43,7 @@ def makeStore(config: Config, reactor: Any, processIndex: int = 0) -> IStore:
             dataDir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as e:
             raise StoreError(f"cannot create data_dir {str(dataDir)!r}: {e.strerror}") from None
-        path = dataDir / SQLITE_FILE_NAME
+        path = sqlitePath(config)
         return SQLiteStore(
             path,
             reactor,

@@ -82,6 +82,7 @@ def accountFields(account: Account) -> dict[str, str | None]:
         "max_message_size": _optionalInt(account.max_message_size),
         "max_recipients": _optionalInt(account.max_recipients),
         "bounces": _flag(account.bounces),
+        "sms_credits": _optionalInt(account.sms_credits),
     }
 
 
@@ -103,6 +104,7 @@ def accountFromFields(name: str, fields: dict[str, str]) -> Account:
         max_recipients=_intOrNone(fields, "max_recipients"),
         # Absent in accounts stored before the setting existed: its default.
         bounces=fields.get("bounces", "1") == "1",
+        sms_credits=_intOrNone(fields, "sms_credits"),
     )
 
 

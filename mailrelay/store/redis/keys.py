@@ -48,6 +48,24 @@ key                                  value
 ``dkim:<domain>``                    hash ``selector``, ``algorithm``, ``private_key`` (PEM
                                      bytes), ``created``: the domain's DKIM signing key
 ``dkim-domains``                     set of the domains that have a ``dkim:<domain>``
+``report:<reportId>``                hash ``data`` (the PendingReport as JSON), ``attempts``,
+                                     ``lease`` (while a dispatcher holds it): the outbox
+``reports-due``                      sorted set of report ids by due time (held ones: by the
+                                     end of their lease)
+``reports-of:<id>``                  set of the ids of the notification's reports in the
+                                     outbox (``expire`` forgets them with it)
+``report-attempts:<id>``             list of JSON attempts of the notification's reports
+``gone-urls``                        set of callback URLs that answered 410 Gone
+``webhook-secrets:<account>``        string: JSON list of the account's signing secrets
+``shared-key:<name>``                string: a key made once (the tracking tokens' MAC key)
+``gateway-id:<gatewayId>``           hash ``n`` (notification id), ``address``, ``channel``,
+                                     ``text``: an SMS gateway's id of a part not settled
+                                     yet, and the text it is part of; expires (PEXPIREAT)
+                                     at the time it was given
+``gateway-text:<text>``              set of the ids of the text's parts not settled yet
+                                     (``<text>``: its first part's id); same expiry
+``gateway-texts:<id>``               sorted set of the notification's texts by expiry,
+                                     expiring with the last (``expire`` forgets them)
 ===================================  =====================================================
 
 The Lua scripts in :mod:`mailrelay.store.redis.scripts` build some of these names themselves
@@ -103,6 +121,38 @@ class Keys:
 
     def events(self, notificationId: str) -> str:
         return f"{self.prefix}events:{notificationId}"
+
+    @property
+    def reportsDue(self) -> str:
+        return f"{self.prefix}reports-due"
+
+    @property
+    def goneUrls(self) -> str:
+        return f"{self.prefix}gone-urls"
+
+    def report(self, reportId: str) -> str:
+        return f"{self.prefix}report:{reportId}"
+
+    def reportAttempts(self, notificationId: str) -> str:
+        return f"{self.prefix}report-attempts:{notificationId}"
+
+    def reportsOf(self, notificationId: str) -> str:
+        return f"{self.prefix}reports-of:{notificationId}"
+
+    def gatewayId(self, gatewayId: str) -> str:
+        return f"{self.prefix}gateway-id:{gatewayId}"
+
+    def gatewayText(self, text: str) -> str:
+        return f"{self.prefix}gateway-text:{text}"
+
+    def gatewayTexts(self, notificationId: str) -> str:
+        return f"{self.prefix}gateway-texts:{notificationId}"
+
+    def webhookSecrets(self, account: str) -> str:
+        return f"{self.prefix}webhook-secrets:{account}"
+
+    def sharedKey(self, name: str) -> str:
+        return f"{self.prefix}shared-key:{name}"
 
     def dkim(self, domain: str) -> str:
         return f"{self.prefix}dkim:{domain}"

@@ -16,6 +16,8 @@ from __future__ import annotations
 DONE = 1
 MISSING = 0
 EXISTS = -1
+TOO_LATE = -3
+"""What ENQUEUE answers when it ran after the deadline it was given: nothing was written."""
 
 # A helper prepended to scripts that push or set many values: Lua's unpack() is limited to a
 # few thousand values, so large argument lists go in slices.
@@ -102,13 +104,22 @@ return 1
 ENQUEUE = """
 -- KEYS: notification:<id>, body:<id>, queue, accepted:<account>, received
 --       [, bulk:<account>:<bulkId>]
--- ARGV: id, received (ms), body, field, value, ... (the hash; its recipients and received
---       time imply the CAAS_RECEIVED events, so none are pushed to events:<id>)
+-- ARGV: id, received (ms), body, deadline (ms, the server's clock), field, value, ... (the
+--       hash; its recipients and received time imply the CAAS_RECEIVED events, so none are
+--       pushed to events:<id>)
 -- Every key is declared, so a server that may not write one of them (ACL) refuses the
 -- script before it starts: all of it or nothing.
+-- Fenced: past the deadline the relay has told its client 451 (or is about to), so a script
+-- that runs only then (a server paused, a command queued while reconnecting) writes nothing
+-- and the client's retry is the only copy.
+if redis.replicate_commands then redis.replicate_commands() end
+local time = redis.call('TIME')
+if tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000) > tonumber(ARGV[4]) then
+  return -3
+end
 if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
 local id, received = ARGV[1], ARGV[2]
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('SET', KEYS[2], ARGV[3])
 redis.call('ZADD', KEYS[3], received, id)
 redis.call('ZADD', KEYS[4], received, id)
@@ -116,6 +127,29 @@ redis.call('ZADD', KEYS[5], received, id)
 if KEYS[6] then redis.call('ZADD', KEYS[6], received, id) end
 return 1
 """
+
+ENQUEUE_CHARGED = (
+    """
+-- KEYS: account:<name>, then those of ENQUEUE; ARGV: credits, then those of ENQUEUE.
+-- ENQUEUE, and the account's sms_credits taken in the same script if it stored the
+-- notification; -4 (nothing written) if the account has fewer. No sms_credits field: no
+-- prepaid limit, nothing taken.
+local account = table.remove(KEYS, 1)
+local credits = tonumber(table.remove(ARGV, 1))
+local have = redis.call('HGET', account, 'sms_credits')
+if have and tonumber(have) < credits then return -4 end
+local function enqueue()
+"""
+    + ENQUEUE
+    + """
+end
+local done = enqueue()
+if done == 1 and have then redis.call('HINCRBY', account, 'sms_credits', -credits) end
+return done
+"""
+)
+
+NO_CREDITS = -4
 
 STATUS_TRAIL = """
 -- KEYS: notification:<id>, events:<id>; ARGV: the hash fields to read
@@ -180,6 +214,82 @@ local function older(a, b)
   if #a[2] ~= #b[2] then return #a[2] < #b[2] end
   return a[2] < b[2]
 end
+"""
+
+_REPORT_HELPERS = """
+-- Put ``count`` reports of one notification in the outbox, due at ``now``, and their ids in
+-- ``index`` (its reports-of:<id>): KEYS[keyAt...] are their report:<id> keys, ARGV[argAt...]
+-- pairs of id and report JSON.
+local function addReports(due, index, keyAt, argAt, count, now)
+  for j = 0, count - 1 do
+    redis.call('HSET', KEYS[keyAt + j], 'data', ARGV[argAt + 2 * j + 1], 'attempts', 0)
+    redis.call('ZADD', due, now, ARGV[argAt + 2 * j])
+    redis.call('SADD', index, ARGV[argAt + 2 * j])
+  end
+end
+"""
+
+ADD_EVENTS_WITH_REPORTS = (
+    _IN_SLICES
+    + _REPORT_HELPERS
+    + """
+-- KEYS: notification:<id>, events:<id>, reports-due, reports-of:<id>, then report:<reportId>
+--       of each report
+-- ARGV: event count n, n events (JSON), report count m, now (ms), m pairs id, report (JSON)
+-- Returns 1, or 0 if the notification does not exist (nothing written).
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local count = tonumber(ARGV[1])
+inSlices('RPUSH', KEYS[2], ARGV, 2, 1 + count)
+addReports(KEYS[3], KEYS[4], 5, 4 + count, tonumber(ARGV[2 + count]), ARGV[3 + count])
+return 1
+"""
+)
+
+CLAIM_REPORTS = """
+-- KEYS: reports-due; ARGV: now (ms), limit, lease end (ms), lease token, report:<id> prefix
+-- Returns {{id, data, attempts}, ...}: due reports, now held under the lease until its end.
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local claimed = {}
+for _, id in ipairs(due) do
+  local key = ARGV[5] .. id
+  local data = redis.call('HGET', key, 'data')
+  if data then
+    redis.call('HSET', key, 'lease', ARGV[4])
+    redis.call('ZADD', KEYS[1], ARGV[3], id)
+    claimed[#claimed + 1] = {id, data, redis.call('HGET', key, 'attempts') or '0'}
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return claimed
+"""
+
+RECORD_REPORT_ATTEMPT = """
+-- KEYS: report:<id>, reports-due, report-attempts:<notification>, reports-of:<notification>
+-- ARGV: id, lease, attempt JSON ('' for none), next attempt (ms, '' to drop; with no attempt:
+--       '' is due at once), now (ms)
+-- Returns 1, or 0 if the lease is not current (nothing written).
+if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[2] then return 0 end
+if ARGV[3] ~= '' then redis.call('RPUSH', KEYS[3], ARGV[3]) end
+if ARGV[4] == '' and ARGV[3] ~= '' then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('SREM', KEYS[4], ARGV[1])
+  return 1
+end
+redis.call('HDEL', KEYS[1], 'lease')
+if ARGV[3] ~= '' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
+local at = ARGV[4]
+if at == '' then at = ARGV[5] end
+redis.call('ZADD', KEYS[2], at, ARGV[1])
+return 1
+"""
+
+SHARED_KEY = """
+-- KEYS: shared-key:<name>; ARGV: candidate. Returns the stored key, storing the candidate first
+-- if there is none.
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
 """
 
 CLAIM_DUE = (
@@ -258,17 +368,21 @@ return 1
 RECORD_OUTCOME = (
     _IN_SLICES
     + _QUEUE_HELPERS
+    + _REPORT_HELPERS
     + """
--- KEYS: notification:<id>, events:<id>, queue:deferred, queue:in_flight, queue:held, body:<id>
--- ARGV: id, lease, next attempt (ms, or '' for none), event count n, n events (JSON), then
---       the channel and address of each recipient finished
+-- KEYS: notification:<id>, events:<id>, queue:deferred, queue:in_flight, queue:held, body:<id>,
+--       reports-due, reports-of:<id>, then report:<reportId> of each report
+-- ARGV: id, lease, next attempt (ms, or '' for none), event count n, n events (JSON), report
+--       count m, now (ms), m pairs report id, report (JSON), then the channel and address of
+--       each recipient finished
 -- Returns 1 (still queued), 2 (nothing pending: out of the queue, body dropped), or -2 if
 -- the lease is not current (nothing written).
 local id, key = ARGV[1], KEYS[1]
 if not leased(key, KEYS[4], id, ARGV[2]) then return -2 end
 local count = tonumber(ARGV[4])
+local reports = tonumber(ARGV[5 + count])
 local finished = {}
-for i = 5 + count, #ARGV, 2 do finished[ARGV[i] .. ':' .. ARGV[i + 1]] = true end
+for i = 7 + count + 2 * reports, #ARGV, 2 do finished[ARGV[i] .. ':' .. ARGV[i + 1]] = true end
 local recipients, pending = pendingOf(key)
 local left = {}
 for _, position in ipairs(pending) do
@@ -276,6 +390,7 @@ for _, position in ipairs(pending) do
   if not finished[recipient[2] .. ':' .. recipient[1]] then left[#left + 1] = position end
 end
 inSlices('RPUSH', KEYS[2], ARGV, 5, 4 + count)
+addReports(KEYS[7], KEYS[8], 9, 7 + count, reports, ARGV[6 + count])
 if #left == 0 then
   redis.call('ZREM', KEYS[4], id)
   redis.call('DEL', KEYS[6])
@@ -470,12 +585,37 @@ return failed
 )
 
 EXPIRE = """
--- KEYS: received, queue:queued, queue:deferred, queue:in_flight, queue:held
+-- KEYS: received, queue:queued, queue:deferred, queue:in_flight, queue:held, reports-due
 -- ARGV: before (ms, exclusive), offset, count, and the prefixes of notification:<id>,
---       body:<id>, events:<id>, accepted:<account>, bulk:...
+--       body:<id>, events:<id>, accepted:<account>, bulk:..., reports-of:<id>,
+--       report:<reportId>, report-attempts:<id>, gateway-texts:<id>, gateway-text:<text>,
+--       gateway-id:<gatewayId>
 -- Looks at ``count`` ids received before ``before`` from ``offset`` on, and deletes those in
--- no queue (in whatever state) with everything kept about them. Returns {deleted, looked
--- at}; the ones kept stay where they were, so the next batch starts at offset + kept.
+-- no queue (in whatever state) with everything kept about them: events, reports in the
+-- outbox and their attempts, gateway ids. Returns {deleted, looked at}; the ones kept stay
+-- where they were, so the next batch starts at offset + kept.
+local function forgetReports(id)
+  local index = ARGV[9] .. id
+  for _, report in ipairs(redis.call('SMEMBERS', index)) do
+    redis.call('DEL', ARGV[10] .. report)
+    redis.call('ZREM', KEYS[6], report)
+  end
+  redis.call('DEL', index, ARGV[11] .. id)
+end
+local function forgetGatewayIds(id)
+  local texts = ARGV[12] .. id
+  for _, text in ipairs(redis.call('ZRANGE', texts, 0, -1)) do
+    local parts = ARGV[13] .. text
+    for _, part in ipairs(redis.call('SMEMBERS', parts)) do
+      -- Unless another text has taken the id over since.
+      if redis.call('HGET', ARGV[14] .. part, 'text') == text then
+        redis.call('DEL', ARGV[14] .. part)
+      end
+    end
+    redis.call('DEL', parts)
+  end
+  redis.call('DEL', texts)
+end
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1],
                        'LIMIT', ARGV[2], ARGV[3])
 local deleted = 0
@@ -498,11 +638,69 @@ for _, id in ipairs(ids) do
       end
     end
     redis.call('DEL', key, ARGV[5] .. id, ARGV[6] .. id)
+    forgetReports(id)
+    forgetGatewayIds(id)
     redis.call('ZREM', KEYS[1], id)
     deleted = deleted + 1
   end
 end
 return {deleted, #ids}
+"""
+
+REMEMBER_GATEWAY_IDS = """
+-- KEYS: notification:<id>, gateway-text:<text>, gateway-texts:<id>, then gateway-id:<gatewayId>
+--       of each part
+-- ARGV: notification id, text (the first part's id), address, channel, until (ms), the
+--       gateway-text:<text> prefix, then the parts' ids
+-- Returns 1, or 0 if the notification does not exist (nothing written). An id that belonged
+-- to another text leaves it.
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local text, expires = ARGV[2], ARGV[5]
+for i = 4, #KEYS do
+  local part = ARGV[i + 3]
+  local before = redis.call('HGET', KEYS[i], 'text')
+  if before and before ~= text then redis.call('SREM', ARGV[6] .. before, part) end
+  redis.call('HSET', KEYS[i], 'n', ARGV[1], 'address', ARGV[3], 'channel', ARGV[4], 'text', text)
+  redis.call('PEXPIREAT', KEYS[i], expires)
+  redis.call('SADD', KEYS[2], part)
+end
+redis.call('PEXPIREAT', KEYS[2], expires)
+redis.call('ZADD', KEYS[3], expires, text)
+local last = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[3], last[2])
+return 1
+"""
+
+LOOKUP_GATEWAY_ID = """
+-- KEYS: gateway-id:<gatewayId>; ARGV: the gateway-text:<text> prefix
+-- Returns {notification id, address, channel, {unsettled part ids}}, or nil if unknown.
+local found = redis.call('HMGET', KEYS[1], 'n', 'address', 'channel', 'text')
+if not found[1] then return nil end
+return {found[1], found[2], found[3], redis.call('SMEMBERS', ARGV[1] .. found[4])}
+"""
+
+SETTLE_GATEWAY_ID = """
+-- KEYS: gateway-id:<gatewayId>
+-- ARGV: gateway id, '1' delivered or '0' failed, the gateway-text:<text> and
+--       gateway-id:<gatewayId> prefixes
+-- Returns 1 if this settles the text (its last part delivered, or a part failed: every part
+-- forgotten), else 0 (more parts to come; or the id unknown or settled already).
+local text = redis.call('HGET', KEYS[1], 'text')
+if not text then return 0 end
+local parts = ARGV[3] .. text
+if ARGV[2] == '1' then
+  redis.call('DEL', KEYS[1])
+  redis.call('SREM', parts, ARGV[1])
+  if redis.call('SCARD', parts) == 0 then return 1 end
+  return 0
+end
+for _, part in ipairs(redis.call('SMEMBERS', parts)) do
+  if redis.call('HGET', ARGV[4] .. part, 'text') == text then
+    redis.call('DEL', ARGV[4] .. part)
+  end
+end
+redis.call('DEL', parts, KEYS[1])
+return 1
 """
 
 PUT_DKIM_KEY = """

@@ -49,6 +49,7 @@ SQLite store: this store's own writes clear them at once, other relays' are seen
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -69,18 +70,28 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.ids import MAX_INSTANCE, NotificationIdGenerator
-from mailrelay.interfaces import AlreadyExists, IStore, LeaseLost, NotFound, StoreError
+from mailrelay.interfaces import (
+    AlreadyExists,
+    InsufficientCredits,
+    IStore,
+    LeaseLost,
+    NotFound,
+    StoreError,
+)
 from mailrelay.model import (
     Account,
     ApiKey,
+    ClaimedReport,
     Delivery,
     DkimKey,
     MessageText,
     Notification,
+    PendingReport,
     QueueItem,
     QueueState,
     QueueStats,
     Recipient,
+    ReportAttempt,
     Sender,
     StatusEvent,
     joinText,
@@ -112,6 +123,12 @@ from mailrelay.store.redis.codec import (
     text,
 )
 from mailrelay.store.redis.keys import QUEUE_STATES, Keys
+from mailrelay.store.redis.reports import (
+    attemptFromJSON,
+    attemptJSON,
+    reportFromJSON,
+    reportJSON,
+)
 from mailrelay.store.redis.url import parseRedisURL
 
 T = TypeVar("T")
@@ -127,6 +144,9 @@ without it, they are entries of ``events:<id>`` like every later event."""
 DEFAULT_TIMEOUT = 10.0
 """Seconds an operation may take, connecting included, before it fails with StoreError."""
 DEFAULT_POOL_SIZE = 10
+FENCE_MARGIN = 2.0
+"""Seconds before the timeout at which an enqueue stops being written (at most half the
+timeout): room for the answer to travel back and for the clock offset's error."""
 EXPIRE_BATCH = 500
 """Notifications one expire script looks at: each script call blocks the server briefly."""
 QUEUE_PAGE = 500
@@ -138,8 +158,9 @@ class RedisStore:
     """
     The Redis backend of :class:`~mailrelay.interfaces.IStore`.
 
-    ``url`` is ``redis://[[user]:password@]host[:port][/db][?wait=N&wait_timeout=MS]`` (see
-    :mod:`mailrelay.store.redis.url`; ValueError if it is not one); ``reactor`` tells the
+    ``url`` is ``redis://[[user]:password@]host[:port][/db][?wait=N&wait_timeout=MS]``, or
+    ``redis-sentinel://`` with the sentinels' addresses and the service name (see
+    :mod:`mailrelay.store.redis.url`; ValueError if it is neither); ``reactor`` tells the
     time; ``instanceId`` goes into notification ids (None: allocated at open); every key
     starts with ``keyPrefix``. Call :meth:`open` first and :meth:`close` last.
     """
@@ -167,6 +188,9 @@ class RedisStore:
         self._keys = Keys(keyPrefix)
         self._timeout = timeout
         self._poolSize = poolSize
+        # The server's clock minus ours (seconds), measured at open: enqueue deadlines are
+        # given in the server's time, which the script checks with TIME.
+        self._serverOffset = 0.0
         self._instanceId = instanceId
         self._leased = False
         self._leaseToken = secrets.token_hex(16)
@@ -180,7 +204,7 @@ class RedisStore:
         self._accountData: dict[tuple[str, str], tuple[float, Any]] = {}
 
     def __repr__(self) -> str:
-        return f"<RedisStore redis://{self.url.address} prefix={self._keys.prefix!r}>"
+        return f"<RedisStore {self.url.address} prefix={self._keys.prefix!r}>"
 
     @property
     def instanceId(self) -> int | None:
@@ -206,6 +230,8 @@ class RedisStore:
 
     def _storeError(self, failure: Failure) -> Failure:
         error = failure.value
+        if self._client is not None:
+            self._client.noticeFailure(error.__cause__ or error)
         if isinstance(error, StoreError | CancelledError):
             return failure
         if isinstance(error, TimeoutError):
@@ -221,6 +247,7 @@ class RedisStore:
         probe = await client.probe()
         try:
             await probe.execute_command("PING")
+            self._serverOffset = await _clockOffset(probe)
             if self._leased or self._newId is None:
                 await self._leaseInstance(probe)
             await self._checkPersistence(probe)
@@ -524,21 +551,34 @@ class RedisStore:
             raise StoreError("redis store: no instance number before open()")
         return self._newId()
 
-    def enqueue(self, notification: Notification, message: MessageText) -> Deferred[None]:
+    def enqueue(
+        self, notification: Notification, message: MessageText, smsCredits: int = 0
+    ) -> Deferred[None]:
         nid = notification.notification_id
         if idNumber(nid) is None:
             return _failed(StoreError(f"not a notification id: {nid!r}"))
         keys, args = self._enqueueScript(notification, joinText(message))
+        script = scripts.ENQUEUE
+        # The fence (see scripts.ENQUEUE): the script must run before the caller's timeout
+        # fires, with room left for the answer to come back, or not at all -- so a StoreError
+        # for "no answer in time" means "not stored", and the client's retry is no duplicate.
+        margin = min(FENCE_MARGIN, self._timeout / 2)
+        deadline = time.time() + self._serverOffset + self._timeout - margin
+        args.insert(3, int(deadline * 1000))
+        if smsCredits > 0:
+            script = scripts.ENQUEUE_CHARGED
+            keys = [self._keys.account(notification.account), *keys]
+            args = [smsCredits, *args]
 
         async def enqueue(client: RedisClient) -> None:
             if not self.url.wait:
-                _checkEnqueued(await _enqueued(client.eval(scripts.ENQUEUE, keys, args)), keys[0])
+                _checkEnqueued(await _enqueued(client.eval(script, keys, args)), keys[0])
                 return
             # WAIT counts the replicas that have this connection's writes: the same one.
             connection = await client.reserve()
             clean = False
             try:
-                done = await _enqueued(connection.eval(scripts.ENQUEUE, keys, args))
+                done = await _enqueued(connection.eval(script, keys, args))
                 _checkEnqueued(done, keys[0])
                 acknowledged = await connection.execute_command(
                     "WAIT", self.url.wait, self.url.waitTimeoutMs
@@ -661,7 +701,13 @@ class RedisStore:
         events: Iterable[StatusEvent],
         finished: Iterable[Recipient],
         nextAttempt: datetime | None,
+        reports: Iterable[PendingReport] = (),
     ) -> Deferred[None]:
+        reports = tuple(reports)
+        if any(report.notification_id != notificationId for report in reports):
+            return _failed(
+                StoreError(f"recordOutcome: reports of another notification than {notificationId}")
+            )
         encoded = []
         for event in events:
             if event.notification_id != notificationId:
@@ -684,8 +730,21 @@ class RedisStore:
                 inFlight,
                 held,
                 keys.body(notificationId),
+                keys.reportsDue,
+                keys.reportsOf(notificationId),
+                *(keys.report(r.report_id) for r in reports),
             ],
-            [notificationId, lease, when, len(encoded), *encoded, *done],
+            [
+                notificationId,
+                lease,
+                when,
+                len(encoded),
+                *encoded,
+                len(reports),
+                self._now(),
+                *(value for r in reports for value in (r.report_id, reportJSON(r))),
+                *done,
+            ],
         ).addCallback(lambda _: None)
 
     def releaseLease(self, notificationId: str, lease: str) -> Deferred[None]:
@@ -973,12 +1032,18 @@ class RedisStore:
                 keys.events(""),
                 keys.accepted(""),
                 keys.bulkPrefix,
+                keys.reportsOf(""),
+                keys.report(""),
+                keys.reportAttempts(""),
+                keys.gatewayTexts(""),
+                keys.gatewayText(""),
+                keys.gatewayId(""),
             ]
             deleted = offset = 0
             while True:
                 gone, looked = await client.eval(
                     scripts.EXPIRE,
-                    [keys.received, *keys.queues],
+                    [keys.received, *keys.queues, keys.reportsDue],
                     [toMillis(before), offset, self.expireBatch, *prefixes],
                 )
                 deleted += gone
@@ -987,6 +1052,223 @@ class RedisStore:
                     return deleted
 
         return self._run(expire)
+
+    # -- the report outbox --
+
+    def addEventsWithReports(
+        self, events: Iterable[StatusEvent], reports: Iterable[PendingReport]
+    ) -> Deferred[None]:
+        events, reports = tuple(events), tuple(reports)
+        ids = {e.notification_id for e in events} | {r.notification_id for r in reports}
+        if len(ids) > 1:
+            return _failed(StoreError("addEventsWithReports: more than one notification"))
+        if not ids:
+            return succeed(None)
+        (nid,) = ids
+        keys = self._keys
+        encoded = [eventJSON(e) for e in events]
+
+        async def add(client: RedisClient) -> None:
+            answer = await client.eval(
+                scripts.ADD_EVENTS_WITH_REPORTS,
+                [
+                    keys.notification(nid),
+                    keys.events(nid),
+                    keys.reportsDue,
+                    keys.reportsOf(nid),
+                    *(keys.report(r.report_id) for r in reports),
+                ],
+                [
+                    len(encoded),
+                    *encoded,
+                    len(reports),
+                    self._now(),
+                    *(value for r in reports for value in (r.report_id, reportJSON(r))),
+                ],
+            )
+            if answer == scripts.MISSING:
+                raise NotFound("status events for an unknown notification")
+
+        return self._run(add)
+
+    def claimReports(self, limit: int, leaseSeconds: float) -> Deferred[list[ClaimedReport]]:
+        if limit <= 0:
+            return succeed([])
+        now = self._now()
+        lease = secrets.token_hex(8)
+
+        async def claim(client: RedisClient) -> list[ClaimedReport]:
+            found = await client.eval(
+                scripts.CLAIM_REPORTS,
+                [self._keys.reportsDue],
+                [now, limit, now + int(leaseSeconds * 1000), lease, self._keys.report("")],
+            )
+            return [
+                ClaimedReport(reportFromJSON(text(data)), int(attempts), lease)
+                for _, data, attempts in found
+            ]
+
+        return self._run(claim)
+
+    def recordReportAttempt(
+        self,
+        claims: Iterable[tuple[str, str]],
+        attempt: ReportAttempt | None,
+        nextAttempt: datetime | None,
+    ) -> Deferred[int]:
+        claims = tuple(claims)
+        keys = self._keys
+        when = "" if nextAttempt is None else toMillis(nextAttempt)
+
+        async def record(client: RedisClient) -> int:
+            written = 0
+            for reportId, lease in claims:
+                data = await client.command("HGET", keys.report(reportId), "data")
+                if data is None:
+                    continue
+                nid = reportFromJSON(text(data)).notification_id
+                one = attempt
+                if one is not None:
+                    one = ReportAttempt(nid, reportId, one.host, one.code, one.outcome, one.at)
+                written += await client.eval(
+                    scripts.RECORD_REPORT_ATTEMPT,
+                    [
+                        keys.report(reportId),
+                        keys.reportsDue,
+                        keys.reportAttempts(nid),
+                        keys.reportsOf(nid),
+                    ],
+                    [reportId, lease, "" if one is None else attemptJSON(one), when, self._now()],
+                )
+            return written
+
+        return self._run(record)
+
+    def reportAttempts(self, notificationId: str) -> Deferred[list[ReportAttempt]]:
+        async def read(client: RedisClient) -> list[ReportAttempt]:
+            entries = await client.command(
+                "LRANGE", self._keys.reportAttempts(notificationId), 0, -1
+            )
+            return [attemptFromJSON(notificationId, text(entry)) for entry in entries]
+
+        return self._run(read)
+
+    def pendingReports(self) -> Deferred[int]:
+        async def count(client: RedisClient) -> int:
+            return int(await client.command("ZCARD", self._keys.reportsDue))
+
+        return self._run(count)
+
+    def markGone(self, url: str) -> Deferred[None]:
+        async def mark(client: RedisClient) -> None:
+            await client.command("SADD", self._keys.goneUrls, url)
+
+        return self._run(mark)
+
+    def isGone(self, url: str) -> Deferred[bool]:
+        async def gone(client: RedisClient) -> bool:
+            return bool(await client.command("SISMEMBER", self._keys.goneUrls, url))
+
+        return self._run(gone)
+
+    def webhookSecrets(self, account: str) -> Deferred[tuple[str, ...]]:
+        async def read(client: RedisClient) -> tuple[str, ...]:
+            stored = await client.command("GET", self._keys.webhookSecrets(account))
+            return () if stored is None else tuple(json.loads(text(stored)))
+
+        return self._remembered(("webhook", account), read)
+
+    def setWebhookSecrets(self, account: str, secrets: Iterable[str]) -> Deferred[None]:
+        value = json.dumps(list(secrets))
+
+        async def write(client: RedisClient) -> None:
+            if not await client.command("EXISTS", self._keys.account(account)):
+                raise NotFound(f"no such account: {account}")
+            await client.command("SET", self._keys.webhookSecrets(account), value)
+
+        return self._changeAccountData(write)
+
+    def sharedKey(self, name: str, candidate: bytes) -> Deferred[bytes]:
+        async def keep(client: RedisClient) -> bytes:
+            # Hex: the client's replies are text.
+            value = await client.eval(
+                scripts.SHARED_KEY, [self._keys.sharedKey(name)], [candidate.hex()]
+            )
+            return bytes.fromhex(text(value))
+
+        return self._run(keep)
+
+    # -- SMS gateway ids (IGatewayIds): keys that expire at their time --
+
+    def rememberGatewayIds(
+        self, notificationId: str, recipient: Recipient, ids: Iterable[str], until: datetime
+    ) -> Deferred[None]:
+        ids = tuple(ids)
+        if not ids:
+            return succeed(None)
+        keys = self._keys
+
+        async def remember(client: RedisClient) -> None:
+            answer = await client.eval(
+                scripts.REMEMBER_GATEWAY_IDS,
+                [
+                    keys.notification(notificationId),
+                    keys.gatewayText(ids[0]),
+                    keys.gatewayTexts(notificationId),
+                    *(keys.gatewayId(ident) for ident in ids),
+                ],
+                [
+                    notificationId,
+                    ids[0],
+                    recipient.address,
+                    recipient.channel,
+                    toMillis(until),
+                    keys.gatewayText(""),
+                    *ids,
+                ],
+            )
+            if answer == scripts.MISSING:
+                raise NotFound(f"gateway ids of an unknown notification {notificationId}")
+
+        return self._run(remember)
+
+    def lookupGatewayId(
+        self, gatewayId: str
+    ) -> Deferred[tuple[str, Recipient, tuple[str, ...]] | None]:
+        async def lookup(client: RedisClient) -> tuple[str, Recipient, tuple[str, ...]] | None:
+            found = await client.eval(
+                scripts.LOOKUP_GATEWAY_ID,
+                [self._keys.gatewayId(gatewayId)],
+                [self._keys.gatewayText("")],
+            )
+            if not found:
+                return None
+            nid, address, channel, parts = found
+            recipient = Recipient(text(address), text(channel))  # type: ignore[arg-type]
+            return text(nid), recipient, tuple(sorted(text(part) for part in parts))
+
+        return self._run(lookup)
+
+    def settleGatewayId(self, gatewayId: str, delivered: bool = True) -> Deferred[bool]:
+        keys = self._keys
+
+        async def settle(client: RedisClient) -> bool:
+            answer = await client.eval(
+                scripts.SETTLE_GATEWAY_ID,
+                [keys.gatewayId(gatewayId)],
+                [gatewayId, "1" if delivered else "0", keys.gatewayText(""), keys.gatewayId("")],
+            )
+            return bool(answer == scripts.DONE)
+
+        return self._run(settle)
+
+
+async def _clockOffset(connection: Any) -> float:
+    """The server's clock minus this process's, in seconds (to half a round trip)."""
+    before = time.time()
+    seconds, micros = await connection.execute_command("TIME")
+    after = time.time()
+    return int(seconds) + int(micros) / 1e6 - (before + after) / 2
 
 
 def _failed(error: Exception) -> Deferred[Any]:
@@ -1016,7 +1298,11 @@ async def _enqueued(script: Deferred[Any]) -> Any:
 
 def _checkEnqueued(done: Any, notificationKey: str) -> None:
     """Raise what the ENQUEUE script's answer amounts to, if not success."""
+    if done == scripts.NO_CREDITS:
+        raise InsufficientCredits("the account's SMS credits do not cover the message")
     if done == scripts.EXISTS:
         raise AlreadyExists(f"notification exists already: {notificationKey}")
+    if done == scripts.TOO_LATE:
+        raise StoreError(f"nothing stored: the enqueue reached the server late: {notificationKey}")
     if done != scripts.DONE:
         raise StoreError(f"unexpected answer to enqueue: {done!r}")

@@ -1,5 +1,11 @@
 """
-The ``[store] redis_url`` setting: ``redis://[[user]:password@]host[:port][/db][?options]``.
+The ``[store] redis_url`` setting, one of:
+
+- ``redis://[[user]:password@]host[:port][/db][?options]``: one server;
+- ``redis-sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db][?options]``:
+  the primary of ``service`` as the Redis Sentinels at those addresses (port 26379 unless
+  given) name it, followed through failovers. The user and password are the primary's (and its
+  replicas'); the sentinels are asked without.
 
 Options (query parameters):
 
@@ -15,6 +21,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 DEFAULT_PORT = 6379
+DEFAULT_SENTINEL_PORT = 26379
 DEFAULT_WAIT_TIMEOUT_MS = 1000
 
 
@@ -29,12 +36,23 @@ class RedisURL:
     password: str | None = field(default=None, repr=False)
     wait: int = 0
     waitTimeoutMs: int = DEFAULT_WAIT_TIMEOUT_MS
+    sentinels: tuple[tuple[str, int], ...] = ()
+    """The sentinels' addresses; empty: ``host`` and ``port`` are the server's."""
+    service: str = ""
+    """The name the sentinels monitor the primary under (with ``sentinels`` only)."""
 
     @property
     def address(self) -> str:
-        """``host:port/db`` for messages (never the password)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}/{self.db}"
+        """``host:port/db``, or ``service/db via sentinels h:p,...``, for messages (never the
+        password)."""
+        if self.sentinels:
+            via = ",".join(_hostPort(host, port) for host, port in self.sentinels)
+            return f"{self.service}/{self.db} via sentinels {via}"
+        return f"{_hostPort(self.host, self.port)}/{self.db}"
+
+
+def _hostPort(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _count(name: str, text: str) -> int:
@@ -43,17 +61,53 @@ def _count(name: str, text: str) -> int:
     return int(text)
 
 
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 65535):
+        raise ValueError("the port must be a number 1..65535")
+    return int(text)
+
+
+def _sentinelAddresses(hosts: str) -> tuple[tuple[str, int], ...]:
+    """``host[:port],...`` (IPv6 addresses in brackets) as (host, port) pairs."""
+    addresses = []
+    for item in hosts.split(","):
+        if item.startswith("["):
+            host, bracket, rest = item[1:].partition("]")
+            if not bracket or (rest and not rest.startswith(":")):
+                raise ValueError(f"not a sentinel address: {item!r}")
+            port = _port(rest[1:]) if rest else DEFAULT_SENTINEL_PORT
+        else:
+            host, colon, portText = item.partition(":")
+            port = _port(portText) if colon else DEFAULT_SENTINEL_PORT
+        if not host:
+            raise ValueError("a sentinel address without a host")
+        addresses.append((host, port))
+    return tuple(addresses)
+
+
 def parseRedisURL(url: str) -> RedisURL:
-    """The parts of a ``redis://`` URL. Raises ValueError naming what is wrong."""
+    """The parts of a ``redis://`` or ``redis-sentinel://`` URL. Raises ValueError naming
+    what is wrong."""
     parts = urlsplit(url)
-    if parts.scheme != "redis":
+    if parts.scheme not in ("redis", "redis-sentinel"):
         # Named by its scheme only: the rest may hold a password.
-        raise ValueError(f"not a redis:// URL (scheme {parts.scheme or 'missing'!r})")
-    try:
-        port = parts.port or DEFAULT_PORT
-    except ValueError:
-        raise ValueError("the port must be a number 1..65535") from None
+        raise ValueError(
+            f"not a redis:// URL or a redis-sentinel:// one (scheme {parts.scheme or 'missing'!r})"
+        )
     path = parts.path.strip("/")
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service = ""
+    if parts.scheme == "redis-sentinel":
+        sentinels = _sentinelAddresses(parts.netloc.rpartition("@")[2])
+        service, _, path = path.partition("/")
+        if not service:
+            raise ValueError("a redis-sentinel:// URL names the service: /<service>[/<db>]")
+        port = DEFAULT_PORT
+    else:
+        try:
+            port = parts.port or DEFAULT_PORT
+        except ValueError:
+            raise ValueError("the port must be a number 1..65535") from None
     db = _count("the database number", path) if path else 0
     options = {}
     for name, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
@@ -64,11 +118,13 @@ def parseRedisURL(url: str) -> RedisURL:
     if waitTimeout <= 0:
         raise ValueError("wait_timeout must be at least 1 (ms)")
     return RedisURL(
-        host=parts.hostname or "127.0.0.1",
+        host="" if sentinels else parts.hostname or "127.0.0.1",
         port=port,
         db=db,
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password is not None else None,
         wait=options.get("wait", 0),
         waitTimeoutMs=waitTimeout,
+        sentinels=sentinels,
+        service=unquote(service),
     )

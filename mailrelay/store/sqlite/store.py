@@ -58,19 +58,29 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailrelay.ids import NotificationIdGenerator
-from mailrelay.interfaces import AlreadyExists, IStore, LeaseLost, NotFound, StoreError
+from mailrelay.interfaces import (
+    AlreadyExists,
+    InsufficientCredits,
+    IStore,
+    LeaseLost,
+    NotFound,
+    StoreError,
+)
 from mailrelay.model import (
     Account,
     ApiKey,
+    ClaimedReport,
     Delivery,
     DkimKey,
     HeaderOptions,
     MessageText,
     Notification,
+    PendingReport,
     QueueItem,
     QueueState,
     QueueStats,
     Recipient,
+    ReportAttempt,
     Sender,
     StatusEvent,
     joinText,
@@ -91,6 +101,8 @@ from mailrelay.store.common import (
     trailWithReceived,
     withoutFinished,
 )
+from mailrelay.store.sqlite import gatewayids
+from mailrelay.store.sqlite import reports as outbox
 from mailrelay.store.sqlite.bodies import (
     EXTERNAL_BODY_MIN,
     BodyLocation,
@@ -342,11 +354,30 @@ class SQLiteStore:
     def nextNotificationId(self) -> str:
         return self._newId()
 
-    def enqueue(self, notification: Notification, message: MessageText) -> Deferred[None]:
+    def enqueue(
+        self, notification: Notification, message: MessageText, smsCredits: int = 0
+    ) -> Deferred[None]:
         pieces = textPieces(message)
-        return self._writer.submit(
-            _Enqueue(notification, pieces, sum(map(len, pieces)), self._segments)
-        )
+        work = _Enqueue(notification, pieces, sum(map(len, pieces)), self._segments)
+        if smsCredits <= 0:
+            return self._writer.submit(work)
+        charge = partial(_takeCredits, account=notification.account, credits=smsCredits)
+        if self.home == self.path:
+            # The accounts are in this file: credits and message in one transaction.
+            return self._changeAccountData(_EnqueueCharged(work, charge))
+        return Deferred.fromCoroutine(self._enqueueChargedElsewhere(work, charge, smsCredits))
+
+    async def _enqueueChargedElsewhere(self, work: _Enqueue, charge: Work, credits: int) -> None:
+        """A worker process: the accounts are in the main file, the message goes to this
+        process's own, so the credits are taken first (atomically, in the main file) and
+        given back if the message cannot be stored. A crash in between loses them."""
+        await self._changeAccountData(charge)
+        try:
+            await self._writer.submit(work)
+        except BaseException:
+            refund = partial(_takeCredits, account=work.notification.account, credits=-credits)
+            await self._changeAccountData(refund)
+            raise
 
     def acceptedSince(self, account: str, since: datetime) -> Deferred[int]:
         d = self._reader.submitEach(partial(_acceptedSince, account=account, since=toMillis(since)))
@@ -443,9 +474,17 @@ class SQLiteStore:
         events: Iterable[StatusEvent],
         finished: Iterable[Recipient],
         nextAttempt: datetime | None,
+        reports: Iterable[PendingReport] = (),
     ) -> Deferred[None]:
         return Deferred.fromCoroutine(
-            self._recordOutcome(notificationId, lease, tuple(events), tuple(finished), nextAttempt)
+            self._recordOutcome(
+                notificationId,
+                lease,
+                tuple(events),
+                tuple(finished),
+                nextAttempt,
+                tuple(reports),
+            )
         )
 
     async def _recordOutcome(
@@ -455,8 +494,11 @@ class SQLiteStore:
         events: tuple[StatusEvent, ...],
         finished: tuple[Recipient, ...],
         nextAttempt: datetime | None,
+        reports: tuple[PendingReport, ...] = (),
     ) -> None:
-        if any(event.notification_id != notificationId for event in events):
+        if any(event.notification_id != notificationId for event in events) or any(
+            report.notification_id != notificationId for report in reports
+        ):
             raise StoreError(f"recordOutcome: events of another notification than {notificationId}")
         work = partial(
             _recordOutcome,
@@ -464,6 +506,8 @@ class SQLiteStore:
             events=events,
             finished=finished,
             nextAttempt=None if nextAttempt is None else toMillis(nextAttempt),
+            reports=reports,
+            now=self._now(),
         )
         lost = LeaseLost(f"not queued: {notificationId}")
         segment = await self._onItsFile(notificationId, work, lost)
@@ -606,8 +650,157 @@ class SQLiteStore:
                 work = partial(_expireBatch, before=before, after=after, batch=self.expireBatch)
                 gone, after = await self._writer.submit(work, file)
                 deleted += gone
-        await self._writer.submitEach(partial(_expireFinish, before=before))
+        await self._writer.submitEach(partial(_expireFinish, before=before, now=self._now()))
         return deleted
+
+    # -- the report outbox (IReportQueue; the work is in mailrelay.store.sqlite.reports) --
+
+    def addEventsWithReports(
+        self, events: Iterable[StatusEvent], reports: Iterable[PendingReport]
+    ) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._addEventsWithReports(tuple(events), tuple(reports)))
+
+    async def _addEventsWithReports(
+        self, events: tuple[StatusEvent, ...], reports: tuple[PendingReport, ...]
+    ) -> None:
+        ids = {e.notification_id for e in events} | {r.notification_id for r in reports}
+        if len(ids) > 1:
+            raise StoreError("addEventsWithReports: events of more than one notification")
+        if not ids:
+            return
+        (notificationId,) = ids
+        now = self._now()
+
+        def work(connection: sqlite3.Connection, number: int) -> None:
+            _addEvents(connection, events)
+            outbox.addReports(connection, reports, now)
+
+        await self._onItsFile(
+            notificationId, work, NotFound("status events for an unknown notification")
+        )
+
+    def claimReports(self, limit: int, leaseSeconds: float) -> Deferred[list[ClaimedReport]]:
+        return Deferred.fromCoroutine(self._claimReports(limit, leaseSeconds))
+
+    async def _claimReports(self, limit: int, leaseSeconds: float) -> list[ClaimedReport]:
+        if limit <= 0:
+            return []
+        now = self._now()
+        work = partial(
+            outbox.claimReports,
+            limit=limit,
+            now=now,
+            leaseUntil=now + int(leaseSeconds * 1000),
+            lease=secrets.token_hex(8),
+        )
+        claimed = [c for _, part in await self._writer.submitEach(work) for c in part]
+        claimed.sort(key=lambda c: c.report.created_at)
+        return claimed[:limit]
+
+    def recordReportAttempt(
+        self,
+        claims: Iterable[tuple[str, str]],
+        attempt: ReportAttempt | None,
+        nextAttempt: datetime | None,
+    ) -> Deferred[int]:
+        work = partial(
+            outbox.recordReportAttempt,
+            claims=tuple(claims),
+            attempt=attempt,
+            nextAttempt=None if nextAttempt is None else toMillis(nextAttempt),
+        )
+        d = self._writer.submitEach(work)
+        return d.addCallback(lambda counts: sum(count for _, count in counts))
+
+    def reportAttempts(self, notificationId: str) -> Deferred[list[ReportAttempt]]:
+        if idNumber(notificationId) is None:
+            return succeed([])
+        d = self._reader.submitEach(partial(outbox.reportAttempts, number=int(notificationId)))
+        return d.addCallback(
+            lambda parts: sorted((a for _, part in parts for a in part), key=lambda a: a.at)
+        )
+
+    def pendingReports(self) -> Deferred[int]:
+        def count(connection: sqlite3.Connection) -> int:
+            return int(connection.execute("SELECT count(*) FROM reports").fetchone()[0])
+
+        return self._reader.submitEach(count).addCallback(lambda parts: sum(n for _, n in parts))
+
+    def markGone(self, url: str) -> Deferred[None]:
+        def mark(connection: sqlite3.Connection) -> None:
+            connection.execute(
+                "INSERT OR IGNORE INTO gone_urls (url, at) VALUES (?, ?)", (url, self._now())
+            )
+
+        return self._writer.submit(mark, self.path)
+
+    def isGone(self, url: str) -> Deferred[bool]:
+        def gone(connection: sqlite3.Connection) -> bool:
+            row = connection.execute("SELECT 1 FROM gone_urls WHERE url = ?", (url,)).fetchone()
+            return row is not None
+
+        return self._reader.submit(gone)
+
+    def webhookSecrets(self, account: str) -> Deferred[tuple[str, ...]]:
+        def read(connection: sqlite3.Connection) -> tuple[str, ...]:
+            row = connection.execute(
+                "SELECT secrets FROM webhook_secrets WHERE account = ?", (account,)
+            ).fetchone()
+            return () if row is None else tuple(json.loads(row[0]))
+
+        return self._remembered(("webhook", account), read)
+
+    def setWebhookSecrets(self, account: str, secrets: Sequence[str]) -> Deferred[None]:
+        def write(connection: sqlite3.Connection) -> None:
+            _requireAccount(connection, account)
+            connection.execute(
+                "INSERT OR REPLACE INTO webhook_secrets (account, secrets) VALUES (?, ?)",
+                (account, json.dumps(list(secrets))),
+            )
+
+        return self._changeAccountData(write)
+
+    def sharedKey(self, name: str, candidate: bytes) -> Deferred[bytes]:
+        def keep(connection: sqlite3.Connection) -> bytes:
+            connection.execute(
+                "INSERT OR IGNORE INTO shared_keys (name, value) VALUES (?, ?)", (name, candidate)
+            )
+            (value,) = connection.execute(
+                "SELECT value FROM shared_keys WHERE name = ?", (name,)
+            ).fetchone()
+            return bytes(value)
+
+        return self._writer.submit(keep, self.path)
+
+    # -- SMS gateway ids (IGatewayIds; the work is in mailrelay.store.sqlite.gatewayids) --
+
+    def rememberGatewayIds(
+        self, notificationId: str, recipient: Recipient, ids: Iterable[str], until: datetime
+    ) -> Deferred[None]:
+        ids = tuple(ids)
+        if not ids:
+            return succeed(None)
+        work = partial(
+            gatewayids.rememberGatewayIds, recipient=recipient, ids=ids, until=toMillis(until)
+        )
+        missing = NotFound(f"gateway ids of an unknown notification {notificationId}")
+        return Deferred.fromCoroutine(self._onItsFile(notificationId, work, missing))
+
+    def lookupGatewayId(
+        self, gatewayId: str
+    ) -> Deferred[tuple[str, Recipient, tuple[str, ...]] | None]:
+        d = self._reader.submitEach(
+            partial(gatewayids.lookupGatewayId, gatewayId=gatewayId, now=self._now())
+        )
+        return d.addCallback(lambda found: next((t for _, t in found if t is not None), None))
+
+    def settleGatewayId(self, gatewayId: str, delivered: bool = True) -> Deferred[bool]:
+        work = partial(
+            gatewayids.settleGatewayId, gatewayId=gatewayId, delivered=delivered, now=self._now()
+        )
+        return self._writer.submitEach(work).addCallback(
+            lambda settled: any(done for _, done in settled)
+        )
 
 
 # The work functions below run on a database thread, inside a transaction the thread manages
@@ -634,6 +827,7 @@ def _accountFromRow(row: Sequence[Any]) -> Account:
         max_message_size=row[11],
         max_recipients=row[12],
         bounces=bool(row[13]),
+        sms_credits=row[14],
     )
 
 
@@ -653,6 +847,7 @@ def _accountRow(account: Account) -> tuple[Any, ...]:
         account.max_message_size,
         account.max_recipients,
         int(account.bounces),
+        account.sms_credits,
     )
 
 
@@ -789,6 +984,31 @@ class _Enqueue:
     def runBatch(connection: sqlite3.Connection, works: Sequence[_Enqueue]) -> list[None]:
         _enqueueAll(connection, works)
         return [None] * len(works)
+
+
+def _takeCredits(connection: sqlite3.Connection, account: str, credits: int) -> None:
+    """Take ``credits`` SMS credits (give them back if negative) from an account that has a
+    prepaid limit and that many; InsufficientCredits otherwise. One statement: two writers
+    cannot both take the last ones."""
+    cursor = connection.execute(
+        "UPDATE accounts SET sms_credits = sms_credits - ? "
+        "WHERE name = ? AND (sms_credits IS NULL OR sms_credits >= ?)",
+        (credits, account, credits),
+    )
+    if cursor.rowcount == 0:
+        raise InsufficientCredits("the account's SMS credits do not cover the message")
+
+
+@dataclass(frozen=True)
+class _EnqueueCharged:
+    """An enqueue that takes SMS credits in its own transaction (no batch: it may fail alone)."""
+
+    work: _Enqueue
+    charge: Work
+
+    def __call__(self, connection: sqlite3.Connection) -> None:
+        self.charge(connection)
+        _enqueueAll(connection, [self.work])
 
 
 def _enqueueAll(connection: sqlite3.Connection, works: Sequence[_Enqueue]) -> None:
@@ -1077,15 +1297,20 @@ def _expireBatch(
         if connection.execute("SELECT 1 FROM queue WHERE notification_id = ?", (number,)).fetchone()
         is None
     ]
-    # Recipients, bodies and status events go with their notification (ON DELETE CASCADE).
+    # Recipients, bodies, status events and gateway ids go with their notification (ON DELETE
+    # CASCADE); the reports and their attempts have no foreign key (schema 010).
+    connection.executemany("DELETE FROM reports WHERE notification_id = ?", doomed)
+    connection.executemany("DELETE FROM report_attempts WHERE notification_id = ?", doomed)
     connection.executemany("DELETE FROM notifications WHERE id = ?", doomed)
     return len(doomed), (rows[-1] if len(rows) == batch else None)
 
 
-def _expireFinish(connection: sqlite3.Connection, before: int) -> None:
+def _expireFinish(connection: sqlite3.Connection, before: int, now: int) -> None:
     """After the notifications: the counts of days wholly before ``before`` (no quota looks
-    back that far) and the body segments no row refers to any more."""
+    back that far), the gateway ids whose time has passed by ``now``, and the body segments
+    no row refers to any more."""
     connection.execute("DELETE FROM daily_counts WHERE day < ?", (before // _DAY_MS,))
+    gatewayids.forgetPast(connection, now)
     _sweepSegments(connection)
 
 
@@ -1223,11 +1448,14 @@ def _recordOutcome(
     events: tuple[StatusEvent, ...],
     finished: tuple[Recipient, ...],
     nextAttempt: int | None,
+    reports: tuple[PendingReport, ...] = (),
+    now: int = 0,
 ) -> int | None:
     """The write of :meth:`SQLiteStore.recordOutcome`. Returns the body segment it left
     unreferenced, if any, to be deleted once this has committed."""
     _, pending, holdRequested = _leased(connection, number, lease)
     _addEvents(connection, events)
+    outbox.addReports(connection, reports, now)
     recipients = _queuedRecipients(connection, number)
     left = withoutFinished(recipients, pendingPositions(recipients, pending), finished)
     if not left:
