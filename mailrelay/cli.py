@@ -31,7 +31,7 @@ from typing import Any, NoReturn, TextIO, get_args
 from twisted.internet import task
 
 from mailrelay.auth.secrets import hashPassword, newApiKey
-from mailrelay.config import ConfigError, loadConfig
+from mailrelay.config import DEFAULT_CONFIG_FILE, Config, ConfigError, loadConfigSource
 from mailrelay.files import keepFilesPrivate
 from mailrelay.interfaces import AlreadyExists, IStore, NotFound, StoreError
 from mailrelay.message.dkim import DkimError, dnsRecord, generateKey
@@ -49,7 +49,7 @@ from mailrelay.model import (
 from mailrelay.policy.addresses import AddressSyntaxError, normaliseDomain, parseMailbox
 from mailrelay.policy.senders import SenderIdError, normaliseSenderId
 from mailrelay.status import formatTimestamp, statusDocument
-from mailrelay.store import makeStore
+from mailrelay.store import makeStore, sqlitePath
 
 PROG = "mailrelay"
 EXIT_FAILURE = 1
@@ -703,17 +703,24 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _command(
-    group: Any, name: str, handler: Handler, help: str, listing: bool = False
+    group: Any,
+    name: str,
+    handler: Handler,
+    help: str,
+    listing: bool = False,
+    createsStore: bool = False,
 ) -> argparse.ArgumentParser:
+    """A subcommand. Only a ``createsStore`` one may run where there is no store yet (see
+    :func:`_refuseMissingStore`)."""
     parser: argparse.ArgumentParser = group.add_parser(name, help=help, description=help)
-    parser.set_defaults(handler=handler, prepare=None)
+    parser.set_defaults(handler=handler, prepare=None, createsStore=createsStore)
     if listing:
         parser.add_argument("--json", action="store_true", help="print one JSON document")
     return parser
 
 
 def _accountCommands(group: Any) -> None:
-    add = _command(group, "add", accountAdd, "create an enabled account")
+    add = _command(group, "add", accountAdd, "create an enabled account", createsStore=True)
     add.add_argument("name", type=accountName)
     add.add_argument(
         "--password-stdin", action="store_true", help="read the password from stdin (one line)"
@@ -817,7 +824,11 @@ def _queueCommands(group: Any) -> None:
 
 def _dkimCommands(group: Any) -> None:
     generate = _command(
-        group, "generate", dkimGenerate, "make a domain's signing key; print its DNS record"
+        group,
+        "generate",
+        dkimGenerate,
+        "make a domain's signing key; print its DNS record",
+        createsStore=True,
     )
     generate.add_argument("domain", type=signingDomain, metavar="DOMAIN")
     generate.add_argument("--selector", metavar="S", help="default: mr and the year and month")
@@ -856,11 +867,13 @@ async def execute(reactor: Any, argv: Sequence[str], console: Console | None = N
     console = console or Console()
     try:
         args = buildParser().parse_args(argv)
-        config = loadConfig(args.config)
+        config, configText = loadConfigSource(args.config)
         if args.prepare is not None:
             args.prepare(args, console)
         if config.store.backend == "sqlite":
             _refuseRootInOthersDataDir(config.dataPath)
+            if not args.createsStore:
+                _refuseMissingStore(config, args.config, configText is not None)
         store = makeStore(config, reactor)
         await store.open()
         try:
@@ -880,6 +893,28 @@ async def execute(reactor: Any, argv: Sequence[str], console: Console | None = N
         console.fail(f"internal error: {e!r}")
         return EXIT_FAILURE
     return 0
+
+
+def _refuseMissingStore(config: Config, configPath: str | None, configRead: bool) -> None:
+    """
+    Run from a directory other than the relay's, the command would find neither its config
+    nor its data_dir, and opening the store would make an empty one there: listing it says
+    "no accounts", and the operator is left wondering why logins fail. Only the commands that
+    create something (``account add``, ``dkim generate``) may make a store; the others say
+    which config and data_dir they used instead.
+    """
+    path = sqlitePath(config)
+    if path.exists():
+        return
+    if configRead:
+        used = f"config {Path(configPath or DEFAULT_CONFIG_FILE).resolve()}"
+    else:
+        used = f"no config file (no {DEFAULT_CONFIG_FILE} in {Path.cwd()}): the defaults"
+    raise CommandError(
+        f"no store at {path.resolve()} ({used}, data_dir {config.data_dir!r}); "
+        "give the relay's config with --config, or run from its directory "
+        "('account add' makes a new store)"
+    )
 
 
 def _refuseRootInOthersDataDir(dataPath: Path) -> None:

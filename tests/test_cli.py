@@ -98,14 +98,26 @@ class CLITestsBase(TestCase):
         return Deferred.fromCoroutine(run())
 
     def subprocess(
-        self, *args: str, stdin: bytes = b"", config: Path | None = None
+        self,
+        *args: str,
+        stdin: bytes = b"",
+        config: Path | None | bool = True,
+        cwd: Path | None = None,
     ) -> Deferred[Result]:
-        """Run ``python -m mailrelay.cli`` with a command line."""
+        """Run ``python -m mailrelay.cli`` with a command line, in ``cwd`` (default: the
+        config's directory). ``config``: a config file, True for the test's, None for no
+        ``--config``."""
         done: Deferred[Result] = Deferred()
-        argv = [sys.executable, "-m", "mailrelay.cli", "--config", str(config or self.config)]
+        argv = [sys.executable, "-m", "mailrelay.cli"]
+        if config is not None:
+            argv += ["--config", str(self.config if config is True else config)]
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         reactor.spawnProcess(
-            _Run(stdin, done), sys.executable, [*argv, *args], env=env, path=str(self.directory)
+            _Run(stdin, done),
+            sys.executable,
+            [*argv, *args],
+            env=env,
+            path=str(cwd or self.directory),
         )
         return done
 
@@ -482,7 +494,37 @@ class ConfigTests(CLITestsBase):
         self.assertOneLineError(result, "belongs to", "sudo -u", code=1)
         self.assertEqual(list(self.dataDir.iterdir()), [])
         os.chown(self.dataDir, 0, 0)
+        await self.addAccount()
         await self.ok("account", "list")
+
+    async def test_listingRefusesToMakeAStore(self) -> None:
+        """Run from a directory without the relay's config, a listing command would make an
+        empty store and say "no accounts": it refuses instead, naming the config and data_dir
+        it used; nothing is made. ``account add`` does make the store."""
+        elsewhere = self.directory / "elsewhere"
+        elsewhere.mkdir()
+        results = await gatherResults(
+            [
+                self.subprocess("account", "list", cwd=elsewhere, config=None),
+                self.subprocess("queue", "stats", "--json", cwd=elsewhere, config=None),
+                self.mailrelay("account", "show", "acme"),
+                self.mailrelay("status", "1234"),
+                self.mailrelay("account", "disable", "acme"),
+            ]
+        )
+        defaults = results[0]
+        self.assertOneLineError(defaults, "no store at", code=1)
+        self.assertIn(f"{elsewhere}/mailrelay-data/mailrelay.sqlite3", defaults.err)
+        self.assertIn(f"no mailrelay.toml in {elsewhere}", defaults.err)
+        self.assertIn("data_dir './mailrelay-data'", defaults.err)
+        self.assertOneLineError(results[1], "no store at", code=1)
+        for result in results[2:]:
+            self.assertOneLineError(result, f"config {self.config}", str(self.dataDir), code=1)
+        self.assertEqual(sorted(os.listdir(elsewhere)), [])
+        self.assertFalse(self.dataDir.exists())
+
+        await self.addAccount()
+        self.assertIn("acme", (await self.ok("account", "list")).out)
 
     async def test_corruptDatabase(self) -> None:
         self.dataDir.mkdir()
@@ -633,6 +675,7 @@ class ReportsCommandTests(CLITestsBase):
         self.assertEqual(await self.secretsInStore(), (third, second))  # the oldest goes
 
     async def test_webhookSecretOfUnknownAccount(self) -> None:
+        await self.openStore()
         self.assertOneLineError(
             await self.mailrelay("account", "webhook-secret", "nobody"), "nobody", code=1
         )
