@@ -27,8 +27,8 @@ from twisted.internet.testing import StringTransport
 
 from mailrelay.config import parseConfig
 from mailrelay.model import Recipient
-from mailrelay.smtp.listener import ListenerSettings
 from mailrelay.smtp.protocol import SubmissionProtocol
+from mailrelay.smtp.settings import ListenerSettings
 
 NOTIFICATION_ID = "915151594364862464"
 
@@ -47,7 +47,7 @@ class InstantAvatar:
     ) -> Recipient:
         return Recipient(recipient, "email")
 
-    def deliverMessage(
+    def acceptMessage(
         self, session: Any, sender: str, recipients: Any, message: bytes
     ) -> Deferred[str]:
         return succeed(NOTIFICATION_ID)

@@ -1,10 +1,12 @@
 """
-The account's avatar: decides MAIL, RCPT and the end of DATA, and stores what it accepts.
+The account's avatar (:class:`~mailrelay.interfaces.ISubmission`): decides MAIL, RCPT and the
+end of DATA, and queues what it accepts.
 
 The decisions are the pure functions of :mod:`mailrelay.policy`; this module fetches what they
 need from the store, calls them at the right moment, and turns an accepted message into a
 durably queued notification. Nothing is stored before the end of DATA, and nothing refused is
-stored at all.
+stored at all. A refusal is a :class:`~mailrelay.policy.decisions.Refusal`; the protocol
+answers it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.config import Config
-from mailrelay.interfaces import IMessageDelivery, InsufficientCredits, IStore
+from mailrelay.interfaces import InsufficientCredits, IStore, ISubmission
+from mailrelay.message.received import receivedHeader
 from mailrelay.model import (
     Account,
     MessageText,
@@ -29,12 +32,11 @@ from mailrelay.model import (
     fromTimestamp,
 )
 from mailrelay.policy.content import checkSize, prepareMessage
+from mailrelay.policy.decisions import Refusal, RefusalKind
 from mailrelay.policy.limits import RateLimiter, checkDailyQuota, startOfDay
-from mailrelay.policy.received import receivedHeader
 from mailrelay.policy.recipients import checkRecipientCount, classifyRecipient
 from mailrelay.policy.senders import EnvelopeSender, checkEnvelopeSender
 from mailrelay.policy.sms import SmsLength
-from mailrelay.smtp.replies import SMS_CREDITS_EXHAUSTED, Refused
 
 
 def _nothing() -> None:
@@ -51,10 +53,9 @@ def smsCost(account: Account, recipients: Sequence[Recipient], length: SmsLength
 
 def _creditsRefused(failure: Failure, credits: int) -> Failure:
     if failure.check(InsufficientCredits):
-        raise Refused(
-            SMS_CREDITS_EXHAUSTED.withText(
-                f"SMS credits do not cover this message ({credits} needed)"
-            )
+        raise Refusal(
+            RefusalKind.CREDITS_EXHAUSTED,
+            f"SMS credits do not cover this message ({credits} needed)",
         )
     return failure
 
@@ -86,7 +87,7 @@ remembers account data for as long (ACCOUNT_CACHE_SECONDS), so asking more often
 nothing new."""
 
 
-@implementer(IMessageDelivery)
+@implementer(ISubmission)
 class AccountSubmission:
     """
     One session's avatar. ``recheck`` (from the realm) says whether the login that made it
@@ -115,7 +116,8 @@ class AccountSubmission:
     ) -> Any:
         """MAIL: whether the login still holds (now and then), the declared size against the
         account's limit, the account's rate and quota, then the sender. Returns the
-        EnvelopeSender (at once when nothing needs the store, which is the common case)."""
+        EnvelopeSender at once when nothing needs the store (the common case), else a Deferred
+        firing with it; a refusal is raised, or fails the Deferred, as Refusal."""
         now = self._shared.clock.seconds()
         if self._recheck is not None and now - self._checkedAt >= LOGIN_RECHECK_SECONDS:
             d = self._recheck()
@@ -156,7 +158,9 @@ class AccountSubmission:
         accepted: Sequence[Recipient],
         smtputf8: bool = False,
     ) -> Recipient:
-        """RCPT: the recipient limit, then the address and its channel."""
+        """RCPT: the recipient limit (the relay's and the account's: this is the one check of
+        it), then the address and its channel. Returns the Recipient at once; raises
+        Refusal."""
         checkRecipientCount(len(accepted), self.account, self._shared.config.limits.max_recipients)
         return classifyRecipient(
             recipient,
@@ -166,15 +170,18 @@ class AccountSubmission:
             smtputf8=smtputf8,
         )
 
-    def deliverMessage(
+    def acceptMessage(
         self,
         session: SessionInfo,
         sender: EnvelopeSender,
         recipients: Sequence[Recipient],
         message: bytes,
-    ) -> Any:
-        """End of DATA: content rules, then the durable store. Returns a Deferred firing with
-        the notification id once the store has the message on disk."""
+    ) -> Deferred[str]:
+        """End of DATA: content rules, then the queue. Raises Refusal when a rule refuses the
+        message; else returns a Deferred firing with the notification id once the queue has
+        the message on disk (failing with Refusal when the account's daily quota or SMS
+        credits ran out meanwhile, with StoreError when the store failed). Delivery is the
+        delivery service's, later."""
         shared = self._shared
         config = shared.config
         now = fromTimestamp(shared.clock.seconds())

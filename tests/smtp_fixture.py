@@ -1,6 +1,11 @@
 """
-A protocol under test: SubmissionProtocol on a StringTransport, with the real SQLite store,
-cred portal and account avatar behind it. Time for timeouts comes from a ``task.Clock``.
+A protocol under test: SubmissionProtocol on a StringTransport, with the real cred portal and
+account avatar behind it. Time for timeouts comes from a ``task.Clock``.
+
+:class:`MemoryProtocolHarness` puts the in-memory store of :mod:`mailrelay.testing` behind
+them, and runs logins without threads: every reply is written before ``dataReceived``
+returns (the protocol unit tests). :class:`ProtocolHarness` puts the real SQLite store and
+Argon2 in a thread pool behind them, and waits for replies on the reactor.
 """
 
 from __future__ import annotations
@@ -22,10 +27,16 @@ from mailrelay.auth.secrets import hashPassword, newApiKey
 from mailrelay.auth.throttle import LoginThrottle
 from mailrelay.config import Config, parseConfig
 from mailrelay.model import Sender
-from mailrelay.smtp.listener import ListenerSettings
 from mailrelay.smtp.protocol import SubmissionProtocol
+from mailrelay.smtp.settings import ListenerSettings
 from mailrelay.store.sqlite import SQLiteStore
 from mailrelay.submission import Submissions
+from mailrelay.testing import (
+    MemoryStore,
+    SynchronousReactor,
+    SynchronousThreadPool,
+    cheapPasswordHash,
+)
 
 ACCOUNT = "acme"
 PASSWORD = "correct horse battery"
@@ -65,6 +76,9 @@ class TLSStringTransport(StringTransport):
 class ProtocolHarness:
     """Builds protocols wired to a real store; use from a trial TestCase's setUp."""
 
+    poll = True  # Sessions wait on the reactor for replies that come from other threads.
+    passwordHash = PASSWORD_HASH
+
     def __init__(self, testCase: Any, limits: dict[str, Any] | None = None) -> None:
         self.testCase = testCase
         self.clock = Clock()
@@ -84,7 +98,7 @@ class ProtocolHarness:
         self.testCase.addCleanup(self.pool.stop)
         yield self.store.open()
         self.testCase.addCleanup(self.store.close)
-        yield self.store.addAccount(ACCOUNT, PASSWORD_HASH)
+        yield self.store.addAccount(ACCOUNT, self.passwordHash)
         yield self.store.addSender(Sender(ACCOUNT, SENDER_DOMAIN, "domain"))
         keyId, self.apiKey, keyHash = newApiKey()
         yield self.store.addApiKey(ACCOUNT, keyId, keyHash)
@@ -110,15 +124,48 @@ class ProtocolHarness:
         protocol = SubmissionProtocol(self.settings(**overrides))
         transport = TLSStringTransport(peerAddress=IPv4Address("TCP", clientAddress, 40000))
         protocol.makeConnection(transport)
-        return Session(protocol, transport)
+        return Session(protocol, transport, self.poll)
+
+
+class MemoryProtocolHarness(ProtocolHarness):
+    """
+    Builds protocols wired to the in-memory store, with the real portal (realm, checkers) and
+    avatar: no threads, no files, no reactor. The account's password has a cheap Argon2 hash,
+    verified at once on a :class:`~mailrelay.testing.SynchronousThreadPool`. ``clock`` tells
+    the time to everything: protocol, store, avatar, realm, remembered passwords, throttle.
+    """
+
+    poll = False  # Every reply is written before dataReceived returns.
+    passwordHash = cheapPasswordHash(PASSWORD)
+
+    def __init__(self, testCase: Any, limits: dict[str, Any] | None = None) -> None:
+        self.testCase = testCase
+        self.clock = SynchronousReactor()
+        self.clock.advance(1_735_689_600)  # 2025-01-01T00:00:00Z, so times look like times
+        self.config = parseConfig({"hostname": "relay.test", "limits": limits or {}})
+        self.store = MemoryStore(self.clock)
+        self.pool = SynchronousThreadPool()
+        self.submissions = Submissions(self.store, self.config, self.clock)
+        self.portal, self.realm = makePortal(
+            self.store,
+            self.submissions,
+            self.clock,
+            self.pool,  # type: ignore[arg-type]
+        )
+        self.throttle = LoginThrottle(self.clock.seconds)
+        self.apiKey = ""
 
 
 class Session:
-    """One client conversation: send lines, collect the replies they produce."""
+    """One client conversation: send lines, collect the replies they produce. With ``poll``
+    False, replies must be written by the time ``send`` returns (nothing waits for them)."""
 
-    def __init__(self, protocol: SubmissionProtocol, transport: TLSStringTransport) -> None:
+    def __init__(
+        self, protocol: SubmissionProtocol, transport: TLSStringTransport, poll: bool = True
+    ) -> None:
         self.protocol = protocol
         self.transport = transport
+        self.poll = poll
         self.greeting = self.take()
 
     def take(self) -> list[str]:
@@ -132,13 +179,14 @@ class Session:
 
     @inlineCallbacks
     def send(self, data: str | bytes, replies: int = 1, timeout: float = 10.0) -> Any:
-        """Write ``data`` and wait for ``replies`` complete replies; returns their lines."""
+        """Write ``data`` and wait for ``replies`` complete replies; returns their lines (a
+        Deferred, fired already when the session does not poll)."""
         if isinstance(data, str):
             data = data.encode()
         self.protocol.dataReceived(data)
         waited = 0.0
         while self.finalCount() < replies and not self.transport.disconnecting:
-            if waited > timeout:
+            if waited > timeout or not self.poll:
                 raise AssertionError(
                     f"waited for {replies} replies, got {self.transport.value()!r}"
                 )

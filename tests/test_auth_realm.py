@@ -17,9 +17,11 @@ from twisted.trial.unittest import TestCase
 from mailrelay.auth.credentials import APIKeyLogin
 from mailrelay.auth.realm import RememberedNetworks, SubmissionRealm
 from mailrelay.auth.secrets import newApiKey
-from mailrelay.interfaces import IMessageDelivery, StoreError
+from mailrelay.interfaces import ISubmission, StoreError
 from mailrelay.model import Account, SessionInfo
-from mailrelay.smtp.replies import LOGIN_WITHDRAWN, Refused
+from mailrelay.policy.decisions import Refusal
+from mailrelay.smtp.refusals import replyFor
+from mailrelay.smtp.replies import LOGIN_WITHDRAWN
 from mailrelay.store.sqlite import SQLiteStore
 from tests.smtp_fixture import PASSWORD_HASH
 
@@ -103,14 +105,14 @@ class LoginRecheckTests(RealmTestsBase):
 
     async def login(self, avatarId: Any, address: str = "10.1.9.9") -> Any:
         _, recheck, _ = await self.realm.requestAvatar(
-            avatarId, SessionInfo(address, "relay.test"), IMessageDelivery
+            avatarId, SessionInfo(address, "relay.test"), ISubmission
         )
         return recheck
 
     async def assertWithdrawn(self, recheck: Any) -> None:
-        with self.assertRaises(Refused) as caught:
+        with self.assertRaises(Refusal) as caught:
             await recheck()
-        self.assertEqual(caught.exception.reply, LOGIN_WITHDRAWN)
+        self.assertEqual(replyFor(caught.exception), LOGIN_WITHDRAWN)
 
     async def test_passwordLogin(self) -> None:
         recheck = await self.login("erp")

@@ -14,13 +14,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailrelay.model import Account, HeaderOptions, Recipient
 from mailrelay.policy.content import PreparedMessage, checkSize, prepareMessage
+from mailrelay.policy.decisions import Refusal
 from mailrelay.policy.senders import EnvelopeSender
 from mailrelay.smtp.replies import (
     BARE_LINE_ENDING,
     CONTENT_REFUSED,
     MESSAGE_TOO_BIG,
     SENDER_NOT_ALLOWED,
-    Refused,
 )
 from tests.test_policy_support import SENDERS, RefusalMixin, account
 
@@ -532,7 +532,7 @@ class FuzzTests(SynchronousTestCase):
     def assertOnlyRefused(self, raw: bytes, acct: Account) -> None:
         try:
             prepared = prepare(raw, acct, (BOB, PHONE), notificationId="1")
-        except Refused:
+        except Refusal:
             return
         self.assertIsInstance(prepared.data, bytes)
 

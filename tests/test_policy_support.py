@@ -9,25 +9,32 @@ from collections.abc import Callable
 from typing import Any
 
 from mailrelay.model import Account, Sender
+from mailrelay.policy.decisions import Refusal
+from mailrelay.smtp.refusals import replyFor
 from mailrelay.smtp.replies import Refused, Reply
 
 
 class RefusalMixin:
-    """``assertRefused``: the call raises Refused with exactly ``reply``'s codes."""
+    """``assertRefused``: the call raises a policy Refusal that the SMTP edge answers with
+    exactly ``reply``'s codes (or, from the SMTP edge's own parsers, Refused with them); it
+    returns the answer as ``Refused`` (``e.reply`` is the reply sent)."""
 
     def assertRefused(
         self, reply: Reply, f: Callable[..., Any], *args: Any, **kwargs: Any
     ) -> Refused:
         try:
             result = f(*args, **kwargs)
-        except Refused as e:
-            got = (e.reply.code, e.reply.enhanced)
-            expected = (reply.code, reply.enhanced)
-            if got != expected:
-                message = f"refused with {got} ({e.reply.text}), not {expected}"
-                raise AssertionError(message) from e
-            return e
-        raise AssertionError(f"not refused; returned {result!r}")
+        except Refusal as refusal:
+            e = Refused(replyFor(refusal))
+        except Refused as refused:
+            e = refused
+        else:
+            raise AssertionError(f"not refused; returned {result!r}")
+        got = (e.reply.code, e.reply.enhanced)
+        expected = (reply.code, reply.enhanced)
+        if got != expected:
+            raise AssertionError(f"refused with {got} ({e.reply.text}), not {expected}")
+        return e
 
 
 def account(**changes: Any) -> Account:

@@ -8,7 +8,7 @@ from twisted.trial.unittest import TestCase
 
 from mailrelay.model import Account, Recipient
 from mailrelay.policy.content import prepareMessage, smsTextOf
-from mailrelay.smtp.replies import Refused
+from mailrelay.policy.decisions import Refusal
 
 ACCOUNT = Account("acme", "x", sms_enabled=True, sms_segments=2)
 PHONE = Recipient("+4477331234567", "sms")
@@ -40,11 +40,11 @@ class BareTextTests(TestCase):
         self.assertEqual(smsTextOf(prepared.data), "Привет мир")  # type: ignore[attr-defined]
 
     def test_notUtf8Refused(self) -> None:
-        self.assertRaises(Refused, prepare, b"\xff\xfe bad\r\n")
+        self.assertRaises(Refusal, prepare, b"\xff\xfe bad\r\n")
 
     def test_tooLongRefused(self) -> None:
-        self.assertRaises(Refused, prepare, b"a" * 307 + b"\r\n")
+        self.assertRaises(Refusal, prepare, b"a" * 307 + b"\r\n")
 
     def test_emailRecipientNeedsHeader(self) -> None:
         both = (PHONE, Recipient("a@b.example", "email"))
-        self.assertRaises(Refused, prepare, b"Test SMS\r\n", both)
+        self.assertRaises(Refusal, prepare, b"Test SMS\r\n", both)

@@ -20,8 +20,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailrelay.auth.throttle import LoginThrottle
 from mailrelay.config import parseConfig
-from mailrelay.smtp.listener import ListenerSettings
 from mailrelay.smtp.protocol import SubmissionProtocol
+from mailrelay.smtp.settings import ListenerSettings
 
 # A reply line: code, separator, then text without control characters (UTF-8 is allowed: a
 # client's non-ASCII EHLO name may be echoed).

@@ -27,7 +27,7 @@ from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 from zope.interface import implementer
 
 from mailrelay.auth.throttle import LoginThrottle
-from mailrelay.interfaces import IMessageDelivery, StoreError
+from mailrelay.interfaces import ISubmission, StoreError
 from mailrelay.model import Account, QueueStats
 from mailrelay.web.auth import BasicLogin, Throttled, Unauthenticated, parseBasic
 from mailrelay.web.health import QUEUE_STATS_MAX_AGE, Health, ListenerState, serviceListeners
@@ -145,7 +145,7 @@ class AccountsRealm:
         account = self.accounts.get(avatarId)
         if account is None or not account.enabled:
             return fail(UnauthorizedLogin())
-        return succeed((IMessageDelivery, Avatar(account), lambda: None))
+        return succeed((ISubmission, Avatar(account), lambda: None))
 
 
 class BasicLoginThrottleTests(TestCase):

@@ -20,16 +20,16 @@ from zope.interface import implementer
 
 from mailrelay.auth.checkers import AccountPasswordChecker, APIKeyChecker, VerifiedPasswords
 from mailrelay.auth.credentials import APIKeyLogin
-from mailrelay.interfaces import IMessageDelivery, IStore
+from mailrelay.interfaces import IStore, ISubmission
 from mailrelay.model import Account, SessionInfo
+from mailrelay.policy.decisions import Refusal, RefusalKind
 from mailrelay.policy.limits import NetworkIndex, clientAllowed
 from mailrelay.recent import RecentResult
-from mailrelay.smtp.replies import LOGIN_WITHDRAWN, Refused
 from mailrelay.store.common import ACCOUNT_CACHE_SECONDS
 
 Recheck = Callable[[], Deferred[Account]]
 """Whether the login that made a session still holds: fires with the account as it is now,
-or fails with ``Refused(LOGIN_WITHDRAWN)``."""
+or fails with ``Refusal(LOGIN_WITHDRAWN)``."""
 AvatarFactory = Callable[[Account, Recheck], Any]
 
 
@@ -57,7 +57,7 @@ class RememberedNetworks(RecentResult[NetworkIndex]):
 
 @implementer(IRealm)
 class SubmissionRealm:
-    """Gives each login the ``IMessageDelivery`` avatar of its account. ``clock`` tells how
+    """Gives each login the ``ISubmission`` avatar of its account. ``clock`` tells how
     old the remembered client networks of the accounts are (relay by IP)."""
 
     def __init__(self, store: IStore, makeAvatar: AvatarFactory, clock: IReactorTime) -> None:
@@ -67,8 +67,8 @@ class SubmissionRealm:
 
     @inlineCallbacks
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
-        if IMessageDelivery not in interfaces:
-            raise NotImplementedError("mailrelay's realm only makes IMessageDelivery avatars")
+        if ISubmission not in interfaces:
+            raise NotImplementedError("mailrelay's realm only makes ISubmission avatars")
         name, keyHash = (
             (avatarId.account, avatarId.keyHash)
             if isinstance(avatarId, APIKeyLogin)
@@ -81,7 +81,7 @@ class SubmissionRealm:
         # A password login holds while the password does; a key login while the key does.
         passwordHash = None if keyHash is not None else account.password_hash
         recheck = partial(self._recheckLogin, name, address, keyHash, passwordHash)
-        return (IMessageDelivery, self._makeAvatar(account, recheck), _noLogout)
+        return (ISubmission, self._makeAvatar(account, recheck), _noLogout)
 
     @inlineCallbacks
     def networkLogin(self, session: SessionInfo) -> Any:
@@ -104,13 +104,13 @@ class SubmissionRealm:
     ) -> Any:
         account = yield self._store.getAccount(name)
         if not _stillAllowed(account, address):
-            raise Refused(LOGIN_WITHDRAWN)
+            raise _withdrawn()
         if passwordHash is not None and account.password_hash != passwordHash:
-            raise Refused(LOGIN_WITHDRAWN)  # the password it logged in with was changed
+            raise _withdrawn()  # the password it logged in with was changed
         if keyHash is not None:
             key = yield self._store.findApiKey(keyHash)
             if key is None or key.account != name:
-                raise Refused(LOGIN_WITHDRAWN)
+                raise _withdrawn()
         return account
 
     @inlineCallbacks
@@ -118,8 +118,12 @@ class SubmissionRealm:
         index = yield self._networks.index()
         account = index.accountFor(address)
         if account is None or account.name != name:
-            raise Refused(LOGIN_WITHDRAWN)
+            raise _withdrawn()
         return account
+
+
+def _withdrawn() -> Refusal:
+    return Refusal(RefusalKind.LOGIN_WITHDRAWN)
 
 
 def _stillAllowed(account: Account | None, address: str | None) -> bool:
@@ -136,11 +140,15 @@ def makePortal(
     reactor: Any,
     threadpool: ThreadPool,
     rememberPasswords: float = 60.0,
+    clock: IReactorTime | None = None,
 ) -> tuple[Portal, SubmissionRealm]:
     """A portal with the password and API-key checkers, and its realm. A verified password is
-    remembered for ``rememberPasswords`` seconds (0: never; see mailrelay.auth.checkers)."""
-    realm = SubmissionRealm(store, makeAvatar, reactor)
-    verified = VerifiedPasswords(reactor, seconds=rememberPasswords)
+    remembered for ``rememberPasswords`` seconds (0: never; see mailrelay.auth.checkers).
+    ``clock`` (default: ``reactor``) tells the time to the realm and the remembered
+    passwords; ``reactor`` runs the password verifications in ``threadpool``."""
+    clock = reactor if clock is None else clock
+    realm = SubmissionRealm(store, makeAvatar, clock)
+    verified = VerifiedPasswords(clock, seconds=rememberPasswords)
     passwords = AccountPasswordChecker(store, reactor, threadpool, verified)
     portal = Portal(realm, [passwords, APIKeyChecker(store)])
     return portal, realm

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import idna
 
-from mailrelay.smtp.replies import BAD_RECIPIENT_SYNTAX, BAD_SENDER_SYNTAX, Refused
+from mailrelay.policy.decisions import Refusal, RefusalKind
 
 MAX_LOCAL_PART = 64
 MAX_ADDRESS = 254
@@ -205,24 +205,24 @@ def _needsUtf8(mailbox: Mailbox, smtputf8: bool) -> None:
 def recipientAddress(text: str, *, smtputf8: bool = False) -> Mailbox:
     """
     A RCPT TO e-mail address in normal form; ``smtputf8`` says whether the transaction's MAIL
-    carried SMTPUTF8. Raises ``Refused(BAD_RECIPIENT_SYNTAX)`` (553 5.1.3) naming the problem.
+    carried SMTPUTF8. Raises ``Refusal(BAD_RECIPIENT_SYNTAX)`` naming the problem.
     """
     try:
         mailbox = parseMailbox(text)
         _needsUtf8(mailbox, smtputf8)
     except AddressSyntaxError as e:
-        raise Refused(BAD_RECIPIENT_SYNTAX.withText(f"Recipient address invalid: {e}")) from None
+        raise Refusal(RefusalKind.BAD_RECIPIENT_SYNTAX, f"Recipient address invalid: {e}") from None
     return mailbox
 
 
 def senderAddress(text: str, *, smtputf8: bool = False) -> Mailbox:
     """
-    A MAIL FROM e-mail address in normal form. Raises ``Refused(BAD_SENDER_SYNTAX)``
-    (501 5.1.7) naming the problem.
+    A MAIL FROM e-mail address in normal form. Raises ``Refusal(BAD_SENDER_SYNTAX)`` naming
+    the problem.
     """
     try:
         mailbox = parseMailbox(text)
         _needsUtf8(mailbox, smtputf8)
     except AddressSyntaxError as e:
-        raise Refused(BAD_SENDER_SYNTAX.withText(f"Sender address invalid: {e}")) from None
+        raise Refusal(RefusalKind.BAD_SENDER_SYNTAX, f"Sender address invalid: {e}") from None
     return mailbox

@@ -48,6 +48,7 @@ from mailrelay.policy.addresses import (
     mailboxFromParts,
     parseMailbox,
 )
+from mailrelay.policy.decisions import Refusal, RefusalKind
 from mailrelay.policy.headers import (
     KNOWN_OPTIONS,
     OPTION_PREFIX,
@@ -61,12 +62,6 @@ from mailrelay.policy.senders import (
     normaliseSenderId,
 )
 from mailrelay.policy.sms import SmsLength, checkSmsText
-from mailrelay.smtp.replies import (
-    BARE_LINE_ENDING,
-    CONTENT_REFUSED,
-    MESSAGE_TOO_BIG,
-    Refused,
-)
 
 _FIELD_NAME = re.compile(rb"([!-9;-~]+)[ \t]*:")
 # The common From:/To: forms: ``addr@domain``, ``Name <addr@domain>``, ``"Name" <addr@domain>``.
@@ -157,8 +152,8 @@ class PreparedMessage:
         return joinText(self.pieces)
 
 
-def _refuse(reason: str) -> Refused:
-    return Refused(CONTENT_REFUSED.withText(reason))
+def _refuse(reason: str) -> Refusal:
+    return Refusal(RefusalKind.CONTENT_REFUSED, reason)
 
 
 @contextlib.contextmanager
@@ -166,11 +161,12 @@ def _hostile(reason: str) -> Iterator[None]:
     """
     Turn an exception from the ``email`` package into a refusal giving ``reason``: its parsers
     have crashed on hostile input before (IndexError, AttributeError, LookupError...), and
-    such a message must get a 550, not a 451 that makes the client retry it forever.
+    such a message must be refused for good, not answered with a temporary failure that makes
+    the client retry it forever.
     """
     try:
         yield
-    except Refused:
+    except Refusal:
         raise
     except Exception:
         raise _refuse(reason) from None
@@ -180,14 +176,13 @@ def checkSize(size: int, account: Account, limit: int | None = None) -> None:
     """
     Whether a message of ``size`` octets (declared with SIZE=, or received) is within the
     account's ``max_message_size`` and ``limit`` (the configured one, when the caller has not
-    already enforced it); raises ``Refused(MESSAGE_TOO_BIG)`` (552 5.3.4) when it is not.
+    already enforced it); raises ``Refusal(SIZE_EXCEEDED)`` when it is not.
     """
     limits = [n for n in (account.max_message_size, limit) if n is not None]
     if limits and size > min(limits):
-        raise Refused(
-            MESSAGE_TOO_BIG.withText(
-                f"Message is {size} octets; account {account.name} accepts at most {min(limits)}"
-            )
+        raise Refusal(
+            RefusalKind.SIZE_EXCEEDED,
+            f"Message is {size} octets; account {account.name} accepts at most {min(limits)}",
         )
 
 
@@ -212,7 +207,7 @@ class _Header:
         self.fields: list[_Field] = []
         lineEndings = block.count(b"\r\n")
         if block.count(b"\r") > lineEndings or block.count(b"\n") > lineEndings:
-            raise Refused(BARE_LINE_ENDING)  # a CR or LF that is not part of a CRLF
+            raise Refusal(RefusalKind.BARE_LINE_ENDING)  # a CR or LF not part of a CRLF
         if b"\x00" in block:
             raise _refuse("The header contains a NUL character")
         for i, line in enumerate(self.lines):
@@ -506,8 +501,8 @@ def smsTextOf(message: bytes) -> str:
     """
     try:
         text = _plainText(_Tree(message).root)
-    except Refused as e:
-        raise ValueError(e.reply.text) from None
+    except Refusal as e:
+        raise ValueError(e.reason) from None
     if not text:
         raise ValueError("the message has no text/plain part")
     return text
@@ -541,7 +536,7 @@ def _isBareText(blockBytes: bytes) -> bool:
     """
     try:
         header = _Header(blockBytes)
-    except Refused:
+    except Refusal:
         return True
     return not any(
         f.name in _MESSAGE_FIELDS or f.name.startswith(OPTION_PREFIX) for f in header.fields
@@ -560,7 +555,7 @@ def _prepareBareText(
     """A header-less DATA section as a text/plain message whose body is the text as sent."""
     lineEndings = raw.count(b"\r\n")
     if raw.count(b"\r") > lineEndings or raw.count(b"\n") > lineEndings:
-        raise Refused(BARE_LINE_ENDING)
+        raise Refusal(RefusalKind.BARE_LINE_ENDING)
     if b"\x00" in raw:
         raise _refuse("The text contains a NUL character")
     try:
@@ -667,14 +662,14 @@ def prepareMessage(
     ``senders`` are the account's registered senders (the From: header must be one of them),
     ``smsDomains`` the configured SMS domains (to match To:/Cc: addresses), ``notificationId``
     the id the message will have (for the added Message-ID), ``received`` the ``Received:``
-    field from :func:`.received.receivedHeader`, put on top.
+    field from :func:`mailrelay.message.received.receivedHeader`, put on top.
 
-    Raises ``Refused`` with MESSAGE_TOO_BIG (552 5.3.4) over ``account.max_message_size``;
-    BARE_LINE_ENDING (550 5.6.0) for a bare CR or LF in the header; SENDER_NOT_ALLOWED
-    (553 5.7.1) for a From: address that is not the account's; CONTENT_REFUSED (550 5.6.0),
-    naming the reason, for everything else: a header or MIME structure that does not parse, a
-    malformed ``X-IB-*`` option, the account's text-and-html, To:/Cc: and attachment rules, an
-    SMS text that is missing or too long. Nothing else escapes.
+    Raises ``Refusal`` of kind SIZE_EXCEEDED over ``account.max_message_size``;
+    BARE_LINE_ENDING for a bare CR or LF in the header; SENDER_NOT_ALLOWED for a From: address
+    that is not the account's; CONTENT_REFUSED, with the reason, for everything else: a header
+    or MIME structure that does not parse, a malformed ``X-IB-*`` option, the account's
+    text-and-html, To:/Cc: and attachment rules, an SMS text that is missing or too long.
+    Nothing else escapes.
     """
     checkSize(len(raw), account)
     blockBytes, bodyStart = _split(raw)

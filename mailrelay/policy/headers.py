@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from mailrelay.model import HeaderOptions
-from mailrelay.smtp.replies import CONTENT_REFUSED, Refused
+from mailrelay.policy.decisions import Refusal, RefusalKind
 
 OPTION_PREFIX = "x-ib-"
 MAX_BULK_ID = 200
@@ -40,8 +40,8 @@ def isOptionHeader(name: str) -> bool:
     return name[:5].lower() == OPTION_PREFIX
 
 
-def _refuse(name: str, problem: str) -> Refused:
-    return Refused(CONTENT_REFUSED.withText(f"Header {_display(name)}: {problem}"))
+def _refuse(name: str, problem: str) -> Refusal:
+    return Refusal(RefusalKind.CONTENT_REFUSED, f"Header {_display(name)}: {problem}")
 
 
 def _display(name: str) -> str:
@@ -91,7 +91,7 @@ def _contentType(name: str, value: str) -> str:
 def parseHeaderOptions(fields: Iterable[tuple[str, str]]) -> HeaderOptions:
     """
     The options set by the ``X-IB-*`` fields among ``fields`` (name, unfolded value) pairs;
-    other fields are skipped. Raises ``Refused(CONTENT_REFUSED)`` (550 5.6.0) naming the header
+    other fields are skipped. Raises ``Refusal(CONTENT_REFUSED)`` naming the header
     when an option is malformed or given twice.
     """
     values: dict[str, str] = {}

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
 from mailrelay.model import Account
-from mailrelay.smtp.replies import QUOTA_EXCEEDED, RATE_EXCEEDED, Refused
+from mailrelay.policy.decisions import Refusal, RefusalKind
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -48,13 +48,12 @@ class RateLimiter:
         return True
 
     def check(self, account: Account) -> None:
-        """:meth:`allow`, raising ``Refused(RATE_EXCEEDED)`` (451 4.7.1) when it says no."""
+        """:meth:`allow`, raising ``Refusal(RATE_LIMITED)`` when it says no."""
         if not self.allow(account):
-            raise Refused(
-                RATE_EXCEEDED.withText(
-                    f"Account {account.name} may send {account.rate_per_second:g} messages "
-                    "per second; try again later"
-                )
+            raise Refusal(
+                RefusalKind.RATE_LIMITED,
+                f"Account {account.name} may send {account.rate_per_second:g} messages "
+                "per second; try again later",
             )
 
 
@@ -66,15 +65,14 @@ def startOfDay(now: datetime) -> datetime:
 def checkDailyQuota(account: Account, acceptedToday: int) -> None:
     """
     Whether one more message fits in the account's daily quota, given how many were accepted
-    since :func:`startOfDay`; raises ``Refused(QUOTA_EXCEEDED)`` (452 4.2.2) when it does not.
+    since :func:`startOfDay`; raises ``Refusal(QUOTA_EXCEEDED)`` when it does not.
     """
     quota = account.daily_quota
     if quota is not None and acceptedToday >= quota:
-        raise Refused(
-            QUOTA_EXCEEDED.withText(
-                f"Daily quota of {quota} messages reached for account {account.name}; "
-                "it resets at midnight UTC"
-            )
+        raise Refusal(
+            RefusalKind.QUOTA_EXCEEDED,
+            f"Daily quota of {quota} messages reached for account {account.name}; "
+            "it resets at midnight UTC",
         )
 
 

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable
 
 from mailrelay.policy.addresses import AddressSyntaxError, normaliseDomain
-from mailrelay.smtp.replies import BAD_RECIPIENT_SYNTAX, Refused
+from mailrelay.policy.decisions import Refusal, RefusalKind
 
 MIN_DIGITS = 10
 MAX_DIGITS = 16
@@ -77,7 +77,7 @@ def phoneRecipient(text: str, smsDomains: Iterable[str] = ()) -> str | None:
     """
     The E.164 number a RCPT names, or None when ``text`` is not written as a phone number (so
     it is an e-mail address). A phone-shaped text, or anything at an SMS domain, that is not a
-    valid number raises ``Refused(BAD_RECIPIENT_SYNTAX)`` (553 5.1.3).
+    valid number raises ``Refusal(BAD_RECIPIENT_SYNTAX)``.
     """
     local, at, domain = text.rpartition("@")
     if not at:
@@ -89,6 +89,6 @@ def phoneRecipient(text: str, smsDomains: Iterable[str] = ()) -> str | None:
     try:
         return normalisePhoneNumber(local)
     except PhoneNumberError as e:
-        raise Refused(
-            BAD_RECIPIENT_SYNTAX.withText(f"Recipient phone number invalid: {e}")
+        raise Refusal(
+            RefusalKind.BAD_RECIPIENT_SYNTAX, f"Recipient phone number invalid: {e}"
         ) from None

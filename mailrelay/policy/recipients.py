@@ -10,9 +10,9 @@ from collections.abc import Iterable
 from mailrelay.model import Account, Recipient
 from mailrelay.netaddress import isPublicAddress
 from mailrelay.policy.addresses import literalAddress, recipientAddress
+from mailrelay.policy.decisions import Refusal, RefusalKind
 from mailrelay.policy.phones import phoneRecipient
 from mailrelay.policy.senders import EnvelopeSender
-from mailrelay.smtp.replies import NO_SUCH_RECIPIENT, TOO_MANY_RECIPIENTS, Refused
 
 
 def classifyRecipient(
@@ -28,36 +28,35 @@ def classifyRecipient(
     or at one of ``smsDomains``, becomes ``Recipient(<E.164>, "sms")``; anything else must be an
     e-mail address and becomes ``Recipient(<normal form>, "email")``.
 
-    Raises ``Refused(BAD_RECIPIENT_SYNTAX)`` (553 5.1.3) when the syntax is wrong,
-    ``Refused(NO_SUCH_RECIPIENT)`` (550 5.1.1) for a phone number on an account without SMS and
-    for an e-mail address when the envelope sender is an SMS sender id (which no mail server
-    would accept as a return path).
+    Raises ``Refusal(BAD_RECIPIENT_SYNTAX)`` when the syntax is wrong,
+    ``Refusal(NO_SUCH_RECIPIENT)`` for a phone number on an account without SMS, for a
+    postmaster without a domain, for an address literal inside a network, and for an e-mail
+    address when the envelope sender is an SMS sender id (which no mail server would accept as
+    a return path).
     """
     number = phoneRecipient(text, smsDomains)
     if number is not None:
         if not account.sms_enabled:
-            raise Refused(
-                NO_SUCH_RECIPIENT.withText(
-                    f"{number} is a phone number and account {account.name} has no SMS channel"
-                )
+            raise Refusal(
+                RefusalKind.NO_SUCH_RECIPIENT,
+                f"{number} is a phone number and account {account.name} has no SMS channel",
             )
         return Recipient(number, "sms")
     if text.lower() == "postmaster":
-        raise Refused(
-            NO_SUCH_RECIPIENT.withText("This relay has no local postmaster; give a full address")
+        raise Refusal(
+            RefusalKind.NO_SUCH_RECIPIENT,
+            "This relay has no local postmaster; give a full address",
         )
     mailbox = recipientAddress(text, smtputf8=smtputf8)
     if mailbox.domain.startswith("[") and not _isPublicLiteral(mailbox.domain):
-        raise Refused(
-            NO_SUCH_RECIPIENT.withText(
-                f"{mailbox}: mail to a loopback, private or reserved address is not relayed"
-            )
+        raise Refusal(
+            RefusalKind.NO_SUCH_RECIPIENT,
+            f"{mailbox}: mail to a loopback, private or reserved address is not relayed",
         )
     if sender is not None and sender.kind == "sms":
-        raise Refused(
-            NO_SUCH_RECIPIENT.withText(
-                f"{mailbox}: the SMS sender id {sender.value} can only send to phone numbers"
-            )
+        raise Refusal(
+            RefusalKind.NO_SUCH_RECIPIENT,
+            f"{mailbox}: the SMS sender id {sender.value} can only send to phone numbers",
         )
     return Recipient(str(mailbox), "email")
 
@@ -83,13 +82,17 @@ def recipientLimit(account: Account, configLimit: int) -> int:
 
 def checkRecipientCount(accepted: int, account: Account, configLimit: int) -> None:
     """
-    Whether one more RCPT may be accepted after ``accepted`` ones; raises
-    ``Refused(TOO_MANY_RECIPIENTS)`` (452 4.5.3) when the limit is reached.
+    Whether one more RCPT may be accepted after ``accepted`` ones: the one check of the
+    recipient limit (:func:`recipientLimit`). Raises ``Refusal(TOO_MANY_RECIPIENTS)`` when the
+    limit is reached; the reason names the number only when it is the account's own, lower
+    limit (the relay's limit is answered in the edge's own words, as it always was).
     """
     limit = recipientLimit(account, configLimit)
-    if accepted >= limit:
-        raise Refused(
-            TOO_MANY_RECIPIENTS.withText(
-                f"Too many recipients: at most {limit} per message; send the rest in another"
-            )
-        )
+    if accepted < limit:
+        return
+    if limit == configLimit:
+        raise Refusal(RefusalKind.TOO_MANY_RECIPIENTS)
+    raise Refusal(
+        RefusalKind.TOO_MANY_RECIPIENTS,
+        f"Too many recipients: at most {limit} per message; send the rest in another",
+    )

@@ -29,8 +29,8 @@ from mailrelay.policy.addresses import (
     parseMailbox,
     senderAddress,
 )
+from mailrelay.policy.decisions import Refusal, RefusalKind
 from mailrelay.policy.phones import PhoneNumberError, normalisePhoneNumber
-from mailrelay.smtp.replies import BAD_SENDER_SYNTAX, SENDER_NOT_ALLOWED, Refused
 
 MAX_NUMERIC_SENDER_ID = 16
 MAX_ALPHANUMERIC_SENDER_ID = 11
@@ -100,12 +100,11 @@ def isRegisteredMailbox(mailbox: Mailbox, account: Account, senders: Iterable[Se
     return mailbox in registry.addresses or mailbox.domain in registry.domains
 
 
-def _notRegistered(what: str, account: Account) -> Refused:
-    return Refused(
-        SENDER_NOT_ALLOWED.withText(
-            f"{what} is not registered to account {account.name}; "
-            "register the address or its domain first"
-        )
+def _notRegistered(what: str, account: Account) -> Refusal:
+    return Refusal(
+        RefusalKind.SENDER_NOT_ALLOWED,
+        f"{what} is not registered to account {account.name}; "
+        "register the address or its domain first",
     )
 
 
@@ -113,18 +112,17 @@ def checkEnvelopeSender(
     text: str, account: Account, senders: Iterable[Sender], *, smtputf8: bool = False
 ) -> EnvelopeSender:
     """
-    The MAIL FROM address (``text`` as :func:`.arguments.parsePathArgument` gave it) once it is
+    The MAIL FROM address (``text``: the path's address, without brackets) once it is
     known to be the account's: an e-mail address in normal form, or an SMS sender id.
 
-    Raises ``Refused(BAD_SENDER_SYNTAX)`` (501 5.1.7) for an address or sender id that is not
-    well formed, ``Refused(SENDER_NOT_ALLOWED)`` (553 5.7.1) for one that is not registered,
-    for the null sender, and for a sender id on an account without SMS.
+    Raises ``Refusal(BAD_SENDER_SYNTAX)`` for an address or sender id that is not well
+    formed, ``Refusal(SENDER_NOT_ALLOWED)`` for one that is not registered, for the null
+    sender, and for a sender id on an account without SMS.
     """
     if not text:
-        raise Refused(
-            SENDER_NOT_ALLOWED.withText(
-                "The null sender <> cannot be used; use a registered address"
-            )
+        raise Refusal(
+            RefusalKind.SENDER_NOT_ALLOWED,
+            "The null sender <> cannot be used; use a registered address",
         )
     if "@" in text:
         mailbox = senderAddress(text, smtputf8=smtputf8)
@@ -134,12 +132,11 @@ def checkEnvelopeSender(
     try:
         senderId = normaliseSenderId(text)
     except SenderIdError as e:
-        raise Refused(BAD_SENDER_SYNTAX.withText(f"Sender invalid: {e}")) from None
+        raise Refusal(RefusalKind.BAD_SENDER_SYNTAX, f"Sender invalid: {e}") from None
     if not account.sms_enabled:
-        raise Refused(
-            SENDER_NOT_ALLOWED.withText(
-                f"Sender id {senderId} needs SMS, which account {account.name} does not have"
-            )
+        raise Refusal(
+            RefusalKind.SENDER_NOT_ALLOWED,
+            f"Sender id {senderId} needs SMS, which account {account.name} does not have",
         )
     if senderId not in _registryOf(account, senders).smsIds:
         raise _notRegistered(f"SMS sender id {senderId}", account)
@@ -150,8 +147,8 @@ def checkHeaderSenders(
     mailboxes: Sequence[Mailbox], account: Account, senders: Iterable[Sender]
 ) -> None:
     """
-    Refuse, with ``Refused(SENDER_NOT_ALLOWED)`` (553 5.7.1) naming it, the first From: header
-    address that is not the account's.
+    Refuse, with ``Refusal(SENDER_NOT_ALLOWED)`` naming it, the first From: header address
+    that is not the account's.
     """
     for mailbox in mailboxes:
         if not isRegisteredMailbox(mailbox, account, senders):

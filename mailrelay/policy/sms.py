@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mailrelay.smtp.replies import CONTENT_REFUSED, Refused
+from mailrelay.policy.decisions import Refusal, RefusalKind
 
 Encoding = Literal["GSM-7", "UCS-2"]
 
@@ -81,17 +81,16 @@ def measureSms(text: str) -> SmsLength:
 def checkSmsText(text: str, maxSegments: int) -> SmsLength:
     """
     The measure of ``text`` if it fits in ``maxSegments`` segments (the account's
-    ``sms_segments``); otherwise raise ``Refused(CONTENT_REFUSED)`` whose text gives the counts.
+    ``sms_segments``); otherwise raise ``Refusal(CONTENT_REFUSED)`` whose reason gives the counts.
     """
     length = measureSms(text)
     if length.segments > maxSegments:
         single, perSegment = LIMITS[length.encoding]
         allowed = "1 segment" if maxSegments == 1 else f"{maxSegments} segments"
-        raise Refused(
-            CONTENT_REFUSED.withText(
-                f"SMS text is {length.units} {length.unitName} in {length.encoding} and needs "
-                f"{length.segments} segments; this account allows {allowed} "
-                f"({single} fit in one message, {perSegment} per segment when split)"
-            )
+        raise Refusal(
+            RefusalKind.CONTENT_REFUSED,
+            f"SMS text is {length.units} {length.unitName} in {length.encoding} and needs "
+            f"{length.segments} segments; this account allows {allowed} "
+            f"({single} fit in one message, {perSegment} per segment when split)",
         )
     return length

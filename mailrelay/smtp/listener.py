@@ -9,7 +9,6 @@ security mode. ``tls`` listeners wrap the factory in TLS so the first byte is a 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.cred.portal import Portal
@@ -19,67 +18,19 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailrelay.auth.throttle import LoginThrottle
 from mailrelay.config import LimitsConfig, ListenerConfig
+from mailrelay.smtp.protocol import SubmissionProtocol
+from mailrelay.smtp.sessions import SessionRegistry
+from mailrelay.smtp.settings import ConnectionCounter, ListenerSettings
 
-
-class ConnectionCounter:
-    """Open SMTP connections, in all and per client address, shared by every listener."""
-
-    def __init__(
-        self,
-        maxTotal: int,
-        maxPerClient: int,
-        publish: Callable[[int], None] | None = None,
-    ) -> None:
-        self.maxTotal = maxTotal
-        self.maxPerClient = maxPerClient
-        self.total = 0
-        self._perClient: dict[str, int] = {}
-        # Told the new total at each change (the workers' shared load table).
-        self._publish = publish
-
-    def acquire(self, client: str) -> bool:
-        """Count a new connection from ``client``; False (and not counted) if over a limit."""
-        count = self._perClient.get(client, 0)
-        if self.total >= self.maxTotal or count >= self.maxPerClient:
-            return False
-        self.total += 1
-        self._perClient[client] = count + 1
-        if self._publish is not None:
-            self._publish(self.total)
-        return True
-
-    def release(self, client: str) -> None:
-        """Forget a connection counted by :meth:`acquire`."""
-        self.total -= 1
-        if self._publish is not None:
-            self._publish(self.total)
-        count = self._perClient[client] - 1
-        if count:
-            self._perClient[client] = count
-        else:
-            del self._perClient[client]
-
-
-@dataclass(frozen=True)
-class ListenerSettings:
-    """Everything a session on one listener needs to know, shared by all its connections."""
-
-    name: str
-    hostname: str
-    security: str
-    authMode: str
-    allowPlaintextAuth: bool
-    limits: LimitsConfig
-    portal: Portal
-    clock: IReactorTime
-    throttle: LoginThrottle
-    tlsContext: Any = None
-    # For auth = "network": (session) -> Deferred[(avatar, logout) | None]
-    networkLogin: Callable[[Any], Any] | None = None
-    spoolDir: str | None = None
-    # () -> Deferred firing once the store is open; sessions greet only then.
-    whenReady: Callable[[], Any] | None = None
-    connections: ConnectionCounter | None = None
+# The settings live in their own module (the protocol needs them, and this module needs the
+# protocol); they are named here too, as part of what a listener is.
+__all__ = [
+    "ConnectionCounter",
+    "ListenerSettings",
+    "SubmissionFactory",
+    "listenerFactory",
+    "listenerSettings",
+]
 
 
 class SubmissionFactory(Factory):
@@ -88,17 +39,11 @@ class SubmissionFactory(Factory):
     noisy = False  # no "Starting factory" lines at each (worker) start
 
     def __init__(self, settings: ListenerSettings, implicitTLS: bool = False) -> None:
-        # Imported here (protocol imports this module), and now rather than at the first
-        # connection: a process that takes tens of milliseconds to import at its first accept
-        # loses the start of a burst of connections to the other workers.
-        from mailrelay.smtp.protocol import SubmissionProtocol
-
         self.settings = settings
         self.implicitTLS = implicitTLS
-        self._protocol = SubmissionProtocol
 
     def buildProtocol(self, addr: Any) -> Protocol:
-        protocol = self._protocol(self.settings, implicitTLS=self.implicitTLS)
+        protocol = SubmissionProtocol(self.settings, implicitTLS=self.implicitTLS)
         protocol.factory = self
         return protocol
 
@@ -116,6 +61,7 @@ def listenerSettings(
     spoolDir: str | None,
     whenReady: Callable[[], Any] | None = None,
     connections: ConnectionCounter | None = None,
+    sessions: SessionRegistry | None = None,
 ) -> ListenerSettings:
     """The settings of one configured listener."""
     return ListenerSettings(
@@ -133,6 +79,7 @@ def listenerSettings(
         spoolDir=spoolDir,
         whenReady=whenReady,
         connections=connections,
+        sessions=sessions,
     )
 
 

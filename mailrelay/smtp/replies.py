@@ -53,7 +53,9 @@ class Reply:
 
 
 class Refused(Exception):
-    """Raised (or returned through a Deferred) to answer a command with ``reply``."""
+    """Raised (or returned through a Deferred) inside the SMTP edge to answer a command with
+    ``reply``. (Policy refuses with :class:`mailrelay.policy.decisions.Refusal`, which
+    :mod:`mailrelay.smtp.refusals` translates.)"""
 
     def __init__(self, reply: Reply) -> None:
         super().__init__(f"{reply.code} {reply.enhanced} {reply.text}")
@@ -63,7 +65,8 @@ class Refused(Exception):
 OK = Reply(250, "2.0.0", "OK")
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
 RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
-ACCEPTED = Reply(250, "2.0.0", "OK id={id}")
+ACCEPTED = Reply(250, "2.0.0", "OK")
+"""End of DATA: the message is queued. Sent with the text ``OK id=<notification id>``."""
 START_DATA = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
 READY_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 BYE = Reply(221, "2.0.0", "Bye")
@@ -105,9 +108,7 @@ QUOTA_EXCEEDED = Reply(452, "4.2.2", "Daily quota exceeded")
 SMS_CREDITS_EXHAUSTED = Reply(452, "4.2.2", "SMS credits do not cover this message")
 CONTENT_REFUSED = Reply(550, "5.6.0", "Message content refused")
 BARE_LINE_ENDING = Reply(550, "5.6.0", "Message contains a bare CR or LF; lines must end in CRLF")
-ACCOUNT_DISABLED = Reply(535, "5.7.8", "Authentication credentials invalid")
 TEMPORARY_FAILURE = Reply(451, "4.3.0", "Temporary failure, please try again later")
-TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
 TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
 DATA_TOO_SLOW = Reply(421, "4.4.2", "DATA too slow or too long, closing connection")
 # Postfix's answer to text sent before the 354 (RFC 2920 §3.1: DATA ends a pipelined group).

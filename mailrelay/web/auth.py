@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from mailrelay import metrics
 from mailrelay.auth.credentials import credentialsFor
 from mailrelay.auth.throttle import LoginThrottle
-from mailrelay.interfaces import IMessageDelivery
+from mailrelay.interfaces import ISubmission
 from mailrelay.model import API_KEY_USER, SessionInfo
 
 WEB_LISTENER = "web"
@@ -87,7 +87,7 @@ class BasicLogin:
         session = SessionInfo(client_address=clientAddress, listener=WEB_LISTENER)
         try:
             loggedIn: Any = await self._portal.login(
-                credentialsFor(user, password), session, IMessageDelivery
+                credentialsFor(user, password), session, ISubmission
             )
         except (UnauthorizedLogin, UnhandledCredentials):
             self._throttle.failed(clientAddress, account)

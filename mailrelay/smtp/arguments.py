@@ -1,11 +1,11 @@
 """
 The argument of ``MAIL FROM:`` and ``RCPT TO:``: a path and ESMTP parameters (RFC 5321 §4.1.2).
 
-Only the shape is decided here; what the address means is for :mod:`.senders` and
-:mod:`.recipients`. The parser is forgiving where real clients are sloppy (a space after the
-colon, a bare address without angle brackets as SMS gateways document it, a source route) and
-strict about everything else: a malformed argument raises ``Refused(SYNTAX_ERROR)``
-(501 5.5.4), never anything else.
+Only the shape is decided here; what the address means is for :mod:`mailrelay.policy.senders`
+and :mod:`mailrelay.policy.recipients`. The parser is forgiving where real clients are sloppy
+(a space after the colon, a bare address without angle brackets as SMS gateways document it, a
+source route) and strict about everything else: a malformed argument raises
+``Refused(SYNTAX_ERROR)`` (501 5.5.4), never anything else.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ from datetime import UTC, datetime
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailrelay.message.received import receivedHeader
 from mailrelay.model import Recipient
-from mailrelay.policy.received import receivedHeader
 
 NOW = datetime(2025, 3, 8, 14, 58, 30, tzinfo=UTC)
 

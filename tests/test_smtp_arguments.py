@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailrelay.policy.arguments import MailOptions, mailOptions, parsePathArgument
+from mailrelay.smtp.arguments import MailOptions, mailOptions, parsePathArgument
 from mailrelay.smtp.replies import SYNTAX_ERROR, UNKNOWN_PARAMETER, Refused
 from tests.test_policy_support import RefusalMixin
 
