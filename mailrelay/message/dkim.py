@@ -24,10 +24,11 @@ from datetime import datetime
 from typing import Any, Literal
 
 import dkim
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim.canonicalization import CanonicalizationPolicy
-from dkim.crypto import HASH_ALGORITHMS, parse_private_key
+from dkim.crypto import HASH_ALGORITHMS
 
 from mailrelay.model import DkimAlgorithm, DkimKey
 from mailrelay.policy.addresses import MAX_DOMAIN, normaliseDomain
@@ -124,7 +125,7 @@ def dnsRecord(key: DkimKey) -> tuple[str, str]:
 
 
 @dataclass(frozen=True)
-class _Ed25519Signature:
+class _Signed:
     signature: bytes
 
 
@@ -135,8 +136,21 @@ class _Ed25519Signer:
     def __init__(self, key: ed25519.Ed25519PrivateKey) -> None:
         self._key = key
 
-    def sign(self, data: bytes) -> _Ed25519Signature:
-        return _Ed25519Signature(self._key.sign(data))
+    def sign(self, data: bytes) -> _Signed:
+        return _Signed(self._key.sign(data))
+
+
+class _RSASigner:
+    """The same interface for RSA: PKCS#1 v1.5 over the SHA-256 digest ``gen_header`` hands
+    over, by ``cryptography`` (OpenSSL) instead of dkimpy's pure-Python RSA, which takes
+    ~20 times as long (8.7 ms against 0.4 ms a signature for 2048 bits). PKCS#1 v1.5 is
+    deterministic: the bytes are those dkimpy's own RSA would give."""
+
+    def __init__(self, key: rsa.RSAPrivateKey) -> None:
+        self._key = key
+
+    def sign(self, digest: bytes) -> _Signed:
+        return _Signed(self._key.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256())))
 
 
 @dataclass(frozen=True)
@@ -145,19 +159,14 @@ class _ParsedKey:
 
     source: DkimKey
     algorithm: bytes
-    signer: Any  # dkimpy's RSA key dict, or an _Ed25519Signer
+    signer: Any  # an _RSASigner or an _Ed25519Signer
 
 
 def _parse(key: DkimKey) -> _ParsedKey:
     privateKey = _loadPrivateKey(key)
     signer: Any
     if isinstance(privateKey, rsa.RSAPrivateKey):
-        der = privateKey.private_bytes(
-            serialization.Encoding.DER,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-        signer = parse_private_key(der)
+        signer = _RSASigner(privateKey)
     else:
         signer = _Ed25519Signer(privateKey)
     return _ParsedKey(key, _SIGNATURE_ALGORITHMS[key.algorithm], signer)
@@ -199,9 +208,14 @@ class _Signature(dkim.DKIM):
             # of its own, so folding after signing moves no other tag.
             (b"b", b"0" * 60),
         ]
+        # gen_header picks how to sign by signature_algorithm: its Ed25519 branch calls
+        # ``signer.sign(digest)``, which both of our signers answer (the a= tag written is
+        # the key's own, above; the digest is SHA-256 for both algorithms).
+        self.signature_algorithm = b"ed25519-sha256"
         value = self.gen_header(
             fields, self.include_headers, canonPolicy, b"DKIM-Signature", key.signer
         )
+        self.signature_algorithm = key.algorithm
         self.domain = domain
         self.selector = selector
         self.signature_fields = dict(fields)

@@ -396,15 +396,27 @@ class SMTPClientPool:
         self._waking = True
         try:
             while True:
-                waiter = next(
-                    (w for w in self._waiting if self._canStart(w.destination, w.key)), None
-                )
+                waiter = self._firstStartable()
                 if waiter is None:
                     return
                 self._waiting.remove(waiter)
                 waiter.ready.callback(self._take(waiter.destination, waiter.key))
         finally:
             self._waking = False
+
+    def _firstStartable(self) -> _Waiter | None:
+        """The oldest waiter that can start now. Waiters for one destination and key share
+        the answer, so a long queue behind a few busy destinations is asked once per
+        destination, not once per waiter."""
+        blocked: set[tuple[str, _Key]] = set()
+        for waiter in self._waiting:
+            wanted = (waiter.destination, waiter.key)
+            if wanted in blocked:
+                continue
+            if self._canStart(*wanted):
+                return waiter
+            blocked.add(wanted)
+        return None
 
     def _release(self, slot: _Slot) -> None:
         """Give back a delivery's slot: its connection idles, or closes (and frees it)."""
