@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from treq.client import HTTPClient
+from twisted.cred.credentials import IUsernamePassword
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
@@ -66,9 +67,10 @@ class WebSiteTestsBase(TestCase):
 
         self.config = parseConfig({"hostname": "relay.test", "limits": {}})
         submissions = Submissions(self.store, self.config, reactor)
-        portal, _ = makePortal(self.store, submissions, reactor, authPool)
         self.clock = Clock()
         self.clock.advance(NOW.timestamp())
+        portal, _ = makePortal(self.store, submissions, reactor, authPool, clock=self.clock)
+        self.passwords = portal.checkers[IUsernamePassword]  # counts Argon2 verifications
         self.throttle = LoginThrottle(self.clock.seconds, maxFailures=MAX_FAILURES, window=300)
         self.listeners = [ListenerState("tcp:587", True)]
         site = makeWebSite(
@@ -359,10 +361,17 @@ class AuthenticationTests(WebSiteTestsBase):
         await self.getJSON(f"/acme/notifications/id/{nid}", auth=("acme", OTHER_PASSWORD))
 
     async def test_rememberedLoginExpires(self) -> None:
+        """A verified password is remembered for a minute of the site's clock (no Argon2
+        verification for a poll), then verified again."""
         nid = await self.enqueue()
         await self.getJSON(f"/acme/notifications/id/{nid}")
+        self.assertEqual(self.passwords.verifications, 1)
+        self.clock.advance(59)
+        await self.getJSON(f"/acme/notifications/id/{nid}")
+        self.assertEqual(self.passwords.verifications, 1)
         self.clock.advance(3600)
         await self.getJSON(f"/acme/notifications/id/{nid}")
+        self.assertEqual(self.passwords.verifications, 2)
 
     async def test_throttled(self) -> None:
         for _ in range(MAX_FAILURES):
