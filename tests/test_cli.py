@@ -101,7 +101,7 @@ class CLITestsBase(TestCase):
         self,
         *args: str,
         stdin: bytes = b"",
-        config: Path | None | bool = True,
+        config: Path | bool | None = True,
         cwd: Path | None = None,
     ) -> Deferred[Result]:
         """Run ``python -m mailrelay.cli`` with a command line, in ``cwd`` (default: the

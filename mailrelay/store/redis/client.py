@@ -13,7 +13,8 @@ sentinels name at that moment: :class:`SentinelEndpoint` asks them in turn (``SE
 GET-MASTER-ADDR-BY-NAME``) before each attempt, and a server that says (``ROLE``) it is no
 primary is disconnected and tried again shortly. A failover therefore reaches the relay as
 closed connections -- Sentinel closes the clients of both servers when it reconfigures them,
-and a primary that died closes them too -- after which the pool connects to the new primary.
+a primary that stopped closes them too, and one whose host died times out -- after which the
+pool connects to the new primary.
 When the address the sentinels give changes, the pool's other connections are closed; a write
 refused with ``READONLY`` (a former primary whose clients were not closed) closes them all.
 (txredisapi's own ``Sentinel`` is not used: its discovery timers run on after a cancelled
