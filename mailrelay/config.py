@@ -73,6 +73,9 @@ class LimitsConfig:
     data_total_timeout: int = 1800
     data_min_rate: int = 1024
     data_rate_grace: int = 600
+    # SIGTERM: sessions inside DATA (or waiting for their message to be stored) get this many
+    # seconds to finish before they are closed; new commands are answered 421 4.3.2 at once.
+    drain_timeout: int = 30
 
 
 TLSPolicyName = Literal["verify", "opportunistic", "none"]
@@ -269,6 +272,7 @@ def _validate(config: Config) -> Config:
         "max_connections_per_client",
         "tls_handshake_timeout",
         "data_total_timeout",
+        "drain_timeout",
     ):
         _positive(f"limits.{name}", getattr(config.limits, name))
     if config.limits.data_min_rate < 0 or config.limits.data_rate_grace < 0:
@@ -288,8 +292,8 @@ def _validate(config: Config) -> Config:
 
 
 def _validateSms(config: Config) -> None:
-    """The ``[sms]`` gateway must be one this build serves, and the delivery loop must run
-    (the SMS channel is part of it)."""
+    """The ``[sms]`` gateway must be one this build serves (the delivery loop runs for it
+    in every mode: ``[delivery] mode`` governs e-mail only)."""
     sms = config.sms
     _positive("sms.window", sms.window)
     if not sms.gateway:
@@ -359,10 +363,21 @@ def _validateDelivery(delivery: DeliveryConfig) -> None:
 
 
 MAX_WORKERS = 64
-# Endpoints whose listening socket another process can take over as it is: TCP ones. (The
-# PROXY header of haproxy: and the TLS of ssl: live in the factory, which a worker would not
-# have; and a process that stops listening on a UNIX socket it took over deletes its file.)
+# Endpoints whose listening socket another process can take over as it is: TCP ones, also
+# inside haproxy: (a worker wraps its factory in the PROXY-protocol one itself). The TLS of
+# ssl: lives in the factory, which a worker would not have; and a process that stops
+# listening on a UNIX socket it took over deletes its file.
 WORKER_ENDPOINT_KINDS = frozenset({"tcp", "tcp6", "systemd"})
+PROXY_WRAPPER = "haproxy"
+
+
+def proxied(endpoint: str) -> tuple[bool, str]:
+    """Whether ``endpoint`` is a ``haproxy:`` one (the PROXY protocol in front), and the
+    endpoint it wraps (``endpoint`` itself if it wraps none)."""
+    kind, _, rest = endpoint.partition(":")
+    if kind.strip().lower() == PROXY_WRAPPER:
+        return True, rest
+    return False, endpoint
 
 
 def _validateWorkers(config: Config) -> None:
@@ -371,12 +386,14 @@ def _validateWorkers(config: Config) -> None:
     if config.workers == 1:
         return
     for i, listener in enumerate(config.listeners):
-        kind = listener.endpoint.partition(":")[0].lower()
-        unixSocket = kind == "systemd" and "domain=unix" in listener.endpoint.lower()
+        inner = proxied(listener.endpoint)[1]
+        kind = inner.partition(":")[0].lower()
+        unixSocket = kind == "systemd" and "domain=unix" in inner.lower()
         if kind not in WORKER_ENDPOINT_KINDS or unixSocket:
             raise ConfigError(
                 f"listeners[{i}].endpoint: with workers > 1 a listener must be a TCP one "
-                f"(tcp:, tcp6:, systemd:domain=INET...), not {listener.endpoint!r}"
+                f"(tcp:, tcp6:, systemd:domain=INET..., each also inside haproxy:), "
+                f"not {listener.endpoint!r}"
             )
     # Each process makes ids with its own instance number: instance_id + its index.
     if (config.store.backend == "sqlite" or config.store.instance_id) and (

@@ -12,49 +12,48 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import IO, Any, cast
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IServiceCollection, MultiService, Service
-from twisted.cred.portal import Portal
+from twisted.application.service import IServiceCollection, MultiService
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.python.threadpool import ThreadPool
+from twisted.python.logfile import LogFile
 
-from mailrelay.auth.realm import makePortal
-from mailrelay.auth.throttle import (
-    FAILED_LOGINS_PER_ACCOUNT,
-    FAILED_LOGINS_PER_CLIENT,
-    LoginThrottle,
-)
-from mailrelay.config import Config, ConfigError, ListenerConfig, loadConfigSource
+from mailrelay.config import Config, ConfigError, loadConfigSource, proxied
+from mailrelay.core import RelayCore, ThreadPoolService, buildCore, shortenGILTurns
 from mailrelay.delivery.build import makeDelivery
 from mailrelay.delivery.reportsbuild import TrackingKeyService, makeDispatcher, makeTracker
 from mailrelay.delivery.service import DeliveryProbe, DeliveryService
 from mailrelay.files import handOver, keepFilesPrivate, warnIfShared
-from mailrelay.interfaces import IStore, StoreError
+from mailrelay.lifecycle import LiveSettings, RelayRoot, Reloader, SignalService
 from mailrelay.listening import defaultBacklog, withBacklog
+from mailrelay.maillog import LOG_FORMATS, jsonLinesObserver, textLinesObserver
 from mailrelay.message.tracking import Tracker
 from mailrelay.retention import RetentionService
+from mailrelay.sdnotify import Notifier
 from mailrelay.smtp.data import NATIVE_SCAN
-from mailrelay.smtp.listener import ConnectionCounter, listenerFactory, listenerSettings
-from mailrelay.store import makeStore
-from mailrelay.submission import Submissions
+from mailrelay.smtp.proxy import ProxyHeaderFactory
 from mailrelay.tls import certificatePaths, contextFromPEM, readPEM
 from mailrelay.web import makeWebSite, serviceListeners
 from mailrelay.web.health import oneProcess
 from mailrelay.web.tracking import makeTrackingSite
 from mailrelay.workers.balance import LoadTable
-from mailrelay.workers.pool import WorkerPool, WorkerSetup
+from mailrelay.workers.pool import STOP_TIMEOUT, WorkerPool, WorkerSetup
 
 log = Logger()
+
+
+class ConfigurationError(SystemExit):
+    """
+    The configuration file cannot be used. twistd prints its whole usage block above a
+    UsageError's message, which buries the one line that matters; a SystemExit goes through
+    twistd unchanged, so the message alone reaches stderr and the exit status is 1.
+    """
 
 
 class Options(usage.Options):
@@ -63,77 +62,18 @@ class Options(usage.Options):
         "Run the mailrelay SMTP submission relay. Without --config, ./mailrelay.toml is read "
         "if present, else the built-in defaults are used."
     )
-    optParameters = [["config", "c", None, "TOML configuration file"]]
+    optParameters = [
+        ["config", "c", None, "TOML configuration file"],
+        ["log-format", None, "text", "the log: text (twistd's lines) or json (an object a line)"],
+    ]
 
     def postOptions(self) -> None:
+        if self["log-format"] not in LOG_FORMATS:
+            raise usage.UsageError(f"--log-format: one of {', '.join(LOG_FORMATS)}")
         try:
             self.loadedConfig, self.configSource = loadConfigSource(self["config"])
         except ConfigError as e:
-            raise usage.UsageError(f"configuration: {e}") from None
-
-
-class StoreService(Service):
-    """Opens the store when the service starts and closes it (after the listeners) on stop.
-
-    Listening sockets are bound before the store is open (privilegedStartService runs first);
-    :meth:`whenReady` is how sessions wait for it before they greet anyone.
-    """
-
-    def __init__(self, store: IStore, reactor: Any) -> None:
-        self.store = store
-        self._reactor = reactor
-        self.ready = False
-        self._waiting: list[Deferred[None]] = []
-
-    def whenReady(self) -> Deferred[None]:
-        """A Deferred that fires once the store is open (at once if it is)."""
-        if self.ready:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._waiting.append(d)
-        return d
-
-    def startService(self) -> None:
-        super().startService()
-        d = self.store.open()
-        d.addCallbacks(self._opened, self._failed)
-
-    def _opened(self, _: object) -> None:
-        self.ready = True
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(None)
-
-    def _failed(self, failure: Any) -> None:
-        log.failure("cannot open the store; stopping", failure)
-        # twistd itself always exits 0 once the reactor stops; a service manager must see
-        # this start fail (systemd's Restart=on-failure), so leave with status 1 once the
-        # shutdown (listeners closed, logs written) is complete.
-        self._reactor.addSystemEventTrigger("after", "shutdown", _exitFailed)
-        self._reactor.stop()
-
-    def stopService(self) -> Any:
-        super().stopService()
-        return self.store.close()
-
-
-def _exitFailed() -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)
-
-
-class ThreadPoolService(Service):
-    def __init__(self, pool: ThreadPool) -> None:
-        self.pool = pool
-
-    def startService(self) -> None:
-        super().startService()
-        self.pool.start()
-
-    def stopService(self) -> None:
-        super().stopService()
-        self.pool.stop()
+            raise ConfigurationError(f"mailrelay: configuration: {e}") from None
 
 
 class ListenerService(StreamServerEndpointService):
@@ -177,119 +117,17 @@ def _listen(
     return service
 
 
-@dataclass(frozen=True)
-class RelayCore:
-    """What every relay process builds the same way: the store and what stands on it."""
-
-    store: IStore
-    portal: Portal
-    throttle: LoginThrottle
-    storeService: StoreService
-    connections: ConnectionCounter
-    listenerFactory: Callable[[ListenerConfig], IProtocolFactory]
-    tlsPEM: tuple[bytes, bytes] | None  # what the TLS context was made of (None: no TLS)
-    submissions: Submissions
-
-
-def buildCore(
-    config: Config,
-    reactor: Any,
-    root: MultiService,
-    processIndex: int = 0,
-    tlsPEM: tuple[bytes, bytes] | None = None,
-    loads: LoadTable | None = None,
-) -> RelayCore:
-    """
-    The store (started first, stopped last), the auth threads, the portal and the per-listener
-    protocol factories of relay process ``processIndex`` (0: the main one), added to ``root``.
-
-    With ``config.workers`` processes, the limits kept in memory are shared out: each process
-    allows its part of the connections, of the failed logins per address and of each account's
-    rate, so the relay as a whole never allows more than configured.
-
-    ``tlsPEM`` (certificate chain, key) is what a worker was handed by the main process; the
-    main process reads the configured files (or makes the self-signed pair) itself. ``loads``
-    is the workers' shared table of open connections, where this process publishes its own.
-    """
-    spoolDir = config.dataPath / "spool"
-    try:
-        # data_dir before its spool: mkdir makes missing parents with the default mode (0755
-        # under the usual umask), and data_dir holds password hashes and messages.
-        for directory in (config.dataPath, spoolDir):
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        store = makeStore(config, reactor, processIndex)
-    except OSError as e:
-        raise SystemExit(f"mailrelay: data_dir {config.data_dir!r}: {e.strerror or e}") from None
-    except (StoreError, ConfigError) as e:
-        raise SystemExit(f"mailrelay: {e}") from None
-
-    storeService = StoreService(store, reactor)
-    storeService.setServiceParent(root)
-    authPool = ThreadPool(minthreads=1, maxthreads=2, name="mailrelay-auth")
-    ThreadPoolService(authPool).setServiceParent(root)
-
-    tlsContext = None
-    if any(listener.security != "none" for listener in config.listeners):
-        try:
-            if tlsPEM is None:
-                tlsPEM = readPEM(*certificatePaths(config))
-            tlsContext = contextFromPEM(*tlsPEM)
-        except (ValueError, OSError) as e:
-            raise SystemExit(f"mailrelay: TLS: {e}") from None
-    submissions = Submissions(store, config, reactor)
-    portal, realm = makePortal(store, submissions, reactor, authPool)
-    workers = config.workers
-    throttle = LoginThrottle(
-        reactor.seconds,
-        maxFailures=_share(FAILED_LOGINS_PER_CLIENT, workers),
-        maxAccountFailures=_share(FAILED_LOGINS_PER_ACCOUNT, workers),
-    )
-    connections = ConnectionCounter(
-        _share(config.limits.max_connections, workers),
-        _share(config.limits.max_connections_per_client, workers),
-        publish=None if loads is None else partial(loads.set, processIndex),
-    )
-
-    def factory(listener: ListenerConfig) -> IProtocolFactory:
-        settings = listenerSettings(
-            listener,
-            hostname=config.hostname,
-            limits=config.limits,
-            portal=portal,
-            clock=reactor,
-            throttle=throttle,
-            tlsContext=tlsContext,
-            networkLogin=realm.networkLogin,
-            spoolDir=str(spoolDir),
-            whenReady=storeService.whenReady,
-            connections=connections,
-        )
-        return listenerFactory(settings)
-
-    return RelayCore(
-        store, portal, throttle, storeService, connections, factory, tlsPEM, submissions
-    )
-
-
-def _share(limit: int, workers: int) -> int:
-    """One worker's part of a limit the whole relay keeps: rounded down, so that together they
-    never allow more, but at least 1 (a limit below ``workers`` is then exceeded)."""
-    return max(1, limit // workers)
-
-
-GIL_SWITCH_INTERVAL = 0.001
-"""Seconds a thread may keep the GIL while another waits for it (Python's default: 0.005)."""
-
-
-def shortenGILTurns() -> None:
-    """
-    Let the store's writer thread have the GIL sooner. It gives the GIL up around every
-    SQLite call and needs it back to go on; with Python's default 5 ms turns it waits behind
-    the busy reactor thread while every session waits for its commit. With 1 ms turns one
-    process accepted 15-18% more 2 KiB messages on 10 sessions (benchmarks/RESULTS.md);
-    100 KiB messages and 500 sessions were unchanged.
-    """
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+def _listenSMTP(
+    parent: IServiceCollection, reactor: Any, endpoint: str, factory: Any
+) -> ListenerService:
+    """:func:`_listen` for an SMTP listener: behind ``haproxy:`` the session starts once the
+    PROXY header is read (:mod:`mailrelay.smtp.proxy`), so it sees the client's address."""
+    behindProxy, inner = proxied(endpoint)
+    if not behindProxy:
+        return _listen(parent, reactor, endpoint, factory)
+    service = _listen(parent, reactor, inner, ProxyHeaderFactory(factory, reactor))
+    service.description = endpoint
+    return service
 
 
 def _handOverToRunAsUser(config: Config, twistdOptions: Any) -> None:
@@ -312,7 +150,7 @@ def _handOverToRunAsUser(config: Config, twistdOptions: Any) -> None:
 
 def _deliveryServices(
     config: Config, core: RelayCore, reactor: Any, root: MultiService
-) -> DeliveryService | None:
+) -> tuple[DeliveryService | None, Tracker | None]:
     """The outbound side, in the main process only (with the SQLite store one process
     delivers; relays sharing Redis split the work through its leases), and the expiry of old
     status trails. Added after the store, so they stop before it closes."""
@@ -333,7 +171,7 @@ def _deliveryServices(
         root
     )
     _reportServices(config, core, reactor, root, tracker)
-    return delivery
+    return delivery, tracker
 
 
 def _reportServices(
@@ -367,16 +205,31 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if config is None:
         config, source = loadConfigSource(options["config"])
     keepFilesPrivate()
-    root = MultiService()
+    notifier = Notifier()
+    root = RelayRoot(reactor, config.limits.drain_timeout, notifier)
+    twistdOptions = getattr(options, "parent", None)
+    if twistdOptions is not None:
+        root.logObserver = _logObserver(options["log-format"], twistdOptions)
     loads = LoadTable.create(config.workers) if config.workers > 1 else None
-    core = buildCore(config, reactor, root, loads=loads)
+    core = buildCore(
+        config,
+        reactor,
+        root,
+        publishConnections=None if loads is None else partial(loads.set, 0),
+        sessions=root.sessions,
+    )
+    # The drain's order (mailrelay.lifecycle): the store closes last, the auth threads
+    # (and the web listener, below) stop once the sessions are done.
+    root.last.append(core.storeService)
+    root.afterDrain += [s for s in root if isinstance(s, ThreadPoolService)]
+    root.whenReady = core.storeService.whenReady
     warnIfShared(config.dataPath)
     _handOverToRunAsUser(config, getattr(options, "parent", None))
     listeners = [
-        _listen(root, reactor, listener.endpoint, core.listenerFactory(listener))
+        _listenSMTP(root, reactor, listener.endpoint, core.listenerFactory(listener))
         for listener in config.listeners
     ]
-    delivery = _deliveryServices(config, core, reactor, root)
+    delivery, tracker = _deliveryServices(config, core, reactor, root)
     pool = None
     if loads is not None:
         loads.set(0, 0)  # the main process serves from the start
@@ -385,14 +238,22 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         pool = WorkerPool(
             reactor,
             count=config.workers - 1,
-            setup=WorkerSetup(source, core.tlsPEM),
+            setup=WorkerSetup(source, core.tlsPEM, options["log-format"]),
             listeners=listeners,
             loads=loads,
             openConnections=lambda: core.connections.total,
             whenReady=core.storeService.whenReady,
+            stopTimeout=config.limits.drain_timeout + STOP_TIMEOUT,
         )
         pool.setServiceParent(root)
-    _listen(
+    probe = DeliveryProbe(
+        config.delivery.mode,
+        core.store,
+        reactor,
+        delivery,
+        None if delivery is None else delivery.connections,
+    )
+    web = _listen(
         root,
         reactor,
         config.web.endpoint,
@@ -404,14 +265,100 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             reactor,
             listenersUp=serviceListeners(root, [lc.endpoint for lc in config.listeners]),
             workers=oneProcess if pool is None else pool.serving,
-            delivery=DeliveryProbe(
-                config.delivery.mode,
-                core.store,
-                reactor,
-                delivery,
-                None if delivery is None else delivery.connections,
-            ),
+            delivery=probe,
             smsReceipts=None if delivery is None or delivery.sms is None else delivery.sms.receipts,
         ),
     )
+    root.afterDrain.append(web)
+    switch = DeliverySwitch(root, core, reactor, tracker, delivery, probe)
+    root.reloader = Reloader(
+        load=lambda: loadConfigSource(options["config"]),
+        readTLS=lambda new: _readTLS(config, new),
+        live=LiveSettings(config, core.tls, core.connections, core.submissions, core.factories),
+        notifier=notifier,
+        workers=None if pool is None else pool.reload,
+        delivery=switch,
+    )
+    if twistdOptions is not None:
+        # Under twistd only: a relay built inside another program (the tests) leaves that
+        # program's signals alone.
+        SignalService(reactor, root.reload).setServiceParent(root)
     return root
+
+
+def _readTLS(running: Config, new: Config) -> tuple[tuple[bytes, bytes], Any] | None:
+    """The certificate and key of ``new`` (its files read again) and their TLS context, for a
+    reload; None when the running listeners use no TLS. Raises ValueError or OSError."""
+    if all(listener.security == "none" for listener in running.listeners):
+        return None
+    pem = readPEM(*certificatePaths(new))
+    return pem, contextFromPEM(*pem)
+
+
+def _logObserver(logFormat: str, twistdOptions: Any) -> Any:
+    """The observer of twistd's log (the mail log's lines are most of it): JSON lines, or
+    twistd's text lines made cheaper (:mod:`mailrelay.maillog`). None -- twistd's own --
+    with ``--logger`` or ``--syslog``, which then decide."""
+    if twistdOptions.get("logger") or twistdOptions.get("syslog"):
+        if logFormat == "json":
+            log.warn("--log-format json is ignored with twistd's --logger or --syslog")
+        return None
+    makeObserver = jsonLinesObserver if logFormat == "json" else textLinesObserver
+    return makeObserver(_logFile(twistdOptions))
+
+
+def _logFile(twistdOptions: Any) -> IO[str]:
+    """Where twistd would write its log: standard output under ``--nodaemon`` without
+    ``--logfile`` (or with ``--logfile=-``), else the file (``twistd.log`` by default)."""
+    name = "" if twistdOptions is None else (twistdOptions.get("logfile") or "")
+    nodaemon = twistdOptions is None or twistdOptions.get("nodaemon")
+    if name == "-" or (not name and nodaemon):
+        return sys.stdout
+    return cast(IO[str], LogFile.fromFullPath(name or "twistd.log"))
+
+
+def _nothingStored() -> None:
+    pass
+
+
+class DeliverySwitch:
+    """A reload's change of the delivery side (``[delivery]``, ``[sms]``, the host name): the
+    running loop stops as at a drain (attempts finish or give their leases back), then a
+    loop built from the new configuration starts."""
+
+    def __init__(
+        self,
+        root: MultiService,
+        core: RelayCore,
+        reactor: Any,
+        tracker: Tracker | None,
+        delivery: DeliveryService | None,
+        probe: DeliveryProbe,
+    ) -> None:
+        self.root = root
+        self.core = core
+        self.reactor = reactor
+        self.tracker = tracker
+        self.delivery = delivery
+        self.probe = probe
+
+    async def __call__(self, config: Config) -> None:
+        core = self.core
+        try:
+            new = makeDelivery(
+                config, core.store, self.reactor, core.storeService.whenReady, tracker=self.tracker
+            )
+        except ConfigError as e:
+            log.error("reload: the delivery side is kept as it was: {error}", error=str(e))
+            return
+        old, self.delivery = self.delivery, new
+        if old is not None:
+            await maybeDeferred(old.disownServiceParent)
+            if old.sms is not None and old.sms.service is not None:
+                await maybeDeferred(old.sms.service.disownServiceParent)
+        if new is not None:
+            if new.sms is not None and new.sms.service is not None:
+                new.sms.service.setServiceParent(self.root)
+            new.setServiceParent(self.root)
+        core.submissions.stored = _nothingStored if new is None else new.wake
+        self.probe.replace(new, None if new is None else new.connections)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.ssl import (
     AcceptableCiphers,
     Certificate,
@@ -22,6 +24,7 @@ from twisted.internet.ssl import (
     TLSVersion,
 )
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from mailrelay.config import Config
 from mailrelay.files import writePrivately
@@ -117,3 +120,18 @@ def contextFromPEM(certData: bytes, keyData: bytes, where: str = "TLS") -> Certi
         raiseMinimumTo=TLSVersion.TLSv1_2,
         acceptableCiphers=_TLS12_CIPHERS,
     )
+
+
+@implementer(IOpenSSLContextFactory)
+class ReloadableTLS:
+    """
+    A server TLS context factory whose certificate a reload replaces: every new connection
+    (implicit TLS, or a STARTTLS) takes the context of :attr:`current` at its handshake; the
+    connections already encrypted keep theirs.
+    """
+
+    def __init__(self, current: CertificateOptions) -> None:
+        self.current = current
+
+    def getContext(self) -> Any:
+        return self.current.getContext()

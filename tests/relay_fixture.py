@@ -44,12 +44,13 @@ from twisted.web.server import Site
 
 from mailrelay.auth.secrets import hashPassword, newApiKey
 from mailrelay.config import loadConfig
+from mailrelay.core import StoreService
 from mailrelay.interfaces import IStore, StoreError
 from mailrelay.model import API_KEY_USER, Account, Sender
 from mailrelay.smtp.listener import SubmissionFactory
 from mailrelay.smtp.replies import Reply
 from mailrelay.store import makeStore
-from mailrelay.tap import Options, StoreService, makeService
+from mailrelay.tap import Options, makeService
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,7 +11,9 @@ from twisted.internet import reactor
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
-from mailrelay.tap import GIL_SWITCH_INTERVAL, ListenerService, Options, makeService
+from mailrelay.core import GIL_SWITCH_INTERVAL
+from mailrelay.tap import ConfigurationError, ListenerService, Options, makeService
+from tests.relay_fixture import RelayProcess
 
 
 class TapTests(TestCase):
@@ -26,12 +29,40 @@ class TapTests(TestCase):
         options.parseOptions(["--config", self.configFile(text)])
         return options
 
-    def test_configErrorIsAUsageError(self) -> None:
+    def test_configError(self) -> None:
+        """A config error ends the start with its one line (a SystemExit: twistd would print
+        its whole usage block above a UsageError)."""
         options = Options()
         path = self.configFile("[limits]\nmax_recipents = 5\n")
-        with self.assertRaises(usage.UsageError) as caught:
+        with self.assertRaises(ConfigurationError) as caught:
             options.parseOptions(["--config", path])
+        self.assertIsInstance(caught.exception, SystemExit)
+        self.assertTrue(str(caught.exception).startswith("mailrelay: configuration: "))
         self.assertIn("limits.max_recipents", str(caught.exception))
+
+    def test_badLogFormatIsAUsageError(self) -> None:
+        with self.assertRaises(usage.UsageError):
+            Options().parseOptions(["--log-format", "xml"])
+
+    def test_configErrorUnderTwistd(self) -> None:
+        """``twistd mailrelay`` with a bad config: stderr is the one line saying what is
+        wrong, nothing on stdout (no usage block), exit status 1."""
+        path = self.configFile("[limits]\nmax_recipents = 5\n")
+        done = subprocess.run(
+            RelayProcess.command(Path(path)),
+            env=RelayProcess.environment(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        self.assertEqual(done.returncode, 1, done)
+        self.assertEqual(done.stdout, "", done)
+        self.assertNotIn("Usage:", done.stderr)
+        lines = done.stderr.splitlines()
+        self.assertEqual(len(lines), 1, done.stderr)
+        self.assertTrue(lines[0].startswith("mailrelay: configuration: "), lines)
+        self.assertIn("limits.max_recipents", lines[0])
 
     def test_serviceTree(self) -> None:
         options = self.options(

@@ -31,10 +31,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailrelay import metrics
 from mailrelay.config import ConfigError, parseConfig
+from mailrelay.core import _share
 from mailrelay.ids import INSTANCE_BITS, SEQUENCE_BITS
 from mailrelay.metrics import REGISTRY, workerMetrics
 from mailrelay.model import Account
-from mailrelay.tap import ListenerService, Options, _share, makeService
+from mailrelay.tap import ListenerService, Options, makeService
 from mailrelay.workers.balance import (
     ABSENT,
     DELAY_PER_CONNECTION,
@@ -85,12 +86,12 @@ class WorkersConfigTests(SynchronousTestCase):
         self.assertEqual(parseConfig({"workers": 64}).workers, 64)
 
     def test_listenerKinds(self) -> None:
-        """A worker takes over a listening socket as it is: the PROXY header of haproxy: and
-        the TLS of ssl: would be lost, and a worker stopping would delete a UNIX socket's
-        file, so with workers only TCP listeners are taken; the others are refused, naming
-        the key."""
+        """A worker takes over a listening socket as it is: the TLS of ssl: would be lost,
+        and a worker stopping would delete a UNIX socket's file, so with workers only TCP
+        listeners are taken, also inside haproxy: (a worker reads the PROXY header itself);
+        the others are refused, naming the key."""
         refused = (
-            "haproxy:tcp:25",
+            "haproxy:unix:/run/mailrelay.sock",
             "ssl:465:privateKey=k.pem",
             "unix:/run/mailrelay.sock",
             "systemd:domain=UNIX:index=0",
@@ -100,7 +101,14 @@ class WorkersConfigTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as caught:
                 parseConfig(table)
             self.assertIn("listeners[1].endpoint", str(caught.exception))
-        taken = ("tcp:25", "tcp6:25", "systemd:domain=INET:index=0", "systemd:domain=INET6:index=1")
+        taken = (
+            "tcp:25",
+            "tcp6:25",
+            "systemd:domain=INET:index=0",
+            "systemd:domain=INET6:index=1",
+            "haproxy:tcp:25",
+            "haproxy:systemd:domain=INET:index=0",
+        )
         for endpoint in taken:
             parseConfig({"workers": 2, "listeners": [{"endpoint": endpoint}]})
         parseConfig({"workers": 1, "listeners": [{"endpoint": "haproxy:tcp:25"}]})

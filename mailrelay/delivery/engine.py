@@ -33,6 +33,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailrelay import maillog
 from mailrelay.delivery import stats
 from mailrelay.delivery.outcome import Kind, Outcome
 from mailrelay.delivery.reports import reportsFor
@@ -55,8 +56,12 @@ from mailrelay.model import (
     StatusEvent,
     fromTimestamp,
 )
+from mailrelay.recent import RecentResult
 
 log = Logger()
+
+DKIM_DOMAINS_MAX_AGE = 5.0
+"""Seconds the set of domains with a DKIM key is remembered between reads of the store."""
 
 __all__ = ["DeliveryEngine", "Kind", "Outcome"]
 
@@ -92,6 +97,11 @@ class DeliveryEngine:
         self._hostname = hostname
         self._schedule = schedule
         self._signer = signer if signer is not None else DkimSigner()
+        # The domains with a DKIM key, read at most every DKIM_DOMAINS_MAX_AGE seconds: a key
+        # added with `mailrelay dkim generate` signs from then on.
+        self._dkimDomains: RecentResult[frozenset[str]] = RecentResult(
+            lambda: Deferred.fromCoroutine(self._readDkimDomains()), clock, DKIM_DOMAINS_MAX_AGE
+        )
 
     def deliver(self, delivery: Delivery) -> Deferred[None]:
         """Try every pending recipient of ``delivery`` once and record the outcomes. Fails
@@ -161,8 +171,11 @@ class DeliveryEngine:
         )
         if recipient is not None and self.tracker is not None:
             message = self.tracker.rewrite(message, notification, recipient)
+        signing = await self._dkimDomains.get()
+        if not signing:
+            return message  # no domain has a key: no need to read the From: field
         domain = senderDomain(message, notification.sender)
-        if domain is None:
+        if domain not in signing:
             return message
         key = await self._store.getDkimKey(domain)
         if key is None:
@@ -342,12 +355,10 @@ class DeliveryEngine:
             stats.countOutcome(
                 "expired" if outcome.kind == "deferred" and expired else outcome.kind
             )
-            log.info(
-                "delivery {id} to={recipient} relay={host} status={status} dsn={dsn} "
-                "delay={delay:.1f}s ({reply})",
-                id=notification.notification_id,
+            maillog.delivery(
+                notificationId=notification.notification_id,
                 recipient=recipient.address,
-                host=outcome.host or "none",
+                relay=outcome.host,
                 status=outcome.kind,
                 dsn=outcome.dsnCode,
                 delay=now - notification.received_at.timestamp(),
@@ -376,6 +387,9 @@ class DeliveryEngine:
         )
 
     # -- helpers --
+
+    async def _readDkimDomains(self) -> frozenset[str]:
+        return frozenset(key.domain for key in await self._store.listDkimKeys())
 
     def _sends(self, recipient: Recipient) -> bool:
         """Whether this relay sends on ``recipient``'s channel now."""

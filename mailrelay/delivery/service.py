@@ -234,6 +234,15 @@ class DeliveryProbe:
         self._service = service
         self._connections = connections
 
+    def replace(
+        self,
+        service: DeliveryService | None,
+        connections: Callable[[], dict[str, int]] | None = None,
+    ) -> None:
+        """Report on ``service`` from now on (a reload built a new delivery loop)."""
+        self._service = service
+        self._connections = connections
+
     @property
     def healthy(self) -> bool:
         """Hold mode is healthy by definition; otherwise the loop must run and read."""

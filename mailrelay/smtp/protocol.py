@@ -1,5 +1,5 @@
 """
-The ESMTP server protocol: it speaks the wire; the avatar (``IMessageDelivery``) decides.
+The ESMTP server protocol: it speaks the wire; the avatar (``ISubmission``) decides.
 
 Commands are taken one at a time from the input buffer. A command whose decision is a Deferred
 (MAIL, RCPT, AUTH, end of DATA) holds the commands pipelined behind it until it has been
@@ -25,16 +25,18 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay import metrics
+from mailrelay import maillog, metrics
 from mailrelay.auth.credentials import credentialsFor
-from mailrelay.interfaces import IMessageDelivery, StoreError
+from mailrelay.interfaces import ISubmission, StoreError
 from mailrelay.model import API_KEY_USER, Recipient, SessionInfo
 from mailrelay.numbers import isDecimal
-from mailrelay.policy.arguments import mailOptions, parsePathArgument
+from mailrelay.policy.decisions import Refusal
 from mailrelay.smtp import replies
+from mailrelay.smtp.arguments import mailOptions, parsePathArgument
 from mailrelay.smtp.data import DataReader, lineProblem
-from mailrelay.smtp.listener import ListenerSettings
+from mailrelay.smtp.refusals import replyFor
 from mailrelay.smtp.replies import Reply
+from mailrelay.smtp.settings import ListenerSettings
 from mailrelay.smtp.storehealth import storeHealth
 
 # RFC 5321 allows 512 octets for a command line; AUTH responses may be up to 12288 (RFC 4954).
@@ -160,6 +162,12 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
                 self._closeWith(replies.TOO_MANY_CONNECTIONS)
                 return
             self._counted = True
+        sessions = self.settings.sessions
+        if sessions is not None:
+            sessions.add(self)
+            if sessions.draining:
+                self._closeWith(replies.SHUTTING_DOWN)
+                return
         # A throttled address is refused at AUTH, not here: a relay-by-IP client behind the
         # same NAT address as a password guesser must still get through.
         whenReady = self.settings.whenReady
@@ -175,6 +183,9 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
     def _greet(self) -> None:
         if self._closing:
             return
+        if self._isDraining():
+            self._closeWith(replies.SHUTTING_DOWN)
+            return
         self._write(f"220 {self.settings.hostname} ESMTP\r\n".encode())
         if self._blocked:
             self._answerLater(None)
@@ -187,6 +198,8 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
             self._counted = False
             assert self.settings.connections is not None
             self.settings.connections.release(self._clientAddress)
+        if self.settings.sessions is not None:
+            self.settings.sessions.discard(self)
         if self._reader is not None:
             self._reader.close()
             self._reader = None
@@ -323,6 +336,40 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
             self._flushReplies()
             self._processing = None
         self._flowControl()
+        if self._isDraining() and self._idle():
+            self._closeWith(replies.SHUTTING_DOWN)
+
+    # -- drain (SIGTERM; mailrelay.smtp.sessions) ------------------------------------------
+
+    def _isDraining(self) -> bool:
+        sessions = self.settings.sessions
+        return sessions is not None and sessions.draining
+
+    def _idle(self) -> bool:
+        """Nothing under way that closing now would lose: no command being decided, no
+        message being read (DATA or a BDAT chunk, or between the chunks of one)."""
+        transaction = self._transaction
+        return not (
+            self._closing
+            or self._blocked
+            or self._reader is not None
+            or self._chunk is not None
+            or self._processing is not None
+            or (transaction is not None and transaction.chunks is not None)
+        )
+
+    def drain(self) -> None:
+        """The relay is stopping: close now (421 4.3.2) if nothing is under way; else the
+        message or decision under way finishes and is answered, then the session closes."""
+        if self._idle():
+            self._closeWith(replies.SHUTTING_DOWN)
+
+    def abortForShutdown(self) -> None:
+        """The drain's deadline has passed: 421 4.3.2 and close, whatever is under way."""
+        if self._closing:
+            self._abort()
+        else:
+            self._closeWith(replies.SHUTTING_DOWN)
 
     def _flowControl(self) -> None:
         pending = len(self._buffer) - self._pos
@@ -394,6 +441,8 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         return then(result)
 
     def _replyForFailure(self, failure: Failure) -> Reply:
+        if isinstance(failure.value, Refusal):  # policy's no, in SMTP words
+            return replyFor(failure.value)
         if failure.check(replies.Refused):
             return failure.value.reply  # type: ignore[union-attr]
         if failure.check(StoreError):
@@ -403,6 +452,12 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         return replies.TEMPORARY_FAILURE
 
     def _handleLine(self, line: bytes) -> CommandResult:
+        if self._isDraining():
+            # A new command gets 421; the BDATs of a message begun before the drain go on.
+            transaction = self._transaction
+            if transaction is None or transaction.chunks is None:
+                self._closeWith(replies.SHUTTING_DOWN)
+                return None
         if self._lineHandler is not None:
             handler, self._lineHandler = self._lineHandler, None
             return handler(line)
@@ -615,7 +670,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
                 return None
             return replies.ACCOUNT_THROTTLED
         d: Deferred[Any] = self.settings.portal.login(
-            credentialsFor(user, password), self._session(), IMessageDelivery
+            credentialsFor(user, password), self._session(), ISubmission
         )
         d.addCallbacks(self._loggedIn, self._loginFailed, errbackArgs=(account,))
         return d
@@ -711,8 +766,6 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
             name = next(iter(parameters))
             return replies.UNKNOWN_PARAMETER.withText(f"Unsupported RCPT parameter {name}")
         transaction.rcptAttempts += 1
-        if len(transaction.recipients) >= self.settings.limits.max_recipients:
-            return replies.TOO_MANY_RECIPIENTS
         avatar = self._avatar
 
         def accepted(accepted: Recipient) -> Reply:
@@ -787,6 +840,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
             )
             self._reader = None
             reader.close()
+            self._logMessage(replies.DATA_TOO_SLOW, self._transaction, reader.received)
             self._transaction = None
             metrics.countMessage(replies.DATA_TOO_SLOW.code)
             self._closeWith(replies.DATA_TOO_SLOW)
@@ -812,6 +866,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         if reader.refusal is not None:
             reader.close()
             metrics.countMessage(reader.refusal.code)
+            self._logMessage(reader.refusal, transaction, reader.received)
             self._reply(reader.refusal)
             return
         message = reader.message()
@@ -821,16 +876,24 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
     def _deliver(self, transaction: Transaction, message: bytes) -> None:
         """Hand a complete message to the avatar; answer with its notification id."""
         avatar = self._avatar
+        ids: list[str] = []  # the notification id, once accepted (for the mail log)
+
+        def accepted(notificationId: str) -> Reply:
+            ids.append(notificationId)
+            return _acceptedReply(notificationId)
+
         result = self._decide(
-            lambda: avatar.deliverMessage(
+            lambda: avatar.acceptMessage(
                 self._session(), transaction.sender, tuple(transaction.recipients), message
             ),
-            _acceptedReply,
+            accepted,
         )
         if isinstance(result, Deferred):
-            result.addErrback(self._replyForFailure).addCallback(self._countMessage)
+            result.addErrback(self._replyForFailure).addCallback(
+                self._countMessage, transaction, len(message), ids
+            )
         else:
-            self._countMessage(result)
+            self._countMessage(result, transaction, len(message), ids)
         self._run(result)
 
     # -- CHUNKING (RFC 3030) ---------------------------------------------------------------
@@ -888,6 +951,8 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
                 self._transaction = None  # RFC 3030 §4: a refused chunk ends the message
             if chunk.refusal is replies.MESSAGE_TOO_BIG:
                 metrics.countMessage(chunk.refusal.code)
+                size = chunk.size + (0 if transaction is None else transaction.chunkedSize)
+                self._logMessage(chunk.refusal, transaction, size)
             self._reply(chunk.refusal)
             return
         assert transaction is not None and transaction.chunks is not None
@@ -900,12 +965,41 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         problem = lineProblem(message, self.settings.limits.max_line_length - 2)
         if problem is not None:
             metrics.countMessage(problem.code)
+            self._logMessage(problem, transaction, len(message))
             self._reply(problem)
             return
         self._deliver(transaction, message)
 
-    def _countMessage(self, reply: Reply) -> Reply:
+    def _countMessage(
+        self,
+        reply: Reply,
+        transaction: Transaction | None = None,
+        size: int = 0,
+        ids: list[str] | None = None,
+    ) -> Reply:
         metrics.countMessage(reply.code)
         if reply.code == replies.ACCEPTED.code and storeHealth.down:
             storeHealth.succeeded()
+        if transaction is not None:
+            self._logMessage(reply, transaction, size, ids[0] if ids else None)
         return reply
+
+    def _logMessage(
+        self,
+        reply: Reply,
+        transaction: Transaction | None,
+        size: int,
+        notificationId: str | None = None,
+    ) -> None:
+        """The mail log's line for a message at its end of DATA (or refused in it)."""
+        account = getattr(self._avatar, "account", None)
+        maillog.message(
+            notificationId=notificationId if reply.code == replies.ACCEPTED.code else None,
+            account=getattr(account, "name", None),
+            client=self._clientAddress,
+            tls=self._currentTLSVersion(),
+            size=size,
+            recipients=0 if transaction is None else len(transaction.recipients),
+            code=reply.code,
+            dsn=reply.enhanced,
+        )

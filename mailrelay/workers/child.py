@@ -2,7 +2,7 @@
 A worker process: ``python -m mailrelay.workers.child --index N --listener
 POSITION:FD:FAMILY ...``, started by :class:`~mailrelay.workers.pool.WorkerPool`.
 
-It builds the same relay core as the main process (:func:`mailrelay.tap.buildCore`) and
+It builds the same relay core as the main process (:func:`mailrelay.core.buildCore`) and
 serves SMTP on the listening sockets it inherited: ``POSITION`` is the listener's place in the
 configuration, ``FD`` the inherited descriptor, ``FAMILY`` its address family. It logs to
 stderr (the main process relays the lines into its own log) and stops on SIGTERM, or when its
@@ -16,26 +16,35 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
-from twisted.application.service import MultiService, Service
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamServerEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.stdio import StandardIO
 from twisted.internet.task import LoopingCall
-from twisted.logger import FileLogObserver, eventAsText, globalLogBeginner
+from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginner
 from zope.interface import implementer
 
 import mailrelay.smtp.protocol  # noqa: F401  (imported now, not at the first session)
 from mailrelay import metrics
-from mailrelay.config import Config, configFromSource
+from mailrelay.config import Config, configFromSource, proxied
+from mailrelay.core import RelayCore, ThreadPoolService, buildCore, shortenGILTurns
 from mailrelay.files import keepFilesPrivate
-from mailrelay.tap import RelayCore, buildCore, shortenGILTurns
+from mailrelay.lifecycle import LiveSettings, RelayRoot, SignalService
+from mailrelay.maillog import jsonLinesObserver
+from mailrelay.smtp.proxy import ProxyHeaderFactory
+from mailrelay.tls import contextFromPEM
 from mailrelay.workers.balance import LoadTable, balanceAccepts
-from mailrelay.workers.pool import LOAD_FD, SETUP_FD, WorkerSetup
+from mailrelay.workers.pool import LOAD_FD, RELOAD_COMMAND, SETUP_FD, WorkerSetup
+
+log = Logger()
 
 READY = b"ready\n"
 """Written to stdout (the main process reads it) once the worker's store is open and its
@@ -70,20 +79,30 @@ class AdoptedListener(Service):
         factory: Any,
         openConnections: Callable[[], int],
         leastConnections: Callable[[], int],
+        proxyProtocol: bool = False,
     ) -> None:
         self.reactor = reactor
         self.listener = listener
         self.factory = factory
+        self.proxyProtocol = proxyProtocol  # a haproxy: listener: PROXY header first
         self.openConnections = openConnections
         self.leastConnections = leastConnections
         self.port: Any = None
 
-    def adopt(self) -> None:
-        # The reactor takes a duplicate of the descriptor; the inherited one is not needed.
-        self.port = self.reactor.adoptStreamPort(
-            self.listener.fd, self.listener.family, self.factory
-        )
+    def adopt(self) -> Deferred[None]:
+        """Listen; the Deferred fires once this process accepts on the socket."""
+        factory = self.factory
+        if self.proxyProtocol:
+            # As in the main process: the session starts once the PROXY header is read.
+            factory = ProxyHeaderFactory(factory, self.reactor)
+        endpoint = _AdoptedEndpoint(self.reactor, self.listener)
+        return endpoint.listen(factory).addCallback(self._listening)
+
+    def _listening(self, port: Any) -> None:
+        self.port = port
+        # The reactor took a duplicate of the descriptor; the inherited one is not needed.
         os.close(self.listener.fd)
+        balanceAccepts(self.port, self.reactor, self.openConnections, self.leastConnections)
         balanceAccepts(self.port, self.reactor, self.openConnections, self.leastConnections)
 
     def stopService(self) -> Any:
@@ -93,13 +112,47 @@ class AdoptedListener(Service):
         return None
 
 
+@implementer(IStreamServerEndpoint)
+class _AdoptedEndpoint:
+    """An endpoint listening on an inherited socket."""
+
+    def __init__(self, reactor: Any, listener: InheritedListener) -> None:
+        self.reactor = reactor
+        self.listener = listener
+
+    def listen(self, factory: Any) -> Deferred[Any]:
+        return maybeDeferred(
+            self.reactor.adoptStreamPort, self.listener.fd, self.listener.family, factory
+        )
+
+
 @implementer(IHalfCloseableProtocol)
 class _MainProcessPipes(Protocol):
     """The worker's stdin and stdout, pipes to and from the main process: stdout carries
-    "ready" and the metrics snapshots; stdin's end of file means the main process is gone."""
+    "ready" and the metrics snapshots; stdin carries ``reload`` lines (a new
+    :class:`WorkerSetup`), and its end of file means the main process is gone."""
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        stop: Callable[[], None] | None = None,
+        reload: Callable[[WorkerSetup], None] | None = None,
+    ) -> None:
         self.reactor = reactor
+        self._stop = stop
+        self._reload = reload
+        self._input = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        *lines, self._input = (self._input + data).split(b"\n")
+        for line in lines:
+            if line.startswith(RELOAD_COMMAND) and self._reload is not None:
+                try:
+                    setup = WorkerSetup.decode(line[len(RELOAD_COMMAND) :])
+                except (ValueError, KeyError, TypeError) as e:
+                    log.error("reload: unreadable setup from the main process: {error}", error=e)
+                    continue
+                self._reload(setup)
 
     def tellReady(self, _: object = None) -> None:
         if self.transport is not None:
@@ -111,8 +164,10 @@ class _MainProcessPipes(Protocol):
             self.transport.write(b"metrics " + document.encode() + b"\n")
 
     def readConnectionLost(self) -> None:
-        if self.reactor.running:
-            self.reactor.stop()
+        # The main process is gone (or the reactor is stopping and closes the pipes): stop,
+        # unless a stop is under way -- a second reactor.stop() raises ReactorNotRunning.
+        if self._stop is not None:
+            self._stop()
 
     def writeConnectionLost(self) -> None:
         pass
@@ -128,18 +183,35 @@ def buildWorker(
     listeners: Sequence[InheritedListener],
     tlsPEM: tuple[bytes, bytes] | None = None,
     loads: LoadTable | None = None,
-) -> tuple[MultiService, RelayCore]:
+) -> tuple[RelayRoot, RelayCore]:
     """The service tree of worker ``index`` (the relay core and the inherited listeners), and
-    the core."""
-    root = MultiService()
-    core = buildCore(config, reactor, root, processIndex=index, tlsPEM=tlsPEM, loads=loads)
+    the core. The tree's stop drains like the main process's (mailrelay.lifecycle)."""
+    root = RelayRoot(reactor, config.limits.drain_timeout)
+    publish = None if loads is None else partial(loads.set, index)
+    core = buildCore(
+        config,
+        reactor,
+        root,
+        processIndex=index,
+        tlsPEM=tlsPEM,
+        publishConnections=publish,
+        sessions=root.sessions,
+    )
+    root.last.append(core.storeService)
+    root.afterDrain += [s for s in root if isinstance(s, ThreadPoolService)]
     least = loads.least if loads is not None else (lambda: 0)
     for listener in listeners:
         if not 0 <= listener.position < len(config.listeners):
             raise SystemExit(f"mailrelay: worker {index}: no listener {listener.position}")
+        endpoint = config.listeners[listener.position].endpoint
         factory = core.listenerFactory(config.listeners[listener.position])
         AdoptedListener(
-            reactor, listener, factory, lambda: core.connections.total, least
+            reactor,
+            listener,
+            factory,
+            lambda: core.connections.total,
+            least,
+            proxyProtocol=proxied(endpoint)[0],
         ).setServiceParent(root)
     return root, core
 
@@ -163,24 +235,46 @@ def main(argv: Sequence[str] | None = None) -> None:
     keepFilesPrivate()
     shortenGILTurns()
 
-    observer = FileLogObserver(
-        sys.stderr, lambda event: (eventAsText(event, includeTimestamp=False) or "") + "\n"
-    )
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     try:
         setup = readSetup(args.setup_fd)
         config = configFromSource(setup.configSource)
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"mailrelay: worker {args.index}: no usable setup: {e}") from None
+    observer: Any
+    if setup.logFormat == "json":
+        observer = jsonLinesObserver(sys.stderr)  # the main process re-emits its events
+    else:
+        observer = FileLogObserver(
+            sys.stderr, lambda event: (eventAsText(event, includeTimestamp=False) or "") + "\n"
+        )
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
     from twisted.internet import reactor
 
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until SignalService takes it
     try:
         loads = LoadTable(args.load_fd, config.workers)
     except (OSError, ValueError) as e:
         raise SystemExit(f"mailrelay: worker {args.index}: no load table: {e}") from None
     root, core = buildWorker(config, reactor, args.index, args.listener, setup.tlsPEM, loads)
-    control = _MainProcessPipes(reactor)
+    live = LiveSettings(config, core.tls, core.connections, core.submissions, core.factories)
+
+    def reload(new: WorkerSetup) -> None:
+        # The main process validated it; a failure here is still refused, not half-applied.
+        try:
+            newConfig = configFromSource(new.configSource)
+            context = None if new.tlsPEM is None else contextFromPEM(*new.tlsPEM)
+        except ValueError as e:
+            log.error("reload refused: {error}", error=str(e))
+            return
+        live.apply(newConfig, context)
+        log.info("reloaded")
+
+    # SIGTERM (from the main process, or from systemd to the whole group) drains, once;
+    # SIGHUP changes nothing here: the main process hands the reload over (stdin).
+    signals = SignalService(reactor, lambda: None)
+    signals.setServiceParent(root)
+    control = _MainProcessPipes(reactor, signals.stop, reload)
     # (typed after the Windows variant, which has no stdin/stdout arguments)
     StandardIO(control, stdin=0, stdout=1, reactor=reactor)  # type: ignore[call-arg]
     root.privilegedStartService()
@@ -191,10 +285,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.stderr.flush()
         os._exit(1)
 
-    def serve(_: object) -> None:
-        for service in root:
-            if isinstance(service, AdoptedListener):
-                service.adopt()
+    def serve(_: object) -> Deferred[None]:
+        adopted = [s.adopt() for s in root if isinstance(s, AdoptedListener)]
+        return gatherResults(adopted, consumeErrors=True).addCallback(serving)
+
+    def serving(_: object) -> None:
         loads.set(args.index, core.connections.total)  # counted among the serving from now
         control.tellReady()
 

@@ -17,10 +17,11 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import InvalidLogLevelError, Logger, LogLevel
 from twisted.python.failure import Failure
 
 from mailrelay import metrics
+from mailrelay.maillog import PREFORMATTED
 from mailrelay.workers.balance import ABSENT, LoadTable, balanceAccepts
 
 RESTART_DELAY = 1.0
@@ -29,7 +30,8 @@ MAX_RESTART_DELAY = 60.0
 STABLE_AFTER = 30.0
 """A worker that ran this long before it ended is restarted after RESTART_DELAY again."""
 STOP_TIMEOUT = 15.0
-"""Seconds a worker has to finish its sessions' writes and exit before it is killed."""
+"""Seconds a worker has, beyond its drain (``[limits] drain_timeout``), to finish its writes
+and exit before it is killed."""
 READY_TIMEOUT = 60.0
 """Seconds a new worker has to open its store and serve before it is killed (and restarted)."""
 SILENCE_TIMEOUT = 15.0
@@ -42,6 +44,8 @@ LOAD_FD = 4
 """The worker's descriptor of the shared load table (:class:`~.balance.LoadTable`)."""
 FIRST_LISTENER_FD = 10
 """The worker's descriptor of the first listening socket (the next ones follow)."""
+RELOAD_COMMAND = b"reload "
+"""Starts the line on a worker's stdin that carries a reloaded :class:`WorkerSetup`."""
 MAX_LOG_LINE = 16384
 MAX_CONTROL_LINE = 1 << 20
 
@@ -95,10 +99,32 @@ class WorkerProcess(ProcessProtocol):
             text = line.decode("utf-8", "replace").rstrip()
             if not text:
                 continue
+            if text.startswith("{") and self._relayJSON(text):
+                continue
+            # PREFORMATTED: a worker's every message comes through here, and Twisted's
+            # formatter would cost the main process 15 us a line.
+            relayed = f"worker {self.index}: {text}"
             if "#error]" in text or "#critical]" in text or text.startswith("mailrelay:"):
-                self.log.error("worker {index}: {line}", index=self.index, line=text)
+                self.log.error(PREFORMATTED, text=relayed, index=self.index)
             else:
-                self.log.info("worker {index}: {line}", index=self.index, line=text)
+                self.log.info(PREFORMATTED, text=relayed, index=self.index)
+
+    def _relayJSON(self, text: str) -> bool:
+        """Re-emit a worker's ``--log-format json`` line as an event of this process, its
+        fields kept and ``worker`` added; False if ``text`` is not such a line."""
+        try:
+            document = json.loads(text)
+            level = LogLevel.levelWithName(document.pop("level", "info"))
+        except (ValueError, InvalidLogLevelError, AttributeError):
+            return False
+        if not isinstance(document, dict):
+            return False
+        fields = {k: v for k, v in document.items() if k not in ("time", "namespace")}
+        fields["text"] = document.get("text", "")
+        fields["worker"] = self.index
+        namespace = document.get("namespace") or "mailrelay.workers"
+        Logger(namespace=namespace).emit(level, "worker {worker}: {text}", **fields)
+        return True
 
     def processEnded(self, reason: Failure) -> None:
         try:
@@ -131,17 +157,19 @@ class WorkerSetup:
 
     configSource: str | None  # the TOML text; None: the built-in defaults
     tlsPEM: tuple[bytes, bytes] | None  # certificate chain and key; None: no TLS listener
+    logFormat: str = "text"  # the log's format: "text" or "json" (mailrelay.maillog)
 
     def encode(self) -> bytes:
         pem = None if self.tlsPEM is None else [part.decode("ascii") for part in self.tlsPEM]
-        return json.dumps({"config": self.configSource, "tls": pem}).encode()
+        document = {"config": self.configSource, "tls": pem, "log": self.logFormat}
+        return json.dumps(document).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> WorkerSetup:
         document = json.loads(data)
         pem = document["tls"]
         tlsPEM = None if pem is None else (pem[0].encode("ascii"), pem[1].encode("ascii"))
-        return cls(document["config"], tlsPEM)
+        return cls(document["config"], tlsPEM, document.get("log", "text"))
 
 
 class WorkerPool(Service):
@@ -174,6 +202,7 @@ class WorkerPool(Service):
         openConnections: Callable[[], int],
         whenReady: Callable[[], Deferred[Any]] | None = None,
         executable: str = sys.executable,
+        stopTimeout: float = STOP_TIMEOUT,
     ) -> None:
         self.reactor = reactor
         self.count = count
@@ -183,6 +212,7 @@ class WorkerPool(Service):
         self.openConnections = openConnections
         self.whenReady = whenReady
         self.executable = executable
+        self.stopTimeout = stopTimeout
         self.workers: dict[int, WorkerProcess] = {}
         self.starts = 0  # workers started so far, restarts included
         self._restartDelay: dict[int, float] = {}
@@ -233,8 +263,12 @@ class WorkerPool(Service):
         worker = WorkerProcess(self, index)
         try:
             args, childFDs = self.command(index)
+            # Only the main process speaks to systemd (NotifyAccess=main).
+            env = {
+                k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))
+            }
             transport = self.reactor.spawnProcess(
-                worker, self.executable, args, env=dict(os.environ), childFDs=childFDs
+                worker, self.executable, args, env=env, childFDs=childFDs
             )
         except Exception as e:
             self.log.error("worker {index} cannot be started: {error}", index=index, error=e)
@@ -276,6 +310,19 @@ class WorkerPool(Service):
             )
             worker.kill()
 
+    def reload(self, configSource: str | None, tlsPEM: tuple[bytes, bytes] | None) -> None:
+        """Hand a reloaded configuration and TLS files (validated by the main process) to
+        every worker (a ``reload`` line on its stdin), and to the workers started later."""
+        self.setup = WorkerSetup(configSource, tlsPEM, self.setup.logFormat)
+        line = RELOAD_COMMAND + self.setup.encode() + b"\n"
+        for worker in self.workers.values():
+            try:
+                worker.transport.writeToChild(0, line)  # type: ignore[union-attr]
+            except (OSError, KeyError, AttributeError) as e:
+                self.log.warn(
+                    "worker {index}: reload not sent: {error}", index=worker.index, error=e
+                )
+
     def workerEnded(self, worker: WorkerProcess, reason: Failure) -> None:
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
@@ -307,7 +354,7 @@ class WorkerPool(Service):
             for worker in running:
                 worker.kill()
 
-        kill = self.reactor.callLater(STOP_TIMEOUT, killRemaining)
+        kill = self.reactor.callLater(self.stopTimeout, killRemaining)
         done = DeferredList([w.ended for w in running])
 
         def stopped(result: Any) -> Any:
