@@ -315,7 +315,10 @@ class IStore(
 ):
     """One backend: everything mailrelay keeps."""
 
-    name = Attribute("The backend's name as written in the config: 'sqlite' or 'redis'.")
+    name = Attribute(
+        "The backend's name as written in the config: 'sqlite' or 'redis' (or 'memory': the "
+        "test store of mailrelay.testing, which no config names)."
+    )
 
     def open():
         """Connect / create the schema. Returns Deferred[None]."""
