@@ -31,17 +31,11 @@ from mailrelay.model import STATUS_TEXTS, Notification, QueueStats, Recipient, S
 from mailrelay.policy.limits import startOfDay
 from mailrelay.store import makeStore
 from mailrelay.store.sqlite import SQLiteStore, workerFile
+from mailrelay.store.sqlite.delivery import _claimEntries, _dueEntries
 from mailrelay.store.sqlite.migrate import schemaScripts, statements
-from mailrelay.store.sqlite.store import (
-    _EXPIRE_START,
-    _acceptedSince,
-    _claimEntries,
-    _dueEntries,
-    _expireBatch,
-    _insertRows,
-    _stats,
-)
+from mailrelay.store.sqlite.queue import _acceptedSince, _insertRows, _stats
 from mailrelay.store.sqlite.threads import GroupCommitThread, Work
+from mailrelay.store.sqlite.trails import _EXPIRE_START, _expireBatch
 from tests.store_mixin import (
     ALICE,
     BOB,

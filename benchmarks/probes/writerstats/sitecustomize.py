@@ -28,7 +28,7 @@ INTERVAL = 3.0
 
 
 def _install() -> None:
-    from mailrelay.store.sqlite import bodies, store, threads
+    from mailrelay.store.sqlite import bodies, queue, threads
 
     totals: dict[str, float] = {}
     started = [time.perf_counter()]
@@ -80,7 +80,7 @@ def _install() -> None:
             add("hops", 1)
         return deliver(self, outcomes)
 
-    enqueueAll = store._enqueueAll
+    enqueueAll = queue._enqueueAll
     append = bodies.SegmentWriter.append
 
     def timedEnqueueAll(connection: Any, works: Any) -> Any:
@@ -98,7 +98,7 @@ def _install() -> None:
     writer._take = timedTake  # type: ignore[method-assign]
     writer._execute = timedExecute  # type: ignore[method-assign]
     writer._deliver = timedDeliver  # type: ignore[method-assign]
-    store._enqueueAll = timedEnqueueAll
+    queue._enqueueAll = timedEnqueueAll
     bodies.SegmentWriter.append = timedAppend  # type: ignore[method-assign]
     sys.stderr.write("writerstats: timing the SQLite writer thread (benchmark probe)\n")
 

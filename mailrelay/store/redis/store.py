@@ -54,6 +54,7 @@ import secrets
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from datetime import datetime
+from functools import partial
 from typing import Any, TypeVar
 
 from twisted.internet.defer import (
@@ -96,9 +97,8 @@ from mailrelay.model import (
     StatusEvent,
     joinText,
 )
+from mailrelay.store.cache import AccountCache
 from mailrelay.store.common import (
-    ACCOUNT_CACHE_ENTRIES,
-    ACCOUNT_CACHE_SECONDS,
     fromMillis,
     idNumber,
     recipientsFromJSON,
@@ -201,7 +201,7 @@ class RedisStore:
         self._client: RedisClient | None = None
         self._closing = False
         self._running: set[Deferred[Any]] = set()
-        self._accountData: dict[tuple[str, str], tuple[float, Any]] = {}
+        self._accountCache = AccountCache(reactor)
 
     def __repr__(self) -> str:
         return f"<RedisStore {self.url.address} prefix={self._keys.prefix!r}>"
@@ -230,7 +230,7 @@ class RedisStore:
 
     def _storeError(self, failure: Failure) -> Failure:
         error = failure.value
-        if self._client is not None:
+        if self._client is not None and error is not None:
             self._client.noticeFailure(error.__cause__ or error)
         if isinstance(error, StoreError | CancelledError):
             return failure
@@ -372,30 +372,13 @@ class RedisStore:
         self, key: tuple[str, str], work: Callable[[RedisClient], Coroutine[Any, Any, T]]
     ) -> Deferred[T]:
         """``work``'s result, or what it gave less than ACCOUNT_CACHE_SECONDS ago."""
-        now = self._reactor.seconds()
-        hit = self._accountData.get(key)
-        if hit is not None and hit[0] > now:
-            return succeed(hit[1])
-
-        def remember(value: T) -> T:
-            if len(self._accountData) >= ACCOUNT_CACHE_ENTRIES:
-                self._accountData.clear()
-            self._accountData[key] = (now + ACCOUNT_CACHE_SECONDS, value)
-            return value
-
-        return self._run(work).addCallback(remember)
+        return self._accountCache.lookup(key, partial(self._run, work))
 
     def _changeAccountData(
         self, work: Callable[[RedisClient], Coroutine[Any, Any, T]]
     ) -> Deferred[T]:
         """Run a write that changes accounts, keys or senders; forget what was remembered."""
-        self._accountData.clear()
-
-        def forget(result: Any) -> Any:
-            self._accountData.clear()
-            return result
-
-        return self._run(work).addBoth(forget)
+        return self._accountCache.change(partial(self._run, work))
 
     def addAccount(self, name: str, passwordHash: str) -> Deferred[Account]:
         account = Account(name=name, password_hash=passwordHash)

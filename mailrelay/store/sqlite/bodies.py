@@ -16,6 +16,11 @@ The segments of the database file ``mailrelay.sqlite3`` are ``mailrelay.sqlite3-
 newest, which it makes when it first needs one and again once the current one is
 ``SEGMENT_SIZE`` or larger. A segment is deleted (:func:`sweepSegments`) when no row refers to
 it any more and it is not the newest.
+
+The work functions at the end are the ``messages`` rows' side, run on a database thread: a
+notification's body from its row or its segment (:func:`messageBody`), deleting it
+(:func:`dropBody`) and the segments no row needs any more (:func:`sweepSegment`,
+:func:`sweepUnreferenced`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import sqlite3
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -315,3 +321,74 @@ def sweepSegments(directory: Path, referenced: Iterable[int]) -> list[int]:
             (directory / str(number)).unlink(missing_ok=True)
             deleted.append(number)
     return deleted
+
+
+# The messages rows' side, on a database thread.
+
+
+def messageBody(connection: sqlite3.Connection, number: int) -> bytes:
+    """The message body of notification ``number``: from its row, or from its segment file."""
+    body, segment, offset, length, crc, crc32c = connection.execute(
+        "SELECT body, body_segment, body_offset, body_length, body_crc, body_crc32c "
+        "FROM messages WHERE notification_id = ?",
+        (number,),
+    ).fetchone()
+    if segment is None:
+        return bytes(body)
+    castagnoli = crc32c is not None
+    where = BodyLocation(segment, offset, length, crc32c if castagnoli else crc, castagnoli)
+    return readBody(_segmentsOf(connection), where)
+
+
+def dropBody(connection: sqlite3.Connection, number: int) -> int | None:
+    """Delete notification ``number``'s body. Returns its segment if no other row refers to
+    it now (None: the body was in its row, or the segment is still needed)."""
+    row = connection.execute(
+        "SELECT body_segment FROM messages WHERE notification_id = ?", (number,)
+    ).fetchone()
+    connection.execute("DELETE FROM messages WHERE notification_id = ?", (number,))
+    if row is None or row[0] is None:
+        return None
+    stillNeeded = connection.execute(
+        "SELECT 1 FROM messages WHERE body_segment = ? LIMIT 1", (row[0],)
+    ).fetchone()
+    return None if stillNeeded else int(row[0])
+
+
+def sweepUnreferenced(connection: sqlite3.Connection) -> None:
+    """Delete the body segments no row needs any more (delivered or expired messages')."""
+    sweepSegments(_segmentsOf(connection), _referencedSegments(connection))
+
+
+def sweepSegment(connection: sqlite3.Connection, segment: int) -> None:
+    """Delete body segment ``segment`` if no row refers to it (any more) and it is not the
+    newest (see :func:`sweepSegments`)."""
+    if connection.execute(
+        "SELECT 1 FROM messages WHERE body_segment = ? LIMIT 1", (segment,)
+    ).fetchone():
+        return
+    sweepUnreferenced(connection)
+
+
+def _referencedSegments(connection: sqlite3.Connection) -> list[int]:
+    """The segments some row refers to: one step down messages_by_segment per segment, not
+    a read of every message's entry."""
+    found: list[int] = []
+    segment = -1
+    while True:
+        (segment,) = connection.execute(
+            "SELECT MIN(body_segment) FROM messages WHERE body_segment IS NOT NULL "
+            "AND body_segment > ?",
+            (segment,),
+        ).fetchone()
+        if segment is None:
+            return found
+        found.append(segment)
+
+
+def _segmentsOf(connection: sqlite3.Connection) -> Path:
+    """The segment directory of the database file ``connection`` is open on."""
+    for _, name, file in connection.execute("PRAGMA database_list"):
+        if name == "main":
+            return segmentDirectory(file)
+    raise StoreError("sqlite store: the connection has no main database")

@@ -1,8 +1,8 @@
 """
-The SMS gateways' message ids on a database thread (:class:`~mailrelay.interfaces.IGatewayIds`
-of the SQLite store; the table in ``schema/011_gateway_ids.sql``). Each function runs inside
-the transaction its caller's thread manages, on the file that holds the notification (writes)
-or on each file in turn (reads, settles: an id is in one file at most).
+The SQLite store's SMS gateway message ids (:class:`~mailrelay.interfaces.IGatewayIds`; the
+table in ``schema/011_gateway_ids.sql``): kept in the file that holds their notification; looked
+up and settled in each file in turn (an id is in one file at most). The work functions run
+inside the transaction their caller's thread manages.
 
 A row is a part not settled yet; a part settled is deleted, so a text is complete when no row
 of its ``text_id`` is left. A row whose ``until`` has passed is as good as gone: every query
@@ -12,11 +12,49 @@ skips it, and :func:`forgetPast` deletes it.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterable
+from datetime import datetime
+from functools import partial
 
+from twisted.internet.defer import Deferred, succeed
+
+from mailrelay.interfaces import NotFound
 from mailrelay.model import Recipient
+from mailrelay.store.common import toMillis
+from mailrelay.store.sqlite.files import StoreFiles, firstFound
 
 
-def rememberGatewayIds(
+class GatewayIds:
+    """The :class:`~mailrelay.interfaces.IGatewayIds` methods, part of
+    :class:`~mailrelay.store.sqlite.store.SQLiteStore`: the gateway ids in every file of its
+    ``_files``."""
+
+    _files: StoreFiles
+
+    def rememberGatewayIds(
+        self, notificationId: str, recipient: Recipient, ids: Iterable[str], until: datetime
+    ) -> Deferred[None]:
+        ids = tuple(ids)
+        if not ids:
+            return succeed(None)
+        work = partial(_remember, recipient=recipient, ids=ids, until=toMillis(until))
+        missing = NotFound(f"gateway ids of an unknown notification {notificationId}")
+        return Deferred.fromCoroutine(self._files.onItsFile(notificationId, work, missing))
+
+    def lookupGatewayId(
+        self, gatewayId: str
+    ) -> Deferred[tuple[str, Recipient, tuple[str, ...]] | None]:
+        work = partial(_lookup, gatewayId=gatewayId, now=self._files.now())
+        return self._files.reader.submitEach(work).addCallback(firstFound)
+
+    def settleGatewayId(self, gatewayId: str, delivered: bool = True) -> Deferred[bool]:
+        work = partial(_settle, gatewayId=gatewayId, delivered=delivered, now=self._files.now())
+        return self._files.writer.submitEach(work).addCallback(
+            lambda settled: any(done for _, done in settled)
+        )
+
+
+def _remember(
     connection: sqlite3.Connection,
     number: int,
     recipient: Recipient,
@@ -32,7 +70,7 @@ def rememberGatewayIds(
     )
 
 
-def lookupGatewayId(
+def _lookup(
     connection: sqlite3.Connection, gatewayId: str, now: int
 ) -> tuple[str, Recipient, tuple[str, ...]] | None:
     """The notification id, recipient and unsettled part ids of ``gatewayId``'s text, if this
@@ -52,10 +90,8 @@ def lookupGatewayId(
     return str(number), Recipient(address, channel), tuple(part for (part,) in parts)
 
 
-def settleGatewayId(
-    connection: sqlite3.Connection, gatewayId: str, delivered: bool, now: int
-) -> bool:
-    """The write of ``settleGatewayId`` in this file: whether it settled the text."""
+def _settle(connection: sqlite3.Connection, gatewayId: str, delivered: bool, now: int) -> bool:
+    """The write of :meth:`GatewayIds.settleGatewayId` in this file: whether it settled the text."""
     row = connection.execute(
         "SELECT text_id FROM gateway_ids WHERE gateway_id = ? AND until > ?", (gatewayId, now)
     ).fetchone()
