@@ -6,7 +6,7 @@ runs the web resource; :class:`~mailrelay.workers.pool.WorkerPool` starts ``N - 
 processes (:mod:`mailrelay.workers.child`) that take over the same listening sockets; new
 connections go to the least busy process (:mod:`mailrelay.workers.balance`). Every process
 has its own store connection: with SQLite each worker writes the messages it accepts to a file
-of its own beside the main one (:mod:`mailrelay.store.sqlite.store`), each process makes
+of its own beside the main one (:mod:`mailrelay.store.sqlite.files`), each process makes
 notification ids with its own instance number, and the limits kept in memory are shared out
 (see :func:`mailrelay.core.buildCore`).
 """
