@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -89,11 +90,25 @@ def passwordHash() -> str:
     return hashPassword(PASSWORD)
 
 
+_PORTS_BELOW = 32768
+"""Where Linux's ephemeral range (``net.ipv4.ip_local_port_range``) starts: ports below it
+are never handed to an outgoing connection."""
+
+
 def freePort() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (for child processes only)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that was free a moment ago (for child processes only). Picked
+    below the ephemeral range: a port the kernel chose (``bind(0)``) may be taken again by
+    any outgoing connection -- the relay's own delivery client, a Redis client -- before the
+    child process binds it."""
+    for _ in range(100):
+        port = random.randrange(20000, _PORTS_BELOW)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def _toml(value: str) -> str:

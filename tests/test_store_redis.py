@@ -43,6 +43,7 @@ from mailrelay.store import makeStore
 from mailrelay.store.redis import RedisStore
 from mailrelay.store.redis.client import RedisClient
 from mailrelay.store.redis.url import RedisURL, parseRedisURL
+from tests.relay_fixture import freePort
 from tests.store_mixin import (
     ALICE,
     BOB,
@@ -70,13 +71,6 @@ def redisAnswers() -> bool:
             return connection.recv(64).startswith(b"+PONG")
     except OSError:
         return False
-
-
-def freePort() -> int:
-    """A TCP port nothing listens on (just now)."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def instanceOf(notificationId: str) -> int:

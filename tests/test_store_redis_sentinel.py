@@ -33,7 +33,7 @@ from mailrelay.interfaces import StoreError
 from mailrelay.store.redis import RedisStore
 from mailrelay.store.redis.client import RedisClient, ResponseError
 from mailrelay.store.redis.url import RedisURL, parseRedisURL
-from tests.relay_fixture import SENDER, Listener, WireClient, startRelay
+from tests.relay_fixture import SENDER, Listener, WireClient, freePort, startRelay
 from tests.test_integration import RECIPIENTS, acceptedId, wireMessage
 
 HOST = "127.0.0.1"
@@ -41,12 +41,6 @@ SERVICE = "mymaster"
 DOWN_AFTER_MS = 500
 """Sentinel's down-after-milliseconds: how soon a primary that stopped answering is down."""
 FAILOVER_TIMEOUT_MS = 3000
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def redisCommand(port: int, *args: str) -> list[str]:
