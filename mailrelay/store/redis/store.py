@@ -65,7 +65,7 @@ from twisted.internet.defer import (
     succeed,
 )
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -145,6 +145,9 @@ DEFAULT_TIMEOUT = 10.0
 """Seconds an operation may take, connecting included, before it fails with StoreError."""
 DEFAULT_POOL_SIZE = 10
 FENCE_MARGIN = 2.0
+FENCE_SLACK = 1.0
+"""Seconds past an enqueue's fence deadline (our clock) before asking whether it was stored:
+the error of the measured clock offset."""
 """Seconds before the timeout at which an enqueue stops being written (at most half the
 timeout): room for the answer to travel back and for the clock offset's error."""
 EXPIRE_BATCH = 500
@@ -546,22 +549,28 @@ class RedisStore:
         # fires, with room left for the answer to come back, or not at all -- so a StoreError
         # for "no answer in time" means "not stored", and the client's retry is no duplicate.
         margin = min(FENCE_MARGIN, self._timeout / 2)
-        deadline = time.time() + self._serverOffset + self._timeout - margin
+        fenceWindow = self._timeout - margin
+        deadline = time.time() + self._serverOffset + fenceWindow
         args.insert(3, int(deadline * 1000))
+        answered = False  # the script answered: its outcome is known either way
         if smsCredits > 0:
             script = scripts.ENQUEUE_CHARGED
             keys = [self._keys.account(notification.account), *keys]
             args = [smsCredits, *args]
 
         async def enqueue(client: RedisClient) -> None:
+            nonlocal answered
             if not self.url.wait:
-                _checkEnqueued(await _enqueued(client.eval(script, keys, args)), keys[0])
+                done = await _enqueued(client.eval(script, keys, args))
+                answered = True
+                _checkEnqueued(done, keys[0])
                 return
             # WAIT counts the replicas that have this connection's writes: the same one.
             connection = await client.reserve()
             clean = False
             try:
                 done = await _enqueued(connection.eval(script, keys, args))
+                answered = True
                 _checkEnqueued(done, keys[0])
                 acknowledged = await connection.execute_command(
                     "WAIT", self.url.wait, self.url.waitTimeoutMs
@@ -574,7 +583,36 @@ class RedisStore:
                     f"{acknowledged} of {self.url.wait} replicas acknowledged the message"
                 )
 
-        return self._run(enqueue)
+        started = self._reactor.seconds()
+
+        def unknownOutcome(failure: Failure) -> Any:
+            if answered or (failure.check(StoreError) and "nothing stored" in str(failure.value)):
+                return failure
+            return Deferred.fromCoroutine(
+                self._settleEnqueue(keys[0], started + fenceWindow + FENCE_SLACK, failure)
+            )
+
+        return self._run(enqueue).addErrback(unknownOutcome)
+
+    async def _settleEnqueue(self, notificationKey: str, after: float, failure: Failure) -> None:
+        """
+        An enqueue failed without the script's answer (a timeout, a connection lost after the
+        script was sent): it may yet run, or have run. Once its fence deadline is past it can
+        no longer run; then the notification's key says whether it did. Stored: success, the
+        client gets its 250. Not stored, or the server cannot tell: the failure (a 451 that
+        means "not stored", unless the server stays silent through the deadline and then
+        kept a message it wrote before its answer was lost -- the one case left ambiguous).
+        """
+        wait = after - self._reactor.seconds()
+        if wait > 0:
+            await deferLater(self._reactor, wait, lambda: None)
+        try:
+            exists = await self._run(partial(_exists, key=notificationKey))
+        except StoreError:
+            failure.raiseException()
+        if not exists:
+            failure.raiseException()
+        self.log.info("enqueue of {key} was stored after all", key=notificationKey)
 
     def _enqueueScript(
         self, notification: Notification, message: bytes
@@ -1266,6 +1304,10 @@ def _all(deferreds: list[Deferred[Any]]) -> Deferred[list[tuple[bool, Any]]]:
 
 
 _REFUSED_BEFORE_RUNNING = ("NOPERM", "OOM", "READONLY", "NOREPLICAS", "BUSY", "MASTERDOWN")
+
+
+async def _exists(client: RedisClient, key: str) -> int:
+    return int(await client.command("EXISTS", key))
 
 
 async def _enqueued(script: Deferred[Any]) -> Any:
