@@ -1,12 +1,15 @@
 """
 Blocking load for the stress tests: clients in threads that submit messages over STARTTLS on
-one connection each, reconnecting after failures, and record what the relay acknowledged.
+one connection each, reconnecting after failures, and record what the relay acknowledged;
+and what the memory tests measure with: the relay's RSS (:func:`rssKiB`, :class:`PeakRSS`)
+and idle connections from several loopback addresses (:func:`openIdle`).
 """
 
 from __future__ import annotations
 
 import collections
 import re
+import socket
 import ssl
 import threading
 import time
@@ -78,3 +81,75 @@ class Submitters:
                         self.acked.append(match.group(1))
                 if reply.code == 421:
                     return
+
+
+# -- memory under floods -------------------------------------------------------------------
+
+
+def rssKiB(pid: int) -> int:
+    """The resident set size of process ``pid`` now (VmRSS of /proc/PID/status), in KiB."""
+    with open(f"/proc/{pid}/status", "rb") as status:
+        for line in status:
+            if line.startswith(b"VmRSS:"):
+                return int(line.split()[1])
+    raise ValueError(f"no VmRSS for process {pid}")
+
+
+class PeakRSS:
+    """Samples the RSS of ``pid`` every ``interval`` seconds in a thread, keeping the peak."""
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak = rssKiB(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _sample(self) -> None:
+        try:
+            self.peak = max(self.peak, rssKiB(self.pid))
+        except (OSError, ValueError):
+            pass  # the process is gone
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+
+def loopbackAddresses(count: int, perAddress: int = 900) -> list[str]:
+    """Client addresses for ``count`` connections, at most ``perAddress`` from each (under the
+    relay's default of 1,000 per client): 127.0.0.2, 127.0.0.3, ... (all loopback on Linux)."""
+    return [f"127.0.0.{2 + i // perAddress}" for i in range(count)]
+
+
+def openIdle(port: int, count: int, perAddress: int = 900) -> list[socket.socket]:
+    """Blocking: ``count`` connections to ``port`` that read the 220 greeting and then stay,
+    sending nothing."""
+    sockets: list[socket.socket] = []
+    try:
+        for source in loopbackAddresses(count, perAddress):
+            s = socket.create_connection(
+                ("127.0.0.1", port), timeout=10, source_address=(source, 0)
+            )
+            sockets.append(s)
+            greeting = s.recv(512)
+            if not greeting.startswith(b"220 "):
+                raise ConnectionError(f"no greeting from {source}: {greeting!r}")
+    except BaseException:
+        closeAll(sockets)
+        raise
+    return sockets
+
+
+def closeAll(sockets: list[socket.socket]) -> None:
+    for s in sockets:
+        s.close()
