@@ -14,6 +14,7 @@ from mailrelay.smtp.data import (
     NATIVE_SCAN,
     SPOOL_IN_MEMORY,
     DataReader,
+    Spool,
     findDotLine,
     pyFindDotLine,
     pyLineProblem,
@@ -166,6 +167,25 @@ class DataReaderTests(SynchronousTestCase):
         reader = self.reader(maxLine=100)
         reader.feed(b"z" * 500)
         self.assertEqual(reader.feed(b"\r\n.\r\n"), b"")
+
+    def test_spoolMovesToDiskPastTheLimit(self) -> None:
+        """What Spool keeps (DATA's text, BDAT's chunks) goes to an unnamed file once it
+        passes SPOOL_IN_MEMORY, and reads back whole."""
+        spoolDir = Path(self.mktemp())
+        spoolDir.mkdir()
+        spool = Spool(str(spoolDir))
+        self.addCleanup(spool.close)
+        chunk = b"y" * 65536
+        written = b""
+        while not spool.onDisk:
+            spool.write(chunk)
+            written += chunk
+        self.assertGreater(len(written), SPOOL_IN_MEMORY)
+        self.assertEqual(_openFileSizesUnder(spoolDir), [len(written)])
+        spool.write(memoryview(b"tail"))
+        self.assertEqual(spool.read(), written + b"tail")
+        spool.close()
+        self.assertEqual(_openFileSizesUnder(spoolDir), [])
 
     def test_largeMessageSpooled(self) -> None:
         """Past SPOOL_IN_MEMORY the message waits in a file of the spool directory (unnamed:

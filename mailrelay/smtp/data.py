@@ -94,6 +94,51 @@ def lineProblem(text: bytes | memoryview, maxLine: int) -> Reply | None:
     return _PROBLEMS[_lineProblemCode(text, maxLine)]
 
 
+class Spool:
+    """
+    A message's bytes as they arrive: in memory up to ``SPOOL_IN_MEMORY`` octets, past that
+    in an unnamed file (mode 0600, gone when closed) in ``directory``, so that a large message
+    -- DATA or BDAT chunks -- waits on disk, not in memory, until it is complete.
+    """
+
+    def __init__(self, directory: str | None = None) -> None:
+        self._directory = directory
+        self._file: IO[bytes] | None = None
+        self._parts: list[bytes | memoryview] = []
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.size += len(data)
+        if self._file is not None:
+            self._file.write(data)
+            return
+        self._parts.append(data)
+        if self.size > SPOOL_IN_MEMORY:
+            self._file = TemporaryFile(dir=self._directory)
+            self._file.writelines(self._parts)
+            self._parts = []
+
+    @property
+    def onDisk(self) -> bool:
+        """Whether what was written waits in a file (past ``SPOOL_IN_MEMORY``)."""
+        return self._file is not None
+
+    def read(self) -> bytes:
+        """Everything written, in one piece."""
+        if self._file is None:
+            return b"".join(self._parts)
+        self._file.seek(0)
+        return self._file.read()
+
+    def close(self) -> None:
+        """Forget what was written (and close the file)."""
+        self._parts = []
+        self.size = 0
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 class DataReader:
     """
     Collects one message's text from ``feed`` calls until the end marker.
@@ -107,9 +152,7 @@ class DataReader:
         self._maxSize = maxSize
         # The limit is on a line including its CRLF; split() measures lines without it.
         self._maxLine = maxLineLength - 2
-        self._spoolDir = spoolDir
-        self._spool: IO[bytes] | None = None
-        self._parts: list[bytes | memoryview] = []
+        self._spool = Spool(spoolDir)
         self._carry = b""
         # Whether _carry starts at the beginning of a line. False only after an over-long line
         # was cut short, when the next CRLF . CRLF must not be taken for a line that starts there.
@@ -179,16 +222,7 @@ class DataReader:
         self._store(chunk)
 
     def _store(self, chunk: bytes | memoryview) -> None:
-        if self._spool is not None:
-            self._spool.write(chunk)
-            return
-        self._parts.append(chunk)
-        if self.size > SPOOL_IN_MEMORY:
-            # An unnamed file (mode 0600, gone when closed) in the spool directory: past
-            # SPOOL_IN_MEMORY a message waits on disk, not in memory, while it arrives.
-            self._spool = TemporaryFile(dir=self._spoolDir)
-            self._spool.writelines(self._parts)
-            self._parts = []
+        self._spool.write(chunk)
 
     def _refuse(self, reply: Reply) -> None:
         if self.refusal is None:
@@ -196,16 +230,10 @@ class DataReader:
         self._discard()
 
     def _discard(self) -> None:
-        self._parts = []
-        if self._spool is not None:
-            self._spool.close()
-            self._spool = None
+        self._spool.close()
 
     def message(self) -> bytes:
         """The message text, dot-stuffing undone, lines ending in CRLF."""
-        if self._spool is None:
-            return b"".join(self._parts)
-        self._spool.seek(0)
         return self._spool.read()
 
     def close(self) -> None:

@@ -33,7 +33,7 @@ from mailrelay.numbers import isDecimal
 from mailrelay.policy.decisions import Refusal
 from mailrelay.smtp import replies
 from mailrelay.smtp.arguments import mailOptions, parsePathArgument
-from mailrelay.smtp.data import DataReader, lineProblem
+from mailrelay.smtp.data import DataReader, Spool, lineProblem
 from mailrelay.smtp.refusals import replyFor
 from mailrelay.smtp.replies import Reply
 from mailrelay.smtp.settings import ListenerSettings
@@ -87,7 +87,7 @@ class Transaction:
     # compared dataclasses ~1,200 times per message (150 us).
     recipientSet: set[Recipient] = field(default_factory=set)
     rcptAttempts: int = 0
-    chunks: list[bytes] | None = None  # BDAT chunks so far (None: no BDAT yet)
+    chunks: Spool | None = None  # BDAT chunks so far (None: no BDAT yet)
     chunkedSize: int = 0
 
 
@@ -920,7 +920,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         elif transaction.chunkedSize + size > self.settings.limits.max_message_size:
             refusal = replies.MESSAGE_TOO_BIG
         if refusal is None and transaction is not None and transaction.chunks is None:
-            transaction.chunks = []
+            transaction.chunks = Spool(self.settings.spoolDir)
         # The chunk's bytes follow whatever the answer: they are read, never taken for commands.
         self._chunk = Chunk(size, size, last, refusal)
         return None
@@ -935,7 +935,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         taken = min(chunk.remaining, available)
         if chunk.refusal is None and taken:
             assert self._transaction is not None and self._transaction.chunks is not None
-            self._transaction.chunks.append(self._buffer[self._pos : self._pos + taken])
+            self._transaction.chunks.write(self._buffer[self._pos : self._pos + taken])
         self._buffer, self._pos = self._buffer[self._pos + taken :], 0
         chunk.remaining -= taken
         if chunk.remaining:
@@ -961,7 +961,8 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
             self._reply(Reply(250, "2.0.0", f"{chunk.size} octets received"))
             return
         self._transaction = None
-        message = b"".join(transaction.chunks)
+        message = transaction.chunks.read()
+        transaction.chunks.close()
         problem = lineProblem(message, self.settings.limits.max_line_length - 2)
         if problem is not None:
             metrics.countMessage(problem.code)
