@@ -3,10 +3,10 @@ The account's avatar (:class:`~mailrelay.interfaces.ISubmission`): decides MAIL,
 end of DATA, and queues what it accepts.
 
 The decisions are the pure functions of :mod:`mailrelay.policy`; this module fetches what they
-need from the store, calls them at the right moment, and turns an accepted message into a
-durably queued notification. Nothing is stored before the end of DATA, and nothing refused is
-stored at all. A refusal is a :class:`~mailrelay.policy.decisions.Refusal`; the protocol
-answers it.
+need from the store, calls them at the right moment, has :mod:`mailrelay.message` rewrite an
+accepted message as policy decided, and turns it into a durably queued notification. Nothing
+is stored before the end of DATA, and nothing refused is stored at all. A refusal is a
+:class:`~mailrelay.policy.decisions.Refusal`; the protocol answers it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from zope.interface import implementer
 
 from mailrelay.config import Config
 from mailrelay.interfaces import InsufficientCredits, IStore, ISubmission
+from mailrelay.message.intake import rewriteMessage
 from mailrelay.message.received import receivedHeader
 from mailrelay.model import (
     Account,
@@ -31,7 +32,7 @@ from mailrelay.model import (
     SessionInfo,
     fromTimestamp,
 )
-from mailrelay.policy.content import checkSize, prepareMessage
+from mailrelay.policy.content import checkContent, checkSize
 from mailrelay.policy.decisions import Refusal, RefusalKind
 from mailrelay.policy.limits import RateLimiter, checkDailyQuota, startOfDay
 from mailrelay.policy.recipients import checkRecipientCount, classifyRecipient
@@ -177,8 +178,9 @@ class AccountSubmission:
         recipients: Sequence[Recipient],
         message: bytes,
     ) -> Deferred[str]:
-        """End of DATA: content rules, then the queue. Raises Refusal when a rule refuses the
-        message; else returns a Deferred firing with the notification id once the queue has
+        """End of DATA: content rules (policy's decision), the message rewritten as decided,
+        then the queue. Raises Refusal when a rule refuses the message (or it cannot be
+        rewritten); else returns a Deferred firing with the notification id once the queue has
         the message on disk (failing with Refusal when the account's daily quota or SMS
         credits ran out meanwhile, with StoreError when the store failed). Delivery is the
         delivery service's, later."""
@@ -196,15 +198,19 @@ class AccountSubmission:
             now=now,
             recipients=recipients,
         )
-        prepared = prepareMessage(
+        content = checkContent(
             message,
             self.account,
             recipients,
             senders=self._senders or (),
-            hostname=config.hostname,
-            now=now,
             envelopeSender=sender,
             smsDomains=config.sms.domains,
+        )
+        prepared = rewriteMessage(
+            message,
+            content,
+            hostname=config.hostname,
+            now=now,
             notificationId=notificationId,
             received=received,
         )
@@ -215,13 +221,13 @@ class AccountSubmission:
             recipients=tuple(recipients),
             size=prepared.size,
             received_at=now,
-            options=prepared.options,
+            options=content.options,
             client_address=session.client_address,
             helo=session.helo,
         )
         # No log line per message: at thousands a second it would cost more than the rest of
         # the intake path; the status trail and the metrics are the record.
-        credits = smsCost(self.account, recipients, prepared.smsLength)
+        credits = smsCost(self.account, recipients, content.smsLength)
         if self.account.daily_quota is not None:
             d = self._storeWithinQuota(notification, prepared.pieces, credits)
         elif credits:

@@ -5,12 +5,8 @@ from datetime import UTC, datetime
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailrelay.message.outbound import (
-    headerFields,
-    prepareForDelivery,
-    senderDomain,
-    splitMessage,
-)
+from mailrelay.headerblock import headerFields, splitMessage
+from mailrelay.message.outbound import prepareForDelivery, senderDomain
 
 RECEIVED_AT = datetime(2025, 3, 8, 14, 58, 30, 123456, tzinfo=UTC)
 DATE = "Sat, 08 Mar 2025 14:58:30 +0000"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import message_from_bytes
 from email.message import EmailMessage
@@ -12,10 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailrelay.model import Account, HeaderOptions, Recipient
-from mailrelay.policy.content import PreparedMessage, checkSize, prepareMessage
+from mailrelay.message.intake import PreparedMessage, rewriteMessage
+from mailrelay.model import Account, HeaderOptions, Recipient, Sender
+from mailrelay.policy.content import ContentDecision, checkContent, checkSize
 from mailrelay.policy.decisions import Refusal
 from mailrelay.policy.senders import EnvelopeSender
+from mailrelay.policy.sms import SmsLength
 from mailrelay.smtp.replies import (
     BARE_LINE_ENDING,
     CONTENT_REFUSED,
@@ -28,6 +32,87 @@ NOW = datetime(2025, 3, 8, 14, 58, 30, tzinfo=UTC)
 BOB = Recipient("bob@example.org", "email")
 PHONE = Recipient("+4477331234567", "sms")
 SMS_DOMAINS = ("sms.example.com",)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the avatar has at the end of DATA: policy's decision and the bytes to store."""
+
+    content: ContentDecision
+    message: PreparedMessage
+
+    @property
+    def data(self) -> bytes:
+        return self.message.data
+
+    @property
+    def pieces(self) -> tuple[bytes | memoryview, ...]:
+        return self.message.pieces
+
+    @property
+    def size(self) -> int:
+        return self.message.size
+
+    @property
+    def messageId(self) -> str:
+        return self.message.messageId
+
+    @property
+    def strippedAttachments(self) -> tuple[str, ...]:
+        return self.message.strippedAttachments
+
+    @property
+    def options(self) -> HeaderOptions:
+        return self.content.options
+
+    @property
+    def fromAddress(self) -> str | None:
+        return self.content.fromAddress
+
+    @property
+    def smsText(self) -> str | None:
+        return self.content.smsText
+
+    @property
+    def smsLength(self) -> SmsLength | None:
+        return self.content.smsLength
+
+    @property
+    def ignoredOptions(self) -> tuple[str, ...]:
+        return self.content.ignoredOptions
+
+
+def prepareMessage(
+    raw: bytes,
+    acct: Account,
+    recipients: Sequence[Recipient],
+    *,
+    senders: Sequence[Sender],
+    hostname: str,
+    now: datetime,
+    envelopeSender: EnvelopeSender | None = None,
+    smsDomains: Sequence[str] = (),
+    notificationId: str | None = None,
+    received: bytes = b"",
+) -> Prepared:
+    """Policy's decision on ``raw`` and the message rewritten as decided, as the avatar does."""
+    content = checkContent(
+        raw,
+        acct,
+        recipients,
+        senders=senders,
+        envelopeSender=envelopeSender,
+        smsDomains=smsDomains,
+    )
+    message = rewriteMessage(
+        raw,
+        content,
+        hostname=hostname,
+        now=now,
+        notificationId=notificationId,
+        received=received,
+    )
+    return Prepared(content, message)
 
 
 def wire(message: EmailMessage) -> bytes:
@@ -56,7 +141,7 @@ def prepare(
     acct: Account | None = None,
     recipients: tuple[Recipient, ...] = (BOB,),
     **kwargs: Any,
-) -> PreparedMessage:
+) -> Prepared:
     kwargs.setdefault("senders", SENDERS)
     kwargs.setdefault("hostname", "relay.example.com")
     kwargs.setdefault("now", NOW)

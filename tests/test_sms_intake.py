@@ -7,8 +7,9 @@ from datetime import UTC, datetime
 from twisted.trial.unittest import TestCase
 
 from mailrelay.model import Account, Recipient
-from mailrelay.policy.content import prepareMessage, smsTextOf
+from mailrelay.policy.content import smsTextOf
 from mailrelay.policy.decisions import Refusal
+from tests.test_policy_content import prepareMessage
 
 ACCOUNT = Account("acme", "x", sms_enabled=True, sms_segments=2)
 PHONE = Recipient("+4477331234567", "sms")

@@ -28,7 +28,8 @@ from email.headerregistry import ContentTypeHeader
 from email.policy import SMTP
 from typing import Literal, cast
 
-from mailrelay.message.outbound import dateField, fieldValue, headerFields, splitMessage
+from mailrelay.headerblock import fieldValue, headerFields, splitMessage
+from mailrelay.message.outbound import dateField
 from mailrelay.model import Notification, Recipient
 from mailrelay.policy.headers import isOptionHeader
 

@@ -3,7 +3,7 @@ A stored message made ready to leave (SPEC §8.2): what the delivery worker send
 
 The intake has already put a ``Received:`` field on top, removed the ``X-IB-*`` options and
 added a ``Message-ID:`` and a ``Date:`` where they were missing
-(:func:`mailrelay.policy.content.prepareMessage`). :func:`prepareForDelivery` does the last
+(:func:`mailrelay.message.intake.rewriteMessage`). :func:`prepareForDelivery` does the last
 three again, so that no message leaves without them whatever stored it (a message queued by an
 older release, a bounce, an operator's re-injection). It edits the header block only, as
 lines; the body is passed through as the same bytes.
@@ -15,82 +15,18 @@ as it is rather than stopping the delivery.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.headerregistry import AddressHeader
 from email.policy import SMTP
 from email.utils import format_datetime
 from typing import cast
 
+from mailrelay.headerblock import fieldValue, headerFields, splitMessage
 from mailrelay.policy.addresses import AddressSyntaxError, mailboxFromParts, parseMailbox
 from mailrelay.policy.headers import isOptionHeader
 
-_FIELD_NAME = re.compile(rb"([!-9;-~]+)[ \t]*:")
 # What a Message-ID's id-left / id-right may hold here (dot-atom text, no dot at the ends).
 _ID_UNSAFE = re.compile(r"[^A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]")
-
-
-@dataclass(frozen=True)
-class HeaderField:
-    """One field of a header block: its lower-case name and where its lines are."""
-
-    name: str
-    start: int
-    """Offset of the field's first line in the block."""
-    end: int
-    """Offset just after the CRLF that ends its last (continuation) line."""
-
-
-def splitMessage(message: bytes) -> tuple[bytes, int]:
-    """
-    The header block of ``message`` (CRLF line ends) and where its body starts.
-
-    The block runs up to and including the CRLF of its last field, without the empty line;
-    it is empty when the message starts with the empty line. The body starts after the empty
-    line, or at ``len(message)`` when there is none (a header-only message; a last line
-    without its CRLF is then part of the block).
-    """
-    if message.startswith(b"\r\n"):
-        return b"", 2
-    end = message.find(b"\r\n\r\n")
-    if end < 0:
-        return message, len(message)
-    return message[: end + 2], end + 4
-
-
-def headerFields(block: bytes) -> Iterator[HeaderField]:
-    """
-    The fields of a header block from :func:`splitMessage`, in order. A continuation line
-    (starting with a space or tab) belongs to the field before it; a line that is neither a
-    field nor a continuation is its own field with an empty name, so it is kept but matches
-    no name.
-    """
-    name: str | None = None
-    start = 0
-    position = 0
-    length = len(block)
-    while position < length:
-        lineEnd = block.find(b"\r\n", position)
-        lineEnd = length if lineEnd < 0 else lineEnd + 2
-        if block[position : position + 1] in (b" ", b"\t") and name is not None:
-            position = lineEnd
-            continue
-        if name is not None:
-            yield HeaderField(name, start, position)
-        match = _FIELD_NAME.match(block, position)
-        name = match.group(1).decode("ascii").lower() if match is not None else ""
-        start = position
-        position = lineEnd
-    if name is not None:
-        yield HeaderField(name, start, length)
-
-
-def fieldValue(block: bytes, field: HeaderField) -> bytes:
-    """The field's value unfolded (RFC 5322 §2.2.3: its CRLFs removed), leading blanks gone."""
-    raw = block[field.start : field.end]
-    colon = raw.find(b":")
-    return raw[colon + 1 :].replace(b"\r\n", b"").lstrip(b" \t")
 
 
 def _idPart(text: str, default: str) -> str:
@@ -100,9 +36,9 @@ def _idPart(text: str, default: str) -> str:
 
 def messageIdFor(notificationId: str, hostname: str) -> str:
     """
-    The ``Message-ID`` a message without one gets: ``<notificationId@hostname>``, the same one
-    the intake adds, so the message has one id whichever step added it, and the same on every
-    retry. Characters a msg-id may not hold are replaced.
+    The ``Message-ID`` a message leaving without one gets: ``<notificationId@hostname>``, of
+    the form the intake adds (which leaves nothing for this to add, but for messages queued by
+    other means), the same on every retry. Characters a msg-id may not hold are replaced.
     """
     return f"<{_idPart(notificationId, 'unknown')}@{_idPart(hostname, 'localhost')}>"
 
