@@ -22,6 +22,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -40,7 +41,7 @@ from twisted.internet import reactor as globalReactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.server import Site
 
 from mailrelay.auth.secrets import hashPassword, newApiKey
@@ -109,6 +110,31 @@ def freePort() -> int:
                 continue
             return port
     raise RuntimeError("no free port below the ephemeral range")
+
+
+def startRedisServer(
+    testCase: TestCase, port: int | None = None, *options: str
+) -> tuple[subprocess.Popen[bytes], int]:
+    """A private ``redis-server`` on 127.0.0.1 (``port``, or a free one) keeping nothing on
+    disk unless ``options`` say otherwise, killed at the test's cleanup; once it accepts
+    connections. Skips the test where redis-server is not installed."""
+    if shutil.which("redis-server") is None:
+        raise SkipTest("redis-server is not installed")
+    port = freePort() if port is None else port
+    server = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", *options],
+        stdout=subprocess.DEVNULL,
+    )
+    testCase.addCleanup(server.wait)
+    testCase.addCleanup(server.kill)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server, port
+        except OSError:
+            time.sleep(0.02)
+    testCase.fail("redis-server did not start")
 
 
 def _toml(value: str) -> str:

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import collections
 import re
-import shutil
 import signal
-import socket
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +16,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from mailrelay.model import Notification, Recipient, fromTimestamp
 from tests.relay_fixture import (
@@ -30,6 +27,7 @@ from tests.relay_fixture import (
     RelayProcess,
     addAccount,
     freePort,
+    startRedisServer,
 )
 from tests.smtp_sinks import Delayed, startScriptedSink
 
@@ -146,28 +144,9 @@ class KillMidDeliveryTests(FaultTestCase):
 
 
 class TwoRelaysOneRedisTests(FaultTestCase):
-    def startRedis(self) -> int:
-        if shutil.which("redis-server") is None:
-            raise SkipTest("redis-server is not installed")
-        port = freePort()
-        server = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", ""],
-            stdout=subprocess.DEVNULL,
-        )
-        self.addCleanup(server.wait)
-        self.addCleanup(server.kill)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return port
-            except OSError:
-                time.sleep(0.02)
-        self.fail("redis-server did not start")
-
     async def test_twoRelaysDeliverEachOnce(self) -> None:
         count = 2000
-        redisPort = self.startRedis()
+        _, redisPort = startRedisServer(self)
         sink = await startScriptedSink(self)
         extra = (
             f'[store]\nbackend = "redis"\nredis_url = "redis://127.0.0.1:{redisPort}/0"\n'

@@ -12,9 +12,7 @@ fence is tested on a private redis-server that is paused with SIGSTOP.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import subprocess
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -24,7 +22,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import Logger, globalLogPublisher
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -371,20 +369,11 @@ class RedisFenceTests(TestCase):
 
     async def test_pausedServerStoresNothingAfterTimeout(self) -> None:
         from mailrelay.store.redis import RedisStore
-        from tests.relay_fixture import freePort
+        from tests.relay_fixture import startRedisServer
         from tests.store_mixin import BODY
 
-        if shutil.which("redis-server") is None:
-            raise SkipTest("redis-server is not installed")
-        port = freePort()
-        server = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", ""],
-            stdout=subprocess.DEVNULL,
-        )
-        self.addCleanup(server.wait)
-        self.addCleanup(server.kill)
+        server, port = startRedisServer(self)
         self.addCleanup(lambda: os.kill(server.pid, signal.SIGCONT))
-        await waitForPort(port)
         store = RedisStore(f"redis://127.0.0.1:{port}/0", reactor, keyPrefix="t:", timeout=1.0)
         await store.open()
         self.addCleanup(store.close)
@@ -416,19 +405,6 @@ class RedisFenceTests(TestCase):
         self.assertEqual((await store.stats()).queued, 1)
 
 
-async def waitForPort(port: int, timeout: float = 5.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            await deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError(f"nothing listens on {port}")
-
-
 class RedisUnknownOutcomeTests(TestCase):
     """An enqueue whose script was sent but whose answer never came (the connection lost
     with it) is not answered 451 while it may still run: after the fence deadline the store
@@ -438,20 +414,11 @@ class RedisUnknownOutcomeTests(TestCase):
 
     async def test_storedAfterTheConnectionWasLost(self) -> None:
         from mailrelay.store.redis import RedisStore
-        from tests.relay_fixture import freePort
+        from tests.relay_fixture import startRedisServer
         from tests.store_mixin import BODY
 
-        if shutil.which("redis-server") is None:
-            raise SkipTest("redis-server is not installed")
-        port = freePort()
-        server = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", ""],
-            stdout=subprocess.DEVNULL,
-        )
-        self.addCleanup(server.wait)
-        self.addCleanup(server.kill)
+        server, port = startRedisServer(self)
         self.addCleanup(lambda: os.kill(server.pid, signal.SIGCONT))
-        await waitForPort(port)
         store = RedisStore(f"redis://127.0.0.1:{port}/0", reactor, keyPrefix="u:", timeout=2.0)
         await store.open()
         self.addCleanup(store.close)

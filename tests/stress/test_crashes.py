@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from tests.relay_fixture import (
     RelayProcess,
     addAccount,
     freePort,
+    startRedisServer,
 )
 from tests.stress.load import Submitters
 
@@ -100,28 +100,12 @@ class SigkillTests(CrashTestsBase):
 
 class RedisFaultTests(CrashTestsBase):
     def startRedis(self, port: int, directory: Path) -> subprocess.Popen[bytes]:
-        if shutil.which("redis-server") is None:
-            raise SkipTest("redis-server is not installed")
         directory.mkdir(parents=True, exist_ok=True)
-        server = subprocess.Popen(
-            [
-                "redis-server", "--bind", "127.0.0.1", "--port", str(port),
-                "--dir", str(directory), "--appendonly", "yes", "--appendfsync", "always",
-                "--save", "",
-            ],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        self.addCleanup(server.wait)
-        self.addCleanup(server.kill)
+        server, _ = startRedisServer(
+            self, port, "--dir", str(directory), "--appendonly", "yes", "--appendfsync", "always"
+        )
         self._servers = [*getattr(self, "_servers", []), server]
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return server
-            except OSError:
-                time.sleep(0.02)
-        self.fail("redis-server did not start")
+        return server
 
     async def redisRelay(self) -> tuple[RelayFiles, int, Path]:
         redisPort = freePort()
