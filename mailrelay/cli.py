@@ -889,6 +889,11 @@ async def execute(reactor: Any, argv: Sequence[str], console: Console | None = N
     except (KeyboardInterrupt, EOFError):
         console.fail("interrupted")
         return EXIT_FAILURE
+    except BrokenPipeError:
+        # The reader went away (`mailrelay dkim generate D | head -2`): nothing to say to it.
+        # Standard output is pointed at /dev/null so the interpreter's final flush is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
     except Exception as e:  # one line for the operator, whatever went wrong
         console.fail(f"internal error: {e!r}")
         return EXIT_FAILURE

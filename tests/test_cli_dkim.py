@@ -183,3 +183,38 @@ class DkimTests(CLITestsBase):
             self.assertOneLineError(result, "selector", code=1)
         listed = await self.ok("dkim", "list", "--json")
         self.assertEqual(listed.json(), [])
+
+
+class PipeTests(CLITestsBase):
+    async def test_readerGoingAwayIsNoInternalError(self) -> None:
+        """``mailrelay dkim generate D | head -1``: the reader has gone when the command writes
+        (here before it starts); the command says nothing about it (no "internal error"
+        line), and the key is stored all the same."""
+        import subprocess
+        import sys
+
+        from twisted.internet.threads import deferToThread
+
+        from tests.relay_fixture import REPO_ROOT
+
+        def run() -> tuple[bytes, bytes]:
+            command = [sys.executable, "-m", "mailrelay.cli", "--config", str(self.config)]
+            environment = {**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)}
+            process = subprocess.Popen(
+                [*command, "dkim", "generate", "piped.example"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=environment,
+                cwd=self.directory,
+            )
+            assert process.stdout is not None and process.stderr is not None
+            process.stdout.close()  # the reader is gone before the first line
+            errors = process.stderr.read()
+            return process.wait(30), errors
+
+        status, errors = await deferToThread(run)
+        self.assertNotEqual(status, 0)
+        self.assertNotIn(b"internal error", errors)
+        self.assertNotIn(b"Traceback", errors)
+        listed = await self.mailrelay("dkim", "list")
+        self.assertIn("piped.example", listed.out)
