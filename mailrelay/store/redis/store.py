@@ -57,6 +57,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
 
+import txredisapi
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -146,6 +147,8 @@ DEFAULT_TIMEOUT = 10.0
 DEFAULT_POOL_SIZE = 10
 FENCE_MARGIN = 2.0
 FENCE_SLACK = 1.0
+SETTLE_LIMIT = 300.0
+"""Seconds an enqueue of unknown outcome keeps asking a silent server whether it was stored."""
 """Seconds past an enqueue's fence deadline (our clock) before asking whether it was stored:
 the error of the measured clock offset."""
 """Seconds before the timeout at which an enqueue stops being written (at most half the
@@ -553,13 +556,15 @@ class RedisStore:
         deadline = time.time() + self._serverOffset + fenceWindow
         args.insert(3, int(deadline * 1000))
         answered = False  # the script answered: its outcome is known either way
+        sent = False  # the script may have reached the server
         if smsCredits > 0:
             script = scripts.ENQUEUE_CHARGED
             keys = [self._keys.account(notification.account), *keys]
             args = [smsCredits, *args]
 
         async def enqueue(client: RedisClient) -> None:
-            nonlocal answered
+            nonlocal answered, sent
+            sent = True
             if not self.url.wait:
                 done = await _enqueued(client.eval(script, keys, args))
                 answered = True
@@ -586,7 +591,12 @@ class RedisStore:
         started = self._reactor.seconds()
 
         def unknownOutcome(failure: Failure) -> Any:
-            if answered or (failure.check(StoreError) and "nothing stored" in str(failure.value)):
+            if (
+                answered
+                or not sent
+                or _neverSent(failure.value)
+                or (failure.check(StoreError) and "nothing stored" in str(failure.value))
+            ):
                 return failure
             return Deferred.fromCoroutine(
                 self._settleEnqueue(keys[0], started + fenceWindow + FENCE_SLACK, failure)
@@ -597,22 +607,30 @@ class RedisStore:
     async def _settleEnqueue(self, notificationKey: str, after: float, failure: Failure) -> None:
         """
         An enqueue failed without the script's answer (a timeout, a connection lost after the
-        script was sent): it may yet run, or have run. Once its fence deadline is past it can
-        no longer run; then the notification's key says whether it did. Stored: success, the
-        client gets its 250. Not stored, or the server cannot tell: the failure (a 451 that
-        means "not stored", unless the server stays silent through the deadline and then
-        kept a message it wrote before its answer was lost -- the one case left ambiguous).
+        script was sent, a server stopped between running the script and sending its answer):
+        it may have run, or may yet run. Once its fence deadline is past it can no longer run;
+        then the notification's key says whether it did. Stored: success, the client gets its
+        250. Not stored: the failure, a 451 that means "not stored". While the server does
+        not answer, it is asked again every second, for up to ``SETTLE_LIMIT`` seconds (the
+        client waits for a reply to its final dot for 10 minutes, RFC 5321 4.5.3.2.6); past
+        that the 451 is sent without knowing -- the one case left ambiguous.
         """
-        wait = after - self._reactor.seconds()
-        if wait > 0:
-            await deferLater(self._reactor, wait, lambda: None)
-        try:
-            exists = await self._run(partial(_exists, key=notificationKey))
-        except StoreError:
-            failure.raiseException()
-        if not exists:
-            failure.raiseException()
-        self.log.info("enqueue of {key} was stored after all", key=notificationKey)
+        giveUpAt = self._reactor.seconds() + SETTLE_LIMIT
+        while True:
+            wait = after - self._reactor.seconds()
+            if wait > 0:
+                await deferLater(self._reactor, wait, lambda: None)
+            try:
+                exists = await self._run(partial(_exists, key=notificationKey))
+            except StoreError:
+                if self._reactor.seconds() >= giveUpAt or self._closing:
+                    failure.raiseException()
+                after = self._reactor.seconds() + 1.0
+                continue
+            if not exists:
+                failure.raiseException()
+            self.log.info("enqueue of {key} was stored after all", key=notificationKey)
+            return
 
     def _enqueueScript(
         self, notification: Notification, message: bytes
@@ -1304,6 +1322,12 @@ def _all(deferreds: list[Deferred[Any]]) -> Deferred[list[tuple[bool, Any]]]:
 
 
 _REFUSED_BEFORE_RUNNING = ("NOPERM", "OOM", "READONLY", "NOREPLICAS", "BUSY", "MASTERDOWN")
+
+
+def _neverSent(error: BaseException | None) -> bool:
+    """Whether a command failed before it could be written (no connection to write it on)."""
+    cause = getattr(error, "__cause__", None) or error
+    return isinstance(cause, txredisapi.ConnectionError) and "Not connected" in str(cause)
 
 
 async def _exists(client: RedisClient, key: str) -> int:
