@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -45,6 +46,7 @@ from tests.smtp_fixture import (
     TLSStringTransport,
     plain,
 )
+from tests.store_mixin import BODY
 from tests.test_smtp_protocol import assertReply
 
 FROM = f"<app@{SENDER_DOMAIN}>"
@@ -363,29 +365,37 @@ class HeadDeadlineTests(SynchronousTestCase):
         self.assertIn("site.protocol = HeadDeadlineChannel", source)
 
 
+async def pausableRedis(
+    test: TestCase, timeout: float
+) -> tuple[subprocess.Popen[bytes], Any, Notification]:
+    """A private redis-server (let run again at cleanup, should a test leave it stopped), an
+    open RedisStore on it with the store ``timeout``, and a notification to enqueue."""
+    from mailrelay.store.redis import RedisStore
+    from tests.relay_fixture import startRedisServer
+
+    server, port = startRedisServer(test)
+    test.addCleanup(lambda: os.kill(server.pid, signal.SIGCONT))
+    store = RedisStore(f"redis://127.0.0.1:{port}/0", reactor, timeout=timeout)
+    await store.open()
+    test.addCleanup(store.close)
+    notification = Notification(
+        notification_id=store.nextNotificationId(),
+        account="acme",
+        sender="app@acme.example",
+        recipients=(Recipient("a@example.org", "email"),),
+        size=len(BODY),
+        received_at=datetime.now(UTC),
+        options=HeaderOptions(),
+    )
+    return server, store, notification
+
+
 class RedisFenceTests(TestCase):
     """With Redis paused past the store's timeout, the client gets 451 and the enqueue script,
     when Redis resumes, writes nothing: the client's retry is the only copy."""
 
     async def test_pausedServerStoresNothingAfterTimeout(self) -> None:
-        from mailrelay.store.redis import RedisStore
-        from tests.relay_fixture import startRedisServer
-        from tests.store_mixin import BODY
-
-        server, port = startRedisServer(self)
-        self.addCleanup(lambda: os.kill(server.pid, signal.SIGCONT))
-        store = RedisStore(f"redis://127.0.0.1:{port}/0", reactor, keyPrefix="t:", timeout=1.0)
-        await store.open()
-        self.addCleanup(store.close)
-        notification = Notification(
-            notification_id=store.nextNotificationId(),
-            account="acme",
-            sender="app@acme.example",
-            recipients=(Recipient("a@example.org", "email"),),
-            size=len(BODY),
-            received_at=datetime.now(UTC),
-            options=HeaderOptions(),
-        )
+        server, store, notification = await pausableRedis(self, timeout=1.0)
         os.kill(server.pid, signal.SIGSTOP)
         started = time.monotonic()
         enqueued = store.enqueue(notification, BODY)
@@ -417,24 +427,7 @@ class RedisUnknownOutcomeTests(TestCase):
     timeout = 30
 
     async def test_storedAfterTheConnectionWasLost(self) -> None:
-        from mailrelay.store.redis import RedisStore
-        from tests.relay_fixture import startRedisServer
-        from tests.store_mixin import BODY
-
-        server, port = startRedisServer(self)
-        self.addCleanup(lambda: os.kill(server.pid, signal.SIGCONT))
-        store = RedisStore(f"redis://127.0.0.1:{port}/0", reactor, keyPrefix="u:", timeout=2.0)
-        await store.open()
-        self.addCleanup(store.close)
-        notification = Notification(
-            notification_id=store.nextNotificationId(),
-            account="acme",
-            sender="app@acme.example",
-            recipients=(Recipient("a@example.org", "email"),),
-            size=len(BODY),
-            received_at=datetime.now(UTC),
-            options=HeaderOptions(),
-        )
+        server, store, notification = await pausableRedis(self, timeout=2.0)
         os.kill(server.pid, signal.SIGSTOP)
         enqueued = store.enqueue(notification, BODY)
         await deferLater(reactor, 0.2, lambda: None)
