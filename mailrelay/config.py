@@ -178,6 +178,12 @@ class Config:
     def dataPath(self) -> Path:
         return Path(self.data_dir)
 
+    def perProcess(self, limit: int) -> int:
+        """One relay process's part of a limit the whole relay keeps (``workers`` processes
+        each keep their part in memory): rounded down, so that together they never allow
+        more, but at least 1 (a limit below ``workers`` is then exceeded)."""
+        return max(1, limit // self.workers)
+
 
 _DURATION = re.compile(r"^(\d+)\s*([smhd])$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -169,15 +169,14 @@ def buildCore(
             raise SystemExit(f"mailrelay: TLS: {e}") from None
     submissions = Submissions(store, config, reactor)
     portal, realm = makePortal(store, submissions, reactor, authPool)
-    workers = config.workers
     throttle = LoginThrottle(
         reactor.seconds,
-        maxFailures=_share(FAILED_LOGINS_PER_CLIENT, workers),
-        maxAccountFailures=_share(FAILED_LOGINS_PER_ACCOUNT, workers),
+        maxFailures=config.perProcess(FAILED_LOGINS_PER_CLIENT),
+        maxAccountFailures=config.perProcess(FAILED_LOGINS_PER_ACCOUNT),
     )
     connections = ConnectionCounter(
-        _share(config.limits.max_connections, workers),
-        _share(config.limits.max_connections_per_client, workers),
+        config.perProcess(config.limits.max_connections),
+        config.perProcess(config.limits.max_connections_per_client),
         publish=publishConnections,
     )
 
@@ -213,12 +212,6 @@ def buildCore(
         tlsContext,
         factories,
     )
-
-
-def _share(limit: int, workers: int) -> int:
-    """One worker's part of a limit the whole relay keeps: rounded down, so that together they
-    never allow more, but at least 1 (a limit below ``workers`` is then exceeded)."""
-    return max(1, limit // workers)
 
 
 GIL_SWITCH_INTERVAL = 0.001

@@ -28,7 +28,6 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver, Logger
 
 from mailrelay.config import Config
-from mailrelay.core import _share
 from mailrelay.sdnotify import Notifier
 from mailrelay.smtp.sessions import SessionRegistry
 from mailrelay.tls import ReloadableTLS
@@ -60,11 +59,13 @@ class LiveSettings:
         """Make ``config`` (and ``tlsContext``, when not None) what new sessions get."""
         if self.tls is not None and tlsContext is not None:
             self.tls.current = tlsContext
-        workers = self.config.workers  # a restart-only key: the running count counts
-        self.connections.maxTotal = _share(config.limits.max_connections, workers)
-        self.connections.maxPerClient = _share(config.limits.max_connections_per_client, workers)
-        # The listeners are restart-only: keep them, give the avatars everything else.
-        self.submissions.config = dataclasses.replace(config, listeners=self.config.listeners)
+        # The restart-only keys keep their running values (the process count among them,
+        # which shares out the limits); the avatars get everything else.
+        running = {name: getattr(self.config, name) for name in RESTART_ONLY}
+        config = dataclasses.replace(config, **running)
+        self.connections.maxTotal = config.perProcess(config.limits.max_connections)
+        self.connections.maxPerClient = config.perProcess(config.limits.max_connections_per_client)
+        self.submissions.config = config
         for factory in self.factories:
             factory.settings = dataclasses.replace(
                 factory.settings, hostname=config.hostname, limits=config.limits
@@ -260,13 +261,14 @@ class Reloader:
         self.live.apply(config, context)
         if self.workers is not None:
             self.workers(source, pem)
-        if self.delivery is not None and _deliveryChanged(old, config):
+        if self.delivery is not None and deliveryChanged(old, config):
             await self.delivery(self.live.config)
         log.info("reloaded: new sessions get the new configuration and certificate")
         return True
 
 
-def _deliveryChanged(old: Config, new: Config) -> bool:
+def deliveryChanged(old: Config, new: Config) -> bool:
+    """Whether a reload from ``old`` to ``new`` changes the delivery side."""
     return (old.delivery, old.sms, old.delivery_reports, old.hostname) != (
         new.delivery,
         new.sms,

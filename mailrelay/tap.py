@@ -18,7 +18,6 @@ from typing import IO, Any, cast
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceCollection, MultiService
 from twisted.internet import endpoints
-from twisted.internet.defer import maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
@@ -26,14 +25,13 @@ from twisted.python.logfile import LogFile
 
 from mailrelay.config import Config, ConfigError, loadConfigSource, proxied
 from mailrelay.core import RelayCore, ThreadPoolService, buildCore, shortenGILTurns
-from mailrelay.delivery.build import makeDelivery
-from mailrelay.delivery.reportsbuild import TrackingKeyService, makeDispatcher, makeTracker
-from mailrelay.delivery.service import DeliveryProbe, DeliveryService
+from mailrelay.delivery.reportsbuild import makeDispatcher
+from mailrelay.delivery.service import DeliveryProbe
+from mailrelay.delivery.side import DeliverySide
 from mailrelay.files import handOver, keepFilesPrivate, warnIfShared
 from mailrelay.lifecycle import LiveSettings, RelayRoot, Reloader, SignalService
 from mailrelay.listening import defaultBacklog, withBacklog
 from mailrelay.maillog import LOG_FORMATS, jsonLinesObserver, textLinesObserver
-from mailrelay.message.tracking import Tracker
 from mailrelay.retention import RetentionService
 from mailrelay.sdnotify import Notifier
 from mailrelay.smtp.data import NATIVE_SCAN
@@ -150,41 +148,24 @@ def _handOverToRunAsUser(config: Config, twistdOptions: Any) -> None:
 
 def _deliveryServices(
     config: Config, core: RelayCore, reactor: Any, root: MultiService
-) -> tuple[DeliveryService | None, Tracker | None]:
-    """The outbound side, in the main process only (with the SQLite store one process
-    delivers; relays sharing Redis split the work through its leases), and the expiry of old
-    status trails. Added after the store, so they stop before it closes."""
-    tracker = makeTracker(config)
+) -> DeliverySide:
+    """The outbound side (every process has one: :mod:`mailrelay.delivery.side`), and, in the
+    main process only, the expiry of old status trails, the report dispatcher (SPEC §8.4) and,
+    with tracking on, the public tracking listener (SPEC §8.5). Added after the store, so they
+    stop before it closes."""
+    whenReady = core.storeService.whenReady
     try:
-        delivery = makeDelivery(
-            config, core.store, reactor, core.storeService.whenReady, tracker=tracker
-        )
+        side = DeliverySide(config, core.store, reactor, whenReady, root, core.submissions)
     except ConfigError as e:
         raise SystemExit(f"mailrelay: {e}") from None
-    if delivery is not None:
-        if delivery.sms is not None and delivery.sms.service is not None:
-            # Before the loop: started first, stopped after it (the SMPP link).
-            delivery.sms.service.setServiceParent(root)
-        delivery.setServiceParent(root)
-        core.submissions.stored = delivery.wake
     RetentionService(core.store, config.limits.status_retention_days, reactor).setServiceParent(
         root
     )
-    _reportServices(config, core, reactor, root, tracker)
-    return delivery, tracker
-
-
-def _reportServices(
-    config: Config, core: RelayCore, reactor: Any, root: MultiService, tracker: Tracker | None
-) -> None:
-    """The report dispatcher (SPEC §8.4) and, with tracking on, the key loader and the
-    public tracking listener (SPEC §8.5): main process only, like delivery."""
-    whenReady = core.storeService.whenReady
     makeDispatcher(config, core.store, reactor, whenReady).setServiceParent(root)
-    if tracker is not None:
-        TrackingKeyService(tracker, core.store, whenReady).setServiceParent(root)
-        site = makeTrackingSite(tracker, core.store, reactor)
+    if side.tracker is not None:
+        site = makeTrackingSite(side.tracker, core.store, reactor)
         _listen(root, reactor, config.tracking.endpoint, site)
+    return side
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
@@ -229,7 +210,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         _listenSMTP(root, reactor, listener.endpoint, core.listenerFactory(listener))
         for listener in config.listeners
     ]
-    delivery, tracker = _deliveryServices(config, core, reactor, root)
+    side = _deliveryServices(config, core, reactor, root)
     pool = None
     if loads is not None:
         loads.set(0, 0)  # the main process serves from the start
@@ -246,13 +227,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             stopTimeout=config.limits.drain_timeout + STOP_TIMEOUT,
         )
         pool.setServiceParent(root)
-    probe = DeliveryProbe(
-        config.delivery.mode,
-        core.store,
-        reactor,
-        delivery,
-        None if delivery is None else delivery.connections,
-    )
+    probe = DeliveryProbe(config.delivery.mode, core.store, reactor, lambda: side.delivery)
+    delivery = side.delivery
     web = _listen(
         root,
         reactor,
@@ -270,14 +246,13 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         ),
     )
     root.afterDrain.append(web)
-    switch = DeliverySwitch(root, core, reactor, tracker, delivery, probe)
     root.reloader = Reloader(
         load=lambda: loadConfigSource(options["config"]),
         readTLS=lambda new: _readTLS(config, new),
         live=LiveSettings(config, core.tls, core.connections, core.submissions, core.factories),
         notifier=notifier,
         workers=None if pool is None else pool.reload,
-        delivery=switch,
+        delivery=side.switch,
     )
     if twistdOptions is not None:
         # Under twistd only: a relay built inside another program (the tests) leaves that
@@ -315,50 +290,3 @@ def _logFile(twistdOptions: Any) -> IO[str]:
     if name == "-" or (not name and nodaemon):
         return sys.stdout
     return cast(IO[str], LogFile.fromFullPath(name or "twistd.log"))
-
-
-def _nothingStored() -> None:
-    pass
-
-
-class DeliverySwitch:
-    """A reload's change of the delivery side (``[delivery]``, ``[sms]``, the host name): the
-    running loop stops as at a drain (attempts finish or give their leases back), then a
-    loop built from the new configuration starts."""
-
-    def __init__(
-        self,
-        root: MultiService,
-        core: RelayCore,
-        reactor: Any,
-        tracker: Tracker | None,
-        delivery: DeliveryService | None,
-        probe: DeliveryProbe,
-    ) -> None:
-        self.root = root
-        self.core = core
-        self.reactor = reactor
-        self.tracker = tracker
-        self.delivery = delivery
-        self.probe = probe
-
-    async def __call__(self, config: Config) -> None:
-        core = self.core
-        try:
-            new = makeDelivery(
-                config, core.store, self.reactor, core.storeService.whenReady, tracker=self.tracker
-            )
-        except ConfigError as e:
-            log.error("reload: the delivery side is kept as it was: {error}", error=str(e))
-            return
-        old, self.delivery = self.delivery, new
-        if old is not None:
-            await maybeDeferred(old.disownServiceParent)
-            if old.sms is not None and old.sms.service is not None:
-                await maybeDeferred(old.sms.service.disownServiceParent)
-        if new is not None:
-            if new.sms is not None and new.sms.service is not None:
-                new.sms.service.setServiceParent(self.root)
-            new.setServiceParent(self.root)
-        core.submissions.stored = _nothingStored if new is None else new.wake
-        self.probe.replace(new, None if new is None else new.connections)

@@ -185,14 +185,18 @@ class TwoRelaysOneRedisTests(FaultTestCase):
 
 class WorkersTests(FaultTestCase):
     async def test_messagesAcceptedByWorkersAreDeliveredOnce(self) -> None:
-        """With workers = 2 the worker process keeps its own file of notifications; the main
-        process delivers them all, each once."""
+        """With workers = 2 the worker process keeps its own file of notifications and
+        delivers them itself (the main process leaves that file to it): all delivered, each
+        once."""
         import dataclasses
+        import re
         import smtplib
+
+        import treq
 
         count = 40
         sink = await startScriptedSink(self)
-        port = freePort()
+        port, webPort = freePort(), freePort()
         files = RelayFiles(
             Path(self.mktemp()),
             [
@@ -202,6 +206,7 @@ class WorkersTests(FaultTestCase):
             ],
             f'workers = 2\n[delivery]\nmode = "smarthost"\n'
             f'smarthost = "tcp:host=127.0.0.1:port={sink.port}"\nsmarthost_tls = "none"\n',
+            webEndpoint=f"tcp:{webPort}:interface=127.0.0.1",
         )
         text = files.configPath.read_text()
         # workers is a top-level key: it must come before the first table.
@@ -236,7 +241,15 @@ class WorkersTests(FaultTestCase):
 
         await deferToThread(submitAll)
         await self.waitFor(lambda: len(sink.messages) >= count, 30, "every delivery")
-        await deferLater(reactor, 1.0, lambda: None)
+        # Both processes' attempts on the main process's /metrics (a worker's count arrives
+        # within a second).
+        await deferLater(reactor, 1.5, lambda: None)
+        response = await treq.get(f"http://127.0.0.1:{webPort}/metrics", persistent=False)
+        metrics = await response.text()
+        delivered = re.search(r'mailrelay_deliveries_total\{outcome="delivered"\} (\S+)', metrics)
+        self.assertIsNotNone(delivered, metrics)
+        assert delivered is not None
+        self.assertEqual(float(delivered.group(1)), count)
         await deferToThread(relay.signal, signal.SIGTERM)
         received = numbersReceived(sink)
         self.assertEqual(set(received), set(range(count)))

@@ -596,6 +596,30 @@ class WorkerFilesTests(WorkerFileTestsBase):
         with self.assertRaises(StoreError):
             await self.main.renewLease("not an id", first.lease, 60)
 
+    async def test_eachProcessClaimsWhatItAccepted(self) -> None:
+        """With ``workers = 2`` each process delivers from its own file: worker 1 claims only
+        what it accepted, the main process its own and that of a worker no longer running
+        (worker 2's file, left from when ``workers`` was 3), never worker 1's."""
+        main = await self.openStore(self.main.path, deliveringWorkers=1)
+        worker = self.store
+        gone = await self.openWorker(self.main, 2)
+        accepted: dict[str, str] = {}
+        for name, store in (("worker", worker), ("main", main), ("gone", gone)):
+            self.store = store
+            for second in range(3):
+                notification = await self.enqueued(receivedAt=T0 + timedelta(seconds=second))
+                accepted[notification.notification_id] = name
+        await gone.close()
+
+        byMain = {d.notification.notification_id for d in await main.claimDue(50, 60)}
+        byWorker = {d.notification.notification_id for d in await worker.claimDue(50, 60)}
+        self.assertEqual({accepted[nid] for nid in byMain}, {"main", "gone"})
+        self.assertEqual(len(byMain), 6)
+        self.assertEqual({accepted[nid] for nid in byWorker}, {"worker"})
+        self.assertEqual(len(byWorker), 3)
+        # The admin command's store (deliveringWorkers = 0) would see every file.
+        self.assertEqual(await main.stats(), QueueStats(0, 0, 9))
+
     async def test_eventsAcrossFiles(self) -> None:
         """Events for notifications in two files are stored in each one's file; with an
         unknown notification among them, none is stored."""

@@ -30,8 +30,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailrelay import metrics
-from mailrelay.config import ConfigError, parseConfig
-from mailrelay.core import _share
+from mailrelay.config import Config, ConfigError, parseConfig
 from mailrelay.ids import INSTANCE_BITS, SEQUENCE_BITS
 from mailrelay.metrics import REGISTRY, workerMetrics
 from mailrelay.model import Account
@@ -123,7 +122,8 @@ class WorkersConfigTests(SynchronousTestCase):
         parseConfig({"workers": 64, "store": {"backend": "redis", "instance_id": 0}})
 
     def test_share(self) -> None:
-        self.assertEqual([_share(10, n) for n in (1, 2, 3, 4, 64)], [10, 5, 3, 2, 1])
+        shares = [Config(workers=n).perProcess(10) for n in (1, 2, 3, 4, 64)]
+        self.assertEqual(shares, [10, 5, 3, 2, 1])
 
     def test_sharesApplied(self) -> None:
         """The main process (and so each worker) allows its share of the in-memory limits."""

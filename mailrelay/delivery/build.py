@@ -64,8 +64,9 @@ def makeDelivery(
             command=delivery.seconds("command_timeout"),
             data=delivery.seconds("data_timeout"),
         ),
-        maxConnections=delivery.max_connections,
-        maxPerDestination=delivery.max_connections_per_destination,
+        # Every relay process delivers: each opens its part of the connections.
+        maxConnections=config.perProcess(delivery.max_connections),
+        maxPerDestination=config.perProcess(delivery.max_connections_per_destination),
         maxRecipientsPerTransaction=delivery.max_recipients_per_transaction,
     )
     engine = DeliveryEngine(
@@ -80,7 +81,7 @@ def makeDelivery(
     )
     settings = LoopSettings(
         leaseSeconds=delivery.seconds("lease"),
-        concurrency=max(2 * delivery.max_connections, 10),
+        concurrency=max(2 * config.perProcess(delivery.max_connections), 10),
     )
     service = DeliveryService(
         store,

@@ -4,9 +4,10 @@ notification to the :class:`~mailrelay.delivery.engine.DeliveryEngine`, keep its
 while the attempt runs, and on stop let attempts in flight finish within a deadline, then give
 back the leases of the rest.
 
-Only the relay's main process runs it (``workers`` are intake processes): with the SQLite store
-exactly one process delivers; relays sharing a Redis store each claim their own share, the
-store's leases making sure no two hold the same notification.
+Every relay process runs one (the main process and each of the ``workers``): with the SQLite
+store each delivers what it accepted, from its own file; processes and relays sharing a Redis
+store each claim their own share, the store's leases making sure no two hold the same
+notification.
 """
 
 from __future__ import annotations
@@ -217,39 +218,30 @@ async def oldestDueAge(store: IStore, now: float) -> float:
 
 
 class DeliveryProbe:
-    """What ``/healthz`` and ``/metrics`` say about delivery: the mode, whether the loop runs,
-    the attempts and connections open, how long due work has waited."""
+    """What ``/healthz`` and ``/metrics`` say about delivery: the mode, whether this process's
+    loop (``current()``, which a reload may replace) runs, the attempts and connections open,
+    how long due work has waited."""
 
     def __init__(
         self,
         mode: str,
         store: IStore,
         clock: IReactorTime,
-        service: DeliveryService | None,
-        connections: Callable[[], dict[str, int]] | None = None,
+        current: Callable[[], DeliveryService | None],
     ) -> None:
         self.mode = mode
         self._store = store
         self._clock = clock
-        self._service = service
-        self._connections = connections
-
-    def replace(
-        self,
-        service: DeliveryService | None,
-        connections: Callable[[], dict[str, int]] | None = None,
-    ) -> None:
-        """Report on ``service`` from now on (a reload built a new delivery loop)."""
-        self._service = service
-        self._connections = connections
+        self._current = current
 
     @property
     def healthy(self) -> bool:
         """Hold mode is healthy by definition; otherwise the loop must run and read."""
-        return self._service is None or self._service.healthy
+        service = self._current()
+        return service is None or service.healthy
 
     def document(self) -> dict[str, Any]:
-        service = self._service
+        service = self._current()
         return {
             "mode": self.mode,
             "running": service is not None and service.healthy,
@@ -259,10 +251,15 @@ class DeliveryProbe:
     async def updateMetrics(self) -> None:
         """Set the delivery gauges for a scrape."""
         stats.oldestDue.set(await oldestDueAge(self._store, self._clock.seconds()))
-        if self._connections is not None:
-            stats.connectionsOpen.clear()
-            # The busiest destinations only: in mx mode every recipient domain is one, and a
-            # label per domain would grow the exposition without bound.
-            busiest = sorted(self._connections().items(), key=lambda item: -item[1])
-            for destination, count in busiest[:MAX_DESTINATION_LABELS]:
-                stats.connectionsOpen.labels(destination).set(count)
+        service = self._current()
+        publishConnections({} if service is None else service.connections())
+
+
+def publishConnections(connections: dict[str, int]) -> None:
+    """Set this process's gauge of open connections by destination: the busiest destinations
+    only, as in mx mode every recipient domain is one, and a label per domain would grow the
+    exposition without bound."""
+    stats.connectionsOpen.clear()
+    busiest = sorted(connections.items(), key=lambda item: -item[1])
+    for destination, count in busiest[:MAX_DESTINATION_LABELS]:
+        stats.connectionsOpen.labels(destination).set(count)

@@ -1,19 +1,24 @@
-"""The delivery engine's Prometheus metrics, served at ``/metrics`` with the others."""
+"""
+The delivery engine's Prometheus metrics, served at ``/metrics`` with the others. Every relay
+process delivers, so what each process counts (attempts, bounces, what is in flight, its
+connections) is in :data:`~mailrelay.metrics.PROCESS`, which the main process adds up over
+the workers; what the store knows for all of them (the oldest due entry) is set at a scrape.
+"""
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
-from mailrelay.metrics import REGISTRY
+from mailrelay.metrics import PROCESS, REGISTRY
 
 deliveries = Counter(
     "mailrelay_deliveries",
     "Recipient delivery attempts by outcome (delivered, deferred, failed, expired)",
     ["outcome"],
-    registry=REGISTRY,
+    registry=PROCESS,
 )
 bounces = Counter(
-    "mailrelay_bounces", "Delivery status notifications queued to senders", registry=REGISTRY
+    "mailrelay_bounces", "Delivery status notifications queued to senders", registry=PROCESS
 )
 oldestDue = Gauge(
     "mailrelay_queue_oldest_due_seconds",
@@ -24,10 +29,10 @@ connectionsOpen = Gauge(
     "mailrelay_delivery_connections",
     "Outbound SMTP connections open, by destination",
     ["destination"],
-    registry=REGISTRY,
+    registry=PROCESS,
 )
 inFlight = Gauge(
-    "mailrelay_deliveries_in_flight", "Notifications being delivered now", registry=REGISTRY
+    "mailrelay_deliveries_in_flight", "Notifications being delivered now", registry=PROCESS
 )
 
 _byOutcome: dict[str, Counter] = {}

@@ -33,7 +33,8 @@ def makeStore(config: Config, reactor: Any, processIndex: int = 0) -> IStore:
     that cannot be used and StoreError when ``data_dir`` cannot be created. A SQLite worker
     writes the notifications it accepts to a file of its own beside the main one,
     ``mailrelay.worker-<processIndex>.sqlite3``, so that no process's intake waits for another's
-    commits; every process reads them all.
+    commits; every process reads them all, and delivers what it accepted (the main process
+    also what workers no longer running accepted).
     """
     if config.store.backend == "sqlite":
         from mailrelay.store.sqlite import SQLiteStore, workerFile
@@ -49,6 +50,7 @@ def makeStore(config: Config, reactor: Any, processIndex: int = 0) -> IStore:
             reactor,
             config.store.instance_id + processIndex,
             home=workerFile(path, processIndex) if processIndex else None,
+            deliveringWorkers=config.workers - 1,
         )
     if config.store.backend == "redis":
         from mailrelay.store.redis import RedisStore

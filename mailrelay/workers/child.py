@@ -34,10 +34,11 @@ from zope.interface import implementer
 
 import mailrelay.smtp.protocol  # noqa: F401  (imported now, not at the first session)
 from mailrelay import metrics
-from mailrelay.config import Config, configFromSource, proxied
+from mailrelay.config import Config, ConfigError, configFromSource, proxied
 from mailrelay.core import RelayCore, ThreadPoolService, buildCore, shortenGILTurns
+from mailrelay.delivery.side import DeliverySide
 from mailrelay.files import keepFilesPrivate
-from mailrelay.lifecycle import LiveSettings, RelayRoot, SignalService
+from mailrelay.lifecycle import LiveSettings, RelayRoot, SignalService, deliveryChanged
 from mailrelay.maillog import jsonLinesObserver
 from mailrelay.smtp.proxy import ProxyHeaderFactory
 from mailrelay.tls import contextFromPEM
@@ -137,10 +138,12 @@ class _MainProcessPipes(Protocol):
         reactor: Any,
         stop: Callable[[], None] | None = None,
         reload: Callable[[WorkerSetup], None] | None = None,
+        beforeMetrics: Callable[[], None] | None = None,
     ) -> None:
         self.reactor = reactor
         self._stop = stop
         self._reload = reload
+        self._beforeMetrics = beforeMetrics
         self._input = b""
 
     def dataReceived(self, data: bytes) -> None:
@@ -160,6 +163,8 @@ class _MainProcessPipes(Protocol):
 
     def sendMetrics(self) -> None:
         if self.transport is not None:
+            if self._beforeMetrics is not None:
+                self._beforeMetrics()
             document = json.dumps(metrics.snapshot(), separators=(",", ":"))
             self.transport.write(b"metrics " + document.encode() + b"\n")
 
@@ -183,9 +188,10 @@ def buildWorker(
     listeners: Sequence[InheritedListener],
     tlsPEM: tuple[bytes, bytes] | None = None,
     loads: LoadTable | None = None,
-) -> tuple[RelayRoot, RelayCore]:
-    """The service tree of worker ``index`` (the relay core and the inherited listeners), and
-    the core. The tree's stop drains like the main process's (mailrelay.lifecycle)."""
+) -> tuple[RelayRoot, RelayCore, DeliverySide]:
+    """The service tree of worker ``index`` (the relay core, the inherited listeners and the
+    delivery of what this worker accepts), the core and the delivery side. The tree's stop
+    drains like the main process's (mailrelay.lifecycle)."""
     root = RelayRoot(reactor, config.limits.drain_timeout)
     publish = None if loads is None else partial(loads.set, index)
     core = buildCore(
@@ -213,7 +219,13 @@ def buildWorker(
             least,
             proxyProtocol=proxied(endpoint)[0],
         ).setServiceParent(root)
-    return root, core
+    try:
+        side = DeliverySide(
+            config, core.store, reactor, core.storeService.whenReady, root, core.submissions
+        )
+    except ConfigError as e:  # the main process built the same one: not expected here
+        raise SystemExit(f"mailrelay: worker {index}: {e}") from None
+    return root, core, side
 
 
 def readSetup(fd: int = SETUP_FD) -> WorkerSetup:
@@ -256,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         loads = LoadTable(args.load_fd, config.workers)
     except (OSError, ValueError) as e:
         raise SystemExit(f"mailrelay: worker {args.index}: no load table: {e}") from None
-    root, core = buildWorker(config, reactor, args.index, args.listener, setup.tlsPEM, loads)
+    root, core, side = buildWorker(config, reactor, args.index, args.listener, setup.tlsPEM, loads)
     live = LiveSettings(config, core.tls, core.connections, core.submissions, core.factories)
 
     def reload(new: WorkerSetup) -> None:
@@ -267,14 +279,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         except ValueError as e:
             log.error("reload refused: {error}", error=str(e))
             return
+        old = live.config
         live.apply(newConfig, context)
+        if deliveryChanged(old, newConfig):
+            Deferred.fromCoroutine(side.switch(live.config)).addErrback(
+                lambda f: log.failure("reload: the delivery side", f)
+            )
         log.info("reloaded")
 
     # SIGTERM (from the main process, or from systemd to the whole group) drains, once;
     # SIGHUP changes nothing here: the main process hands the reload over (stdin).
     signals = SignalService(reactor, lambda: None)
     signals.setServiceParent(root)
-    control = _MainProcessPipes(reactor, signals.stop, reload)
+    control = _MainProcessPipes(reactor, signals.stop, reload, side.publishGauges)
     # (typed after the Windows variant, which has no stdin/stdout arguments)
     StandardIO(control, stdin=0, stdout=1, reactor=reactor)  # type: ignore[call-arg]
     root.privilegedStartService()

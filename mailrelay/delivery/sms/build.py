@@ -49,7 +49,9 @@ def makeSms(config: Config, store: IStore, reactor: Any) -> SmsParts | None:
             settings = parseSmppUrl(sms.gateway)
         except ValueError as e:
             raise ConfigError(f"sms.gateway: {e}") from None
-        gateway = SMPPGateway(replace(settings, window=sms.window), reactor, book.receive)
+        gateway = SMPPGateway(
+            replace(settings, window=config.perProcess(sms.window)), reactor, book.receive
+        )
         gateway.setName("sms-gateway")
         return SmsParts(SmsChannel(gateway, book), service=gateway)
     if sms.gatewayKind == "http":

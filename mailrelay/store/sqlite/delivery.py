@@ -4,8 +4,9 @@ claimed notification (renewing its lease, recording an outcome with its status e
 reports, giving it back), and the operator's view and changes of the queue (list, retry now,
 hold, release, delete).
 
-A claim reads the due entries of every file (ranges of the queue's index by state and due
-time) on the reader thread, then claims each file's share in a write that takes only those
+A claim reads the due entries of every file this process delivers from (ranges of the queue's
+index by state and due time; see :meth:`~mailrelay.store.sqlite.files.StoreFiles.claimFiles`)
+on the reader thread, then claims each file's share in a write that takes only those
 still due; every later write about a claimed notification is one transaction on the file that
 holds it, which checks the lease token in that transaction (LeaseLost, nothing written, if it
 is not current).
@@ -70,7 +71,12 @@ class DeliveryQueue:
         # The oldest due entries of each kind in every file (an index range each), the share
         # of each chosen over all files, then each file's share claimed in its own write,
         # which takes only those still due: another claimer may have come first.
-        due = await files.reader.submitEach(partial(_dueEntries, limit=limit, now=now))
+        dueEntries = partial(_dueEntries, limit=limit, now=now)
+        scope = files.claimFiles()
+        if scope is None:
+            due = await files.reader.submitEach(dueEntries)
+        else:
+            due = [(file, await files.reader.submit(dueEntries, file)) for file in scope]
         fresh = sorted((key, file) for file, (keys, _) in due for key in keys)
         retries = sorted((key, file) for file, (_, keys) in due for key in keys)
         chosen = fairShare(fresh, retries, limit)

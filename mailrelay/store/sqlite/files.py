@@ -71,10 +71,17 @@ class StoreFiles:
     log = Logger()
 
     def __init__(
-        self, path: Path, home: Path, reactor: Any, groupLimit: int, busyTimeout: float
+        self,
+        path: Path,
+        home: Path,
+        reactor: Any,
+        groupLimit: int,
+        busyTimeout: float,
+        deliveringWorkers: int = 0,
     ) -> None:
         self.path = path
         self.home = home
+        self.deliveringWorkers = deliveringWorkers
         self._busyTimeout = busyTimeout
         self._clock: IReactorTime = reactor
         self.writer = GroupCommitThread(
@@ -103,12 +110,30 @@ class StoreFiles:
     def notificationFiles(self) -> list[Path]:
         """Every file notifications may be in: the main file, then the workers' files that
         exist, in worker order."""
+        return [self.path, *(file for _, file in self._workerFiles())]
+
+    def _workerFiles(self) -> list[tuple[int, Path]]:
         workers = []
         for candidate in self.path.parent.glob(f"{self.path.stem}.worker-*{self.path.suffix}"):
             index = candidate.name[len(self.path.stem) + len(".worker-") : -len(self.path.suffix)]
             if index.isascii() and index.isdigit():
                 workers.append((int(index), candidate))
-        return [self.path, *(file for _, file in sorted(workers))]
+        return sorted(workers)
+
+    def claimFiles(self) -> list[Path] | None:
+        """
+        The files this process's delivery claims from; None: every file. Each process
+        delivers what it accepted, so no two processes write to one file at once: a worker
+        claims from its home file only, and the main process from the main file and the
+        files of workers that no longer run (``workers`` lowered), all but those of workers
+        1 to ``deliveringWorkers``.
+        """
+        if self.home != self.path:
+            return [self.home]
+        if not self.deliveringWorkers:
+            return None
+        unowned = [file for index, file in self._workerFiles() if index > self.deliveringWorkers]
+        return [self.path, *unowned]
 
     # -- connections, opening and closing --
 

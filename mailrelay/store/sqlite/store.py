@@ -56,7 +56,9 @@ class SQLiteStore(Intake, DeliveryQueue, StatusTrails, ReportOutbox, GatewayIds)
     notification ids (see :mod:`mailrelay.ids`); ``groupLimit`` caps how many writes share one
     commit; ``busyTimeout`` is how long to wait for another process's lock; ``home``, the file
     this process's enqueues go to (default: ``path``, the main file; a worker's: see
-    :func:`~mailrelay.store.sqlite.files.workerFile`). Call :meth:`open` first and
+    :func:`~mailrelay.store.sqlite.files.workerFile`); ``deliveringWorkers``, in the main
+    process, how many workers deliver from their own files, which its claims leave to them
+    (:meth:`~mailrelay.store.sqlite.files.StoreFiles.claimFiles`). Call :meth:`open` first and
     :meth:`close` last. ``commits`` counts the write transactions committed so far;
     ``expireBatch`` is how many notifications one expiry write looks at.
 
@@ -77,10 +79,13 @@ class SQLiteStore(Intake, DeliveryQueue, StatusTrails, ReportOutbox, GatewayIds)
         groupLimit: int = 256,
         busyTimeout: float = BUSY_TIMEOUT,
         home: Path | None = None,
+        deliveringWorkers: int = 0,
     ) -> None:
         self.path = Path(path)
         self.home = Path(home) if home is not None else self.path
-        self._files = StoreFiles(self.path, self.home, reactor, groupLimit, busyTimeout)
+        self._files = StoreFiles(
+            self.path, self.home, reactor, groupLimit, busyTimeout, deliveringWorkers
+        )
         self._accountCache = AccountCache(reactor)
         self._newId = NotificationIdGenerator(instanceId, reactor.seconds)
 
