@@ -143,7 +143,8 @@ class MailrelayRelay(adapters.Mailrelay):
 
     @property
     def name(self) -> str:
-        return "mailrelay+dkim" if self.dkim else "mailrelay"
+        suffix = f"-{self.workers}w" if self.workers > 1 else ""
+        return f"mailrelay{suffix}+dkim" if self.dkim else f"mailrelay{suffix}"
 
     def run(self, workdir: Path, cert: Path, key: Path, sink: int, hold: bool = False) -> RelayRun:
         return _MailrelayRun(self, workdir, cert, key, sink, hold)
@@ -154,7 +155,7 @@ class _MailrelayRun:
         self, adapter: MailrelayRelay, workdir: Path, cert: Path, key: Path, sink: int, hold: bool
     ) -> None:
         self.name = adapter.name
-        self.tree = False
+        self.tree = adapter.workers > 1  # the workers are the main process's children
         self._sink = sink
         self._workdir = workdir
         ports = {name: free_port() for name in ("plain", "starttls", "tls", "web")}
@@ -166,7 +167,7 @@ class _MailrelayRun:
             cert=cert,
             key=key,
             backend="sqlite",
-            workers=1,
+            workers=adapter.workers,
             store_extra="",
             **ports,
         ).split("[delivery]")[0]
@@ -209,11 +210,16 @@ class _MailrelayRun:
             raise
 
     def _read(self, sql: str) -> list[tuple[int, ...]]:
-        with contextlib.closing(sqlite3.connect(f"file:{self.database}?mode=ro", uri=True)) as db:
-            return db.execute(sql).fetchall()
+        """``sql``'s rows from the main file and every worker's file."""
+        rows: list[tuple[int, ...]] = []
+        files = [self.database, *self.database.parent.glob("mailrelay.worker-*.sqlite3")]
+        for file in files:
+            with contextlib.closing(sqlite3.connect(f"file:{file}?mode=ro", uri=True)) as db:
+                rows += db.execute(sql).fetchall()
+        return rows
 
     def depth(self) -> int:
-        return self._read("SELECT count(*) FROM queue")[0][0]
+        return sum(count for (count,) in self._read("SELECT count(*) FROM queue"))
 
     def delays(self) -> Delays:
         rows = self._read(
@@ -727,11 +733,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=60.0, help="cap per case, s")
     p.add_argument("--drain-messages", type=int, help="default 20,000 (--quick 3,000)")
     p.add_argument(
-        "--relays", default="mailrelay,postfix", help="comma-separated: mailrelay, postfix"
+        "--relays",
+        default="mailrelay,postfix",
+        help="comma-separated: mailrelay, mailrelay-2w (workers = 2), postfix",
     )
     p.add_argument("--keep", type=Path, metavar="DIR", help="keep logs and data here")
     p.add_argument("--no-record", action="store_true", help="don't append to RESULTS.md")
     return p
+
+
+def _relay(name: str) -> Relay:
+    """``postfix``, ``mailrelay`` (its default config) or ``mailrelay-Nw`` (``workers = N``)."""
+    if name == "postfix":
+        return PostfixRelay()
+    match = re.fullmatch(r"mailrelay(?:-(\d+)w)?", name)
+    if match is None:
+        raise SystemExit(f"--relays: not a relay: {name!r}")
+    return MailrelayRelay(workers=int(match.group(1) or 1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -742,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{tool} is not installed (Debian package postfix)", file=sys.stderr)
             return 1
     names = args.relays.split(",")
-    relays: list[Relay] = [MailrelayRelay() if n == "mailrelay" else PostfixRelay() for n in names]
+    relays: list[Relay] = [_relay(name) for name in names]
     if "postfix" in names and (reason := adapters.Postfix().unavailable()):
         print(f"postfix: {reason}", file=sys.stderr)
         return 1
@@ -756,7 +774,10 @@ def main(argv: list[str] | None = None) -> int:
     for size in sizes:
         for n in sessions:
             plans["flow"] += [(relay, Case("smtp-source", size, n)) for relay in relays]
-    plans["flow"] += [(MailrelayRelay(dkim=True), Case("smtp-source", 2, 10)) for _ in mailrelay]
+    plans["flow"] += [
+        (MailrelayRelay(workers=r.workers, dkim=True), Case("smtp-source", 2, 10))
+        for r in mailrelay
+    ]
     plans["latency"] += [(relay, Case("loadgen", 2, 10)) for relay in relays]
     plans["latency"] += [(relay, Case("loadgen", 2, 10, "starttls")) for relay in mailrelay]
 

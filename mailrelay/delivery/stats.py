@@ -7,7 +7,7 @@ the workers; what the store knows for all of them (the oldest due entry) is set 
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from mailrelay.metrics import PROCESS, REGISTRY
 
@@ -29,6 +29,12 @@ connectionsOpen = Gauge(
     "mailrelay_delivery_connections",
     "Outbound SMTP connections open, by destination",
     ["destination"],
+    registry=PROCESS,
+)
+claimSeconds = Histogram(
+    "mailrelay_delivery_claim_seconds",
+    "Time one claim of due queue entries took (the store's read and write)",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
     registry=PROCESS,
 )
 inFlight = Gauge(
