@@ -52,6 +52,10 @@ class StoreConfig:
     instance_id: int = 0
 
 
+MAX_IN_FLOW_DELAY = 10
+"""Seconds: a longer wait before MAIL would meet clients' own command timeouts."""
+
+
 @dataclass(frozen=True)
 class LimitsConfig:
     max_message_size: int = 20 * 1024 * 1024
@@ -76,6 +80,10 @@ class LimitsConfig:
     # SIGTERM: sessions inside DATA (or waiting for their message to be stored) get this many
     # seconds to finish before they are closed; new commands are answered 421 4.3.2 at once.
     drain_timeout: int = 30
+    # When messages arrive faster than the relay delivers them, a new message waits up to this
+    # many seconds before its MAIL is answered (Postfix's in_flow_delay): the queue stops
+    # growing and the delivery keeps its share of the CPU. 0: never wait.
+    in_flow_delay: int = 1
 
 
 TLSPolicyName = Literal["verify", "opportunistic", "none"]
@@ -283,6 +291,8 @@ def _validate(config: Config) -> Config:
         _positive(f"limits.{name}", getattr(config.limits, name))
     if config.limits.data_min_rate < 0 or config.limits.data_rate_grace < 0:
         raise ConfigError("limits.data_min_rate, data_rate_grace: must not be negative")
+    if not 0 <= config.limits.in_flow_delay <= MAX_IN_FLOW_DELAY:
+        raise ConfigError(f"limits.in_flow_delay: must be 0..{MAX_IN_FLOW_DELAY} seconds")
     if config.limits.max_line_length < 100:
         raise ConfigError("limits.max_line_length: must be at least 100")
     if not 0 <= config.store.instance_id <= 1023:

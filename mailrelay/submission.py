@@ -52,6 +52,10 @@ def smsCost(account: Account, recipients: Sequence[Recipient], length: SmsLength
     return length.segments * sum(1 for r in recipients if r.channel == "sms")
 
 
+def _admitted() -> None:
+    return None
+
+
 def _creditsRefused(failure: Failure, credits: int) -> Failure:
     if failure.check(InsufficientCredits):
         raise Refusal(
@@ -75,6 +79,9 @@ class Submissions:
         self.stored: Callable[[], None] = _nothing
         """Called after each message is stored: the delivery loop's wake-up, when it runs in
         this process."""
+        self.admit: Callable[[], Deferred[None] | None] = _admitted
+        """Called at each MAIL before anything else: None to go on, or a Deferred to wait
+        for (the delivery loop's flow control, :mod:`mailrelay.delivery.inflow`)."""
 
     def __call__(
         self, account: Account, recheck: Callable[[], Deferred[Account]] | None = None
@@ -119,6 +126,12 @@ class AccountSubmission:
         account's limit, the account's rate and quota, then the sender. Returns the
         EnvelopeSender at once when nothing needs the store (the common case), else a Deferred
         firing with it; a refusal is raised, or fails the Deferred, as Refusal."""
+        waiting = self._shared.admit()
+        if waiting is not None:
+            return waiting.addCallback(lambda _: self._validateFromNow(sender, smtputf8, size))
+        return self._validateFromNow(sender, smtputf8, size)
+
+    def _validateFromNow(self, sender: str, smtputf8: bool, size: int | None) -> Any:
         now = self._shared.clock.seconds()
         if self._recheck is not None and now - self._checkedAt >= LOGIN_RECHECK_SECONDS:
             d = self._recheck()

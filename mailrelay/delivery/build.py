@@ -9,6 +9,7 @@ from twisted.internet.defer import Deferred
 
 from mailrelay.config import Config
 from mailrelay.delivery.engine import DeliveryEngine
+from mailrelay.delivery.inflow import InFlow
 from mailrelay.delivery.router import MXRouter, Router, SmarthostRouter
 from mailrelay.delivery.schedule import RetrySchedule
 from mailrelay.delivery.service import DeliveryService, LoopSettings
@@ -91,6 +92,7 @@ def makeDelivery(
         closePool=pool.close,
         whenReady=whenReady,
         connections=pool.openConnections,
+        inFlow=InFlow(reactor, config.limits.in_flow_delay, settings.concurrency),
     )
     service.sms = sms
     return service

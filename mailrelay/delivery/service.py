@@ -25,6 +25,7 @@ from twisted.logger import Logger
 
 from mailrelay.delivery import stats
 from mailrelay.delivery.engine import DeliveryEngine
+from mailrelay.delivery.inflow import InFlow
 from mailrelay.interfaces import IStore, LeaseLost, StoreError
 from mailrelay.model import Delivery
 
@@ -61,8 +62,10 @@ class DeliveryService(Service):
         closePool: Callable[[], Deferred[None]] | None = None,
         whenReady: Callable[[], Deferred[None]] | None = None,
         connections: Callable[[], dict[str, int]] | None = None,
+        inFlow: InFlow | None = None,
     ) -> None:
         self.connections = connections or dict
+        self.inFlow = inFlow  # the intake's flow control: tokens given back as work is claimed
         self.sms: SmsParts | None = None  # the SMS channel's parts, set by makeDelivery
         self._store = store
         self._engine = engine
@@ -145,7 +148,13 @@ class DeliveryService(Service):
         self.lastPoll = self._clock.seconds()
         for delivery in claimed:
             self._start(delivery)
-        return len(claimed) == wanted
+        caughtUp = len(claimed) < wanted
+        if self.inFlow is not None:
+            if caughtUp:
+                self.inFlow.refill()
+            else:
+                self.inFlow.give(len(claimed))
+        return not caughtUp
 
     def _start(self, delivery: Delivery) -> None:
         nid = delivery.notification.notification_id
@@ -184,6 +193,8 @@ class DeliveryService(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        if self.inFlow is not None:
+            self.inFlow.open()
         if self._next is not None and self._next.active():
             self._next.cancel()
         self._next = None

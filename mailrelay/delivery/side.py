@@ -33,6 +33,12 @@ def _nothingStored() -> None:
 class Intake(Protocol):
     stored: Callable[[], None]
     """Called after each message the intake stores."""
+    admit: Callable[[], Deferred[None] | None]
+    """Called at each MAIL: None, or a Deferred the MAIL waits for."""
+
+
+def _admitted() -> None:
+    return None
 
 
 class DeliverySide:
@@ -72,6 +78,8 @@ class DeliverySide:
                 delivery.sms.service.setServiceParent(self._root)
             delivery.setServiceParent(self._root)
         self._intake.stored = _nothingStored if delivery is None else delivery.wake
+        inFlow = None if delivery is None else delivery.inFlow
+        self._intake.admit = _admitted if inFlow is None else inFlow.take
 
     async def switch(self, config: Config) -> None:
         """A reload's change of ``[delivery]``, ``[sms]`` or the host name: the running loop
