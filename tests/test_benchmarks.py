@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import smtplib
 import socket
@@ -233,3 +234,33 @@ class ProtocolBenchTests(TestCase):
         from benchmarks.protocol_bench import microsecondsPerMessage
 
         self.assertGreater(microsecondsPerMessage(size=4096, messages=50, repeat=1), 0)
+
+
+class ScaleBenchmarkTests(TestCase):
+    """
+    ``python -m benchmarks.scale`` with tiny numbers: the fill queues every message, the relay
+    delivers from the backlog to ``smtp-sink`` and answers every status request with a 200,
+    and the claim histogram is read from its ``/metrics``. Counts only, never timings.
+    """
+
+    skip = (
+        None if shutil.which("smtp-sink") else "smtp-sink is not installed (Debian package postfix)"
+    )
+
+    def test_smallRun(self) -> None:
+        workdir = Path(self.mktemp()).resolve()
+        workdir.mkdir(parents=True)
+        figures = workdir / "scale.json"
+        command = [sys.executable, "-m", "benchmarks.scale", "--queued", "300", "--duration"]
+        command += ["3", "--rate", "20", "--keep", str(workdir / "run")]
+        command += ["--markdown", str(workdir / "scale.md"), "--json", str(figures)]
+        repo = Path(adapters.__file__).resolve().parent.parent
+        done = subprocess.run(command, cwd=repo, capture_output=True, timeout=120, check=False)
+        self.assertEqual(done.returncode, 0, done.stderr.decode(errors="replace")[-3000:])
+        summary = json.loads(figures.read_text())
+        self.assertEqual((summary["fill"]["enqueued"], summary["fill"]["queued"]), (300, 300))
+        status = summary["status"]
+        self.assertEqual((status["scheduled"], status["ok"], status["errors"]), (60, 60, {}))
+        self.assertGreater(summary["claims"]["count"], 0)
+        self.assertGreater(summary["rss_kib"]["window_all"], 0)
+        self.assertIn("scale, 300 queued", (workdir / "scale.md").read_text())
