@@ -134,16 +134,18 @@ mode = "hold"
 @dataclass
 class MailrelayRelay(adapters.Mailrelay):
     """
-    mailrelay on its defaults (one process, the SQLite store), as the runner's adapter sets it
-    up, with ``[delivery] mode = "smarthost"`` to the sink. ``dkim``: the sender domain has a
+    mailrelay on its defaults (one process per core, the SQLite store; ``workers`` sets a
+    number), as the runner's adapter sets it up, with ``[delivery] mode = "smarthost"`` to the
+    sink. ``dkim``: the sender domain has a
     signing key (``mailrelay dkim generate``), so every message is signed on the way out.
     """
 
     dkim: bool = False
+    workers: int = 0  # 0: left out of the file, the default ("auto": one process per core)
 
     @property
     def name(self) -> str:
-        suffix = f"-{self.workers}w" if self.workers > 1 else ""
+        suffix = f"-{self.workers}w" if self.workers else ""
         return f"mailrelay{suffix}+dkim" if self.dkim else f"mailrelay{suffix}"
 
     def run(self, workdir: Path, cert: Path, key: Path, sink: int, hold: bool = False) -> RelayRun:
@@ -155,7 +157,7 @@ class _MailrelayRun:
         self, adapter: MailrelayRelay, workdir: Path, cert: Path, key: Path, sink: int, hold: bool
     ) -> None:
         self.name = adapter.name
-        self.tree = adapter.workers > 1  # the workers are the main process's children
+        self.tree = adapter.workers != 1  # the workers are the main process's children
         self._sink = sink
         self._workdir = workdir
         ports = {name: free_port() for name in ("plain", "starttls", "tls", "web")}
@@ -167,7 +169,7 @@ class _MailrelayRun:
             cert=cert,
             key=key,
             backend="sqlite",
-            workers=adapter.workers,
+            workers=adapter.workers or '"auto"',
             store_extra="",
             **ports,
         ).split("[delivery]")[0]
@@ -735,7 +737,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--relays",
         default="mailrelay,postfix",
-        help="comma-separated: mailrelay, mailrelay-2w (workers = 2), postfix",
+        help="comma-separated: mailrelay (its defaults), mailrelay-1w (workers = 1), postfix",
     )
     p.add_argument("--keep", type=Path, metavar="DIR", help="keep logs and data here")
     p.add_argument("--no-record", action="store_true", help="don't append to RESULTS.md")
@@ -749,7 +751,7 @@ def _relay(name: str) -> Relay:
     match = re.fullmatch(r"mailrelay(?:-(\d+)w)?", name)
     if match is None:
         raise SystemExit(f"--relays: not a relay: {name!r}")
-    return MailrelayRelay(workers=int(match.group(1) or 1))
+    return MailrelayRelay(workers=int(match.group(1) or 0))
 
 
 def main(argv: list[str] | None = None) -> int:

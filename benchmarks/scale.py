@@ -75,7 +75,7 @@ from benchmarks.messages import SENDER, message_body
 from benchmarks.procstat import descendants, machine_busy_seconds, rss_kib, tree_cpu_seconds
 from benchmarks.report import machine
 from benchmarks.status_bench import Target, readResponse, requestBytes
-from mailrelay.config import loadConfig
+from mailrelay.config import loadConfig, withProcessCount
 from mailrelay.message.received import receivedHeader
 from mailrelay.model import Notification, fromTimestamp
 from mailrelay.policy.recipients import classifyRecipient
@@ -257,7 +257,8 @@ class Relay:
         return self._proc.pid
 
     def workers(self) -> int:
-        return loadConfig(str(self.config)).workers
+        """The relay's processes, ``workers = "auto"`` decided as the relay decides it."""
+        return withProcessCount(loadConfig(str(self.config))).workers
 
     def start(self) -> None:
         """Start the relay; return once every listener and every worker serves."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import socket
 import tomllib
@@ -171,7 +172,9 @@ DEFAULT_LISTENERS = (
 class Config:
     hostname: str = field(default_factory=socket.getfqdn)
     data_dir: str = "./mailrelay-data"
-    workers: int = 1  # SMTP intake processes sharing the listening sockets
+    # Relay processes sharing the listening sockets, each accepting and delivering; 0 ("auto"
+    # in the file): one per CPU core, decided at start (withProcessCount).
+    workers: int = 0
     tls: TLSConfig = TLSConfig()
     listeners: tuple[ListenerConfig, ...] = DEFAULT_LISTENERS
     web: WebConfig = WebConfig()
@@ -186,11 +189,17 @@ class Config:
     def dataPath(self) -> Path:
         return Path(self.data_dir)
 
+    @property
+    def processCount(self) -> int:
+        """The relay's processes: ``workers``, or 1 while ``auto`` is not decided yet (a
+        configuration read by the admin command line, or built in code)."""
+        return max(1, self.workers)
+
     def perProcess(self, limit: int) -> int:
         """One relay process's part of a limit the whole relay keeps (``workers`` processes
         each keep their part in memory): rounded down, so that together they never allow
         more, but at least 1 (a limit below ``workers`` is then exceeded)."""
-        return max(1, limit // self.workers)
+        return max(1, limit // self.processCount)
 
 
 _DURATION = re.compile(r"^(\d+)\s*([smhd])$")
@@ -396,16 +405,45 @@ def proxied(endpoint: str) -> tuple[bool, str]:
     return False, endpoint
 
 
+AUTO_MAX_WORKERS = 8
+"""``workers = "auto"`` runs one process per core, but no more than this many."""
+
+
+def _shareable(listener: ListenerConfig) -> bool:
+    """Whether another process can take the listener's socket over as it is."""
+    inner = proxied(listener.endpoint)[1]
+    kind = inner.partition(":")[0].lower()
+    unixSocket = kind == "systemd" and "domain=unix" in inner.lower()
+    return kind in WORKER_ENDPOINT_KINDS and not unixSocket
+
+
+def withProcessCount(config: Config, cores: int | None = None) -> Config:
+    """
+    ``config`` with ``workers = "auto"`` decided, for a relay starting now: one process per
+    core (``cores``, default ``os.cpu_count()``), at most ``AUTO_MAX_WORKERS``; one when a
+    listener's socket cannot be shared between processes (not TCP), or with an SMPP gateway
+    (every process would bind to it, and many SMSCs allow one bind per account), or when the
+    store's instance numbers would run out. A number set in the file is kept as it is.
+    """
+    if config.workers:
+        return config
+    count = min(cores or os.cpu_count() or 1, AUTO_MAX_WORKERS, 1024 - config.store.instance_id)
+    if not all(_shareable(listener) for listener in config.listeners):
+        count = 1
+    if config.sms.gatewayKind == "smpp":
+        count = 1
+    return dataclasses.replace(config, workers=max(1, count))
+
+
 def _validateWorkers(config: Config) -> None:
-    if not 1 <= config.workers <= MAX_WORKERS:
-        raise ConfigError(f"workers: must be 1..{MAX_WORKERS}, not {config.workers}")
-    if config.workers == 1:
+    if not 0 <= config.workers <= MAX_WORKERS:
+        raise ConfigError(
+            f'workers: must be "auto" (or 0) or 1..{MAX_WORKERS}, not {config.workers}'
+        )
+    if config.workers <= 1:
         return
     for i, listener in enumerate(config.listeners):
-        inner = proxied(listener.endpoint)[1]
-        kind = inner.partition(":")[0].lower()
-        unixSocket = kind == "systemd" and "domain=unix" in inner.lower()
-        if kind not in WORKER_ENDPOINT_KINDS or unixSocket:
+        if not _shareable(listener):
             raise ConfigError(
                 f"listeners[{i}].endpoint: with workers > 1 a listener must be a TCP one "
                 f"(tcp:, tcp6:, systemd:domain=INET..., each also inside haproxy:), "
@@ -424,6 +462,8 @@ def _validateWorkers(config: Config) -> None:
 
 def parseConfig(table: dict[str, Any]) -> Config:
     """A validated Config from a parsed TOML document."""
+    if table.get("workers") == "auto":
+        table = {**table, "workers": 0}
     return _validate(_build(Config, table))
 
 

@@ -73,7 +73,7 @@ class Submissions:
         self.config = config
         self.clock = clock
         # Each worker process keeps its own buckets, so each allows its share of the rate.
-        self.rateLimiter = RateLimiter(clock.seconds, share=1 / config.workers)
+        self.rateLimiter = RateLimiter(clock.seconds, share=1 / config.processCount)
         # Messages of accounts with a daily quota being stored now, by account.
         self.storing: Counter[str] = Counter()
         self.stored: Callable[[], None] = _nothing

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.logfile import LogFile
 
-from mailrelay.config import Config, ConfigError, loadConfigSource, proxied
+from mailrelay.config import Config, ConfigError, loadConfigSource, proxied, withProcessCount
 from mailrelay.core import RelayCore, ThreadPoolService, buildCore, shortenGILTurns
 from mailrelay.delivery.reportsbuild import makeDispatcher
 from mailrelay.delivery.service import DeliveryProbe
@@ -185,6 +185,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     source: str | None = getattr(options, "configSource", None)
     if config is None:
         config, source = loadConfigSource(options["config"])
+    config = withProcessCount(config)
+    log.info("relay processes: {count}, each accepting and delivering", count=config.workers)
     keepFilesPrivate()
     notifier = Notifier()
     root = RelayRoot(reactor, config.limits.drain_timeout, notifier)
@@ -219,7 +221,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         pool = WorkerPool(
             reactor,
             count=config.workers - 1,
-            setup=WorkerSetup(source, core.tlsPEM, options["log-format"]),
+            setup=WorkerSetup(source, core.tlsPEM, options["log-format"], config.workers),
             listeners=listeners,
             loads=loads,
             openConnections=lambda: core.connections.total,
@@ -247,7 +249,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     )
     root.afterDrain.append(web)
     root.reloader = Reloader(
-        load=lambda: loadConfigSource(options["config"]),
+        load=lambda: _loadDecided(options["config"]),
         readTLS=lambda new: _readTLS(config, new),
         live=LiveSettings(config, core.tls, core.connections, core.submissions, core.factories),
         notifier=notifier,
@@ -259,6 +261,13 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         # program's signals alone.
         SignalService(reactor, root.reload).setServiceParent(root)
     return root
+
+
+def _loadDecided(path: str | None) -> tuple[Config, str | None]:
+    """The configuration file read again for a reload, ``workers = "auto"`` decided as at the
+    start (so that only a real change of it is reported as one)."""
+    config, source = loadConfigSource(path)
+    return withProcessCount(config), source
 
 
 def _readTLS(running: Config, new: Config) -> tuple[tuple[bytes, bytes], Any] | None:

@@ -151,10 +151,14 @@ class RelayFiles:
         listeners: Sequence[Listener] = DEFAULT_LISTENERS,
         extra: str = "",
         webEndpoint: str = ANY_LOCAL_PORT,
+        workers: int | str = 1,
     ) -> None:
         self.directory = directory = directory.resolve()
         self.listeners = tuple(listeners)
         self.webEndpoint = webEndpoint
+        # One process unless a test asks for more ("auto", the default of a user's file, runs
+        # one per core): most tests read or count what one process did.
+        self.workers = workers
         directory.mkdir(parents=True, exist_ok=True)
         self.dataDir = directory / "data"
         ca = trustme.CA()
@@ -172,9 +176,11 @@ class RelayFiles:
 
     def configText(self, extra: str = "") -> str:
         """The TOML config: these files, these listeners, and ``extra`` TOML appended."""
+        workers = self.workers if isinstance(self.workers, int) else _toml(self.workers)
         lines = [
             f"hostname = {_toml(HOSTNAME)}",
             f"data_dir = {_toml(str(self.dataDir))}",
+            f"workers = {workers}",
             "",
             "[tls]",
             f"certificate = {_toml(str(self.certificatePath))}",

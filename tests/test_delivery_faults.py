@@ -204,14 +204,11 @@ class WorkersTests(FaultTestCase):
                     "network", "none", auth="network", endpoint=f"tcp:{port}:interface=127.0.0.1"
                 )
             ],
-            f'workers = 2\n[delivery]\nmode = "smarthost"\n'
+            f'[delivery]\nmode = "smarthost"\n'
             f'smarthost = "tcp:host=127.0.0.1:port={sink.port}"\nsmarthost_tls = "none"\n',
             webEndpoint=f"tcp:{webPort}:interface=127.0.0.1",
+            workers=2,
         )
-        text = files.configPath.read_text()
-        # workers is a top-level key: it must come before the first table.
-        text = text.replace("workers = 2\n", "").replace("[tls]", "workers = 2\n\n[tls]", 1)
-        files.configPath.write_text(text)
         store = files.makeStore()
         await store.open()
         try:

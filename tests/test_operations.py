@@ -345,9 +345,8 @@ class DrainTests(TestCase):
             Path(self.mktemp()),
             [Listener("network", "none", "network", f"tcp:{port}:interface=127.0.0.1")],
             extra=extra,
+            workers=workers,
         )
-        if workers > 1:
-            files.configPath.write_text(f"workers = {workers}\n" + files.configPath.read_text())
         await prepareStore(files)
         relay = OperatedRelay(files)
         await deferToThread(relay.start)
@@ -426,9 +425,8 @@ class ReloadTests(TestCase):
         files = RelayFiles(
             Path(self.mktemp()),
             [Listener("tls", "tls", "network", f"tcp:{port}:interface=127.0.0.1")],
+            workers=workers,
         )
-        if workers > 1:
-            files.configPath.write_text(f"workers = {workers}\n" + files.configPath.read_text())
         await prepareStore(files)
         relay = OperatedRelay(files)
         await deferToThread(relay.start)
@@ -569,8 +567,8 @@ class ProxyWorkersTests(TestCase):
         files = RelayFiles(
             Path(self.mktemp()),
             [Listener("proxied", "none", "network", f"haproxy:tcp:{port}:interface=127.0.0.1")],
+            workers=2,
         )
-        files.configPath.write_text("workers = 2\n" + files.configPath.read_text())
         # Relay by IP from the proxied addresses only: the proxy's own (127.0.0.1) is not
         # enough, so an accepted message shows the PROXY header was read.
         await prepareStore(files, networks=("203.0.113.0/24",))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -11,8 +12,10 @@ from twisted.internet import reactor
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
+from mailrelay.config import AUTO_MAX_WORKERS
 from mailrelay.core import GIL_SWITCH_INTERVAL
 from mailrelay.tap import ConfigurationError, ListenerService, Options, makeService
+from mailrelay.workers.pool import WorkerPool
 from tests.relay_fixture import RelayProcess
 
 
@@ -76,6 +79,10 @@ class TapTests(TestCase):
         self.assertEqual(sys.getswitchinterval(), GIL_SWITCH_INTERVAL)  # shorter GIL turns
         listeners = [s for s in root if isinstance(s, ListenerService)]
         self.assertEqual(len(listeners), 3)  # two SMTP listeners and the web endpoint
+        # workers left out: one process per core (the main one and the pool's workers).
+        processes = min(os.cpu_count() or 1, AUTO_MAX_WORKERS)
+        pools = [s for s in root if isinstance(s, WorkerPool)]
+        self.assertEqual(sum(pool.count for pool in pools) + 1, processes)
         data = Path(options["config"]).parent / "data"
         self.assertTrue((data / "selfsigned-cert.pem").exists())
         self.assertEqual((data / "selfsigned-key.pem").stat().st_mode & 0o777, 0o600)

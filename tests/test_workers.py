@@ -30,7 +30,13 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailrelay import metrics
-from mailrelay.config import Config, ConfigError, parseConfig
+from mailrelay.config import (
+    AUTO_MAX_WORKERS,
+    Config,
+    ConfigError,
+    parseConfig,
+    withProcessCount,
+)
 from mailrelay.ids import INSTANCE_BITS, SEQUENCE_BITS
 from mailrelay.metrics import REGISTRY, workerMetrics
 from mailrelay.model import Account
@@ -74,11 +80,33 @@ def instanceOf(notificationId: str) -> int:
 
 
 class WorkersConfigTests(SynchronousTestCase):
-    def test_default(self) -> None:
-        self.assertEqual(parseConfig({}).workers, 1)
+    def test_defaultIsOnePerCore(self) -> None:
+        """``workers`` left out (or ``"auto"``) is decided at start: one process per core, at
+        most AUTO_MAX_WORKERS; a number in the file is kept as it is."""
+        self.assertEqual(parseConfig({}).workers, 0)
+        self.assertEqual(parseConfig({"workers": "auto"}).workers, 0)
+        self.assertEqual(Config().workers, 0)
+        self.assertEqual(Config().processCount, 1)  # undecided: what the admin command sees
+        decided = [withProcessCount(parseConfig({}), cores).workers for cores in (1, 2, 4, 64)]
+        self.assertEqual(decided, [1, 2, 4, AUTO_MAX_WORKERS])
+        self.assertEqual(withProcessCount(parseConfig({"workers": 3}), 2).workers, 3)
+        self.assertEqual(withProcessCount(parseConfig({}), None).workers, os.cpu_count() or 1)
+
+    def test_autoWithListenersThatCannotBeShared(self) -> None:
+        """A listener other processes cannot take over makes ``auto`` one process (where a
+        number above 1 is refused), and so does an SMPP gateway (one bind per account is
+        common); the instance numbers left bound it too."""
+        table = {"listeners": [{"endpoint": "tcp:587"}, {"endpoint": "unix:/run/m.sock"}]}
+        self.assertEqual(withProcessCount(parseConfig(table), 8).workers, 1)
+        smpp = {"sms": {"domains": ["sms.example"], "gateway": "smpp://u:p@127.0.0.1:2775"}}
+        self.assertEqual(withProcessCount(parseConfig(smpp), 8).workers, 1)
+        https = {"sms": {"domains": ["sms.example"], "gateway": "https://gw.example/send"}}
+        self.assertEqual(withProcessCount(parseConfig(https), 8).workers, 8)
+        withInstance = {"store": {"instance_id": 1022}}
+        self.assertEqual(withProcessCount(parseConfig(withInstance), 8).workers, 2)
 
     def test_bounds(self) -> None:
-        for bad in (0, -1, 65):
+        for bad in (-1, 65, "many"):
             with self.assertRaises(ConfigError) as caught:
                 parseConfig({"workers": bad})
             self.assertIn("workers", str(caught.exception))
@@ -331,8 +359,8 @@ class WorkerProcessTests(TestCase):
             Path(self.mktemp()),
             [Listener("network", "none", "network", endpoint)],
             webEndpoint=f"tcp:{self.webPort}:interface=127.0.0.1",
+            workers=2,
         )
-        files.configPath.write_text("workers = 2\n" + files.configPath.read_text())
         store = files.makeStore()
         await store.open()
         try:

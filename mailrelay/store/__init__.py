@@ -50,7 +50,7 @@ def makeStore(config: Config, reactor: Any, processIndex: int = 0) -> IStore:
             reactor,
             config.store.instance_id + processIndex,
             home=workerFile(path, processIndex) if processIndex else None,
-            deliveringWorkers=config.workers - 1,
+            deliveringWorkers=config.processCount - 1,
         )
     if config.store.backend == "redis":
         from mailrelay.store.redis import RedisStore

@@ -34,7 +34,7 @@ from zope.interface import implementer
 
 import mailrelay.smtp.protocol  # noqa: F401  (imported now, not at the first session)
 from mailrelay import metrics
-from mailrelay.config import Config, ConfigError, configFromSource, proxied
+from mailrelay.config import Config, ConfigError, proxied
 from mailrelay.core import RelayCore, ThreadPoolService, buildCore, shortenGILTurns
 from mailrelay.delivery.side import DeliverySide
 from mailrelay.files import keepFilesPrivate
@@ -249,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         setup = readSetup(args.setup_fd)
-        config = configFromSource(setup.configSource)
+        config = setup.config()
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"mailrelay: worker {args.index}: no usable setup: {e}") from None
     observer: Any
@@ -274,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     def reload(new: WorkerSetup) -> None:
         # The main process validated it; a failure here is still refused, not half-applied.
         try:
-            newConfig = configFromSource(new.configSource)
+            newConfig = new.config()
             context = None if new.tlsPEM is None else contextFromPEM(*new.tlsPEM)
         except ValueError as e:
             log.error("reload refused: {error}", error=str(e))

@@ -5,6 +5,7 @@ restart one that ends, stop them with the relay.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ from twisted.logger import InvalidLogLevelError, Logger, LogLevel
 from twisted.python.failure import Failure
 
 from mailrelay import metrics
+from mailrelay.config import Config, configFromSource
 from mailrelay.maillog import PREFORMATTED
 from mailrelay.workers.balance import ABSENT, LoadTable, balanceAccepts
 
@@ -158,10 +160,16 @@ class WorkerSetup:
     configSource: str | None  # the TOML text; None: the built-in defaults
     tlsPEM: tuple[bytes, bytes] | None  # certificate chain and key; None: no TLS listener
     logFormat: str = "text"  # the log's format: "text" or "json" (mailrelay.maillog)
+    processes: int = 0  # the relay's process count as the main process decided it ("auto")
 
     def encode(self) -> bytes:
         pem = None if self.tlsPEM is None else [part.decode("ascii") for part in self.tlsPEM]
-        document = {"config": self.configSource, "tls": pem, "log": self.logFormat}
+        document = {
+            "config": self.configSource,
+            "tls": pem,
+            "log": self.logFormat,
+            "processes": self.processes,
+        }
         return json.dumps(document).encode()
 
     @classmethod
@@ -169,7 +177,16 @@ class WorkerSetup:
         document = json.loads(data)
         pem = document["tls"]
         tlsPEM = None if pem is None else (pem[0].encode("ascii"), pem[1].encode("ascii"))
-        return cls(document["config"], tlsPEM, document.get("log", "text"))
+        processes = int(document.get("processes", 0))
+        return cls(document["config"], tlsPEM, document.get("log", "text"), processes)
+
+    def config(self) -> Config:
+        """The configuration it carries, with the main process's count of processes.
+        Raises ValueError (ConfigError) if it is not usable."""
+        config = configFromSource(self.configSource)
+        if self.processes:
+            config = dataclasses.replace(config, workers=self.processes)
+        return config
 
 
 class WorkerPool(Service):
@@ -313,7 +330,7 @@ class WorkerPool(Service):
     def reload(self, configSource: str | None, tlsPEM: tuple[bytes, bytes] | None) -> None:
         """Hand a reloaded configuration and TLS files (validated by the main process) to
         every worker (a ``reload`` line on its stdin), and to the workers started later."""
-        self.setup = WorkerSetup(configSource, tlsPEM, self.setup.logFormat)
+        self.setup = dataclasses.replace(self.setup, configSource=configSource, tlsPEM=tlsPEM)
         line = RELOAD_COMMAND + self.setup.encode() + b"\n"
         for worker in self.workers.values():
             try:

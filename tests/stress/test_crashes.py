@@ -124,7 +124,10 @@ class RedisFaultTests(CrashTestsBase):
         server = self._servers[-1]
         server.kill()
         await deferToThread(server.wait)
-        await sleep(1.5)
+        # Long enough for clients to start transactions while Redis is gone: those whose
+        # enqueue was on its way when it died wait for it to come back (and get 250 if it
+        # kept the message), the others get 451 at once.
+        await sleep(3.0)
         self.startRedis(redisPort, redisDir)
         await sleep(3.0)
         await deferToThread(load.stop)
