@@ -87,7 +87,7 @@ class Intake(AccountData):
             counts = {state: sum(getattr(p, state) for _, p in parts) for state in QUEUE_STATES}
             return QueueStats(**counts)
 
-        return self._files.reader.submitEach(_stats).addCallback(add)
+        return self._files.counter.submitEach(_stats).addCallback(add)
 
 
 # The work functions below run on the writer thread, inside a transaction it manages, or on the
