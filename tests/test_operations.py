@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import trustme
+from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
@@ -489,6 +490,52 @@ class ReloadTests(TestCase):
 
         self.assertRegex(await deferToThread(sendOnOldSession), ACCEPTED)
         self.assertEqual(relay.process.poll(), None)  # type: ignore[union-attr]
+
+    async def test_reloadStartsDeliveryInEveryProcess(self) -> None:
+        """Held mail (the default mode), then SIGHUP with a smarthost: each process switches
+        its own delivery loop, so what either process accepted reaches the sink, each once."""
+        from tests.smtp_sinks import startScriptedSink
+
+        sink = await startScriptedSink(self)
+        files, relay, port = await self.startRelay(workers=2)
+        count = 12
+
+        def submitAll() -> list[str]:
+            replies = []
+            clients = [self.tlsClient(files, port, files.caPath)[0] for _ in range(6)]
+            for number in range(count):
+                client = clients[number % len(clients)]
+                if number < len(clients):
+                    client.command("EHLO client.test")
+                client.command(f"MAIL FROM:<{SENDER}>")
+                client.command(f"RCPT TO:<rcpt{number}@customer.example>")
+                assert client.command("DATA").code == 354
+                client.send(f"From: {SENDER}\r\nSubject: {number}\r\n\r\nHi\r\n.\r\n".encode())
+                replies.append(client.reply().text)
+            for client in clients:
+                client.close()
+            return replies
+
+        for reply in await deferToThread(submitAll):
+            self.assertRegex(reply, ACCEPTED)
+        workerFile = files.dataDir / "mailrelay.worker-1.sqlite3"
+        with sqlite3.connect(workerFile) as connection:
+            (inWorker,) = connection.execute("SELECT COUNT(*) FROM queue").fetchone()
+        self.assertGreater(inWorker, 0)  # the worker took some: its loop must deliver them
+        self.assertEqual(sink.messages, [])
+
+        files.configPath.write_text(
+            files.configPath.read_text()
+            + f'\n[delivery]\nmode = "smarthost"\nsmarthost = "tcp:host=127.0.0.1:port={sink.port}"'
+            + '\nsmarthost_tls = "none"\n'
+        )
+        relay.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        deadline = time.monotonic() + 30
+        while len(sink.messages) < count and time.monotonic() < deadline:
+            await deferLater(reactor, 0.1, lambda: None)
+        subjects = [re.search(rb"Subject: (\d+)", m.message) for m in sink.messages]
+        numbers = sorted(int(found.group(1)) for found in subjects if found is not None)
+        self.assertEqual(numbers, list(range(count)))
 
     async def test_invalidConfigRefused(self) -> None:
         """A config that no longer validates: one log line, the running one kept."""
