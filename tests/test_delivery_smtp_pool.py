@@ -118,6 +118,24 @@ class PoolTests(TestCase):
         self.assertEqual(pool.openConnections(), {"one.test": 1})
         self.assertEqual([o.kind for (o,) in [await one, await two]], ["delivered"] * 2)
 
+    async def test_oldestWaiterFirstAcrossDestinations(self) -> None:
+        """The slot a delivery gives back goes to the oldest waiter that can take it, even
+        one for another destination (the idle connection then closes for it), not to a
+        younger waiter that could reuse that connection."""
+        sink = await startScriptedSink(self)
+        pool = self.pool(maxConnections=1)
+        finished: list[str] = []
+        deliveries = [
+            self.deliver(pool, sink, (f"{name}@{destination}",), destination=destination)
+            for name, destination in (("a", "one.test"), ("b", "two.test"), ("c", "one.test"))
+        ]
+        for delivery, name in zip(deliveries, "abc", strict=True):
+            delivery.addCallback(lambda _, n=name: finished.append(n))
+        for delivery in deliveries:
+            await delivery
+        self.assertEqual(finished, ["a", "b", "c"])
+        self.assertEqual(len(sink.connections), 3)  # c could not reuse a's: b took its slot
+
     async def test_idleConnectionClosesAfterIdleTimeout(self) -> None:
         sink = await startScriptedSink(self)
         pool = self.pool(idleTimeout=0.1)

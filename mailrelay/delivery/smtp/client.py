@@ -489,7 +489,9 @@ class SMTPClientFactory(Factory):
 
 def dotStuff(message: bytes) -> bytes:
     """``message`` with CRLF line ends, dot-stuffed, ending with CRLF (not yet with ``.``)."""
-    if b"\r" in message.replace(b"\r\n", b"") or b"\n" in message.replace(b"\r\n", b""):
+    # Counting allocates nothing: a bare CR or LF is one not paired in a CRLF.
+    pairs = message.count(b"\r\n")
+    if message.count(b"\r") != pairs or message.count(b"\n") != pairs:
         message = _BARE_LINE_END.sub(b"\r\n", message)
     if message.startswith(b"."):
         message = b"." + message

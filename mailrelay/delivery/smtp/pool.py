@@ -14,6 +14,7 @@ slots, and give them up when a delivery elsewhere needs one.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ class _Waiter:
     destination: str
     key: _Key
     ready: Deferred[_Slot] = field(default_factory=Deferred)
+    order: int = 0  # when it started waiting, among all waiters: oldest first
 
 
 def _local(recipient: str, reason: str, dsnCode: str, kind: Any = "deferred") -> RecipientOutcome:
@@ -115,7 +117,11 @@ class SMTPClientPool:
         self._open: dict[str, int] = {}
         self._total = 0
         self._idle: list[_Idle] = []  # oldest first
-        self._waiting: deque[_Waiter] = deque()
+        # Waiters by what they wait for, each queue oldest first: a free slot is offered to
+        # the oldest waiter that can take it by looking at the head of each queue, not at
+        # every waiter (hundreds of them wait for one smarthost's few connections).
+        self._waiting: dict[tuple[str, _Key], deque[_Waiter]] = {}
+        self._arrivals = itertools.count()
         self._waking = False
         self._deliveries: set[Deferred[list[RecipientOutcome]]] = set()
         self._closingConnections: set[Deferred[None]] = set()
@@ -343,15 +349,19 @@ class SMTPClientPool:
         is one), now or when one is free; fails with _Stopped when the pool closes."""
         if self._closing:
             return Deferred.fromCoroutine(self._raiseStopped())
-        waiter = _Waiter(destination, key)
+        waiter = _Waiter(destination, key, order=next(self._arrivals))
         waiter.ready = Deferred(lambda _: self._cancelWaiting(waiter))
-        self._waiting.append(waiter)
+        self._waiting.setdefault((destination, key), deque()).append(waiter)
         self._wake()
         return waiter.ready
 
     def _cancelWaiting(self, waiter: _Waiter) -> None:
-        if waiter in self._waiting:
-            self._waiting.remove(waiter)
+        wanted = (waiter.destination, waiter.key)
+        queue = self._waiting.get(wanted)
+        if queue is not None and waiter in queue:
+            queue.remove(waiter)
+            if not queue:
+                del self._waiting[wanted]
 
     @staticmethod
     async def _raiseStopped() -> _Slot:
@@ -399,24 +409,24 @@ class SMTPClientPool:
                 waiter = self._firstStartable()
                 if waiter is None:
                     return
-                self._waiting.remove(waiter)
+                wanted = (waiter.destination, waiter.key)
+                queue = self._waiting[wanted]
+                queue.popleft()
+                if not queue:
+                    del self._waiting[wanted]
                 waiter.ready.callback(self._take(waiter.destination, waiter.key))
         finally:
             self._waking = False
 
     def _firstStartable(self) -> _Waiter | None:
-        """The oldest waiter that can start now. Waiters for one destination and key share
-        the answer, so a long queue behind a few busy destinations is asked once per
-        destination, not once per waiter."""
-        blocked: set[tuple[str, _Key]] = set()
-        for waiter in self._waiting:
-            wanted = (waiter.destination, waiter.key)
-            if wanted in blocked:
-                continue
-            if self._canStart(*wanted):
-                return waiter
-            blocked.add(wanted)
-        return None
+        """The oldest waiter that can start now: waiters for one destination and key share
+        the answer, so only the head of each one's queue is a candidate."""
+        first: _Waiter | None = None
+        for (destination, key), queue in self._waiting.items():
+            head = queue[0]
+            if (first is None or head.order < first.order) and self._canStart(destination, key):
+                first = head
+        return first
 
     def _release(self, slot: _Slot) -> None:
         """Give back a delivery's slot: its connection idles, or closes (and frees it)."""
@@ -464,8 +474,8 @@ class SMTPClientPool:
 
     async def _close(self) -> None:
         self._closing = True
-        waiting, self._waiting = self._waiting, deque()
-        for waiter in waiting:
+        waiting, self._waiting = self._waiting, {}
+        for waiter in sorted((w for q in waiting.values() for w in q), key=lambda w: w.order):
             waiter.ready.errback(_Stopped())
         for idle in list(self._idle):
             self._dropIdle(idle)
