@@ -112,14 +112,17 @@ class IDeliveryQueue(Interface):
     Due work is found through an index ordered by due time, never by reading the whole queue.
     """
 
-    def claimDue(limit: int, leaseSeconds: float):
+    def claimDue(limit: int, leaseSeconds: float, firstAttempt=None):
         """
         Claim up to ``limit`` due notifications: each becomes ``in_flight`` under a new lease
         (a fresh random token) ending ``leaseSeconds`` from now, and its attempt count grows
         by one. Oldest due first, but never-tried (``queued``) work and retries (``deferred``,
         lapsed leases) each get at least half of ``limit`` when both are due, so a backlog of
         retries cannot starve fresh mail nor the reverse. A notification whose message cannot
-        be read is skipped (logged), not handed out. Returns Deferred[list[model.Delivery]].
+        be read is skipped (logged), not handed out. ``firstAttempt`` (a
+        model.FirstAttempt), if given, is called with each Delivery of attempt 1 and what it
+        returns (its CAAS_SENT events and their reports) is written with the claim, as one
+        write, rather than by a write of its own. Returns Deferred[list[model.Delivery]].
         """
 
     def renewLease(notificationId: str, lease: str, leaseSeconds: float):

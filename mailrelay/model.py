@@ -7,6 +7,7 @@ functions read them, and nothing mutates one in place (use ``dataclasses.replace
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
@@ -262,3 +263,9 @@ class ReportAttempt:
     code: int
     outcome: str  # "sent", "retry", "dropped", "gone", "refused"
     at: datetime
+
+
+FirstAttempt = Callable[[Delivery], tuple[tuple[StatusEvent, ...], tuple[PendingReport, ...]]]
+"""What a claim writes, in its own transaction, for a notification claimed for its first attempt:
+the status events that say the attempt started (``CAAS_SENT``) and the reports they make
+(:meth:`~mailrelay.interfaces.IDeliveryQueue.claimDue`)."""

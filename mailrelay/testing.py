@@ -49,6 +49,7 @@ from mailrelay.model import (
     ClaimedReport,
     Delivery,
     DkimKey,
+    FirstAttempt,
     MessageText,
     Notification,
     PendingReport,
@@ -348,7 +349,9 @@ class MemoryStore:
     # -- IDeliveryQueue --
 
     @_answered
-    def claimDue(self, limit: int, leaseSeconds: float) -> list[Delivery]:
+    def claimDue(
+        self, limit: int, leaseSeconds: float, firstAttempt: FirstAttempt | None = None
+    ) -> list[Delivery]:
         if limit <= 0:
             return []
         now = self._now()
@@ -371,15 +374,18 @@ class MemoryStore:
             entry.lease = lease
             entry.nextAttempt = now + timedelta(seconds=leaseSeconds)
             entry.attempts += 1
-            claimed.append(
-                Delivery(
-                    notification=self._notifications[nid],
-                    message=entry.message,
-                    pending=entry.pending,
-                    attempts=entry.attempts,
-                    lease=lease,
-                )
+            delivery = Delivery(
+                notification=self._notifications[nid],
+                message=entry.message,
+                pending=entry.pending,
+                attempts=entry.attempts,
+                lease=lease,
             )
+            if firstAttempt is not None and delivery.attempts == 1:
+                events, reports = firstAttempt(delivery)
+                self._events[nid].extend(events)
+                self._addReports(list(reports))
+            claimed.append(delivery)
         return claimed
 
     def _leased(self, notificationId: str, lease: str) -> _Entry:

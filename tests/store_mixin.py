@@ -491,6 +491,35 @@ class DeliveryQueueTestsMixin:
         with self.assertRaises(LeaseLost):
             await self.store.renewLease(nid, again.lease, 60)
 
+    async def test_firstAttemptWrittenWithTheClaim(self) -> None:
+        """What ``firstAttempt`` gives is in the trail and the report outbox once the claim
+        is answered, for attempt 1 only: a second claim of the same notification (a lapsed
+        lease) is not asked."""
+        notification = await self.enqueued(recipients=(ALICE, BOB))
+        nid = notification.notification_id
+        asked: list[int] = []
+
+        def firstAttempt(delivery: Delivery) -> tuple[tuple[StatusEvent, ...], Any]:
+            asked.append(delivery.attempts)
+            started = tuple(self.event(notification, r, "CAAS_SENT") for r in delivery.pending)
+            return started, (pendingReport(notification, 7),)
+
+        (delivery,) = await self.store.claimDue(10, 0, firstAttempt)
+        self.assertEqual(delivery.attempts, 1)
+        trail = await self.store.statusTrail(nid)
+        self.assertEqual(
+            [(e.recipient, e.status_code) for e in trail[-2:]],
+            [
+                (ALICE, "CAAS_SENT"),
+                (BOB, "CAAS_SENT"),
+            ],
+        )
+        reports = await self.store.claimReports(10, leaseSeconds=60)
+        self.assertIn(f"msg_{nid}_7", [claimed.report.report_id for claimed in reports])
+        (again,) = await self.store.claimDue(10, 60, firstAttempt)  # the lease ran out
+        self.assertEqual((again.attempts, asked), (2, [1]))
+        self.assertEqual(len(await self.store.statusTrail(nid)), len(trail))
+
     async def test_staleLease(self) -> None:
         """A lease that ran out and was claimed again is lost: renew, record and release
         with it fail with LeaseLost and write nothing."""

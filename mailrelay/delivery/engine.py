@@ -1,7 +1,8 @@
 """
 One delivery attempt, as a short list of named steps (SPEC §8.1, §8.2):
 
-1. :meth:`DeliveryEngine.start` -- the first attempt of a notification writes ``CAAS_SENT``;
+1. :meth:`DeliveryEngine.start` -- the first attempt of a notification writes ``CAAS_SENT``,
+   in the claim's own write (the delivery loop hands it to ``claimDue``);
 2. :meth:`~DeliveryEngine.prepare` -- the bytes that leave: DKIM-signed once, the same bytes on
    every retry;
 3. :meth:`~DeliveryEngine.route` -- the pending recipients grouped by destination (the
@@ -52,6 +53,7 @@ from mailrelay.model import (
     Channel,
     Delivery,
     Notification,
+    PendingReport,
     Recipient,
     StatusEvent,
     fromTimestamp,
@@ -108,12 +110,15 @@ class DeliveryEngine:
         only when the store does (the lease then runs out and the delivery is due again)."""
         return Deferred.fromCoroutine(self._deliver(delivery))
 
-    async def _deliver(self, delivery: Delivery) -> None:
-        # In hold mode (no router) e-mail recipients wait, as SMS ones do without a gateway.
+    def _served(self, delivery: Delivery) -> tuple[list[Recipient], list[Recipient]]:
+        """The pending e-mail and SMS recipients this engine sends to now: in hold mode (no
+        router) e-mail recipients wait, as SMS ones do without a gateway."""
         email = [r for r in delivery.pending if r.channel == "email" and self._router is not None]
         sms = [r for r in delivery.pending if r.channel == "sms" and self._sms is not None]
-        if email or sms:
-            await self.start(delivery, [*email, *sms])
+        return email, sms
+
+    async def _deliver(self, delivery: Delivery) -> None:
+        email, sms = self._served(delivery)
         # The SMS channel beside the e-mail one, not after it; recorded with its outcomes.
         smsSent = self._sms.send(delivery, sms) if sms and self._sms is not None else None
         outcomes = await self.sendEmail(delivery, email) if email else []
@@ -126,20 +131,20 @@ class DeliveryEngine:
 
     # -- the steps --
 
-    async def start(self, delivery: Delivery, recipients: Sequence[Recipient]) -> None:
-        """``CAAS_SENT`` for each recipient when the notification's first attempt starts."""
+    def start(
+        self, delivery: Delivery
+    ) -> tuple[tuple[StatusEvent, ...], tuple[PendingReport, ...]]:
+        """``CAAS_SENT`` for each recipient sent to now, and the reports it makes, when the
+        notification's first attempt starts: the store writes them with the claim
+        (:class:`~mailrelay.model.FirstAttempt`), not in a write of their own."""
         if delivery.attempts != 1:
-            return
+            return (), ()
+        email, sms = self._served(delivery)
         now = self._now()
-        events = [self._event(delivery, r, "CAAS_SENT", "Successful", now) for r in recipients]
-        await self._store.recordOutcome(
-            delivery.notification.notification_id,
-            delivery.lease,
-            events,
-            (),
-            None,
-            reports=reportsFor(delivery.notification, events, self.receiptsFollow),
+        events = tuple(
+            self._event(delivery, r, "CAAS_SENT", "Successful", now) for r in [*email, *sms]
         )
+        return events, tuple(reportsFor(delivery.notification, events, self.receiptsFollow))
 
     async def sendEmail(self, delivery: Delivery, email: Sequence[Recipient]) -> list[Outcome]:
         """Steps 2 to 4 for the e-mail recipients. A message that cannot be prepared (a DKIM

@@ -135,7 +135,9 @@ class DeliveryService(Service):
         wanted = min(free, self._settings.batch)
         started = time.perf_counter()
         try:
-            claimed = await self._store.claimDue(wanted, self._settings.leaseSeconds)
+            claimed = await self._store.claimDue(
+                wanted, self._settings.leaseSeconds, self._engine.start
+            )
         except Exception as e:
             if not self._storeDown:
                 log.error("delivery: cannot read the queue: {error}", error=str(e))

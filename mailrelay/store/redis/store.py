@@ -86,6 +86,7 @@ from mailrelay.model import (
     ClaimedReport,
     Delivery,
     DkimKey,
+    FirstAttempt,
     MessageText,
     Notification,
     PendingReport,
@@ -676,7 +677,9 @@ class RedisStore:
     def _now(self) -> int:
         return int(self._reactor.seconds() * 1000)
 
-    def claimDue(self, limit: int, leaseSeconds: float) -> Deferred[list[Delivery]]:
+    def claimDue(
+        self, limit: int, leaseSeconds: float, firstAttempt: FirstAttempt | None = None
+    ) -> Deferred[list[Delivery]]:
         if limit <= 0:
             return succeed([])
         now = self._now()
@@ -711,7 +714,41 @@ class RedisStore:
                 )
             return deliveries
 
-        return self._run(claim)
+        d = self._run(claim)
+        if firstAttempt is not None:
+            d.addCallback(
+                lambda deliveries: Deferred.fromCoroutine(
+                    self._recordFirstAttempts(deliveries, firstAttempt)
+                )
+            )
+        return d
+
+    async def _recordFirstAttempts(
+        self, deliveries: list[Delivery], firstAttempt: FirstAttempt
+    ) -> list[Delivery]:
+        """What ``firstAttempt`` gives for each delivery of attempt 1, written under its new
+        lease (a script of its own here: the claim's script knows nothing of events). One
+        whose write fails is not handed out: its lease runs out and it is due again."""
+        writes = []
+        for delivery in deliveries:
+            if delivery.attempts == 1:
+                events, reports = firstAttempt(delivery)
+                nid = delivery.notification.notification_id
+                writes.append(
+                    (delivery, self.recordOutcome(nid, delivery.lease, events, (), None, reports))
+                )
+        failed = set()
+        for delivery, write in writes:
+            try:
+                await write
+            except StoreError as e:
+                failed.add(id(delivery))
+                self.log.warn(
+                    "claim: notification {id} not handed out: {error}",
+                    id=delivery.notification.notification_id,
+                    error=str(e),
+                )
+        return [d for d in deliveries if id(d) not in failed]
 
     def _leaseScript(self, source: str, keys: list[str], args: list[Any]) -> Deferred[Any]:
         """Run a script that checks a lease; LeaseLost if it answers that it is not current."""

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from mailrelay.interfaces import LeaseLost, NotFound, StoreError
 from mailrelay.model import (
     Delivery,
+    FirstAttempt,
     PendingReport,
     QueueItem,
     QueueState,
@@ -60,10 +61,14 @@ class DeliveryQueue:
 
     # -- claims and leases --
 
-    def claimDue(self, limit: int, leaseSeconds: float) -> Deferred[list[Delivery]]:
-        return Deferred.fromCoroutine(self._claimDue(limit, leaseSeconds))
+    def claimDue(
+        self, limit: int, leaseSeconds: float, firstAttempt: FirstAttempt | None = None
+    ) -> Deferred[list[Delivery]]:
+        return Deferred.fromCoroutine(self._claimDue(limit, leaseSeconds, firstAttempt))
 
-    async def _claimDue(self, limit: int, leaseSeconds: float) -> list[Delivery]:
+    async def _claimDue(
+        self, limit: int, leaseSeconds: float, firstAttempt: FirstAttempt | None
+    ) -> list[Delivery]:
         if limit <= 0:
             return []
         files = self._files
@@ -84,7 +89,13 @@ class DeliveryQueue:
         deliveries: list[Delivery] = []
         for file in dict.fromkeys(file for _, file in chosen):
             numbers = [number for (_, number), f in chosen if f == file]
-            work = partial(_claimEntries, numbers=numbers, now=now, leaseUntil=leaseUntil)
+            work = partial(
+                _claimEntries,
+                numbers=numbers,
+                now=now,
+                leaseUntil=leaseUntil,
+                firstAttempt=firstAttempt,
+            )
             try:
                 claimed, unreadable = await files.writer.submit(work, file)
             except StoreError as e:
@@ -227,11 +238,16 @@ def _dueEntries(
 
 
 def _claimEntries(
-    connection: sqlite3.Connection, numbers: Sequence[int], now: int, leaseUntil: int
+    connection: sqlite3.Connection,
+    numbers: Sequence[int],
+    now: int,
+    leaseUntil: int,
+    firstAttempt: FirstAttempt | None = None,
 ) -> tuple[list[Delivery], list[tuple[int, str]]]:
     """Claim the entries ``numbers`` that are still due, in that order, each under a new
-    lease. Returns them, and the notifications left unclaimed because their body cannot be
-    read, with why."""
+    lease, with what ``firstAttempt`` gives for those claimed for their first attempt.
+    Returns them, and the notifications left unclaimed because their body cannot be read,
+    with why."""
     deliveries = []
     unreadable = []
     for number in numbers:
@@ -265,15 +281,18 @@ def _claimEntries(
         notification = loadNotification(connection, number)
         assert notification is not None  # the queue row's foreign key
         recipients = notification.recipients
-        deliveries.append(
-            Delivery(
-                notification=notification,
-                message=body,
-                pending=recipientsAt(recipients, pendingPositions(recipients, pending)),
-                attempts=attempts + 1,
-                lease=lease,
-            )
+        delivery = Delivery(
+            notification=notification,
+            message=body,
+            pending=recipientsAt(recipients, pendingPositions(recipients, pending)),
+            attempts=attempts + 1,
+            lease=lease,
         )
+        if firstAttempt is not None and delivery.attempts == 1:
+            events, reports = firstAttempt(delivery)
+            insertEvents(connection, events)
+            outbox.addReports(connection, reports, now)
+        deliveries.append(delivery)
     return deliveries, unreadable
 
 
