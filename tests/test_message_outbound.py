@@ -215,3 +215,38 @@ class SenderDomainTests(SynchronousTestCase):
         self.assertIsNone(senderDomain(b"Subject: x\r\n\r\n", ""))
         self.assertIsNone(senderDomain(b"Subject: x\r\n\r\n", "InfoSMS"))
         self.assertIsNone(senderDomain(b"From: a@[192.0.2.1]\r\n\r\n", "b@[192.0.2.2]"))
+
+
+class QuickLookTests(SynchronousTestCase):
+    """The quick look that skips the parse says "nothing to do" only where the parse would
+    change nothing: every combination of the fields that matter, each way of writing them."""
+
+    FIELDS = (
+        b"X-IB-Bulk-Id: b1\r\n",
+        b"x-ib-notify-url: https://h.example/\r\n\t/more\r\n",
+        b"Message-ID: <m@example.com>\r\n",
+        b"message-id:   \r\n",
+        b"Message-ID:\r\n <folded@example.com>\r\n",
+        b"Date: Fri, 07 Mar 2025 10:00:00 +0100\r\n",
+        b"Subject: about x-ib-options\r\n",
+        b"Subject: s\r\n date: not a field\r\n",
+        b"From: a@example.com\r\n",
+    )
+
+    def test_sameAsTheParse(self) -> None:
+        from itertools import combinations
+
+        from mailrelay.message import outbound
+
+        quickLook = outbound._nothingToDo
+        self.patch(outbound, "_nothingToDo", lambda block: False)  # prepare() parses
+        quick = 0
+        for size in range(len(self.FIELDS) + 1):
+            for fields in combinations(self.FIELDS, size):
+                for lineEnd in (b"\r\n", b"\n"):
+                    header = b"".join(fields).replace(b"\r\n", lineEnd)
+                    message = header + lineEnd + b"body" + lineEnd
+                    if quickLook(splitMessage(message)[0]):
+                        quick += 1
+                        self.assertEqual(prepare(message), message, message)
+        self.assertGreaterEqual(quick, 4)  # the quick look does say yes, where it may
