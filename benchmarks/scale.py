@@ -362,8 +362,8 @@ class MemoryWatch(threading.Thread):
 
 class PeriodicScrape(threading.Thread):
     """Scrapes ``/metrics`` every ``every`` seconds, as Prometheus would: each scrape counts
-    the whole queue on the store's reader thread, which the status API and the claims use
-    too. Keeps how long each took."""
+    the whole queue (on a thread of the store's own, not the reader the status API and the
+    claims use). Keeps how long each took."""
 
     def __init__(self, webPort: int, every: float) -> None:
         super().__init__(name="scale-scrape", daemon=True)

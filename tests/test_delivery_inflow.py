@@ -23,14 +23,19 @@ class InFlowTests(TestCase):
         self.clock = Clock()
         self.flow = InFlow(self.clock, delay=1.0, capacity=2)
 
+    def waitingTaker(self) -> list[object]:
+        """Take when no token is left: what the wait fires with, once it does."""
+        waiting = self.flow.take()
+        assert waiting is not None, "a token was left"
+        fired: list[object] = []
+        waiting.addCallback(fired.append)
+        return fired
+
     def test_tokensThenWait(self) -> None:
         """Two MAILs go on at once; the third waits until a token comes back."""
         self.assertIsNone(self.flow.take())
         self.assertIsNone(self.flow.take())
-        waiting = self.flow.take()
-        assert waiting is not None
-        fired: list[object] = []
-        waiting.addCallback(fired.append)
+        fired = self.waitingTaker()
         self.clock.advance(0.5)
         self.assertEqual(fired, [])
         self.flow.give(1)
@@ -40,10 +45,7 @@ class InFlowTests(TestCase):
     def test_waitNeverLongerThanTheDelay(self) -> None:
         """Without a token a MAIL goes on after the delay: the intake slows, never stops."""
         self.flow.take(), self.flow.take()
-        waiting = self.flow.take()
-        assert waiting is not None
-        fired: list[object] = []
-        waiting.addCallback(fired.append)
+        fired = self.waitingTaker()
         self.clock.advance(0.999)
         self.assertEqual(fired, [])
         self.clock.advance(0.001)
@@ -53,15 +55,11 @@ class InFlowTests(TestCase):
 
     def test_waitersInOrder(self) -> None:
         self.flow.take(), self.flow.take()
-        order: list[int] = []
-        for number in range(3):
-            waiting = self.flow.take()
-            assert waiting is not None
-            waiting.addCallback(lambda _, n=number: order.append(n))
+        waiters = [self.waitingTaker() for _ in range(3)]
         self.flow.give(2)
-        self.assertEqual(order, [0, 1])
+        self.assertEqual([len(fired) for fired in waiters], [1, 1, 0])
         self.flow.refill()
-        self.assertEqual(order, [0, 1, 2])
+        self.assertEqual([len(fired) for fired in waiters], [1, 1, 1])
         self.assertEqual(self.flow.tokens, 1)  # capacity 2, one taken by the last waiter
 
     def test_tokensNeverBeyondCapacity(self) -> None:
@@ -70,13 +68,9 @@ class InFlowTests(TestCase):
 
     def test_openLetsEveryoneGo(self) -> None:
         self.flow.take(), self.flow.take()
-        waiters = [self.flow.take() for _ in range(3)]
-        fired: list[object] = []
-        for waiting in waiters:
-            assert waiting is not None
-            waiting.addCallback(fired.append)
+        waiters = [self.waitingTaker() for _ in range(3)]
         self.flow.open()
-        self.assertEqual(len(fired), 3)
+        self.assertEqual(waiters, [[None]] * 3)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_offWithoutDelay(self) -> None:
