@@ -268,4 +268,5 @@ class ReportAttempt:
 FirstAttempt = Callable[[Delivery], tuple[tuple[StatusEvent, ...], tuple[PendingReport, ...]]]
 """What a claim writes, in its own transaction, for a notification claimed for its first attempt:
 the status events that say the attempt started (``CAAS_SENT``) and the reports they make
-(:meth:`~mailrelay.interfaces.IDeliveryQueue.claimDue`)."""
+(:meth:`~mailrelay.interfaces.IDeliveryQueue.claimDue`). A store may call it on the thread it
+writes on, inside its transaction: it only computes."""
