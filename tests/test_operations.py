@@ -337,25 +337,50 @@ def slowClient(port: int, record: ClientRecord, stop: threading.Event, pieces: i
                 return
 
 
+async def startOperatedRelay(
+    testCase: TestCase, security: str, extra: str = "", workers: int = 1
+) -> tuple[RelayFiles, OperatedRelay, int]:
+    """A relay by IP on one listener (``security`` "none" or "tls") of a free port, ``extra``
+    TOML appended, killed at the test's end; returns once it (and every worker) serves."""
+    port = freePort()
+    name = "tls" if security == "tls" else "network"
+    files = RelayFiles(
+        Path(testCase.mktemp()),
+        [Listener(name, security, "network", f"tcp:{port}:interface=127.0.0.1")],
+        extra=extra,
+        workers=workers,
+    )
+    await prepareStore(files)
+    relay = OperatedRelay(files)
+    await deferToThread(relay.start)
+    testCase.addCleanup(deferToThread, relay.signal, signal.SIGKILL)
+    # A TLS listener's greeting comes after the handshake: only a connection is waited for.
+    ready = waitForConnection if security == "tls" else relay.waitUntilServing
+    await deferToThread(ready, port)
+    if workers > 1:
+        await deferToThread(relay.waitForLog, "worker 1 serving")
+    return files, relay, port
+
+
+def waitForConnection(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class DrainTests(TestCase):
     timeout = 120
 
-    async def startRelay(self, extra: str = "", workers: int = 1) -> tuple[RelayFiles, Any, int]:
-        port = freePort()
-        files = RelayFiles(
-            Path(self.mktemp()),
-            [Listener("network", "none", "network", f"tcp:{port}:interface=127.0.0.1")],
-            extra=extra,
-            workers=workers,
-        )
-        await prepareStore(files)
-        relay = OperatedRelay(files)
-        await deferToThread(relay.start)
-        self.addCleanup(deferToThread, relay.signal, signal.SIGKILL)
-        await deferToThread(relay.waitUntilServing, port)
-        if workers > 1:
-            await deferToThread(relay.waitForLog, "worker 1 serving")
-        return files, relay, port
+    async def startRelay(
+        self, extra: str = "", workers: int = 1
+    ) -> tuple[RelayFiles, OperatedRelay, int]:
+        return await startOperatedRelay(self, "none", extra, workers)
 
     async def test_sigtermUnderLoad(self) -> None:
         """SIGTERM while 8 clients send: the relay exits 0; every message answered 250 is in
@@ -422,32 +447,7 @@ class ReloadTests(TestCase):
     timeout = 90
 
     async def startRelay(self, workers: int = 1) -> tuple[RelayFiles, OperatedRelay, int]:
-        port = freePort()
-        files = RelayFiles(
-            Path(self.mktemp()),
-            [Listener("tls", "tls", "network", f"tcp:{port}:interface=127.0.0.1")],
-            workers=workers,
-        )
-        await prepareStore(files)
-        relay = OperatedRelay(files)
-        await deferToThread(relay.start)
-        self.addCleanup(deferToThread, relay.signal, signal.SIGKILL)
-        await deferToThread(self.waitForTLS, port)
-        if workers > 1:
-            await deferToThread(relay.waitForLog, "worker 1 serving")
-        return files, relay, port
-
-    @staticmethod
-    def waitForTLS(port: int, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        return await startOperatedRelay(self, "tls", workers=workers)
 
     @staticmethod
     def tlsClient(files: RelayFiles, port: int, caPath: Path) -> tuple[WireClient, bytes]:
