@@ -59,13 +59,7 @@ class Submitters:
 
     def _session(self) -> None:
         with WireClient(self.port) as client:
-            client.sock.settimeout(20)
-            client.reply()
-            client.command("EHLO load.test")
-            client.command("STARTTLS")
-            client.startTLS(self.context)
-            client.command("EHLO load.test")
-            if client.login(ACCOUNT, PASSWORD).code != 235:
+            if _logIn(client, self.context) != 235:
                 raise ConnectionError("login refused")
             while not self._stop.is_set():
                 client.command(f"MAIL FROM:<{SENDER}>")
@@ -81,6 +75,35 @@ class Submitters:
                         self.acked.append(match.group(1))
                 if reply.code == 421:
                     return
+
+
+def _logIn(client: WireClient, context: ssl.SSLContext) -> int:
+    """Greeting, EHLO, STARTTLS, EHLO, AUTH: the AUTH reply's code."""
+    client.sock.settimeout(20)
+    client.reply()
+    client.command("EHLO load.test")
+    client.command("STARTTLS")
+    client.startTLS(context)
+    client.command("EHLO load.test")
+    return client.login(ACCOUNT, PASSWORD).code
+
+
+def submitOnce(port: int, context: ssl.SSLContext) -> int:
+    """One message in a session of its own, as the load's clients send it: the code of the
+    first reply that refuses (AUTH, MAIL, RCPT, DATA), or of the reply to the message."""
+    with WireClient(port) as client:
+        code = _logIn(client, context)
+        if code != 235:
+            return code
+        for command in (f"MAIL FROM:<{SENDER}>", "RCPT TO:<a@example.org>"):
+            code = client.command(command).code
+            if code >= 400:
+                return code
+        code = client.command("DATA").code
+        if code != 354:
+            return code
+        client.send(BODY)
+        return client.reply().code
 
 
 # -- memory under floods -------------------------------------------------------------------
