@@ -14,7 +14,7 @@ import stat
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +27,21 @@ from twisted.trial.unittest import TestCase
 
 from mailrelay.config import parseConfig
 from mailrelay.interfaces import AlreadyExists, LeaseLost, NotFound, StoreError
-from mailrelay.model import STATUS_TEXTS, Notification, QueueStats, Recipient, StatusEvent
+from mailrelay.model import (
+    STATUS_TEXTS,
+    Delivery,
+    Notification,
+    QueueStats,
+    Recipient,
+    StatusEvent,
+)
 from mailrelay.policy.limits import startOfDay
 from mailrelay.store import makeStore
 from mailrelay.store.sqlite import SQLiteStore, workerFile
 from mailrelay.store.sqlite.delivery import _claimEntries, _dueEntries
 from mailrelay.store.sqlite.migrate import schemaScripts, statements
-from mailrelay.store.sqlite.queue import _acceptedSince, _insertRows, _stats
+from mailrelay.store.sqlite.queue import _acceptedSince, _stats
+from mailrelay.store.sqlite.statements import inChunks, insertRows, withList
 from mailrelay.store.sqlite.threads import GroupCommitThread, Work
 from mailrelay.store.sqlite.trails import _EXPIRE_START, _expireBatch
 from tests.store_mixin import (
@@ -460,7 +468,7 @@ class SchemaTests(TestCase):
         connection.execute("ROLLBACK")
         connection.set_trace_callback(None)
         onQueue = [q for q in queries if "FROM queue" in q]
-        self.assertEqual(len(onQueue), 5)
+        self.assertEqual(len(onQueue), 4)
         for query in onQueue:
             plan = " / ".join(row[3] for row in connection.execute(f"EXPLAIN QUERY PLAN {query}"))
             self.assertNotIn("SCAN", plan)
@@ -471,6 +479,66 @@ class SchemaTests(TestCase):
                 "SEARCH queue USING COVERING INDEX queue_by_state_due (state=? AND next_attempt<?)",
                 plan,
             )
+
+    def test_claimInAFewStatements(self) -> None:
+        """A claim of 32 entries runs the same few statements as a claim of two (a look at
+        the entries, their bodies, the claim, their notifications, the started events), and
+        gives each entry its own lease, in the order asked for."""
+        connection = databaseAtVersion(Path(self.mktemp()), schemaScripts()[-1][0])
+        self.addCleanup(connection.close)
+        now = 1_800_000_000_000
+        recipients = '[["a@x.example", "email"], ["b@x.example", "email"]]'
+        connection.execute("BEGIN")
+        for number in range(1, 41):
+            connection.execute(
+                "INSERT INTO notifications (id, account, sender, size, received_at, "
+                "notify_content_type, recipient_list) VALUES (?, 'acme', 's@acme.example', 4, "
+                "?, 'text/plain', ?)",
+                (number, now, recipients),
+            )
+            connection.execute(
+                "INSERT INTO messages (notification_id, body) VALUES (?, ?)",
+                (number, b"m%d" % number),
+            )
+            connection.execute(
+                "INSERT INTO queue (notification_id, state, next_attempt) VALUES (?, 'queued', ?)",
+                (number, now - number),
+            )
+        connection.execute("COMMIT")
+
+        def started(delivery: Delivery) -> tuple[tuple[StatusEvent, ...], tuple[()]]:
+            sent = STATUS_TEXTS["CAAS_SENT"]
+            at = datetime(2027, 1, 1, tzinfo=UTC)
+            events = tuple(
+                StatusEvent(delivery.notification.notification_id, r, "CAAS_SENT", sent, at)
+                for r in delivery.pending
+            )
+            return events, ()
+
+        statementCounts = []
+        for numbers in ([2, 1], list(range(34, 2, -1))):
+            queries: list[str] = []
+            connection.set_trace_callback(queries.append)
+            connection.execute("BEGIN")
+            claimed, unreadable = _claimEntries(
+                connection, numbers, now=now, leaseUntil=now + 60_000, firstAttempt=started
+            )
+            connection.execute("COMMIT")
+            connection.set_trace_callback(None)
+            statementCounts.append(len(queries))
+            self.assertEqual(unreadable, [])
+            self.assertEqual([int(d.notification.notification_id) for d in claimed], numbers)
+            self.assertEqual([d.message for d in claimed], [b"m%d" % n for n in numbers])
+            self.assertEqual({d.attempts for d in claimed}, {1})
+            self.assertEqual(len({d.lease for d in claimed}), len(numbers))
+        self.assertEqual(statementCounts[0], statementCounts[1])
+        self.assertEqual(
+            connection.execute(
+                "SELECT COUNT(*), COUNT(DISTINCT lease) FROM queue WHERE state = 'in_flight'"
+            ).fetchone(),
+            (34, 34),
+        )
+        self.assertEqual(connection.execute("SELECT COUNT(*) FROM status_events").fetchone(), (68,))
 
 
 class AccountDataRememberedTests(RememberedAccountDataTestsMixin, SQLiteStoreTestsBase):
@@ -1069,8 +1137,8 @@ class WriterBatchTests(TestCase):
         self.assertEqual(await self.writer.submit(values), [99, 1, 2, 3])
 
 
-class InsertRowsTests(TestCase):
-    """The enqueue's multi-row inserts: every row, in order, in few statements."""
+class StatementsTests(TestCase):
+    """Statements over many rows: every row, in order, in few statements."""
 
     def test_rowsInChunks(self) -> None:
         connection = sqlite3.connect(":memory:", isolation_level=None)
@@ -1082,9 +1150,42 @@ class InsertRowsTests(TestCase):
                 connection.execute("DELETE FROM t")
                 statements.clear()
                 rows = [(i, f"w{i}") for i in range(count)]
-                _insertRows(connection, "t (n, word)", rows)
+                insertRows(connection, "t (n, word)", rows)
                 self.assertEqual(len(statements), inserts, statements)
                 self.assertEqual(list(connection.execute("SELECT n, word FROM t")), rows)
+
+    def test_listsInChunks(self) -> None:
+        """An ``IN`` list of any length finds every row asked for, in chunks of powers of
+        two (few distinct statements to prepare), none longer than 256 values."""
+        connection = sqlite3.connect(":memory:", isolation_level=None)
+        connection.execute("CREATE TABLE t (n INTEGER PRIMARY KEY)")
+        insertRows(connection, "t (n)", [(n,) for n in range(1000)])
+        query = "SELECT n FROM t WHERE n IN (?*) ORDER BY n"
+        for count, chunks in [
+            (0, []),
+            (1, [1]),
+            (3, [2, 1]),
+            (256, [256]),
+            (700, [256] * 2 + [128, 32, 16, 8, 4]),
+        ]:
+            with self.subTest(count=count):
+                wanted = list(range(0, 2 * count, 2))
+                found = []
+                sizes = []
+                for chunk in inChunks(wanted):
+                    sizes.append(len(chunk))
+                    found += [n for (n,) in connection.execute(withList(query, chunk), chunk)]
+                self.assertEqual(sizes, chunks)
+                self.assertEqual(found, [n for n in wanted if n < 1000])
+
+    def test_oneListPerStatement(self) -> None:
+        """A statement without its list's mark, or with two, is a mistake said at once."""
+        for statement in (
+            "SELECT n FROM t WHERE n = ?",
+            "SELECT n FROM t WHERE n IN (?*) OR m IN (?*)",
+        ):
+            with self.subTest(statement=statement):
+                self.assertRaises(ValueError, withList, statement, [1])
 
 
 class ReportQueueTests(ReportQueueTestsMixin, SQLiteStoreTestsBase):

@@ -33,11 +33,13 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import google_crc32c
 
 from mailrelay.interfaces import StoreError
 from mailrelay.model import MessageText, joinText, textPieces
+from mailrelay.store.sqlite.statements import inChunks, withList
 
 WriteGroup = Callable[
     [int, mmap.mmap, int, int, Sequence[tuple[bytes | memoryview, ...]]], tuple[list[int], int]
@@ -328,11 +330,38 @@ def sweepSegments(directory: Path, referenced: Iterable[int]) -> list[int]:
 
 def messageBody(connection: sqlite3.Connection, number: int) -> bytes:
     """The message body of notification ``number``: from its row, or from its segment file."""
-    body, segment, offset, length, crc, crc32c = connection.execute(
+    row = connection.execute(
         "SELECT body, body_segment, body_offset, body_length, body_crc, body_crc32c "
         "FROM messages WHERE notification_id = ?",
         (number,),
     ).fetchone()
+    return _bodyOf(connection, row)
+
+
+_BODIES = (
+    "SELECT notification_id, body, body_segment, body_offset, body_length, body_crc, "
+    "body_crc32c FROM messages WHERE notification_id IN (?*)"
+)
+
+
+def messageBodies(
+    connection: sqlite3.Connection, numbers: Sequence[int]
+) -> dict[int, bytes | StoreError]:
+    """The message bodies of the notifications ``numbers`` (one query), each or why it
+    cannot be read; a notification without a body is left out."""
+    bodies: dict[int, bytes | StoreError] = {}
+    for chunk in inChunks(numbers):
+        rows = connection.execute(withList(_BODIES, chunk), chunk)
+        for number, *row in rows:
+            try:
+                bodies[number] = _bodyOf(connection, row)
+            except StoreError as e:
+                bodies[number] = e
+    return bodies
+
+
+def _bodyOf(connection: sqlite3.Connection, row: Sequence[Any]) -> bytes:
+    body, segment, offset, length, crc, crc32c = row
     if segment is None:
         return bytes(body)
     castagnoli = crc32c is not None

@@ -45,10 +45,12 @@ from mailrelay.store.common import (
     withoutFinished,
 )
 from mailrelay.store.sqlite import reports as outbox
-from mailrelay.store.sqlite.bodies import dropBody, messageBody
+from mailrelay.store.sqlite.bodies import dropBody, messageBodies
 from mailrelay.store.sqlite.files import NumberedWork, StoreFiles, firstFound, snapshot, total
 from mailrelay.store.sqlite.queue import QUEUE_STATES
-from mailrelay.store.sqlite.trails import insertEvents, loadNotification, storedRecipients
+from mailrelay.store.sqlite.statements import inChunks, withList
+from mailrelay.store.sqlite.threads import InSequence
+from mailrelay.store.sqlite.trails import insertEvents, loadNotifications, storedRecipients
 
 
 class DeliveryQueue:
@@ -97,7 +99,7 @@ class DeliveryQueue:
                 firstAttempt=firstAttempt,
             )
             try:
-                claimed, unreadable = await files.writer.submit(work, file)
+                claimed, unreadable = await files.writer.submit(InSequence(work), file)
             except StoreError as e:
                 # What the other files gave is claimed already: hand it out rather than leave
                 # it in flight until its lease runs out.
@@ -237,6 +239,20 @@ def _dueEntries(
     return fresh, sorted(deferred + lapsed)[:limit]
 
 
+_CLAIMABLE = (
+    "SELECT notification_id, state, attempts, pending, hold_requested FROM queue "
+    "WHERE notification_id IN (?*) AND state != 'held' AND next_attempt <= ?"
+)
+_HOLD_LAPSED = (
+    "UPDATE queue SET state = 'held', lease = NULL, hold_requested = 0 "
+    "WHERE notification_id IN (?*)"
+)
+_CLAIM = (
+    "UPDATE queue SET state = 'in_flight', next_attempt = ?, attempts = attempts + 1, "
+    "lease = ? || '.' || notification_id WHERE notification_id IN (?*)"
+)
+
+
 def _claimEntries(
     connection: sqlite3.Connection,
     numbers: Sequence[int],
@@ -247,52 +263,49 @@ def _claimEntries(
     """Claim the entries ``numbers`` that are still due, in that order, each under a new
     lease, with what ``firstAttempt`` gives for those claimed for their first attempt.
     Returns them, and the notifications left unclaimed because their body cannot be read,
-    with why."""
+    with why. A few statements for all of them (see statements.py)."""
+    due: dict[int, tuple[int, str | None]] = {}
+    lapsedHeld = []
+    for chunk in inChunks(numbers):
+        for number, state, attempts, pending, holdRequested in connection.execute(
+            withList(_CLAIMABLE, chunk), (*chunk, now)
+        ):
+            if state == "in_flight" and holdRequested:
+                # Its worker died while an operator held it: held, as a retry would have made it.
+                lapsedHeld.append(number)
+            else:
+                due[number] = (attempts, pending)
+    for chunk in inChunks(lapsedHeld):
+        connection.execute(withList(_HOLD_LAPSED, chunk), chunk)
+    bodies = messageBodies(connection, list(due))
+    unreadable = [(n, str(b)) for n, b in bodies.items() if isinstance(b, StoreError)]
+    claimed = [n for n in numbers if n in due and isinstance(bodies.get(n), bytes)]
+    token = secrets.token_hex(8)
+    for chunk in inChunks(claimed):
+        connection.execute(withList(_CLAIM, chunk), (leaseUntil, token, *chunk))
+    notifications = loadNotifications(connection, claimed)
     deliveries = []
-    unreadable = []
-    for number in numbers:
-        row = connection.execute(
-            "SELECT state, attempts, pending, hold_requested FROM queue "
-            "WHERE notification_id = ? AND state != 'held' AND next_attempt <= ?",
-            (number, now),
-        ).fetchone()
-        if row is None:
-            continue  # claimed or finished meanwhile
-        state, attempts, pending, holdRequested = row
-        if state == "in_flight" and holdRequested:
-            # Its worker died while an operator held it: held, as a retry would have made it.
-            connection.execute(
-                "UPDATE queue SET state = 'held', lease = NULL, hold_requested = 0 "
-                "WHERE notification_id = ?",
-                (number,),
-            )
-            continue
-        try:
-            body = messageBody(connection, number)
-        except StoreError as e:
-            unreadable.append((number, str(e)))
-            continue
-        lease = secrets.token_hex(8)
-        connection.execute(
-            "UPDATE queue SET state = 'in_flight', next_attempt = ?, attempts = attempts + 1, "
-            "lease = ? WHERE notification_id = ?",
-            (leaseUntil, lease, number),
-        )
-        notification = loadNotification(connection, number)
-        assert notification is not None  # the queue row's foreign key
-        recipients = notification.recipients
+    started: list[StatusEvent] = []
+    reports: list[PendingReport] = []
+    for number in claimed:
+        attempts, pending = due[number]
+        recipients = notifications[number].recipients  # the queue row's foreign key
+        body = bodies[number]
+        assert isinstance(body, bytes)
         delivery = Delivery(
-            notification=notification,
+            notification=notifications[number],
             message=body,
             pending=recipientsAt(recipients, pendingPositions(recipients, pending)),
             attempts=attempts + 1,
-            lease=lease,
+            lease=f"{token}.{number}",
         )
         if firstAttempt is not None and delivery.attempts == 1:
-            events, reports = firstAttempt(delivery)
-            insertEvents(connection, events)
-            outbox.addReports(connection, reports, now)
+            events, reported = firstAttempt(delivery)
+            started += events
+            reports += reported
         deliveries.append(delivery)
+    insertEvents(connection, tuple(started))
+    outbox.addReports(connection, reports, now)
     return deliveries, unreadable
 
 

@@ -41,7 +41,7 @@ from mailrelay.interfaces import StoreError
 from mailrelay.store.common import idNumber
 from mailrelay.store.sqlite.bodies import SegmentWriter, segmentDirectory, sweepSegment
 from mailrelay.store.sqlite.migrate import upgrade
-from mailrelay.store.sqlite.threads import DatabaseThread, GroupCommitThread
+from mailrelay.store.sqlite.threads import DatabaseThread, GroupCommitThread, InSequence
 
 BUSY_TIMEOUT = 10.0
 """Seconds a connection waits for another process's lock before giving up (-> StoreError)."""
@@ -236,7 +236,7 @@ class StoreFiles:
             if missing is None:
                 return None
             raise missing
-        return await self.writer.submit(partial(work, number=number), file)
+        return await self.writer.submit(InSequence(partial(work, number=number)), file)
 
     async def sweep(self, notificationId: str, segment: int | None) -> None:
         """Delete the body segment a write left unreferenced, if any, in a write of its own:

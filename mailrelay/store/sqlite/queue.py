@@ -15,9 +15,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 from twisted.internet.defer import Deferred
 
@@ -35,6 +34,7 @@ from mailrelay.store.common import recipientsJSON, toMillis
 from mailrelay.store.sqlite.accounts import AccountData, takeCredits
 from mailrelay.store.sqlite.bodies import EXTERNAL_BODY_MIN, SegmentWriter
 from mailrelay.store.sqlite.files import requireId, total
+from mailrelay.store.sqlite.statements import insertRows
 from mailrelay.store.sqlite.threads import Work
 
 QUEUE_STATES: tuple[QueueState, ...] = ("queued", "deferred", "in_flight", "held")
@@ -127,8 +127,9 @@ class _EnqueueCharged:
 def _enqueueAll(connection: sqlite3.Connection, works: Sequence[_Enqueue]) -> None:
     """Insert notifications (their recipients in their row, which implies their CAAS_RECEIVED
     events), bodies and queue entries: one multi-row insert per table for all of them
-    (:func:`_insertRows`). The large bodies are written to a segment file first, all together,
-    and are on disk before the rows that point at them are inserted."""
+    (:func:`~mailrelay.store.sqlite.statements.insertRows`). The large bodies are written to a
+    segment file first, all together, and are on disk before the rows that point at them are
+    inserted."""
     notifications, queue = [], []
     messages: list[tuple[int, bytes, *tuple[int | None, ...]]] = []
     large = [work.message for work in works if work.size >= EXTERNAL_BODY_MIN]
@@ -166,7 +167,7 @@ def _enqueueAll(connection: sqlite3.Connection, works: Sequence[_Enqueue]) -> No
         queue.append((number, receivedAt, "queued"))
         perDay[notification.account, receivedAt // DAY_MS] += 1
     try:
-        _insertRows(
+        insertRows(
             connection,
             "notifications (id, account, sender, size, received_at, bulk_id, notify_url, "
             "notify_content_type, callback_data, intermediate_report, tracking_url, "
@@ -176,54 +177,19 @@ def _enqueueAll(connection: sqlite3.Connection, works: Sequence[_Enqueue]) -> No
     except sqlite3.IntegrityError:
         ids = ", ".join(w.notification.notification_id for w in works)
         raise AlreadyExists(f"notification exists already: {ids}") from None
-    _insertRows(
+    insertRows(
         connection,
         "messages (notification_id, body, body_segment, body_offset, body_length, body_crc, "
         "body_crc32c)",
         messages,
     )
-    _insertRows(connection, "queue (notification_id, next_attempt, state)", queue)
-    _insertRows(
+    insertRows(connection, "queue (notification_id, next_attempt, state)", queue)
+    insertRows(
         connection,
         "daily_counts (account, day, accepted)",
         [(account, day, count) for (account, day), count in perDay.items()],
         " ON CONFLICT (account, day) DO UPDATE SET accepted = accepted + excluded.accepted",
     )
-
-
-_MOST_ROWS_PER_INSERT = 64
-
-
-@lru_cache(maxsize=256)
-def _insertStatement(into: str, columns: int, rows: int, suffix: str) -> str:
-    row = "(" + ", ".join("?" * columns) + ")"
-    # Only this module's constant table and column names and placeholders: no values.
-    return f"INSERT INTO {into} VALUES {', '.join([row] * rows)}{suffix}"  # noqa: S608
-
-
-def _insertRows(
-    connection: sqlite3.Connection, into: str, rows: Sequence[tuple[Any, ...]], suffix: str = ""
-) -> None:
-    """
-    Insert ``rows`` with as few statements as possible: a multi-row ``VALUES`` for up to 64 rows
-    at a time, in chunks of powers of two so that few distinct statements are prepared.
-
-    SQLite runs a statement in one call that lets go of the GIL once; ``executemany`` makes one
-    such call per row, and each time the writer thread must win the GIL back from the busy
-    reactor thread, which can take a whole switch interval.
-    """
-    if not rows:
-        return
-    columns = len(rows[0])
-    start = 0
-    while start < len(rows):
-        count = min(_MOST_ROWS_PER_INSERT, 1 << ((len(rows) - start).bit_length() - 1))
-        chunk = rows[start : start + count]
-        connection.execute(
-            _insertStatement(into, columns, count, suffix),
-            [value for row in chunk for value in row],
-        )
-        start += count
 
 
 def _acceptedSince(connection: sqlite3.Connection, account: str, since: int) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import secrets
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from functools import partial
 
@@ -22,6 +22,7 @@ from mailrelay.interfaces import NotFound, StoreError
 from mailrelay.model import ClaimedReport, PendingReport, ReportAttempt, StatusEvent
 from mailrelay.store.common import fromMillis, idNumber, toMillis
 from mailrelay.store.sqlite.files import StoreFiles, total
+from mailrelay.store.sqlite.statements import insertRows
 from mailrelay.store.sqlite.trails import insertEvents
 
 
@@ -107,13 +108,12 @@ _COLUMNS = (
 )
 
 
-def addReports(
-    connection: sqlite3.Connection, reports: tuple[PendingReport, ...], now: int
-) -> None:
-    """Put ``reports`` in the outbox, due at ``now`` (ms)."""
-    connection.executemany(
-        "INSERT OR IGNORE INTO reports (report_id, notification_id, account, url, content_type, "
-        "kind, result, created_at, next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+def addReports(connection: sqlite3.Connection, reports: Sequence[PendingReport], now: int) -> None:
+    """Put ``reports`` in the outbox, due at ``now`` (ms); one already there stays as it is."""
+    insertRows(
+        connection,
+        "reports (report_id, notification_id, account, url, content_type, kind, result, "
+        "created_at, next_attempt)",
         [
             (
                 r.report_id,
@@ -128,6 +128,7 @@ def addReports(
             )
             for r in reports
         ],
+        orIgnore=True,
     )
 
 

@@ -41,6 +41,27 @@ of them instead of a handful of ``execute`` calls per work). If the batch fails,
 runs alone.
 """
 
+
+@dataclass(frozen=True)
+class InSequence:
+    """
+    A write the writer may run with the other such writes of its group one after another, as
+    one batch (see :data:`RunBatch`), instead of each in a savepoint of its own: for the many
+    small writes about one notification each (claims, outcomes, leases), whose savepoints
+    would cost more than their statements. If one fails, the batch runs again with each in
+    its own savepoint, so it fails alone.
+    """
+
+    work: Work
+
+    def __call__(self, connection: sqlite3.Connection) -> Any:
+        return self.work(connection)
+
+    @staticmethod
+    def runBatch(connection: sqlite3.Connection, works: Sequence[InSequence]) -> list[Any]:
+        return [work(connection) for work in works]
+
+
 _STOP = object()
 """Queued by :meth:`DatabaseThread.stop`: everything queued before it still runs."""
 

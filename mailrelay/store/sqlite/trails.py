@@ -11,9 +11,10 @@ enqueues between them.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from functools import partial
+from typing import Any
 
 from twisted.internet.defer import Deferred
 
@@ -30,6 +31,7 @@ from mailrelay.store.sqlite import gatewayids
 from mailrelay.store.sqlite.bodies import sweepUnreferenced
 from mailrelay.store.sqlite.files import StoreFiles, firstFound, present, requireId, snapshot
 from mailrelay.store.sqlite.queue import DAY_MS
+from mailrelay.store.sqlite.statements import inChunks, insertRows, withList
 
 EXPIRE_BATCH = 500
 """Notifications one expiry write looks at: the writer is free for enqueues between them."""
@@ -100,31 +102,46 @@ class StatusTrails:
 
 def loadNotification(connection: sqlite3.Connection, number: int) -> Notification | None:
     """Notification ``number`` as stored in this file, or None if it has no such one."""
-    row = connection.execute(
-        "SELECT account, sender, size, received_at, bulk_id, notify_url, notify_content_type, "
-        "callback_data, intermediate_report, tracking_url, client_address, helo, recipient_list "
-        "FROM notifications WHERE id = ?",
-        (number,),
-    ).fetchone()
-    if row is None:
-        return None
+    return loadNotifications(connection, [number]).get(number)
+
+
+_NOTIFICATIONS = (
+    "SELECT id, account, sender, size, received_at, bulk_id, notify_url, notify_content_type, "
+    "callback_data, intermediate_report, tracking_url, client_address, helo, recipient_list "
+    "FROM notifications WHERE id IN (?*)"
+)
+
+
+def loadNotifications(
+    connection: sqlite3.Connection, numbers: Sequence[int]
+) -> dict[int, Notification]:
+    """The notifications ``numbers`` that this file holds, by number (one query)."""
+    return {
+        row[0]: _notificationOf(connection, row)
+        for chunk in inChunks(numbers)
+        for row in connection.execute(withList(_NOTIFICATIONS, chunk), chunk)
+    }
+
+
+def _notificationOf(connection: sqlite3.Connection, row: Sequence[Any]) -> Notification:
+    number = row[0]
     return Notification(
         notification_id=str(number),
-        account=row[0],
-        sender=row[1],
-        recipients=storedRecipients(connection, number, row[12]),
-        size=row[2],
-        received_at=fromMillis(row[3]),
+        account=row[1],
+        sender=row[2],
+        recipients=storedRecipients(connection, number, row[13]),
+        size=row[3],
+        received_at=fromMillis(row[4]),
         options=HeaderOptions(
-            bulk_id=row[4],
-            notify_url=row[5],
-            notify_content_type=row[6],
-            callback_data=row[7],
-            intermediate_report=bool(row[8]),
-            tracking_url=row[9],
+            bulk_id=row[5],
+            notify_url=row[6],
+            notify_content_type=row[7],
+            callback_data=row[8],
+            intermediate_report=bool(row[9]),
+            tracking_url=row[10],
         ),
-        client_address=row[10],
-        helo=row[11],
+        client_address=row[11],
+        helo=row[12],
     )
 
 
@@ -168,9 +185,9 @@ def insertEvents(connection: sqlite3.Connection, events: tuple[StatusEvent, ...]
             )
         )
     try:
-        connection.executemany(
-            "INSERT INTO status_events (notification_id, address, channel, status_code, "
-            "status_text, ts) VALUES (?, ?, ?, ?, ?, ?)",
+        insertRows(
+            connection,
+            "status_events (notification_id, address, channel, status_code, status_text, ts)",
             rows,
         )
     except sqlite3.IntegrityError:
