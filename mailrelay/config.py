@@ -103,7 +103,7 @@ class DeliveryConfig:
     mx_port: int = 25
     allow_networks: tuple[str, ...] = ()
     max_connections: int = 100
-    max_connections_per_destination: int = 10
+    max_connections_per_destination: int = 20
     max_recipients_per_transaction: int = 50
     connect_timeout: str = "30s"
     command_timeout: str = "5m"  # greeting and every command

@@ -101,7 +101,7 @@ class SMTPClientPool:
         heloName: str,
         timeouts: Timeouts = Timeouts(),  # noqa: B008 (frozen, so sharing it is safe)
         maxConnections: int = 100,
-        maxPerDestination: int = 10,
+        maxPerDestination: int = 20,
         maxRecipientsPerTransaction: int = 50,
         idleTimeout: float = 5.0,
     ) -> None:
