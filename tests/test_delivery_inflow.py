@@ -8,14 +8,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from mailrelay.delivery.inflow import InFlow
 from mailrelay.delivery.service import DeliveryService, LoopSettings
-from mailrelay.model import Delivery, Notification, Recipient
+from mailrelay.model import Notification, Recipient
 from mailrelay.testing import MemoryStore
+from tests.test_delivery_loop import HeldEngine
 
 
 class InFlowTests(TestCase):
@@ -78,21 +78,6 @@ class InFlowTests(TestCase):
         self.assertEqual([flow.take() for _ in range(5)], [None] * 5)
 
 
-class _HeldEngine:
-    """An engine whose attempts end when the test says: what is in flight stays in flight."""
-
-    def __init__(self) -> None:
-        self.attempts: list[Deferred[None]] = []
-
-    def deliver(self, delivery: Delivery) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        self.attempts.append(d)
-        return d
-
-    def start(self, delivery: Delivery) -> tuple[tuple[()], tuple[()]]:
-        return (), ()  # nothing written with the claim
-
-
 class LoopGivesTokensTests(TestCase):
     """The loop gives a token back for each notification it claims, and fills them up once
     it has caught up; with its attempts all in flight it claims nothing and gives none."""
@@ -101,7 +86,7 @@ class LoopGivesTokensTests(TestCase):
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
         self.store = MemoryStore(self.clock)
-        self.engine = _HeldEngine()
+        self.engine = HeldEngine()
         self.flow = InFlow(self.clock, delay=1.0, capacity=4)
         self.service = DeliveryService(
             self.store,

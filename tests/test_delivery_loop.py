@@ -1,0 +1,111 @@
+"""
+The delivery loop (:class:`~mailrelay.delivery.service.DeliveryService`) on a Clock and the
+in-memory store: what it claims starts a few attempts a turn, and what it claimed but had not
+started when it stops goes back to the queue.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from mailrelay.delivery.service import START_SLICE, DeliveryService, LoopSettings
+from mailrelay.model import Delivery, Notification, QueueStats, Recipient
+from mailrelay.testing import MemoryStore
+
+
+class HeldEngine:
+    """An engine whose attempts end when the test says: what is in flight stays in flight."""
+
+    def __init__(self) -> None:
+        self.attempts: list[Deferred[None]] = []
+
+    def deliver(self, delivery: Delivery) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.attempts.append(d)
+        return d
+
+    def start(self, delivery: Delivery) -> tuple[tuple[()], tuple[()]]:
+        return (), ()  # nothing written with the claim
+
+
+def enqueue(store: MemoryStore, clock: Clock, count: int) -> None:
+    for _ in range(count):
+        notification = Notification(
+            notification_id=store.nextNotificationId(),
+            account="acme",
+            sender="app@acme.example",
+            recipients=(Recipient("email", "alice@example.com"),),
+            size=10,
+            received_at=datetime.fromtimestamp(clock.seconds(), UTC),
+        )
+        store.enqueue(notification, b"Subject: x\r\n\r\nx\r\n")
+
+
+class TurnClock(Clock):
+    """A Clock that also runs one turn of a reactor: the calls due when the turn begins,
+    not those they schedule for now (``advance`` runs those too)."""
+
+    def turn(self) -> None:
+        due = [call for call in self.calls if call.getTime() <= self.seconds()]
+        for call in due:
+            self.calls.remove(call)
+            call.called = 1
+            call.func(*call.args, **call.kw)
+
+
+class StartInSlicesTests(TestCase):
+    def setUp(self) -> None:
+        self.clock = TurnClock()
+        self.clock.advance(1_800_000_000)
+        self.store = MemoryStore(self.clock)
+        self.engine = HeldEngine()
+        self.service = DeliveryService(
+            self.store,
+            self.engine,  # type: ignore[arg-type]
+            self.clock,
+            LoopSettings(concurrency=20, batch=3 * START_SLICE, pollInterval=0.5),
+        )
+        self.service.startService()
+
+    def test_aFewAttemptsStartATurn(self) -> None:
+        """A claim of three slices starts one slice now and one in each of the next two
+        turns; those claimed count as in flight from the claim on."""
+        enqueue(self.store, self.clock, 3 * START_SLICE)
+        self.clock.turn()  # the first look: claims all of them
+        started = [len(self.engine.attempts)]
+        inFlight = [self.service.inFlight]
+        for _ in range(3):
+            self.clock.turn()
+            started.append(len(self.engine.attempts))
+            inFlight.append(self.service.inFlight)
+        self.assertEqual(started, [START_SLICE, 2 * START_SLICE, 3 * START_SLICE, 3 * START_SLICE])
+        self.assertEqual(inFlight, [3 * START_SLICE] * 4)
+        self.assertEqual(
+            self.successResultOf(self.store.stats()), QueueStats(queued=0, deferred=0, in_flight=12)
+        )
+        stopped = self.service.stopService()
+        for attempt in self.engine.attempts:
+            attempt.callback(None)
+        self.successResultOf(stopped)
+
+    def test_stopGivesBackWhatDidNotStart(self) -> None:
+        """Stopped after the first slice started: the others never start, and their leases
+        are given back, so they are queued again for the next start."""
+        enqueue(self.store, self.clock, 3 * START_SLICE)
+        self.clock.turn()
+        self.assertEqual(len(self.engine.attempts), START_SLICE)
+        stopped = self.service.stopService()
+        for attempt in self.engine.attempts:
+            attempt.callback(None)  # ended (without an outcome: still in flight in the store)
+        self.clock.advance(0)
+        self.successResultOf(stopped)
+        self.clock.advance(1)
+        self.assertEqual(len(self.engine.attempts), START_SLICE)
+        self.assertEqual(
+            self.successResultOf(self.store.stats()),
+            QueueStats(queued=2 * START_SLICE, deferred=0, in_flight=START_SLICE),
+        )
