@@ -24,7 +24,14 @@ from twisted.python import usage
 from twisted.python.logfile import LogFile
 
 from mailrelay.config import Config, ConfigError, loadConfigSource, proxied, withProcessCount
-from mailrelay.core import RelayCore, ThreadPoolService, buildCore, shortenGILTurns
+from mailrelay.core import (
+    RelayCore,
+    ThreadPoolService,
+    buildCore,
+    collectGarbageLessOften,
+    freezeStartHeap,
+    shortenGILTurns,
+)
 from mailrelay.delivery.reportsbuild import makeDispatcher
 from mailrelay.delivery.service import DeliveryProbe
 from mailrelay.delivery.side import DeliverySide
@@ -172,6 +179,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     """The whole relay, built from the options' configuration: the main process, which also
     starts the other ``workers - 1`` intake processes (:mod:`mailrelay.workers`)."""
     shortenGILTurns()
+    collectGarbageLessOften()
     if not NATIVE_SCAN:
         log.warn(
             "the C extension _mailrelay_scan is not built (no C compiler at install?): "
@@ -258,8 +266,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     )
     if twistdOptions is not None:
         # Under twistd only: a relay built inside another program (the tests) leaves that
-        # program's signals alone.
+        # program's signals and heap alone.
         SignalService(reactor, root.reload).setServiceParent(root)
+        core.storeService.whenReady().addCallback(lambda _: freezeStartHeap())
     return root
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
@@ -13,7 +14,7 @@ from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
 from mailrelay.config import AUTO_MAX_WORKERS
-from mailrelay.core import GIL_SWITCH_INTERVAL
+from mailrelay.core import GC_THRESHOLDS, GIL_SWITCH_INTERVAL
 from mailrelay.tap import ConfigurationError, ListenerService, Options, makeService
 from mailrelay.workers.pool import WorkerPool
 from tests.relay_fixture import RelayProcess
@@ -74,9 +75,12 @@ class TapTests(TestCase):
             '[web]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
         )
         self.addCleanup(sys.setswitchinterval, sys.getswitchinterval())
+        self.addCleanup(gc.set_threshold, *gc.get_threshold())
         sys.setswitchinterval(0.005)
+        gc.set_threshold(700, 10, 10)
         root = makeService(options, reactor)
         self.assertEqual(sys.getswitchinterval(), GIL_SWITCH_INTERVAL)  # shorter GIL turns
+        self.assertEqual(gc.get_threshold(), GC_THRESHOLDS)  # fewer garbage collections
         listeners = [s for s in root if isinstance(s, ListenerService)]
         self.assertEqual(len(listeners), 3)  # two SMTP listeners and the web endpoint
         # workers left out: one process per core (the main one and the pool's workers).

@@ -469,6 +469,9 @@ class WorkerProcessTests(TestCase):
         while (counted := await self.acceptedCount()) < 60 and time.monotonic() < deadline:
             await deferToThread(time.sleep, 0.2)
         self.assertEqual(counted, 60)
+        # Each process, once serving, kept what it made to start out of the collector's runs.
+        kept = "objects of the start kept out of garbage collection"
+        await deferToThread(self.waitForLog, relay, kept, 2)
 
     async def statusOf(self, files: RelayFiles, notificationId: str) -> Any:
         """The status API's document for one notification (as the account, with its

@@ -35,7 +35,14 @@ from zope.interface import implementer
 import mailrelay.smtp.protocol  # noqa: F401  (imported now, not at the first session)
 from mailrelay import metrics
 from mailrelay.config import Config, ConfigError, proxied
-from mailrelay.core import RelayCore, ThreadPoolService, buildCore, shortenGILTurns
+from mailrelay.core import (
+    RelayCore,
+    ThreadPoolService,
+    buildCore,
+    collectGarbageLessOften,
+    freezeStartHeap,
+    shortenGILTurns,
+)
 from mailrelay.delivery.side import DeliverySide
 from mailrelay.files import keepFilesPrivate
 from mailrelay.lifecycle import LiveSettings, RelayRoot, SignalService, deliveryChanged
@@ -246,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     keepFilesPrivate()
     shortenGILTurns()
+    collectGarbageLessOften()
 
     try:
         setup = readSetup(args.setup_fd)
@@ -309,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     def serving(_: object) -> None:
         loads.set(args.index, core.connections.total)  # counted among the serving from now
         control.tellReady()
+        freezeStartHeap()
 
     def start() -> None:
         root.startService()
