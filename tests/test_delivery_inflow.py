@@ -115,7 +115,7 @@ class LoopGivesTokensTests(TestCase):
                 notification_id=nid,
                 account="acme",
                 sender="app@acme.example",
-                recipients=(Recipient("email", "alice@example.com"),),
+                recipients=(Recipient(address="alice@example.com", channel="email"),),
                 size=10,
                 received_at=datetime.fromtimestamp(self.clock.seconds(), UTC),
             )

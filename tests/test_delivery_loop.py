@@ -7,6 +7,7 @@ started when it stops goes back to the queue.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -38,7 +39,7 @@ def enqueue(store: MemoryStore, clock: Clock, count: int) -> None:
             notification_id=store.nextNotificationId(),
             account="acme",
             sender="app@acme.example",
-            recipients=(Recipient("email", "alice@example.com"),),
+            recipients=(Recipient(address="alice@example.com", channel="email"),),
             size=10,
             received_at=datetime.fromtimestamp(clock.seconds(), UTC),
         )
@@ -108,4 +109,30 @@ class StartInSlicesTests(TestCase):
         self.assertEqual(
             self.successResultOf(self.store.stats()),
             QueueStats(queued=2 * START_SLICE, deferred=0, in_flight=START_SLICE),
+        )
+
+    def test_stopWaitsForTheClaimUnderWay(self) -> None:
+        """Stopped while a claim is under way: what the claim gives never starts and goes
+        back to the queue before the loop says it has stopped."""
+        enqueue(self.store, self.clock, START_SLICE + 1)
+        claims: list[Deferred[None]] = []
+        claimDue = self.store.claimDue
+
+        def heldClaim(*args: Any) -> Deferred[list[Delivery]]:
+            d: Deferred[None] = Deferred()
+            claims.append(d)
+            return d.addCallback(lambda _: claimDue(*args))
+
+        self.store.claimDue = heldClaim  # type: ignore[assignment]
+        self.clock.turn()
+        (claim,) = claims
+        stopped = self.service.stopService()
+        self.assertNoResult(stopped)
+        claim.callback(None)
+        self.clock.advance(0)
+        self.successResultOf(stopped)
+        self.assertEqual(self.engine.attempts, [])
+        self.assertEqual(
+            self.successResultOf(self.store.stats()),
+            QueueStats(queued=START_SLICE + 1, deferred=0, in_flight=0),
         )

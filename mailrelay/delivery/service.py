@@ -129,7 +129,8 @@ class DeliveryService(Service):
         if not self.running:
             return
         self._polling = True
-        self._claiming = Deferred.fromCoroutine(self._claim()).addBoth(self._polled)
+        claiming = Deferred.fromCoroutine(self._claim()).addBoth(self._polled)
+        self._claiming = None if claiming.called else claiming
 
     def _polled(self, more: Any) -> None:
         self._polling = False
@@ -228,11 +229,12 @@ class DeliveryService(Service):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        if self._claiming is not None:
-            await self._claiming  # what it claims is given back below
         running = [d for _, d in self._inFlight.values()]
+        if self._claiming is not None:
+            running.append(self._claiming)  # what it claims does not start: given back below
+        if self._inFlight:
+            log.info("delivery: waiting for {count} attempts in flight", count=len(self._inFlight))
         if running:
-            log.info("delivery: waiting for {count} attempts in flight", count=len(running))
             # Not addTimeout: cancelling the attempts would make them look finished, and
             # their leases must be given back instead.
             finished: Deferred[Any] = DeferredList(running, consumeErrors=True)
