@@ -592,6 +592,27 @@ class WorkerFilesTests(WorkerFileTestsBase):
         self.assertEqual(await self.main.stats(), QueueStats(1, 0, 0))
         self.assertEqual(await self.main.acceptedSince("acme", T0), 1)
 
+    async def test_workerFilesListedAgainOnlyWhenTheDirectoryChanges(self) -> None:
+        """The listing of the workers' files is kept while the directory is unchanged (a
+        claim and every read of each file ask for it), and made again once it changes."""
+        directory = self.main.path.parent
+        worker1 = workerFile(self.main.path, 1)
+        self.assertEqual(self.main.notificationFiles(), [self.main.path, worker1])
+        still = os.stat(directory).st_mtime_ns - 10_000_000_000
+        os.utime(directory, ns=(still, still))
+        self.assertEqual(self.main.notificationFiles(), [self.main.path, worker1])  # kept
+        # A file made while the directory's time is put back: not seen, the listing was kept.
+        unseen = workerFile(self.main.path, 7)
+        unseen.touch()
+        os.utime(directory, ns=(still, still))
+        self.assertEqual(self.main.notificationFiles(), [self.main.path, worker1])
+        # A file made as usual changes the directory's time: listed at once.
+        await self.openWorker(self.main, 2)
+        self.assertEqual(
+            self.main.notificationFiles(),
+            [self.main.path, worker1, workerFile(self.main.path, 2), unseen],
+        )
+
     async def test_workersWriteAtOnce(self) -> None:
         """Three processes' stores write at the same time, each to its file, each file with
         its own commits; every store sees all of it."""

@@ -26,7 +26,9 @@ SQLite's locks serialise their writes, and a busy timeout makes each wait its tu
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -47,6 +49,9 @@ BUSY_TIMEOUT = 10.0
 """Seconds a connection waits for another process's lock before giving up (-> StoreError)."""
 _MOST_REMEMBERED_FILES = 100_000
 """Claimed notifications whose file a store remembers; past it, it forgets them all."""
+
+_STILL_NS = 2_000_000_000
+"""How long a directory must have been unchanged before its listing is kept (ns)."""
 
 NumberedWork = Callable[..., Any]
 """Work about one notification: ``work(connection, number=...)`` (the notification id as
@@ -110,6 +115,7 @@ class StoreFiles:
             self.notificationFiles,
         )
         self._claimedIn: dict[int, Path] = {}
+        self._workerFilesSeen: tuple[int, list[tuple[int, Path]]] | None = None
         # Only the writer thread appends to the home file's segments (see bodies.py).
         self.segments = SegmentWriter(segmentDirectory(home))
 
@@ -123,12 +129,27 @@ class StoreFiles:
         return [self.path, *(file for _, file in self._workerFiles())]
 
     def _workerFiles(self) -> list[tuple[int, Path]]:
+        """The workers' files there are, by index. Asked for at every claim and every read
+        of each file, so the directory is listed again only when its modification time has
+        changed (a file was made or removed in it); any thread may ask."""
+        try:
+            changed = os.stat(self.path.parent).st_mtime_ns
+        except OSError:
+            changed = None
+        seen = self._workerFilesSeen
+        if seen is not None and seen[0] == changed:
+            return seen[1]
         workers = []
         for candidate in self.path.parent.glob(f"{self.path.stem}.worker-*{self.path.suffix}"):
             index = candidate.name[len(self.path.stem) + len(".worker-") : -len(self.path.suffix)]
             if index.isascii() and index.isdigit():
                 workers.append((int(index), candidate))
-        return sorted(workers)
+        workers.sort()
+        # A file made within the same tick of the file system's clock may not change the
+        # time again: what was listed is kept only once the directory has been still a while.
+        if changed is not None and time.time_ns() - changed > _STILL_NS:
+            self._workerFilesSeen = (changed, workers)
+        return workers
 
     def claimFiles(self) -> list[Path] | None:
         """
