@@ -1,6 +1,7 @@
 """
-The connection pool over real sockets: reuse with RSET, the connection limits and their
-waiting line, idle connections closing, transactions of bounded size, stopping.
+The connection pool over real sockets: reuse (at once, or checked with RSET after an idle
+while), the connection limits and their waiting line, idle connections closing, transactions
+of bounded size, stopping.
 """
 
 from __future__ import annotations
@@ -37,9 +38,58 @@ class PoolTests(TestCase):
         candidates = (Candidate("mx.test", "127.0.0.1", sink.port),)
         return pool.deliver(destination, candidates, tls, Envelope(SENDER, recipients, MESSAGE))
 
-    async def test_reuseWithRset(self) -> None:
+    async def test_reuseAtOnce(self) -> None:
+        """A connection whose transaction just ended in order takes the next message
+        without an RSET first."""
         sink = await startScriptedSink(self)
         pool = self.pool()
+        outcomes = [await self.deliver(pool, sink) for _ in range(3)]
+        self.assertEqual([o.kind for (o,) in outcomes], ["delivered"] * 3)
+        self.assertEqual(len(sink.connections), 1)
+        self.assertEqual(sink.transactionCommands, ["EHLO"] + ["MAIL", "RCPT", "DATA"] * 3)
+
+    async def test_reuseAfterIdleChecksWithRset(self) -> None:
+        """Idle longer than ``checkAfterIdle``: the reuse starts with an RSET."""
+        sink = await startScriptedSink(self)
+        pool = self.pool(checkAfterIdle=0.05)
+        await self.deliver(pool, sink)
+        await deferLater(reactor, 0.1)
+        (second,) = await self.deliver(pool, sink)
+        self.assertEqual(second.kind, "delivered")
+        self.assertEqual(
+            sink.transactionCommands,
+            ["EHLO", "MAIL", "RCPT", "DATA", "RSET", "MAIL", "RCPT", "DATA"],
+        )
+
+    async def test_reuseAfterARefusedSenderChecksWithRset(self) -> None:
+        """A transaction that did not end in order (the sender refused) leaves the
+        connection to be checked before its next one."""
+        sink = await startScriptedSink(self, replies={"MAIL": ["550 5.7.1 not you", "250 ok"]})
+        pool = self.pool()
+        (refused,) = await self.deliver(pool, sink)
+        (delivered,) = await self.deliver(pool, sink)
+        self.assertEqual([refused.kind, delivered.kind], ["failed", "delivered"])
+        self.assertEqual(len(sink.connections), 1)
+        # The refused transaction's own RSET, then the check before the next one.
+        self.assertEqual(
+            sink.transactionCommands,
+            ["EHLO", "MAIL", "RCPT", "DATA", "RSET", "RSET", "MAIL", "RCPT", "DATA"],
+        )
+
+    async def test_deadConnectionReusedAtOnceConnectsAnew(self) -> None:
+        """The server went away after its last reply, unseen yet: the message reused at once
+        fails on the old connection and goes down a new one to the same host."""
+        sink = await startScriptedSink(self, replies={"MAIL": ["250 ok", "421 4.3.2 bye"]})
+        pool = self.pool()
+        await self.deliver(pool, sink)
+        (second,) = await self.deliver(pool, sink)
+        self.assertEqual(second.kind, "delivered")
+        self.assertEqual(len(sink.connections), 2)
+        self.assertEqual([m.connection for m in sink.messages], [0, 1])
+
+    async def test_reuseWithRset(self) -> None:
+        sink = await startScriptedSink(self)
+        pool = self.pool(checkAfterIdle=0)
         (first,) = await self.deliver(pool, sink)
         self.assertEqual(pool.openConnections(), {"dest.test": 1})
         (second,) = await self.deliver(pool, sink)
@@ -53,7 +103,7 @@ class PoolTests(TestCase):
 
     async def test_rsetRefusedConnectsAnew(self) -> None:
         sink = await startScriptedSink(self, replies={"RSET": "500 5.5.1 no"})
-        pool = self.pool()
+        pool = self.pool(checkAfterIdle=0)
         await self.deliver(pool, sink)
         (second,) = await self.deliver(pool, sink)
         self.assertEqual(second.kind, "delivered")
@@ -211,7 +261,7 @@ class PoolTests(TestCase):
 
     async def test_closeStopsBeforeTheNextTransaction(self) -> None:
         sink = await startScriptedSink(self)
-        pool = self.pool()
+        pool = self.pool(checkAfterIdle=0)
         await self.deliver(pool, sink)
         reusing = self.deliver(pool, sink)  # sends RSET, then would send MAIL
         closed = pool.close()
