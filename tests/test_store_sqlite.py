@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from mailrelay.model import (
 from mailrelay.policy.limits import startOfDay
 from mailrelay.store import makeStore
 from mailrelay.store.sqlite import SQLiteStore, workerFile
-from mailrelay.store.sqlite.delivery import _claimEntries, _dueEntries
+from mailrelay.store.sqlite.delivery import _claimEntries, _claimOldestDue, _dueEntries
 from mailrelay.store.sqlite.migrate import schemaScripts, statements
 from mailrelay.store.sqlite.queue import _acceptedSince, _stats
 from mailrelay.store.sqlite.statements import inChunks, insertRows, withList
@@ -487,24 +488,7 @@ class SchemaTests(TestCase):
         connection = databaseAtVersion(Path(self.mktemp()), schemaScripts()[-1][0])
         self.addCleanup(connection.close)
         now = 1_800_000_000_000
-        recipients = '[["a@x.example", "email"], ["b@x.example", "email"]]'
-        connection.execute("BEGIN")
-        for number in range(1, 41):
-            connection.execute(
-                "INSERT INTO notifications (id, account, sender, size, received_at, "
-                "notify_content_type, recipient_list) VALUES (?, 'acme', 's@acme.example', 4, "
-                "?, 'text/plain', ?)",
-                (number, now, recipients),
-            )
-            connection.execute(
-                "INSERT INTO messages (notification_id, body) VALUES (?, ?)",
-                (number, b"m%d" % number),
-            )
-            connection.execute(
-                "INSERT INTO queue (notification_id, state, next_attempt) VALUES (?, 'queued', ?)",
-                (number, now - number),
-            )
-        connection.execute("COMMIT")
+        _queueEntries(connection, now, [(n, "queued", now - n) for n in range(1, 41)])
 
         def started(delivery: Delivery) -> tuple[tuple[StatusEvent, ...], tuple[()]]:
             sent = STATUS_TEXTS["CAAS_SENT"]
@@ -539,6 +523,68 @@ class SchemaTests(TestCase):
             (34, 34),
         )
         self.assertEqual(connection.execute("SELECT COUNT(*) FROM status_events").fetchone(), (68,))
+
+    def test_claimOldestDueInOneWrite(self) -> None:
+        """A claim from one file reads its due entries and claims them in the same
+        transaction: half the limit never tried and half retries (deferred, or in flight
+        with a lapsed lease) while both last, oldest first; nothing held or due later."""
+        connection = databaseAtVersion(Path(self.mktemp()), schemaScripts()[-1][0])
+        self.addCleanup(connection.close)
+        now = 1_800_000_000_000
+        _queueEntries(
+            connection,
+            now,
+            [
+                *((n, "queued", now - 100 + n) for n in range(1, 11)),
+                *((n, "deferred", now - 200 + n) for n in range(11, 21)),
+                (21, "in_flight", now - 300),
+                (22, "held", now - 400),
+                (23, "queued", now + 1),
+                (24, "deferred", now + 1),
+            ],
+        )
+        claim = partial(_claimEntries, now=now, leaseUntil=now + 60_000)
+        connection.execute("BEGIN")
+        claimed, unreadable = _claimOldestDue(connection, limit=8, now=now, claim=claim)
+        connection.execute("COMMIT")
+        self.assertEqual(unreadable, [])
+        self.assertEqual(
+            [int(d.notification.notification_id) for d in claimed],
+            [21, 11, 12, 13, 1, 2, 3, 4],
+        )
+        self.assertEqual(
+            connection.execute(
+                "SELECT notification_id FROM queue WHERE state = 'in_flight' "
+                "AND next_attempt = ? ORDER BY notification_id",
+                (now + 60_000,),
+            ).fetchall(),
+            [(n,) for n in (1, 2, 3, 4, 11, 12, 13, 21)],
+        )
+
+
+def _queueEntries(
+    connection: sqlite3.Connection, now: int, entries: Sequence[tuple[int, str, int]]
+) -> None:
+    """Notifications of two recipients with their bodies (``m<number>``) and queue entries,
+    each ``(number, state, next_attempt)``, received at ``now``."""
+    recipients = '[["a@x.example", "email"], ["b@x.example", "email"]]'
+    connection.execute("BEGIN")
+    for number, state, nextAttempt in entries:
+        connection.execute(
+            "INSERT INTO notifications (id, account, sender, size, received_at, "
+            "notify_content_type, recipient_list) VALUES (?, 'acme', 's@acme.example', 4, "
+            "?, 'text/plain', ?)",
+            (number, now, recipients),
+        )
+        connection.execute(
+            "INSERT INTO messages (notification_id, body) VALUES (?, ?)",
+            (number, b"m%d" % number),
+        )
+        connection.execute(
+            "INSERT INTO queue (notification_id, state, next_attempt) VALUES (?, ?, ?)",
+            (number, state, nextAttempt),
+        )
+    connection.execute("COMMIT")
 
 
 class AccountDataRememberedTests(RememberedAccountDataTestsMixin, SQLiteStoreTestsBase):

@@ -4,12 +4,13 @@ claimed notification (renewing its lease, recording an outcome with its status e
 reports, giving it back), and the operator's view and changes of the queue (list, retry now,
 hold, release, delete).
 
-A claim reads the due entries of every file this process delivers from (ranges of the queue's
-index by state and due time; see :meth:`~mailrelay.store.sqlite.files.StoreFiles.claimFiles`)
-on the reader thread, then claims each file's share in a write that takes only those
-still due; every later write about a claimed notification is one transaction on the file that
-holds it, which checks the lease token in that transaction (LeaseLost, nothing written, if it
-is not current).
+A claim from one file (a worker's, or the main file when no other is left to it; see
+:meth:`~mailrelay.store.sqlite.files.StoreFiles.claimFiles`) reads its due entries (ranges of
+the queue's index by state and due time) and claims them in one write. A claim from several
+reads the due entries of each on the reader thread, then claims each file's share in a write
+that takes only those still due. Every later write about a claimed notification is one
+transaction on the file that holds it, which checks the lease token in that transaction
+(LeaseLost, nothing written, if it is not current).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from functools import partial
+from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.logger import Logger
 
 from mailrelay.interfaces import LeaseLost, NotFound, StoreError
@@ -75,47 +77,48 @@ class DeliveryQueue:
             return []
         files = self._files
         now = files.now()
-        # The oldest due entries of each kind in every file (an index range each), the share
-        # of each chosen over all files, then each file's share claimed in its own write,
-        # which takes only those still due: another claimer may have come first.
-        dueEntries = partial(_dueEntries, limit=limit, now=now)
+        leaseUntil = now + int(leaseSeconds * 1000)
+        claim = partial(_claimEntries, now=now, leaseUntil=leaseUntil, firstAttempt=firstAttempt)
         scope = files.claimFiles()
-        if scope is None:
-            due = await files.reader.submitEach(dueEntries)
-        else:
-            due = [(file, await files.reader.submit(dueEntries, file)) for file in scope]
+        if len(scope) == 1:
+            # One file (a worker's own, or the main file alone): its oldest due entries are
+            # read and claimed in one write, a single trip to the writer thread and back.
+            work = partial(_claimOldestDue, limit=limit, now=now, claim=claim)
+            return await self._claimIn(scope[0], work)
+        # Several files: the oldest due entries of each kind in every file (an index range
+        # each), the share of each chosen over all files, then each file's share claimed in
+        # its own write, which takes only those still due: another claimer may have come first.
+        dueEntries = partial(_dueEntries, limit=limit, now=now)
+        dueIn = await gatherResults([files.reader.submit(dueEntries, file) for file in scope])
+        due = list(zip(scope, dueIn, strict=True))
         fresh = sorted((key, file) for file, (keys, _) in due for key in keys)
         retries = sorted((key, file) for file, (_, keys) in due for key in keys)
         chosen = fairShare(fresh, retries, limit)
-        leaseUntil = now + int(leaseSeconds * 1000)
         deliveries: list[Delivery] = []
         for file in dict.fromkeys(file for _, file in chosen):
             numbers = [number for (_, number), f in chosen if f == file]
-            work = partial(
-                _claimEntries,
-                numbers=numbers,
-                now=now,
-                leaseUntil=leaseUntil,
-                firstAttempt=firstAttempt,
-            )
-            try:
-                claimed, unreadable = await files.writer.submit(InSequence(work), file)
-            except StoreError as e:
-                # What the other files gave is claimed already: hand it out rather than leave
-                # it in flight until its lease runs out.
-                self.log.warn("claim: {file} failed: {error}", file=str(file), error=str(e))
-                continue
-            for delivery in claimed:
-                files.rememberFile(int(delivery.notification.notification_id), file)
-            deliveries += claimed
-            # A damaged body stays queued (and is reported at every claim) without holding up
-            # the others.
-            for number, error in unreadable:
-                self.log.error(
-                    "claim: notification {id} left queued: {error}", id=number, error=error
-                )
+            work = partial(claim, numbers=numbers)
+            deliveries += await self._claimIn(file, work)
         rank = {number: i for i, ((_, number), _) in enumerate(chosen)}
         return sorted(deliveries, key=lambda d: rank[int(d.notification.notification_id)])
+
+    async def _claimIn(self, file: Path, work: NumberedWork) -> list[Delivery]:
+        """The deliveries ``work`` claims in ``file`` (none if the write fails: what other
+        files gave is claimed already, and is handed out rather than left in flight until
+        its lease runs out)."""
+        files = self._files
+        try:
+            claimed, unreadable = await files.writer.submit(InSequence(work), file)
+        except StoreError as e:
+            self.log.warn("claim: {file} failed: {error}", file=str(file), error=str(e))
+            return []
+        for delivery in claimed:
+            files.rememberFile(int(delivery.notification.notification_id), file)
+        # A damaged body stays queued (and is reported at every claim) without holding up
+        # the others.
+        for number, error in unreadable:
+            self.log.error("claim: notification {id} left queued: {error}", id=number, error=error)
+        return list(claimed)
 
     def renewLease(self, notificationId: str, lease: str, leaseSeconds: float) -> Deferred[None]:
         until = self._files.now() + int(leaseSeconds * 1000)
@@ -237,6 +240,20 @@ def _dueEntries(
     deferred = connection.execute(_DUE, ("deferred", now, limit)).fetchall()
     lapsed = connection.execute(_DUE, ("in_flight", now, limit)).fetchall()
     return fresh, sorted(deferred + lapsed)[:limit]
+
+
+def _claimOldestDue(
+    connection: sqlite3.Connection,
+    limit: int,
+    now: int,
+    claim: partial[tuple[list[Delivery], list[tuple[int, str]]]],
+) -> tuple[list[Delivery], list[tuple[int, str]]]:
+    """``claim`` (:func:`_claimEntries` with its lease given) of this file's oldest entries due
+    at ``now``, up to ``limit``, shared between never tried and retries as :func:`fairShare`
+    shares them."""
+    fresh, retries = _dueEntries(connection, limit, now)
+    chosen = fairShare(fresh, retries, limit)
+    return claim(connection, numbers=[number for _, number in chosen])
 
 
 _CLAIMABLE = (

@@ -151,18 +151,15 @@ class StoreFiles:
             self._workerFilesSeen = (changed, workers)
         return workers
 
-    def claimFiles(self) -> list[Path] | None:
+    def claimFiles(self) -> list[Path]:
         """
-        The files this process's delivery claims from; None: every file. Each process
-        delivers what it accepted, so no two processes write to one file at once: a worker
-        claims from its home file only, and the main process from the main file and the
-        files of workers that no longer run (``workers`` lowered), all but those of workers
-        1 to ``deliveringWorkers``.
+        The files this process's delivery claims from. Each process delivers what it
+        accepted, so no two processes write to one file at once: a worker claims from its
+        home file only, and the main process from every file but those of workers 1 to
+        ``deliveringWorkers`` (the main file, and those of workers that no longer run).
         """
         if self.home != self.path:
             return [self.home]
-        if not self.deliveringWorkers:
-            return None
         unowned = [file for index, file in self._workerFiles() if index > self.deliveringWorkers]
         return [self.path, *unowned]
 
