@@ -163,7 +163,8 @@ class SignalService(Service):
     """
     SIGTERM: stop the reactor, hence drain (:class:`RelayRoot`), once; the process then
     exits with 0 (twistd's own handler would make it end by the signal). SIGHUP: reload.
-    Installed once the reactor runs (it installs its own handlers at its start).
+    Installed once the reactor runs (it installs its own handlers at its start); a SIGHUP
+    before then is kept for then (:meth:`keepEarlyReloads`).
     """
 
     def __init__(
@@ -176,6 +177,13 @@ class SignalService(Service):
         self._reload = reload
         self._signals = signals
         self.stopping = False
+        self._reloadAsked = False
+
+    def keepEarlyReloads(self) -> None:
+        """From now until :meth:`install`, a SIGHUP is remembered and the reload runs once the
+        reactor does. The listeners accept before then, and SIGHUP's default action would end
+        the process: a reload asked for as the relay starts must not stop it."""
+        self._signals.signal(self._signals.SIGHUP, self._hangUpEarly)
 
     def startService(self) -> None:
         super().startService()
@@ -184,6 +192,12 @@ class SignalService(Service):
     def install(self) -> None:
         self._signals.signal(self._signals.SIGTERM, self._terminate)
         self._signals.signal(self._signals.SIGHUP, self._hangUp)
+        if self._reloadAsked:
+            self._reloadAsked = False
+            self._reload()
+
+    def _hangUpEarly(self, number: int, frame: Any) -> None:
+        self._reloadAsked = True
 
     def _terminate(self, number: int, frame: Any) -> None:
         self.reactor.callFromThread(self.stop)

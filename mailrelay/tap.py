@@ -267,7 +267,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if twistdOptions is not None:
         # Under twistd only: a relay built inside another program (the tests) leaves that
         # program's signals and heap alone.
-        SignalService(reactor, root.reload).setServiceParent(root)
+        signals = SignalService(reactor, root.reload)
+        signals.keepEarlyReloads()  # before any listener starts
+        signals.setServiceParent(root)
         core.storeService.whenReady().addCallback(lambda _: freezeStartHeap())
     return root
 

@@ -34,6 +34,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailrelay import maillog
+from mailrelay.lifecycle import SignalService
 from mailrelay.sdnotify import Notifier
 from mailrelay.smtp import replies
 from mailrelay.smtp.proxy import HEADER_TIMEOUT, ProxyHeaderFactory
@@ -214,6 +215,55 @@ class MailLogTests(SynchronousTestCase):
 
 
 # -- real processes ----------------------------------------------------------------------
+
+
+class _Signals:
+    """What SignalService uses of the signal module, keeping the handlers it sets."""
+
+    SIGTERM = signal.SIGTERM
+    SIGHUP = signal.SIGHUP
+
+    def __init__(self) -> None:
+        self.handlers: dict[int, Any] = {}
+
+    def signal(self, number: int, handler: Any) -> None:
+        self.handlers[number] = handler
+
+    def send(self, number: int) -> None:
+        self.handlers[number](number, None)
+
+
+class _ThreadCalls:
+    """A reactor's callFromThread, run at once (a signal handler's call)."""
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        f(*args)
+
+
+class SignalServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.signals = _Signals()
+        self.reloads: list[None] = []
+        self.service = SignalService(
+            _ThreadCalls(), lambda: self.reloads.append(None), signals=self.signals
+        )
+
+    def test_reloadAskedAsTheRelayStartsRunsOnceInstalled(self) -> None:
+        """A SIGHUP (two, even) before the reactor runs is one reload once it does, not the
+        end of the process; after that each SIGHUP is a reload."""
+        self.service.keepEarlyReloads()
+        self.signals.send(signal.SIGHUP)
+        self.signals.send(signal.SIGHUP)
+        self.assertEqual(self.reloads, [])
+        self.service.install()
+        self.assertEqual(len(self.reloads), 1)
+        self.signals.send(signal.SIGHUP)
+        self.assertEqual(len(self.reloads), 2)
+
+    def test_noReloadWithoutASignal(self) -> None:
+        self.service.keepEarlyReloads()
+        self.service.install()
+        self.assertEqual(self.reloads, [])
 
 
 class OperatedRelay(RelayProcess):
