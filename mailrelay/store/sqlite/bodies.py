@@ -372,16 +372,16 @@ def _bodyOf(connection: sqlite3.Connection, row: Sequence[Any]) -> bytes:
 def dropBody(connection: sqlite3.Connection, number: int) -> int | None:
     """Delete notification ``number``'s body. Returns its segment if no other row refers to
     it now (None: the body was in its row, or the segment is still needed)."""
-    row = connection.execute(
-        "SELECT body_segment FROM messages WHERE notification_id = ?", (number,)
-    ).fetchone()
-    connection.execute("DELETE FROM messages WHERE notification_id = ?", (number,))
-    if row is None or row[0] is None:
+    rows = connection.execute(
+        "DELETE FROM messages WHERE notification_id = ? RETURNING body_segment", (number,)
+    ).fetchall()
+    if not rows or rows[0][0] is None:
         return None
+    (segment,) = rows[0]
     stillNeeded = connection.execute(
-        "SELECT 1 FROM messages WHERE body_segment = ? LIMIT 1", (row[0],)
+        "SELECT 1 FROM messages WHERE body_segment = ? LIMIT 1", (segment,)
     ).fetchone()
-    return None if stillNeeded else int(row[0])
+    return None if stillNeeded else int(segment)
 
 
 def sweepUnreferenced(connection: sqlite3.Connection) -> None:

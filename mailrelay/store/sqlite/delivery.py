@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.logger import Logger
@@ -326,19 +326,30 @@ def _claimEntries(
     return deliveries, unreadable
 
 
-def _leased(
-    connection: sqlite3.Connection, number: int, lease: str
-) -> tuple[int, str | None, bool]:
-    """The attempts, pending positions and hold request of the entry in flight under
-    ``lease``; LeaseLost if that is not its current lease (or it is not in flight)."""
-    row = connection.execute(
-        "SELECT lease, attempts, pending, hold_requested FROM queue "
-        "WHERE notification_id = ? AND state = 'in_flight'",
-        (number,),
-    ).fetchone()
+class _Leased(NamedTuple):
+    """What the writes about an entry in flight read of it, with its notification's
+    recipients (in one statement: each statement is a turn for the GIL)."""
+
+    attempts: int
+    pending: str | None
+    holdRequested: bool
+    recipientList: str | None
+
+
+_LEASED = (
+    "SELECT q.lease, q.attempts, q.pending, q.hold_requested, n.recipient_list "
+    "FROM queue AS q JOIN notifications AS n ON n.id = q.notification_id "
+    "WHERE q.notification_id = ? AND q.state = 'in_flight'"
+)
+
+
+def _leased(connection: sqlite3.Connection, number: int, lease: str) -> _Leased:
+    """The entry in flight under ``lease``; LeaseLost if that is not its current lease (or
+    it is not in flight)."""
+    row = connection.execute(_LEASED, (number,)).fetchone()
     if row is None or row[0] != lease:
         raise LeaseLost(f"the lease on {number} is not current")
-    return row[1], row[2], bool(row[3])
+    return _Leased(row[1], row[2], bool(row[3]), row[4])
 
 
 def _renewLease(connection: sqlite3.Connection, number: int, lease: str, until: int) -> None:
@@ -360,11 +371,11 @@ def _recordOutcome(
 ) -> int | None:
     """The write of :meth:`DeliveryQueue.recordOutcome`. Returns the body segment it left
     unreferenced, if any, to be deleted once this has committed."""
-    _, pending, holdRequested = _leased(connection, number, lease)
+    entry = _leased(connection, number, lease)
     insertEvents(connection, events)
     outbox.addReports(connection, reports, now)
-    recipients = _queuedRecipients(connection, number)
-    left = withoutFinished(recipients, pendingPositions(recipients, pending), finished)
+    recipients = storedRecipients(connection, number, entry.recipientList)
+    left = withoutFinished(recipients, pendingPositions(recipients, entry.pending), finished)
     if not left:
         connection.execute("DELETE FROM queue WHERE notification_id = ?", (number,))
         return dropBody(connection, number)
@@ -376,7 +387,7 @@ def _recordOutcome(
         connection.execute(
             "UPDATE queue SET state = ?, next_attempt = ?, pending = ?, lease = NULL, "
             "hold_requested = 0 WHERE notification_id = ?",
-            ("held" if holdRequested else "deferred", nextAttempt, pendingJSON(left), number),
+            ("held" if entry.holdRequested else "deferred", nextAttempt, pendingJSON(left), number),
         )
     return None
 
@@ -389,9 +400,9 @@ def _queuedRecipients(connection: sqlite3.Connection, number: int) -> tuple[Reci
 
 
 def _releaseLease(connection: sqlite3.Connection, number: int, lease: str, now: int) -> None:
-    attempts, _, holdRequested = _leased(connection, number, lease)
-    attempts = max(attempts - 1, 0)
-    state = "held" if holdRequested else "queued" if attempts == 0 else "deferred"
+    entry = _leased(connection, number, lease)
+    attempts = max(entry.attempts - 1, 0)
+    state = "held" if entry.holdRequested else "queued" if attempts == 0 else "deferred"
     connection.execute(
         "UPDATE queue SET state = ?, next_attempt = ?, attempts = ?, lease = NULL, "
         "hold_requested = 0 WHERE notification_id = ?",
