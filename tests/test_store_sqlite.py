@@ -43,7 +43,7 @@ from mailrelay.store.sqlite.delivery import _claimEntries, _claimOldestDue, _due
 from mailrelay.store.sqlite.migrate import schemaScripts, statements
 from mailrelay.store.sqlite.queue import _acceptedSince, _stats
 from mailrelay.store.sqlite.statements import inChunks, insertRows, withList
-from mailrelay.store.sqlite.threads import GroupCommitThread, Work
+from mailrelay.store.sqlite.threads import DatabaseThread, GroupCommitThread, Work
 from mailrelay.store.sqlite.trails import _EXPIRE_START, _expireBatch
 from tests.store_mixin import (
     ALICE,
@@ -1124,6 +1124,52 @@ class WriterOrderTests(TestCase):
         await gatherResults([first, other, *after])
         self.assertEqual(await counted, [(files[0], 1), (files[1], 1)])
         self.assertEqual(await writer.submitEach(count), [(files[0], 2), (files[1], 2)])
+
+
+class _CountedThreadCalls:
+    """The reactor, counting the calls a database thread makes into it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        self.calls += 1
+        reactor.callFromThread(f, *args)
+
+
+class ReaderTakeTests(TestCase):
+    async def test_readsWaitingTogetherAnsweredInOneCall(self) -> None:
+        """Reads that wait for the reader together run one after another and their answers
+        reach the reactor thread in one call: a status request's two reads wake it once."""
+        path = Path(self.mktemp())
+        sqlite3.connect(path).close()
+        calls = _CountedThreadCalls()
+        reader = DatabaseThread(
+            "test-reader",
+            lambda p: sqlite3.connect(p, isolation_level=None),
+            calls,
+            path,
+            lambda: [path],
+        )
+        await reader.start()
+        self.addCleanup(reader.stop)
+        running, gate = threading.Event(), threading.Event()
+
+        def holdTheReader(connection: sqlite3.Connection) -> bool:
+            running.set()
+            return gate.wait(10)
+
+        held = reader.submit(holdTheReader)
+        self.assertTrue(running.wait(10))  # taken alone: the reads below wait behind it
+        answers = [
+            reader.submit(lambda c, n=n: c.execute("SELECT ?", (n,)).fetchone()[0])
+            for n in range(3)
+        ]
+        callsBefore = calls.calls
+        gate.set()
+        self.assertTrue(await held)
+        self.assertEqual(await gatherResults(answers), [0, 1, 2])
+        self.assertEqual(calls.calls - callsBefore, 2)  # the gate's answer, then the three
 
 
 @dataclasses.dataclass(frozen=True)

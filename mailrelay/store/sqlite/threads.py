@@ -103,6 +103,8 @@ class DatabaseThread:
     """
 
     log = Logger()
+    takeLimit = 16
+    """Requests run before their answers go to the reactor thread together."""
 
     def __init__(
         self, name: str, connect: Connect, reactor: IReactorThreads, home: Path, files: Files
@@ -200,12 +202,22 @@ class DatabaseThread:
         return connection
 
     def _take(self) -> tuple[list[_Request], bool]:
-        """Block for the next request. Returns (requests, whether to stop after them)."""
+        """Block for the next request, then take those already waiting as well, at most
+        ``takeLimit`` in all: their answers reach the reactor thread in one call (a status
+        request's two reads, asked for at once, are one wake of the reactor, not two).
+        Returns (requests, whether to stop after them)."""
+        requests: list[_Request] = []
         item = self._queue.get()
-        if item is _STOP:
-            return [], True
-        assert isinstance(item, _Request)
-        return [item], False
+        while item is not _STOP:
+            assert isinstance(item, _Request)
+            requests.append(item)
+            if len(requests) >= self.takeLimit:
+                return requests, False
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return requests, False
+        return requests, True
 
     def _execute(self, requests: Sequence[_Request]) -> list[_Outcome]:
         return [self._runOn(r.target, r) if r.target else self._runEach(r) for r in requests]
@@ -299,22 +311,8 @@ class GroupCommitThread(DatabaseThread):
         groupLimit: int = 256,
     ) -> None:
         super().__init__(name, connect, reactor, home, files)
-        self.groupLimit = groupLimit
+        self.takeLimit = groupLimit
         self.commits = 0
-
-    def _take(self) -> tuple[list[_Request], bool]:
-        requests, stop = super()._take()
-        while not stop and len(requests) < self.groupLimit:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is _STOP:
-                stop = True
-                break
-            assert isinstance(item, _Request)
-            requests.append(item)
-        return requests, stop
 
     def _execute(self, requests: Sequence[_Request]) -> list[_Outcome]:
         outcomes: list[_Outcome] = []
