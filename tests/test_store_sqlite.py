@@ -321,6 +321,13 @@ class FailureTests(SQLiteStoreTestsBase):
         await self.assertStoreError(store.addAccount("acme", "h"))
         await self.assertStoreError(store.stats())
 
+    async def test_claimTheStoreCannotMakeFails(self) -> None:
+        """A claim the store cannot make fails with StoreError, so that the delivery loop
+        reports the queue as unreadable (``/healthz``), rather than finding nothing due."""
+        store = await self.openStore()
+        await store.close()
+        await self.assertStoreError(store.claimDue(10, leaseSeconds=60))
+
     async def test_lockedByAnotherProcess(self) -> None:
         """
         Another connection holds the write lock longer than the busy timeout: each write fails

@@ -82,9 +82,11 @@ class DeliveryQueue:
         scope = files.claimFiles()
         if len(scope) == 1:
             # One file (a worker's own, or the main file alone): its oldest due entries are
-            # read and claimed in one write, a single trip to the writer thread and back.
+            # read and claimed in one write, a single trip to the writer thread and back. A
+            # failure is the caller's to report (the queue cannot be read).
+            (file,) = scope
             work = partial(_claimOldestDue, limit=limit, now=now, claim=claim)
-            return await self._claimIn(scope[0], work)
+            return self._claimed(file, await files.writer.submit(InSequence(work), file))
         # Several files: the oldest due entries of each kind in every file (an index range
         # each), the share of each chosen over all files, then each file's share claimed in
         # its own write, which takes only those still due: another claimer may have come first.
@@ -96,29 +98,30 @@ class DeliveryQueue:
         chosen = fairShare(fresh, retries, limit)
         deliveries: list[Delivery] = []
         for file in dict.fromkeys(file for _, file in chosen):
-            numbers = [number for (_, number), f in chosen if f == file]
-            work = partial(claim, numbers=numbers)
-            deliveries += await self._claimIn(file, work)
+            work = partial(claim, numbers=[number for (_, number), f in chosen if f == file])
+            try:
+                result = await files.writer.submit(InSequence(work), file)
+            except StoreError as e:
+                # What the other files gave is claimed already: hand it out rather than leave
+                # it in flight until its lease runs out.
+                self.log.warn("claim: {file} failed: {error}", file=str(file), error=str(e))
+                continue
+            deliveries += self._claimed(file, result)
         rank = {number: i for i, ((_, number), _) in enumerate(chosen)}
         return sorted(deliveries, key=lambda d: rank[int(d.notification.notification_id)])
 
-    async def _claimIn(self, file: Path, work: NumberedWork) -> list[Delivery]:
-        """The deliveries ``work`` claims in ``file`` (none if the write fails: what other
-        files gave is claimed already, and is handed out rather than left in flight until
-        its lease runs out)."""
-        files = self._files
-        try:
-            claimed, unreadable = await files.writer.submit(InSequence(work), file)
-        except StoreError as e:
-            self.log.warn("claim: {file} failed: {error}", file=str(file), error=str(e))
-            return []
+    def _claimed(
+        self, file: Path, result: tuple[list[Delivery], list[tuple[int, str]]]
+    ) -> list[Delivery]:
+        """The deliveries of a claim's write in ``file``, each remembered as in that file;
+        the notifications whose body could not be read are logged (they stay queued, and are
+        reported at every claim, without holding up the others)."""
+        claimed, unreadable = result
         for delivery in claimed:
-            files.rememberFile(int(delivery.notification.notification_id), file)
-        # A damaged body stays queued (and is reported at every claim) without holding up
-        # the others.
+            self._files.rememberFile(int(delivery.notification.notification_id), file)
         for number, error in unreadable:
             self.log.error("claim: notification {id} left queued: {error}", id=number, error=error)
-        return list(claimed)
+        return claimed
 
     def renewLease(self, notificationId: str, lease: str, leaseSeconds: float) -> Deferred[None]:
         until = self._files.now() + int(leaseSeconds * 1000)
