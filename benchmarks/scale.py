@@ -75,7 +75,7 @@ from benchmarks.messages import SENDER, message_body
 from benchmarks.procstat import descendants, machine_busy_seconds, rss_kib, tree_cpu_seconds
 from benchmarks.report import machine
 from benchmarks.status_bench import Target, readResponse, requestBytes
-from mailrelay.config import loadConfig, withProcessCount
+from mailrelay.config import loadConfig, webInOwnProcess, withProcessCount
 from mailrelay.message.received import receivedHeader
 from mailrelay.model import Notification, fromTimestamp
 from mailrelay.policy.recipients import classifyRecipient
@@ -282,7 +282,8 @@ class Relay:
         return withProcessCount(loadConfig(str(self.config))).workers
 
     def start(self) -> None:
-        """Start the relay; return once every listener and every worker serves."""
+        """Start the relay; return once every listener, every worker and the web process
+        (when the endpoint has one) serves."""
         twistd = Path(sys.executable).with_name("twistd")
         cmd = [str(twistd if twistd.exists() else shutil.which("twistd") or "twistd")]
         cmd += ["-n", "--pidfile=", "mailrelay", "--config", str(self.config)]
@@ -299,6 +300,8 @@ class Relay:
             # The first port must greet with a 220, the others accept.
             wait_until_serving(exited, ports, self.logPath, timeout=300)
             serving = [f"worker {i} serving" for i in range(1, self.workers())]
+            if webInOwnProcess(withProcessCount(loadConfig(str(self.config)))):
+                serving.append("web process serving")
             wait_for_log_lines(exited, serving, self.logPath, timeout=300)
         except BaseException:
             self.stop()

@@ -44,6 +44,9 @@ class TLSConfig:
 @dataclass(frozen=True)
 class WebConfig:
     endpoint: str = "tcp:8025:interface=127.0.0.1"
+    # Which process answers the endpoint (webInOwnProcess): "auto", a process of its own
+    # when the relay runs several; "separate", always; "main", the main process.
+    process: Literal["auto", "separate", "main"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -307,6 +310,12 @@ def _validate(config: Config) -> Config:
     if not 0 <= config.store.instance_id <= 1023:
         raise ConfigError("store.instance_id: must be 0..1023")
     _validateWorkers(config)
+    if config.web.process == "separate" and not shareableEndpoint(config.web.endpoint):
+        raise ConfigError(
+            'web.endpoint: with web.process = "separate" the endpoint must be a TCP one '
+            f"(tcp:, tcp6:, systemd:domain=INET..., each also inside haproxy:), "
+            f"not {config.web.endpoint!r}"
+        )
     _validateDelivery(config.delivery)
     _validateSms(config)
     _validateNetworks("delivery_reports.allow_networks", config.delivery_reports.allow_networks)
@@ -411,10 +420,28 @@ AUTO_MAX_WORKERS = 8
 
 def _shareable(listener: ListenerConfig) -> bool:
     """Whether another process can take the listener's socket over as it is."""
-    inner = proxied(listener.endpoint)[1]
+    return shareableEndpoint(listener.endpoint)
+
+
+def shareableEndpoint(endpoint: str) -> bool:
+    """Whether another process can take a socket listening on ``endpoint`` over as it is: a
+    TCP socket of its own (not TLS, which the listening process would speak)."""
+    inner = proxied(endpoint)[1]
     kind = inner.partition(":")[0].lower()
     unixSocket = kind == "systemd" and "domain=unix" in inner.lower()
     return kind in WORKER_ENDPOINT_KINDS and not unixSocket
+
+
+def webInOwnProcess(config: Config) -> bool:
+    """
+    Whether the web endpoint is answered by a process of its own (:mod:`mailrelay.web.process`)
+    rather than by the main process, which delivers: ``[web] process``, where ``"auto"`` means
+    yes when the relay runs several processes (``config`` has ``workers`` decided) and the
+    endpoint's socket can be handed over.
+    """
+    if config.web.process == "auto":
+        return config.workers > 1 and shareableEndpoint(config.web.endpoint)
+    return config.web.process == "separate"
 
 
 def withProcessCount(config: Config, cores: int | None = None) -> Config:

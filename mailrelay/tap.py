@@ -2,10 +2,11 @@
 ``twistd mailrelay``: the command-line options and the service tree.
 
 The tree is a MultiService: the store first (opened before anything can use it, closed last),
-the auth thread pool, then one StreamServerEndpointService per SMTP listener, the pool of
-worker processes (``workers > 1``) and the web resource. Listening sockets are bound in
-privilegedStartService, so ``--uid``/``--gid`` can drop root after binding ports 25/465/587
-(the workers start after that, as the unprivileged user).
+the auth thread pool, then one StreamServerEndpointService per SMTP listener, the web resource
+(and, when the web endpoint has a process of its own, a private loopback listener that process
+forwards to) and the pool of the worker processes (``workers > 1``) and the web process.
+Listening sockets are bound in privilegedStartService, so ``--uid``/``--gid`` can drop root
+after binding ports 25/465/587 (the workers start after that, as the unprivileged user).
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.logfile import LogFile
 
-from mailrelay.config import Config, ConfigError, loadConfigSource, proxied, withProcessCount
+from mailrelay.config import (
+    Config,
+    ConfigError,
+    loadConfigSource,
+    proxied,
+    webInOwnProcess,
+    withProcessCount,
+)
 from mailrelay.core import (
     RelayCore,
     ThreadPoolService,
@@ -48,7 +56,7 @@ from mailrelay.web import makeWebSite, serviceListeners
 from mailrelay.web.health import oneProcess
 from mailrelay.web.tracking import makeTrackingSite
 from mailrelay.workers.balance import LoadTable
-from mailrelay.workers.pool import STOP_TIMEOUT, WorkerPool, WorkerSetup
+from mailrelay.workers.pool import STOP_TIMEOUT, WebProcessSetup, WorkerPool, WorkerSetup
 
 log = Logger()
 
@@ -195,6 +203,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         config, source = loadConfigSource(options["config"])
     config = withProcessCount(config)
     log.info("relay processes: {count}, each accepting and delivering", count=config.workers)
+    if webInOwnProcess(config):
+        log.info("the web endpoint: a process of its own")
     keepFilesPrivate()
     notifier = Notifier()
     root = RelayRoot(reactor, config.limits.drain_timeout, notifier)
@@ -221,9 +231,32 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         for listener in config.listeners
     ]
     side = _deliveryServices(config, core, reactor, root)
-    pool = None
-    if loads is not None:
-        loads.set(0, 0)  # the main process serves from the start
+    pool: WorkerPool | None = None
+    probe = DeliveryProbe(config.delivery.mode, core.store, reactor, lambda: side.delivery)
+    delivery = side.delivery
+    site = makeWebSite(
+        core.store,
+        core.portal,
+        core.throttle,
+        config,
+        reactor,
+        listenersUp=serviceListeners(root, [lc.endpoint for lc in config.listeners]),
+        workers=oneProcess if loads is None else lambda: cast(WorkerPool, pool).serving(),
+        delivery=probe,
+        smsReceipts=None if delivery is None or delivery.sms is None else delivery.sms.receipts,
+    )
+    web = _listen(root, reactor, config.web.endpoint, site)
+    root.afterDrain.append(web)
+    webProcess = None
+    if webInOwnProcess(config):
+        # The web process answers the endpoint; what only this process knows, it asks for
+        # here, on the loopback interface (mailrelay.workers.web).
+        forward = _listen(root, reactor, "tcp:0:interface=127.0.0.1", site)
+        root.afterDrain.append(forward)
+        webProcess = WebProcessSetup(web, forward)
+    if loads is not None or webProcess is not None:
+        if loads is not None:
+            loads.set(0, 0)  # the main process serves from the start
         # The workers get the configuration and the TLS files as read now: a later edit of
         # the files (or files only root may read, after --uid) changes nothing for them.
         pool = WorkerPool(
@@ -235,27 +268,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             openConnections=lambda: core.connections.total,
             whenReady=core.storeService.whenReady,
             stopTimeout=config.limits.drain_timeout + STOP_TIMEOUT,
+            web=webProcess,
         )
         pool.setServiceParent(root)
-    probe = DeliveryProbe(config.delivery.mode, core.store, reactor, lambda: side.delivery)
-    delivery = side.delivery
-    web = _listen(
-        root,
-        reactor,
-        config.web.endpoint,
-        makeWebSite(
-            core.store,
-            core.portal,
-            core.throttle,
-            config,
-            reactor,
-            listenersUp=serviceListeners(root, [lc.endpoint for lc in config.listeners]),
-            workers=oneProcess if pool is None else pool.serving,
-            delivery=probe,
-            smsReceipts=None if delivery is None or delivery.sms is None else delivery.sms.receipts,
-        ),
-    )
-    root.afterDrain.append(web)
     root.reloader = Reloader(
         load=lambda: _loadDecided(options["config"]),
         readTLS=lambda new: _readTLS(config, new),

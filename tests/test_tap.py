@@ -82,11 +82,21 @@ class TapTests(TestCase):
         self.assertEqual(sys.getswitchinterval(), GIL_SWITCH_INTERVAL)  # shorter GIL turns
         self.assertEqual(gc.get_threshold(), GC_THRESHOLDS)  # fewer garbage collections
         listeners = [s for s in root if isinstance(s, ListenerService)]
-        self.assertEqual(len(listeners), 3)  # two SMTP listeners and the web endpoint
         # workers left out: one process per core (the main one and the pool's workers).
         processes = min(os.cpu_count() or 1, AUTO_MAX_WORKERS)
         pools = [s for s in root if isinstance(s, WorkerPool)]
         self.assertEqual(sum(pool.count for pool in pools) + 1, processes)
+        # Two SMTP listeners and the web endpoint; with several processes, the web endpoint
+        # has a process of its own, and the main process a private listener it forwards to.
+        webProcess = processes > 1
+        self.assertEqual(len(listeners), 3 + webProcess)
+        self.assertEqual([pool.web is not None for pool in pools], [True] * webProcess)
+        if webProcess:
+            (pool,) = pools
+            assert pool.web is not None
+            self.assertEqual(pool.web.listener.description, "tcp:0:interface=127.0.0.1")
+            self.assertEqual(pool.web.forward.description, "tcp:0:interface=127.0.0.1")
+            self.assertEqual(listeners[-2:], [pool.web.listener, pool.web.forward])
         data = Path(options["config"]).parent / "data"
         self.assertTrue((data / "selfsigned-cert.pem").exists())
         self.assertEqual((data / "selfsigned-key.pem").stat().st_mode & 0o777, 0o600)

@@ -167,7 +167,7 @@ class WorkersConfigTests(SynchronousTestCase):
         options = Options()
         options.parseOptions(["--config", str(path)])
         root = makeService(options, reactor)
-        (listener, _) = [s for s in root if isinstance(s, ListenerService)]
+        listener = next(s for s in root if isinstance(s, ListenerService))
         settings = listener.factory.settings
         self.assertEqual(
             (settings.connections.maxTotal, settings.connections.maxPerClient), (25, 2)

@@ -9,6 +9,9 @@ Routes (all ``GET``, and ``HEAD`` likewise):
 - ``POST /dlr/sms`` -- SMS delivery receipts of the HTTP gateway, authenticated by the HMAC of
   the body (:class:`~mailrelay.delivery.sms.http.HttpReceipts`); 404 when none is configured
 
+In a web process of its own (:mod:`mailrelay.web.process`), ``/healthz``, ``/metrics`` and
+``/dlr/sms`` are the main process's to answer: they are forwarded to it.
+
 Every answer, errors included, is built as a :class:`~mailrelay.web.responses.Response`, so the
 headers (``nosniff``, ``Cache-Control``) and the JSON error bodies are the same everywhere.
 """
@@ -59,6 +62,9 @@ MAX_RECEIPT_POST = 64 * 1024
 """Seconds an idle HTTP connection stays open."""
 
 log = Logger()
+
+FORWARDED = (["healthz"], ["metrics"], ["dlr", "sms"])
+"""The paths a web process of its own forwards to the main process."""
 
 Handler = Callable[[server.Request], Awaitable[Response]]
 """Answers one request."""
@@ -112,8 +118,10 @@ class WebRoot(Resource):
         health: Health,
         openapi: bytes,
         smsReceipts: HttpReceipts | None = None,
+        forward: Callable[[server.Request], None] | None = None,
     ) -> None:
         super().__init__()
+        self._forward = forward
         self._smsReceipts = smsReceipts
         self._login = login
         self._notifications = notifications
@@ -122,6 +130,9 @@ class WebRoot(Resource):
 
     def render(self, request: server.Request) -> Any:
         segments = _segments(request)
+        if self._forward is not None and segments in FORWARDED:
+            self._forward(request)
+            return server.NOT_DONE_YET
         if segments == ["dlr", "sms"] and self._smsReceipts is not None:
             if request.method != b"POST":
                 writeResponse(request, errorResponse(405, headers=(("Allow", "POST"),)))
@@ -247,12 +258,15 @@ def makeWebSite(
     workers: WorkerProbe = oneProcess,
     delivery: DeliveryProbe | None = None,
     smsReceipts: HttpReceipts | None = None,
+    forward: Callable[[server.Request], None] | None = None,
 ) -> server.Site:
     """
     The site of the web endpoint. ``portal`` and ``throttle`` are the SMTP listeners' own, so a
     client's failures count the same over both; ``clock`` tells the time for the retention
     period, the throttle and timeouts; ``listenersUp`` reports the SMTP listeners and
     ``workers`` the intake processes and ``delivery`` the outbound side for ``/healthz``.
+    With ``forward`` (in a web process of its own), the paths of :data:`FORWARDED` are
+    handed to it instead.
     """
     root = WebRoot(
         BasicLogin(portal, throttle),
@@ -260,6 +274,7 @@ def makeWebSite(
         Health(store, clock, listenersUp, workers=workers, delivery=delivery),
         openAPIDocument(),
         smsReceipts,
+        forward,
     )
     site = QuietSite(root, requestFactory=BoundedRequest, timeout=REQUEST_TIMEOUT)
     # Plain HTTP/1.1 channels whose request heads have a deadline (a client dribbling headers

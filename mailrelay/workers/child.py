@@ -68,7 +68,7 @@ class InheritedListener:
     family: int
 
 
-def _inheritedListener(text: str) -> InheritedListener:
+def inheritedListener(text: str) -> InheritedListener:
     try:
         position, fd, family = (int(part) for part in text.split(":"))
     except ValueError:
@@ -103,7 +103,7 @@ class AdoptedListener(Service):
         if self.proxyProtocol:
             # As in the main process: the session starts once the PROXY header is read.
             factory = ProxyHeaderFactory(factory, self.reactor)
-        endpoint = _AdoptedEndpoint(self.reactor, self.listener)
+        endpoint = AdoptedEndpoint(self.reactor, self.listener)
         return endpoint.listen(factory).addCallback(self._listening)
 
     def _listening(self, port: Any) -> None:
@@ -121,7 +121,7 @@ class AdoptedListener(Service):
 
 
 @implementer(IStreamServerEndpoint)
-class _AdoptedEndpoint:
+class AdoptedEndpoint:
     """An endpoint listening on an inherited socket."""
 
     def __init__(self, reactor: Any, listener: InheritedListener) -> None:
@@ -135,7 +135,7 @@ class _AdoptedEndpoint:
 
 
 @implementer(IHalfCloseableProtocol)
-class _MainProcessPipes(Protocol):
+class MainProcessPipes(Protocol):
     """The worker's stdin and stdout, pipes to and from the main process: stdout carries
     "ready" and the metrics snapshots; stdin carries ``reload`` lines (a new
     :class:`WorkerSetup`), and its end of file means the main process is gone."""
@@ -247,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="A mailrelay intake worker (started by the main process, not by hand).",
     )
     parser.add_argument("--index", type=int, required=True)
-    parser.add_argument("--listener", type=_inheritedListener, action="append", default=[])
+    parser.add_argument("--listener", type=inheritedListener, action="append", default=[])
     parser.add_argument("--setup-fd", type=int, default=SETUP_FD, help=argparse.SUPPRESS)
     parser.add_argument("--load-fd", type=int, default=LOAD_FD, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -299,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # SIGHUP changes nothing here: the main process hands the reload over (stdin).
     signals = SignalService(reactor, lambda: None)
     signals.setServiceParent(root)
-    control = _MainProcessPipes(reactor, signals.stop, reload, side.publishGauges)
+    control = MainProcessPipes(reactor, signals.stop, reload, side.publishGauges)
     # (typed after the Windows variant, which has no stdin/stdout arguments)
     StandardIO(control, stdin=0, stdout=1, reactor=reactor)  # type: ignore[call-arg]
     root.privilegedStartService()

@@ -1,6 +1,8 @@
 """
 The main process's side of the worker processes: start them with the listening sockets,
-restart one that ends, stop them with the relay.
+restart one that ends, stop them with the relay. The web process
+(:mod:`mailrelay.workers.web`), when the web endpoint has one, is started, watched and
+stopped the same way.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class WorkerProcess(ProcessProtocol):
     def __init__(self, pool: WorkerPool, index: int) -> None:
         self.pool = pool
         self.index = index
+        self.name = "web process" if index == pool.webIndex else f"worker {index}"
         self.startedAt = pool.reactor.seconds()
         self.ended: Deferred[None] = Deferred()
         self.ready = False
@@ -82,12 +85,13 @@ class WorkerProcess(ProcessProtocol):
         for line in lines:
             if line == b"ready" and not self.ready:
                 self.ready = True
-                self.log.info("worker {index} serving (pid {pid})", index=self.index, pid=self.pid)
+                self.log.info("{name} serving (pid {pid})", name=self.name, pid=self.pid)
+                self.pool.workerReady(self)
             elif line.startswith(b"metrics "):
                 try:
                     metrics.workerMetrics.workers[self.index] = json.loads(line[8:])
                 except ValueError:
-                    self.log.warn("worker {index}: unreadable metrics", index=self.index)
+                    self.log.warn("{name}: unreadable metrics", name=self.name)
 
     def errReceived(self, data: bytes) -> None:
         self._relay(data)
@@ -105,7 +109,7 @@ class WorkerProcess(ProcessProtocol):
                 continue
             # PREFORMATTED: a worker's every message comes through here, and Twisted's
             # formatter would cost the main process 15 us a line.
-            relayed = f"worker {self.index}: {text}"
+            relayed = f"{self.name}: {text}"
             if "#error]" in text or "#critical]" in text or text.startswith("mailrelay:"):
                 self.log.error(PREFORMATTED, text=relayed, index=self.index)
             else:
@@ -124,8 +128,9 @@ class WorkerProcess(ProcessProtocol):
         fields = {k: v for k, v in document.items() if k not in ("time", "namespace")}
         fields["text"] = document.get("text", "")
         fields["worker"] = self.index
+        fields["process"] = self.name
         namespace = document.get("namespace") or "mailrelay.workers"
-        Logger(namespace=namespace).emit(level, "worker {worker}: {text}", **fields)
+        Logger(namespace=namespace).emit(level, "{process}: {text}", **fields)
         return True
 
     def processEnded(self, reason: Failure) -> None:
@@ -189,6 +194,18 @@ class WorkerSetup:
         return config
 
 
+@dataclass(frozen=True)
+class WebProcessSetup:
+    """What the web process is started with: the main process's listener of the web endpoint
+    (its socket is handed over; the main process accepts on it only while the web process
+    does not serve) and its private listener on the loopback interface, where the web process
+    forwards what it does not answer itself. Both are ListenerServices, bound before the pool
+    starts."""
+
+    listener: Any
+    forward: Any
+
+
 class WorkerPool(Service):
     """
     ``count`` worker processes (indexes 1..count; the main process is 0), each running
@@ -204,6 +221,10 @@ class WorkerPool(Service):
     not exited after ``STOP_TIMEOUT``); the stop completes once all of them have exited. A
     worker also stops by itself when the main process is gone (its stdin, a pipe from here,
     reaches end of file).
+
+    With ``web``, the pool runs the web process as well (index ``count + 1``), started,
+    watched and stopped like a worker; while it serves, the main process stops accepting on
+    the web endpoint, and accepts again when it ends.
     """
 
     log = Logger()
@@ -215,14 +236,17 @@ class WorkerPool(Service):
         count: int,
         setup: WorkerSetup,
         listeners: Sequence[Any],
-        loads: LoadTable,
+        loads: LoadTable | None,
         openConnections: Callable[[], int],
         whenReady: Callable[[], Deferred[Any]] | None = None,
         executable: str = sys.executable,
         stopTimeout: float = STOP_TIMEOUT,
+        web: WebProcessSetup | None = None,
     ) -> None:
         self.reactor = reactor
         self.count = count
+        self.web = web
+        self.webIndex = count + 1 if web is not None else None
         self.setup = setup
         self.listeners = list(listeners)
         self.loads = loads
@@ -239,12 +263,15 @@ class WorkerPool(Service):
 
     def serving(self) -> tuple[int, int]:
         """(intake processes configured, serving now), the main process counted in."""
-        return (self.count + 1, 1 + sum(worker.ready for worker in self.workers.values()))
+        serving = sum(w.ready for i, w in self.workers.items() if i != self.webIndex)
+        return (self.count + 1, 1 + serving)
 
     def startService(self) -> None:
         super().startService()
-        for listener in self.listeners:
-            balanceAccepts(listener.port, self.reactor, self.openConnections, self.loads.least)
+        loads = self.loads
+        if loads is not None:
+            for listener in self.listeners:
+                balanceAccepts(listener.port, self.reactor, self.openConnections, loads.least)
         if self.whenReady is None:
             self._startAll()
         else:
@@ -255,6 +282,8 @@ class WorkerPool(Service):
             return
         for index in range(1, self.count + 1):
             self._start(index)
+        if self.webIndex is not None:
+            self._start(self.webIndex)
         self._checks.start(CHECK_INTERVAL, now=False)
 
     def command(self, index: int) -> tuple[list[str], dict[int, Any]]:
@@ -262,6 +291,9 @@ class WorkerPool(Service):
         listening sockets from FIRST_LISTENER_FD on)."""
         # -P: not the working directory (data_dir under the shipped unit) first on sys.path,
         # where a file named like a module the worker imports would run in it.
+        if index == self.webIndex:
+            return self._webCommand()
+        assert self.loads is not None
         args = [self.executable, "-P", "-m", "mailrelay.workers.child", "--index", str(index)]
         childFDs: dict[int, Any] = {0: "w", 1: "r", 2: "r", SETUP_FD: "w", LOAD_FD: self.loads.fd}
         for position, listener in enumerate(self.listeners):
@@ -272,6 +304,24 @@ class WorkerPool(Service):
             childFDs[childFD] = port.fileno()
             args += ["--listener", f"{position}:{childFD}:{int(port.socket.family)}"]
         return args, childFDs
+
+    def _webCommand(self) -> tuple[list[str], dict[int, Any]]:
+        """The web process's argument list and file descriptors (stdio, the setup pipe, the web
+        endpoint's socket)."""
+        assert self.web is not None
+        port, forward = self.web.listener.port, self.web.forward.port
+        if port is None or forward is None:
+            raise RuntimeError("the web listeners are not bound")
+        args = [self.executable, "-P", "-m", "mailrelay.workers.web"]
+        args += ["--listener", f"0:{FIRST_LISTENER_FD}:{int(port.socket.family)}"]
+        args += ["--forward", str(forward.getHost().port)]
+        childFDs = {0: "w", 1: "r", 2: "r", SETUP_FD: "w", FIRST_LISTENER_FD: port.fileno()}
+        return args, childFDs
+
+    def workerReady(self, worker: WorkerProcess) -> None:
+        """A process serves: the web process takes the web endpoint over."""
+        if worker.index == self.webIndex and self.web is not None:
+            self.web.listener.port.stopReading()
 
     def _start(self, index: int) -> None:
         self._pendingRestarts.pop(index, None)
@@ -288,14 +338,14 @@ class WorkerPool(Service):
                 worker, self.executable, args, env=env, childFDs=childFDs
             )
         except Exception as e:
-            self.log.error("worker {index} cannot be started: {error}", index=index, error=e)
+            self.log.error("{name} cannot be started: {error}", name=worker.name, error=e)
             self._startLater(index, worker)
             return
         transport.writeToChild(SETUP_FD, self.setup.encode())
         transport.closeChildFD(SETUP_FD)
         self.workers[index] = worker
         self.starts += 1
-        self.log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
+        self.log.info("{name} started (pid {pid})", name=worker.name, pid=worker.pid)
 
     def _startLater(self, index: int, worker: WorkerProcess) -> None:
         """Start worker ``index`` again, after a delay that doubles while it keeps failing
@@ -320,8 +370,8 @@ class WorkerPool(Service):
             else:
                 continue
             self.log.error(
-                "worker {index} (pid {pid}) {problem}: killing it",
-                index=worker.index,
+                "{name} (pid {pid}) {problem}: killing it",
+                name=worker.name,
                 pid=worker.pid,
                 problem=problem,
             )
@@ -336,24 +386,32 @@ class WorkerPool(Service):
             try:
                 worker.transport.writeToChild(0, line)  # type: ignore[union-attr]
             except (OSError, KeyError, AttributeError) as e:
-                self.log.warn(
-                    "worker {index}: reload not sent: {error}", index=worker.index, error=e
-                )
+                self.log.warn("{name}: reload not sent: {error}", name=worker.name, error=e)
 
     def workerEnded(self, worker: WorkerProcess, reason: Failure) -> None:
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
-            self.loads.set(worker.index, ABSENT)  # its connections are gone with it
+            if worker.index == self.webIndex:
+                self._webEnded(worker)
+            elif self.loads is not None:
+                self.loads.set(worker.index, ABSENT)  # its connections are gone with it
         if not self.running:
             return
         self._startLater(worker.index, worker)
         self.log.error(
-            "worker {index} (pid {pid}) ended: {reason}; starting it again in {delay:.0f} s",
-            index=worker.index,
+            "{name} (pid {pid}) ended: {reason}; starting it again in {delay:.0f} s",
+            name=worker.name,
             pid=worker.pid,
             reason=reason.getErrorMessage(),
             delay=self._restartDelay[worker.index],
         )
+
+    def _webEnded(self, worker: WorkerProcess) -> None:
+        """The web process is gone: the main process answers the web endpoint meanwhile, and
+        while the relay stops, until its own listener closes."""
+        port = None if self.web is None else self.web.listener.port
+        if worker.ready and port is not None and port.connected:
+            port.startReading()
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
