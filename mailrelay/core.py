@@ -128,6 +128,7 @@ def buildCore(
     tlsPEM: tuple[bytes, bytes] | None = None,
     publishConnections: Callable[[int], None] | None = None,
     sessions: SessionRegistry | None = None,
+    readsOnly: bool = False,
 ) -> RelayCore:
     """
     The store (started first, stopped last), the auth threads, the portal and the per-listener
@@ -141,7 +142,7 @@ def buildCore(
     main process reads the configured files (or makes the self-signed pair) itself.
     ``publishConnections`` is told this process's count of open connections at each change
     (its entry in the workers' shared load table). ``sessions`` is where the sessions are
-    kept for a drain.
+    kept for a drain. ``readsOnly``: the process only reads the store (the web process).
     """
     spoolDir = config.dataPath / "spool"
     try:
@@ -149,7 +150,7 @@ def buildCore(
         # under the usual umask), and data_dir holds password hashes and messages.
         for directory in (config.dataPath, spoolDir):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        store = makeStore(config, reactor, processIndex)
+        store = makeStore(config, reactor, processIndex, readsOnly)
     except OSError as e:
         raise SystemExit(f"mailrelay: data_dir {config.data_dir!r}: {e.strerror or e}") from None
     except (StoreError, ConfigError) as e:

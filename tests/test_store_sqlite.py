@@ -43,7 +43,7 @@ from mailrelay.store.sqlite.delivery import _claimEntries, _claimOldestDue, _due
 from mailrelay.store.sqlite.migrate import schemaScripts, statements
 from mailrelay.store.sqlite.queue import _acceptedSince, _stats
 from mailrelay.store.sqlite.statements import inChunks, insertRows, withList
-from mailrelay.store.sqlite.threads import DatabaseThread, GroupCommitThread, Work
+from mailrelay.store.sqlite.threads import DatabaseThread, GroupCommitThread, InlineReader, Work
 from mailrelay.store.sqlite.trails import _EXPIRE_START, _expireBatch
 from tests.store_mixin import (
     ALICE,
@@ -597,6 +597,66 @@ def _queueEntries(
 class AccountDataRememberedTests(RememberedAccountDataTestsMixin, SQLiteStoreTestsBase):
     async def openSharing(self) -> SQLiteStore:
         return await self.openStore(self.store.path)
+
+
+class InlineReadsStoreTests(StoreTestsMixin, SQLiteStoreTestsBase):
+    """The shared suite, against a store that reads on the reactor thread, as the web process's
+    does (the writes still go to the writer thread)."""
+
+    def makeStore(self) -> Deferred[SQLiteStore]:
+        return Deferred.fromCoroutine(self.openStore(inlineReads=True))
+
+
+class InlineReaderTests(TestCase):
+    """The web process's reader: each read runs when asked, on the calling thread."""
+
+    def setUp(self) -> None:
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        self.main, self.other = directory / "a.sqlite3", directory / "b.sqlite3"
+        for path in (self.main, self.other):
+            sqlite3.connect(path).close()
+        self.files = [self.main, self.other]
+        self.reader = InlineReader(
+            "test-inline",
+            lambda p: sqlite3.connect(p, isolation_level=None),
+            reactor,
+            self.main,
+            lambda: self.files,
+        )
+        self.addCleanup(self.reader.stop)
+
+    def test_answeredAtOnceOnTheCallingThread(self) -> None:
+        self.successResultOf(self.reader.start())
+        threads: list[str] = []
+
+        def read(connection: sqlite3.Connection) -> int:
+            threads.append(threading.current_thread().name)
+            return int(connection.execute("SELECT 7").fetchone()[0])
+
+        self.assertEqual(self.successResultOf(self.reader.submit(read)), 7)
+        each = self.successResultOf(self.reader.submitEach(read))
+        self.assertEqual(each, [(self.main, 7), (self.other, 7)])
+        self.assertEqual(set(threads), {threading.current_thread().name})
+
+    def test_failuresAreStoreErrors(self) -> None:
+        self.successResultOf(self.reader.start())
+        failed = self.failureResultOf(
+            self.reader.submit(lambda c: c.execute("SELECT * FROM nowhere")), StoreError
+        )
+        self.assertIsInstance(failed.value.__cause__, sqlite3.OperationalError)
+        self.flushLoggedErrors()
+        self.successResultOf(self.reader.stop())
+        self.failureResultOf(self.reader.submit(lambda c: 1), StoreError)
+
+    def test_homeThatCannotBeOpened(self) -> None:
+        reader = InlineReader("test-inline", _cannotConnect, reactor, self.main, lambda: [])
+        self.failureResultOf(reader.start(), StoreError)
+        self.failureResultOf(reader.submit(lambda c: 1), StoreError)
+
+
+def _cannotConnect(path: Path) -> sqlite3.Connection:
+    raise sqlite3.OperationalError(f"unable to open database file {path}")
 
 
 class WorkerFileTestsBase(SQLiteStoreTestsBase):

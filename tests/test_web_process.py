@@ -313,6 +313,7 @@ class WebProcessTests(TestCase):
         await deferToThread(relay.start)
         self.addCleanup(self.stopAll, relay)
         await deferToThread(relay.waitUntilServing, self.smtpPort)
+        await deferToThread(waitForLog, relay, "worker 1 serving")
         await deferToThread(waitForLog, relay, "web process serving")
         return relay
 

@@ -20,7 +20,9 @@ def sqlitePath(config: Config) -> Path:
     return config.dataPath / SQLITE_FILE_NAME
 
 
-def makeStore(config: Config, reactor: Any, processIndex: int = 0) -> IStore:
+def makeStore(
+    config: Config, reactor: Any, processIndex: int = 0, readsOnly: bool = False
+) -> IStore:
     """
     The store the configuration names, not yet opened (call ``open()`` on it), for the relay
     process numbered ``processIndex`` (0: the main one; 1.. the other workers): it makes
@@ -34,7 +36,8 @@ def makeStore(config: Config, reactor: Any, processIndex: int = 0) -> IStore:
     writes the notifications it accepts to a file of its own beside the main one,
     ``mailrelay.worker-<processIndex>.sqlite3``, so that no process's intake waits for another's
     commits; every process reads them all, and delivers what it accepted (the main process
-    also what workers no longer running accepted).
+    also what workers no longer running accepted). ``readsOnly``: for a process that only
+    reads (the web process), SQLite reads on the reactor thread rather than a thread's.
     """
     if config.store.backend == "sqlite":
         from mailrelay.store.sqlite import SQLiteStore, workerFile
@@ -51,6 +54,7 @@ def makeStore(config: Config, reactor: Any, processIndex: int = 0) -> IStore:
             config.store.instance_id + processIndex,
             home=workerFile(path, processIndex) if processIndex else None,
             deliveringWorkers=config.processCount - 1,
+            inlineReads=readsOnly,
         )
     if config.store.backend == "redis":
         from mailrelay.store.redis import RedisStore

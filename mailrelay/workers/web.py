@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     root = RelayRoot(reactor, config.limits.drain_timeout)
     # Instance 0, the main file as home, like the admin command: it reads every file and
     # writes nothing of its own.
-    core = buildCore(config, reactor, root, tlsPEM=setup.tlsPEM)
+    core = buildCore(config, reactor, root, tlsPEM=setup.tlsPEM, readsOnly=True)
     root.last.append(core.storeService)
     site = statusSite(config, core, reactor, args.forward)
 

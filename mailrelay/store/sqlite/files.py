@@ -43,7 +43,12 @@ from mailrelay.interfaces import StoreError
 from mailrelay.store.common import idNumber
 from mailrelay.store.sqlite.bodies import SegmentWriter, segmentDirectory, sweepSegment
 from mailrelay.store.sqlite.migrate import upgrade
-from mailrelay.store.sqlite.threads import DatabaseThread, GroupCommitThread, InSequence
+from mailrelay.store.sqlite.threads import (
+    DatabaseThread,
+    GroupCommitThread,
+    InlineReader,
+    InSequence,
+)
 
 BUSY_TIMEOUT = 10.0
 """Seconds a connection waits for another process's lock before giving up (-> StoreError)."""
@@ -84,6 +89,7 @@ class StoreFiles:
         groupLimit: int,
         busyTimeout: float,
         deliveringWorkers: int = 0,
+        inlineReads: bool = False,
     ) -> None:
         self.path = path
         self.home = home
@@ -98,7 +104,8 @@ class StoreFiles:
             self.notificationFiles,
             groupLimit,
         )
-        self.reader = DatabaseThread(
+        # A process that only reads (the web process) reads on its reactor thread.
+        self.reader = (InlineReader if inlineReads else DatabaseThread)(
             "mailrelay-sqlite-reader",
             self._connectReader,
             reactor,

@@ -59,7 +59,9 @@ class SQLiteStore(Intake, DeliveryQueue, StatusTrails, ReportOutbox, GatewayIds)
     :func:`~mailrelay.store.sqlite.files.workerFile`); ``deliveringWorkers``, in the main
     process, how many workers deliver from their own files, which its claims leave to them
     (:meth:`~mailrelay.store.sqlite.files.StoreFiles.claimFiles`). Call :meth:`open` first and
-    :meth:`close` last. ``commits`` counts the write transactions committed so far;
+    :meth:`close` last. With ``inlineReads`` (a process that serves only reads) the reads run
+    on the reactor thread itself (:class:`~mailrelay.store.sqlite.threads.InlineReader`).
+    ``commits`` counts the write transactions committed so far;
     ``expireBatch`` is how many notifications one expiry write looks at.
 
     Accounts, API keys and senders are read on every login and every new session, and change
@@ -80,11 +82,12 @@ class SQLiteStore(Intake, DeliveryQueue, StatusTrails, ReportOutbox, GatewayIds)
         busyTimeout: float = BUSY_TIMEOUT,
         home: Path | None = None,
         deliveringWorkers: int = 0,
+        inlineReads: bool = False,
     ) -> None:
         self.path = Path(path)
         self.home = Path(home) if home is not None else self.path
         self._files = StoreFiles(
-            self.path, self.home, reactor, groupLimit, busyTimeout, deliveringWorkers
+            self.path, self.home, reactor, groupLimit, busyTimeout, deliveringWorkers, inlineReads
         )
         self._accountCache = AccountCache(reactor)
         self._newId = NotificationIdGenerator(instanceId, reactor.seconds)
