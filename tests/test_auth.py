@@ -12,6 +12,7 @@ from typing import Any
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
 from twisted.internet.task import Clock
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
@@ -54,6 +55,22 @@ class PasswordCheckerTests(TestCase):
         self.clock.advance(61)
         self.assertEqual(await self.check(), "acme")
         self.assertEqual(self.checker.verifications, 2)
+
+    async def test_concurrentLoginsShareOneVerification(self) -> None:
+        """Logins with the same password while it is verified wait for that verification (a
+        remembered password expiring under a client polling on many connections); another
+        password gets its own, and fails alone."""
+        await self.asyncSetUp()
+        same = [self.checker.requestAvatarId(login("acme", PASSWORD)) for _ in range(5)]
+        wrong = [self.checker.requestAvatarId(login("acme", "wrong")) for _ in range(2)]
+        self.assertEqual(await gatherResults(same), ["acme"] * 5)
+        for attempt in wrong:
+            with self.assertRaises(UnauthorizedLogin):
+                await attempt
+        self.assertEqual(self.checker.verifications, 2)
+        self.clock.advance(61)  # forgotten: the next login verifies again
+        self.assertEqual(await self.check(), "acme")
+        self.assertEqual(self.checker.verifications, 3)
 
     async def test_wrongPasswordNeverRemembered(self) -> None:
         await self.asyncSetUp()

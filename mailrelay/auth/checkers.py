@@ -24,8 +24,9 @@ from typing import Any
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
@@ -43,6 +44,11 @@ class VerifiedPasswords:
         self._maxEntries = maxEntries
         self._key = secrets.token_bytes(32)
         self._expiry: OrderedDict[bytes, float] = OrderedDict()
+
+    def key(self, name: str, password: str, passwordHash: str) -> bytes:
+        """What stands for this name, password and hash (an HMAC under a key of this process's
+        own: nothing of the password can be read back from it)."""
+        return self._digest(name, password, passwordHash)
 
     def _digest(self, name: str, password: str, passwordHash: str) -> bytes:
         message = json.dumps([name, password, passwordHash]).encode("utf-8")
@@ -79,7 +85,14 @@ _DUMMY_HASH = hashPassword("mailrelay-dummy-password")
 
 @implementer(ICredentialsChecker)
 class AccountPasswordChecker:
-    """Account name + password, verified against the stored Argon2 hash in a worker thread."""
+    """
+    Account name + password, verified against the stored Argon2 hash in a worker thread.
+
+    Logins with the same name, password and hash while one of them is being verified wait for
+    that verification rather than run their own: when a remembered password expires, every
+    request of a client polling over several connections would otherwise start an Argon2 hash
+    (64 MiB and tens of milliseconds each) at once, queued on the auth threads.
+    """
 
     credentialInterfaces = (IUsernamePassword,)
 
@@ -95,6 +108,7 @@ class AccountPasswordChecker:
         self._threadpool = threadpool
         self._verified = verified or VerifiedPasswords(reactor, seconds=0)
         self.verifications = 0  # Argon2 verifications run: what the remembering saves
+        self._verifying: dict[bytes, list[Deferred[bool]]] = {}
 
     @inlineCallbacks
     def requestAvatarId(self, credentials: IUsernamePassword) -> Any:
@@ -109,14 +123,35 @@ class AccountPasswordChecker:
                 raise UnauthorizedLogin()
             return account.name
         passwordHash = account.password_hash if account is not None else _DUMMY_HASH
-        self.verifications += 1
-        matches = yield deferToThreadPool(
-            self._reactor, self._threadpool, verifyPassword, passwordHash, password
-        )
+        matches = yield self._verify(name, password, passwordHash)
         if account is None or not matches or not account.enabled:
             raise UnauthorizedLogin()
         self._verified.remember(name, password, account.password_hash)
         return account.name
+
+    def _verify(self, name: str, password: str, passwordHash: str) -> Deferred[bool]:
+        """Whether ``password`` matches ``passwordHash``: one verification in the thread pool
+        for all who ask while it runs."""
+        key = self._verified.key(name, password, passwordHash)
+        waiter: Deferred[bool] = Deferred()
+        waiting = self._verifying.get(key)
+        if waiting is not None:
+            waiting.append(waiter)
+            return waiter
+        self._verifying[key] = [waiter]
+        self.verifications += 1
+        verified = deferToThreadPool(
+            self._reactor, self._threadpool, verifyPassword, passwordHash, password
+        )
+        verified.addBoth(self._verifiedFor, key)
+        return waiter
+
+    def _verifiedFor(self, result: bool | Failure, key: bytes) -> None:
+        for waiter in self._verifying.pop(key):
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
 
 
 @implementer(ICredentialsChecker)
