@@ -293,13 +293,13 @@ class WebProcessTests(TestCase):
 
     timeout = 90
 
-    async def startRelay(self) -> RelayProcess:
+    async def startRelay(self, webKind: str = "tcp") -> RelayProcess:
         self.smtpPort = freePort()
         self.webPort = freePort()
         files = RelayFiles(
             Path(self.mktemp()),
             [Listener("network", "none", "network", f"tcp:{self.smtpPort}:interface=127.0.0.1")],
-            webEndpoint=f"tcp:{self.webPort}:interface=127.0.0.1",
+            webEndpoint=f"{webKind}:{self.webPort}:interface=127.0.0.1",
             workers=2,
         )
         store = files.makeStore()
@@ -388,6 +388,34 @@ class WebProcessTests(TestCase):
         self.assertFalse(_running(pids[1]), "the web process outlived the relay")
         with self.assertRaises(OSError):
             socket.create_connection(("127.0.0.1", self.webPort), timeout=1).close()
+
+    async def test_behindHAProxy(self) -> None:
+        """A ``haproxy:`` web endpoint: the web process reads the PROXY header first, so the
+        realm sees the client's address (the account's networks are 127.0.0.0/8)."""
+        relay = await self.startRelay("haproxy:tcp")
+        os.kill(mainPid(relay), signal.SIGSTOP)  # the answers are the web process's
+        try:
+            inside = await deferToThread(self.behindProxy, "127.0.0.5")
+            outside = await deferToThread(self.behindProxy, "203.0.113.9")
+        finally:
+            os.kill(mainPid(relay), signal.SIGCONT)
+        self.assertTrue(inside.startswith(b"HTTP/1.1 200 "), inside)
+        self.assertTrue(outside.startswith(b"HTTP/1.1 401 "), outside)
+
+    def behindProxy(self, client: str) -> bytes:
+        """Blocking: a status request as HAProxy would pass it on for ``client``; the answer."""
+        login = base64.b64encode(f"{ACCOUNT}:{PASSWORD}".encode()).decode()
+        request = (
+            f"PROXY TCP4 {client} 127.0.0.1 40000 {self.webPort}\r\n"
+            f"GET /{ACCOUNT}/notifications/id/1 HTTP/1.1\r\nHost: relay\r\n"
+            f"Authorization: Basic {login}\r\nConnection: close\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", self.webPort), timeout=10) as connection:
+            connection.sendall(request.encode())
+            answer = b""
+            while chunk := connection.recv(65536):
+                answer += chunk
+        return answer
 
 
 def mainPid(relay: RelayProcess) -> int:
