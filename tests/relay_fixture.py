@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +226,20 @@ async def addAccount(store: IStore) -> Credentials:
     return Credentials(account, PASSWORD, key)
 
 
+async def addAccountByIP(files: RelayFiles) -> Credentials:
+    """:func:`addAccount` in the store of ``files`` (opened and closed again), with the
+    networks 127.0.0.0/8: the test account submits from loopback without AUTH (relay by IP)."""
+    store = files.makeStore()
+    await store.open()
+    try:
+        credentials = await addAccount(store)
+        account = replace(credentials.account, networks=("127.0.0.0/8",))
+        await store.updateAccount(account)
+    finally:
+        await store.close()
+    return replace(credentials, account=account)
+
+
 class RunningRelay:
     """
     The relay's whole service tree running in this process, as ``twistd mailrelay`` builds it.
@@ -413,6 +427,15 @@ class RelayProcess:
 
     def log(self) -> str:
         return self.logPath.read_text(errors="replace") if self.logPath.exists() else ""
+
+    def waitForLog(self, text: str, count: int = 1, timeout: float = 30) -> None:
+        """Blocking: until ``text`` is in the log ``count`` times (AssertionError after
+        ``timeout`` seconds)."""
+        deadline = time.monotonic() + timeout
+        while self.log().count(text) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not in the log {count} times:\n{self.log()}")
+            time.sleep(0.05)
 
 
 def runCommand(

@@ -14,10 +14,8 @@ import re
 import signal
 import smtplib
 import socket
-import time
 import urllib.error
 import urllib.request
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +47,7 @@ from tests.relay_fixture import (
     Listener,
     RelayFiles,
     RelayProcess,
-    addAccount,
+    addAccountByIP,
     freePort,
 )
 from tests.test_workers import ACCEPTED, _BoundPort, _ProcessClock, _running
@@ -302,13 +300,7 @@ class WebProcessTests(TestCase):
             webEndpoint=f"{webKind}:{self.webPort}:interface=127.0.0.1",
             workers=2,
         )
-        store = files.makeStore()
-        await store.open()
-        try:
-            credentials = await addAccount(store)
-            await store.updateAccount(replace(credentials.account, networks=("127.0.0.0/8",)))
-        finally:
-            await store.close()
+        await addAccountByIP(files)
         relay = RelayProcess(files, "web-process")
         await deferToThread(relay.start)
         self.addCleanup(self.stopAll, relay)
@@ -439,9 +431,5 @@ def submitOne(port: int) -> str:
     return match.group(1).decode()
 
 
-def waitForLog(relay: RelayProcess, text: str, count: int = 1, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while relay.log().count(text) < count:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{text!r} not in the log {count} times:\n{relay.log()}")
-        time.sleep(0.05)
+def waitForLog(relay: RelayProcess, text: str, count: int = 1) -> None:
+    relay.waitForLog(text, count)

@@ -18,7 +18,6 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +66,7 @@ from tests.relay_fixture import (
     Listener,
     RelayFiles,
     RelayProcess,
-    addAccount,
+    addAccountByIP,
     freePort,
 )
 
@@ -361,13 +360,7 @@ class WorkerProcessTests(TestCase):
             webEndpoint=f"tcp:{self.webPort}:interface=127.0.0.1",
             workers=2,
         )
-        store = files.makeStore()
-        await store.open()
-        try:
-            credentials = await addAccount(store)
-            await store.updateAccount(replace(credentials.account, networks=("127.0.0.0/8",)))
-        finally:
-            await store.close()
+        await addAccountByIP(files)
         relay = RelayProcess(files, "workers")
         await deferToThread(relay.start)
         self.addCleanup(self.killAll, relay)
@@ -403,11 +396,7 @@ class WorkerProcessTests(TestCase):
 
     @staticmethod
     def waitForLog(relay: RelayProcess, text: str, count: int = 1, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while relay.log().count(text) < count:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} not in the log {count} times:\n{relay.log()}")
-            time.sleep(0.05)
+        relay.waitForLog(text, count, timeout)
 
     @staticmethod
     def submitAll(port: int, sessions: int, messages: int) -> list[str]:

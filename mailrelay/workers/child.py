@@ -241,6 +241,26 @@ def readSetup(fd: int = SETUP_FD) -> WorkerSetup:
         return WorkerSetup.decode(pipe.read())
 
 
+def takeSetup(fd: int, processName: str) -> tuple[WorkerSetup, Config]:
+    """The setup from the pipe ``fd`` and its configuration, and the log begun on stderr in
+    the setup's format (the main process relays the lines); exits if there is no usable
+    setup."""
+    try:
+        setup = readSetup(fd)
+        config = setup.config()
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"mailrelay: {processName}: no usable setup: {e}") from None
+    observer: Any
+    if setup.logFormat == "json":
+        observer = jsonLinesObserver(sys.stderr)  # the main process re-emits its events
+    else:
+        observer = FileLogObserver(
+            sys.stderr, lambda event: (eventAsText(event, includeTimestamp=False) or "") + "\n"
+        )
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    return setup, config
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m mailrelay.workers.child",
@@ -255,19 +275,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     shortenGILTurns()
     collectGarbageLessOften()
 
-    try:
-        setup = readSetup(args.setup_fd)
-        config = setup.config()
-    except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"mailrelay: worker {args.index}: no usable setup: {e}") from None
-    observer: Any
-    if setup.logFormat == "json":
-        observer = jsonLinesObserver(sys.stderr)  # the main process re-emits its events
-    else:
-        observer = FileLogObserver(
-            sys.stderr, lambda event: (eventAsText(event, includeTimestamp=False) or "") + "\n"
-        )
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    setup, config = takeSetup(args.setup_fd, f"worker {args.index}")
 
     from twisted.internet import reactor
 

@@ -27,7 +27,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.stdio import StandardIO
 from twisted.internet.task import LoopingCall
-from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginner
+from twisted.logger import Logger
 from twisted.protocols.haproxy import proxyEndpoint
 from twisted.web import server
 
@@ -35,7 +35,6 @@ from mailrelay.config import Config, proxied
 from mailrelay.core import RelayCore, buildCore, collectGarbageLessOften, freezeStartHeap
 from mailrelay.files import keepFilesPrivate
 from mailrelay.lifecycle import RelayRoot, SignalService
-from mailrelay.maillog import jsonLinesObserver
 from mailrelay.web import makeWebSite
 from mailrelay.web.forward import MainProcessForward
 from mailrelay.workers.child import (
@@ -44,7 +43,7 @@ from mailrelay.workers.child import (
     InheritedListener,
     MainProcessPipes,
     inheritedListener,
-    readSetup,
+    takeSetup,
 )
 from mailrelay.workers.pool import SETUP_FD, WorkerSetup
 
@@ -86,19 +85,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     keepFilesPrivate()
     collectGarbageLessOften()
-    try:
-        setup = readSetup(args.setup_fd)
-        config = setup.config()
-    except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"mailrelay: web process: no usable setup: {e}") from None
-    observer: Any
-    if setup.logFormat == "json":
-        observer = jsonLinesObserver(sys.stderr)  # the main process re-emits its events
-    else:
-        observer = FileLogObserver(
-            sys.stderr, lambda event: (eventAsText(event, includeTimestamp=False) or "") + "\n"
-        )
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    setup, config = takeSetup(args.setup_fd, "web process")
 
     from twisted.internet import reactor
 
