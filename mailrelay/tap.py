@@ -232,6 +232,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     ]
     side = _deliveryServices(config, core, reactor, root)
     pool: WorkerPool | None = None
+    separateWeb = webInOwnProcess(config)
     probe = DeliveryProbe(config.delivery.mode, core.store, reactor, lambda: side.delivery)
     delivery = side.delivery
     site = makeWebSite(
@@ -244,11 +245,12 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         workers=oneProcess if loads is None else lambda: cast(WorkerPool, pool).serving(),
         delivery=probe,
         smsReceipts=None if delivery is None or delivery.sms is None else delivery.sms.receipts,
+        webProcess=(lambda: cast(WorkerPool, pool).webServing()) if separateWeb else None,
     )
     web = _listen(root, reactor, config.web.endpoint, site)
     root.afterDrain.append(web)
     webProcess = None
-    if webInOwnProcess(config):
+    if separateWeb:
         # The web process answers the endpoint; what only this process knows, it asks for
         # here, on the loopback interface (mailrelay.workers.web).
         forward = _listen(root, reactor, "tcp:0:interface=127.0.0.1", site)

@@ -542,6 +542,7 @@ class OperationsTests(WebSiteTestsBase):
         self.assertIs(document["store"]["ok"], True)
         self.assertGreaterEqual(document["store"]["latency_ms"], 0)
         self.assertEqual(document["workers"], {"configured": 1, "serving": 1})
+        self.assertNotIn("web_process", document)  # the endpoint has no process of its own
 
     async def test_storeDown(self) -> None:
         await self.store.close()

@@ -153,11 +153,14 @@ class WebProcessPoolTests(SynchronousTestCase):
         and accepts again when it ends, until it serves again."""
         web = self.webProcess()
         self.assertTrue(self.web.port.reading)
+        self.assertFalse(self.pool.webServing())
         web.outReceived(b"ready\n")
         self.assertFalse(self.web.port.reading)
+        self.assertTrue(self.pool.webServing())
         self.assertEqual(self.pool.serving(), (2, 1))  # intake processes only
         web.processEnded(Failure(ProcessTerminated(signal=9)))
         self.assertTrue(self.web.port.reading)
+        self.assertFalse(self.pool.webServing())
         self.clock.advance(1.0)
         restarted = self.webProcess()
         self.assertIsNot(restarted, web)
@@ -342,6 +345,7 @@ class WebProcessTests(TestCase):
         code, body = await self.get("/healthz")
         self.assertEqual(code, 200, body)
         self.assertEqual(json.loads(body)["workers"], {"configured": 2, "serving": 2})
+        self.assertEqual(json.loads(body)["web_process"], {"serving": True})
         notificationId = await deferToThread(submitOne, self.smtpPort)
         os.kill(mainPid(relay), signal.SIGSTOP)
         try:
@@ -368,8 +372,10 @@ class WebProcessTests(TestCase):
         (first,) = webPids(relay)
         os.kill(first, signal.SIGKILL)
         await deferToThread(waitForLog, relay, f"web process (pid {first}) ended")
-        code, body = await self.get("/healthz")
+        code, body = await self.get("/healthz")  # answered by the main process
         self.assertEqual(code, 200, body)
+        # (started again after RESTART_DELAY, and serving once it has opened the store)
+        self.assertEqual(json.loads(body)["web_process"], {"serving": False})
         await deferToThread(waitForLog, relay, "web process serving", 2)
         pids = webPids(relay)
         self.assertEqual(len(pids), 2)

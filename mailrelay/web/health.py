@@ -53,6 +53,11 @@ WorkerProbe = Callable[[], tuple[int, int]]
 """Called at each health check: (intake processes configured, processes serving now)."""
 
 
+WebProcessProbe = Callable[[], bool]
+"""Called at each health check when the web endpoint has a process of its own: whether that
+process serves now (while it does not, the main process answers the endpoint itself)."""
+
+
 def oneProcess() -> tuple[int, int]:
     """The probe of a relay that runs no worker processes: the main one serves alone."""
     return (1, 1)
@@ -92,8 +97,10 @@ class Health:
         pingTimeout: float = PING_TIMEOUT,
         workers: WorkerProbe = oneProcess,
         delivery: DeliveryProbe | None = None,
+        webProcess: WebProcessProbe | None = None,
     ) -> None:
         self._store = store
+        self._webProcess = webProcess
         self._delivery = delivery
         self._clock = clock
         self._listeners = listeners
@@ -132,6 +139,9 @@ class Health:
         # A worker that ended is being restarted and the others serve on: reported, not unhealthy.
         configured, serving = self._workers()
         document["workers"] = {"configured": configured, "serving": serving}
+        if self._webProcess is not None:
+            # Reported, not unhealthy either: the main process answers while it restarts.
+            document["web_process"] = {"serving": self._webProcess()}
         if self._delivery is not None:
             document["delivery"] = self._delivery.document()
         return jsonResponse(200 if healthy else 503, document)

@@ -37,7 +37,14 @@ from mailrelay.delivery.sms.http import SIGNATURE_HEADER, BadReceipt, HttpReceip
 from mailrelay.interfaces import IStore, StoreError
 from mailrelay.web.auth import BasicLogin, Throttled, Unauthenticated, clientAddress
 from mailrelay.web.channel import HeadDeadlineChannel
-from mailrelay.web.health import Health, ListenerProbe, WorkerProbe, noListeners, oneProcess
+from mailrelay.web.health import (
+    Health,
+    ListenerProbe,
+    WebProcessProbe,
+    WorkerProbe,
+    noListeners,
+    oneProcess,
+)
 from mailrelay.web.notifications import (
     BadQuery,
     NotificationStatus,
@@ -259,6 +266,7 @@ def makeWebSite(
     delivery: DeliveryProbe | None = None,
     smsReceipts: HttpReceipts | None = None,
     forward: Callable[[server.Request], None] | None = None,
+    webProcess: WebProcessProbe | None = None,
 ) -> server.Site:
     """
     The site of the web endpoint. ``portal`` and ``throttle`` are the SMTP listeners' own, so a
@@ -266,12 +274,14 @@ def makeWebSite(
     period, the throttle and timeouts; ``listenersUp`` reports the SMTP listeners and
     ``workers`` the intake processes and ``delivery`` the outbound side for ``/healthz``.
     With ``forward`` (in a web process of its own), the paths of :data:`FORWARDED` are
-    handed to it instead.
+    handed to it instead; ``webProcess`` reports that process for ``/healthz``.
     """
     root = WebRoot(
         BasicLogin(portal, throttle),
         NotificationStatus(store, clock, config.limits.status_retention_days),
-        Health(store, clock, listenersUp, workers=workers, delivery=delivery),
+        Health(
+            store, clock, listenersUp, workers=workers, delivery=delivery, webProcess=webProcess
+        ),
         openAPIDocument(),
         smsReceipts,
         forward,

@@ -266,6 +266,11 @@ class WorkerPool(Service):
         serving = sum(w.ready for i, w in self.workers.items() if i != self.webIndex)
         return (self.count + 1, 1 + serving)
 
+    def webServing(self) -> bool:
+        """Whether the web process serves now."""
+        web = None if self.webIndex is None else self.workers.get(self.webIndex)
+        return web is not None and web.ready
+
     def startService(self) -> None:
         super().startService()
         loads = self.loads
