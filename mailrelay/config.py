@@ -434,7 +434,7 @@ def shareableEndpoint(endpoint: str) -> bool:
 
 def webInOwnProcess(config: Config) -> bool:
     """
-    Whether the web endpoint is answered by a process of its own (:mod:`mailrelay.web.process`)
+    Whether the web endpoint is answered by a process of its own (:mod:`mailrelay.workers.web`)
     rather than by the main process, which delivers: ``[web] process``, where ``"auto"`` means
     yes when the relay runs several processes (``config`` has ``workers`` decided) and the
     endpoint's socket can be handed over.

@@ -2,7 +2,7 @@
 The web process's way to the main process: the requests it does not answer itself
 (``/healthz``, ``/metrics``, ``POST /dlr/sms``: what the main process knows, of every
 process) go, as they came, to the main process's private web listener on the loopback
-interface, and its answer comes back as it was given (:mod:`mailrelay.web.process`).
+interface, and its answer comes back as it was given (:mod:`mailrelay.workers.web`).
 """
 
 from __future__ import annotations
@@ -23,14 +23,11 @@ log = Logger()
 FORWARD_TIMEOUT = 30.0
 """Seconds the main process has to answer a forwarded request (a /metrics scrape counts the
 whole queue: about 0.1 s a million entries)."""
-MAX_FORWARDED_ANSWER = 16 * 1024 * 1024
-"""Octets of a main process's answer relayed at most (/metrics is tens of KiB)."""
 _HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"host"}
 )
-_ANSWER_HEADERS = frozenset(
-    {b"content-type", b"cache-control", b"x-content-type-options", b"allow", b"retry-after"}
-)
+_ANSWER_HEADERS = frozenset({b"content-type", b"cache-control", b"allow", b"retry-after"})
+"""What of the main process's answer is relayed; writeResponse sets the rest."""
 
 
 class _QuietPool(HTTPConnectionPool):
@@ -55,7 +52,6 @@ class MainProcessForward:
         pool.maxPersistentPerHost = 4
         self._pool = pool
         self._client = treq.client.HTTPClient(Agent(reactor, pool=pool))
-        self._reactor = reactor
 
     def __call__(self, request: server.Request) -> None:
         """Forward ``request`` and write the answer on it (later)."""
@@ -89,8 +85,6 @@ class MainProcessForward:
             timeout=FORWARD_TIMEOUT,
         )
         content = await treq.content(answer)
-        if len(content) > MAX_FORWARDED_ANSWER:
-            raise ValueError(f"an answer of {len(content)} octets")
         kept = {
             name.lower(): values[0].decode("latin-1")
             for name, values in answer.headers.getAllRawHeaders()
@@ -101,11 +95,7 @@ class MainProcessForward:
             content,
             contentType=kept.pop(b"content-type", "application/octet-stream"),
             cacheControl=kept.pop(b"cache-control", "no-store"),
-            headers=tuple(
-                (name.decode("ascii").title(), value)
-                for name, value in kept.items()
-                if name != b"x-content-type-options"  # writeResponse sets it
-            ),
+            headers=tuple((name.decode("ascii").title(), value) for name, value in kept.items()),
         )
 
     def close(self) -> Deferred[None]:

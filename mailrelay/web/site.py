@@ -9,7 +9,7 @@ Routes (all ``GET``, and ``HEAD`` likewise):
 - ``POST /dlr/sms`` -- SMS delivery receipts of the HTTP gateway, authenticated by the HMAC of
   the body (:class:`~mailrelay.delivery.sms.http.HttpReceipts`); 404 when none is configured
 
-In a web process of its own (:mod:`mailrelay.web.process`), ``/healthz``, ``/metrics`` and
+In a web process of its own (:mod:`mailrelay.workers.web`), ``/healthz``, ``/metrics`` and
 ``/dlr/sms`` are the main process's to answer: they are forwarded to it.
 
 Every answer, errors included, is built as a :class:`~mailrelay.web.responses.Response`, so the

@@ -50,16 +50,18 @@ from mailrelay.workers.pool import SETUP_FD, WorkerSetup
 log = Logger()
 
 
-def statusSite(config: Config, core: RelayCore, reactor: Any, forwardPort: int) -> server.Site:
+def statusSite(
+    config: Config, core: RelayCore, reactor: Any, forward: MainProcessForward
+) -> server.Site:
     """The web endpoint's site in the web process: the status API from ``core``'s store, the
-    rest forwarded to the main process at ``forwardPort``."""
+    rest forwarded to the main process."""
     return makeWebSite(
         core.store,
         core.portal,
         core.throttle,
         config,
         reactor,
-        forward=MainProcessForward(reactor, forwardPort),
+        forward=forward,
     )
 
 
@@ -95,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     # writes nothing of its own.
     core = buildCore(config, reactor, root, tlsPEM=setup.tlsPEM, readsOnly=True)
     root.last.append(core.storeService)
-    site = statusSite(config, core, reactor, args.forward)
+    forward = MainProcessForward(reactor, args.forward)
+    site = statusSite(config, core, reactor, forward)
 
     def reload(new: WorkerSetup) -> None:
         # The main process validated it; the retention period is what the site takes.
@@ -104,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         except ValueError as e:
             log.error("reload refused: {error}", error=str(e))
             return
-        site.resource = statusSite(newConfig, core, reactor, args.forward).resource
+        site.resource = statusSite(newConfig, core, reactor, forward).resource
         log.info("reloaded")
 
     signals = SignalService(reactor, lambda: None)
