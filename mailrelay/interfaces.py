@@ -206,6 +206,11 @@ class IStatusStore(Interface):
     def statusTrail(notificationId: str):
         """All events of a notification, oldest first. Returns Deferred[list[StatusEvent]]."""
 
+    def notificationWithTrail(notificationId: str):
+        """The notification and all its events, as ``getNotification`` and ``statusTrail``
+        give them, read together (the status API's answer). Returns
+        Deferred[tuple[Notification | None, list[StatusEvent]]]."""
+
     def notificationsForBulk(account: str, bulkId: str):
         """Ids of ``account``'s notifications carrying this bulk id, oldest first.
         Returns Deferred[list[str]]."""

@@ -561,8 +561,17 @@ class MemoryStore:
 
     @_answered
     def statusTrail(self, notificationId: str) -> list[StatusEvent]:
+        return self._trail(notificationId)
+
+    def _trail(self, notificationId: str) -> list[StatusEvent]:
         # Oldest first; events of the same moment in the order they were written.
         return sorted(self._events.get(notificationId, ()), key=lambda e: e.timestamp)
+
+    @_answered
+    def notificationWithTrail(
+        self, notificationId: str
+    ) -> tuple[Notification | None, list[StatusEvent]]:
+        return self._notifications.get(notificationId), self._trail(notificationId)
 
     @_answered
     def notificationsForBulk(self, account: str, bulkId: str) -> list[str]:

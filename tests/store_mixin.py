@@ -261,6 +261,21 @@ class StoreTestsMixin(StoreHelpersMixin):
         self.assertIsNone(await self.store.getNotification("not-an-id"))
         self.assertEqual(await self.store.statusTrail(self.store.nextNotificationId()), [])
         self.assertEqual(await self.store.statusTrail("not-an-id"), [])
+        for unknown in (self.store.nextNotificationId(), "not-an-id"):
+            self.assertEqual(await self.store.notificationWithTrail(unknown), (None, []))
+
+    async def test_notificationWithTrail(self) -> None:
+        """The notification and its trail read together: what getNotification and
+        statusTrail give, events added after the enqueue included."""
+        notification = await self.enqueued(recipients=(ALICE, BOB))
+        nid = notification.notification_id
+        sent = StatusEvent(nid, BOB, "CH_RECEIVED", "250 2.0.0 Ok", T0 + timedelta(seconds=1))
+        await self.store.addEvents([sent])
+        await self.enqueued()  # another notification: not part of it
+        found, trail = await self.store.notificationWithTrail(nid)
+        self.assertEqual(found, notification)
+        self.assertEqual(list(trail), await self.store.statusTrail(nid))
+        self.assertEqual([e.status_code for e in trail], ["CAAS_RECEIVED"] * 2 + ["CH_RECEIVED"])
 
     async def test_enqueueRecordsReceivedPerRecipient(self) -> None:
         notification = await self.enqueued(recipients=(ALICE, PHONE, BOB))

@@ -114,17 +114,10 @@ class NotificationStatus:
     async def _withTrail(
         self, notificationId: str
     ) -> tuple[Notification | None, list[StatusEvent]]:
-        """The notification and its trail, both asked for at once: on a busy relay each
-        answer waits for a turn of the reactor, and one wait costs less than two in a row.
-        (The trail of a notification the caller may not see is read, and not shown.)"""
-        notificationAsked = self._store.getNotification(notificationId)
-        trailAsked = self._store.statusTrail(notificationId)
-        try:
-            notification = await notificationAsked
-        except BaseException:
-            trailAsked.addErrback(lambda _: None)  # the first failure is the one reported
-            raise
-        return notification, list(await trailAsked)
+        """The notification and its trail, read together. (The trail of a notification the
+        caller may not see is read, and not shown.)"""
+        notification, trail = await self._store.notificationWithTrail(notificationId)
+        return notification, list(trail)
 
     async def byBulk(
         self,

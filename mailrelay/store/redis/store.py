@@ -1065,6 +1065,24 @@ class RedisStore:
 
         return self._run(add)
 
+    def notificationWithTrail(
+        self, notificationId: str
+    ) -> Deferred[tuple[Notification | None, list[StatusEvent]]]:
+        return Deferred.fromCoroutine(self._notificationWithTrail(notificationId))
+
+    async def _notificationWithTrail(
+        self, notificationId: str
+    ) -> tuple[Notification | None, list[StatusEvent]]:
+        # Both asked at once: the two round trips to Redis overlap.
+        notificationAsked = self.getNotification(notificationId)
+        trailAsked = self.statusTrail(notificationId)
+        try:
+            notification = await notificationAsked
+        except BaseException:
+            trailAsked.addErrback(lambda _: None)  # the first failure is the one reported
+            raise
+        return notification, await trailAsked
+
     def statusTrail(self, notificationId: str) -> Deferred[list[StatusEvent]]:
         if idNumber(notificationId) is None:
             return succeed([])

@@ -69,6 +69,13 @@ class StatusTrails:
         d = self._files.reader.submitEach(partial(_statusTrail, notificationId=notificationId))
         return d.addCallback(lambda trails: [event for _, trail in trails for event in trail])
 
+    def notificationWithTrail(
+        self, notificationId: str
+    ) -> Deferred[tuple[Notification | None, list[StatusEvent]]]:
+        work = partial(_notificationWithTrail, notificationId=notificationId)
+        d = self._files.reader.submitEach(work)
+        return d.addCallback(lambda parts: firstFound(parts) or (None, []))
+
     def notificationsForBulk(self, account: str, bulkId: str) -> Deferred[list[str]]:
         work = partial(_notificationsForBulk, account=account, bulkId=bulkId)
         return self._files.reader.submitEach(work).addCallback(
@@ -200,14 +207,33 @@ def _statusTrail(connection: sqlite3.Connection, notificationId: str) -> list[St
     if number is None:
         return []
     with snapshot(connection):  # the notification and its events
-        head = connection.execute(
-            "SELECT received_at, recipient_list FROM notifications WHERE id = ?", (number,)
-        ).fetchone()
-        rows = connection.execute(
-            "SELECT address, channel, status_code, status_text, ts FROM status_events "
-            "WHERE notification_id = ? ORDER BY ts, id",
-            (number,),
-        ).fetchall()
+        return _trailOf(connection, number, notificationId)
+
+
+def _notificationWithTrail(
+    connection: sqlite3.Connection, notificationId: str
+) -> tuple[Notification, list[StatusEvent]] | None:
+    """The notification and its trail, if this file holds it (its events are in its file)."""
+    number = idNumber(notificationId)
+    if number is None:
+        return None
+    with snapshot(connection):
+        notification = loadNotification(connection, number)
+        if notification is None:
+            return None
+        return notification, _trailOf(connection, number, notificationId)
+
+
+def _trailOf(connection: sqlite3.Connection, number: int, notificationId: str) -> list[StatusEvent]:
+    """The trail of notification ``number``, read inside the caller's snapshot."""
+    head = connection.execute(
+        "SELECT received_at, recipient_list FROM notifications WHERE id = ?", (number,)
+    ).fetchone()
+    rows = connection.execute(
+        "SELECT address, channel, status_code, status_text, ts FROM status_events "
+        "WHERE notification_id = ? ORDER BY ts, id",
+        (number,),
+    ).fetchall()
     trail = [
         StatusEvent(
             notification_id=notificationId,
