@@ -298,6 +298,41 @@ class ConversationTests(SynchronousTestCase):
         self.assertIn("end of data", failure.reason)
         self.assertEqual(failure.host, "mx.example.net")
 
+    def test_commandAfterDataTimesOutOnTheCommandTimeout(self) -> None:
+        """After the end of data (600 s) the next command's timer fires sooner (300 s)."""
+        session = self.session()
+        self.start(session)
+        sent = Deferred.fromCoroutine(session.transact(SENDER, ["a@x"], b"Hi\r\n"))
+        self.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.server(b"250 2.0.0 queued\r\n")
+        self.successResultOf(sent)
+        reset = Deferred.fromCoroutine(session.reset())
+        self.clock.advance(299)
+        self.assertNoResult(reset)
+        self.clock.advance(1)
+        self.assertFalse(self.successResultOf(reset))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_oneTimerForAConversation(self) -> None:
+        """Replies move the one timer later instead of making a timer each; with nothing
+        awaited it runs out without a word, and the next command is timed afresh."""
+        session = self.session()
+        self.start(session)
+        for _ in range(3):
+            sent = Deferred.fromCoroutine(session.transact(SENDER, ["a@x"], b"Hi\r\n"))
+            self.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
+            self.clock.advance(100)
+            self.server(b"250 2.0.0 queued\r\n")
+            self.successResultOf(sent)
+            self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(1000)  # idle: the left-over timer runs out unheeded
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertFalse(self.transport.disconnecting)
+        self.assertTrue(session.usable)
+        reset = Deferred.fromCoroutine(session.reset())
+        self.clock.advance(300)
+        self.assertFalse(self.successResultOf(reset))
+
     def test_421AnywhereIsTheHosts(self) -> None:
         session = self.session()
         self.start(session)

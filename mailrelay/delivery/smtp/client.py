@@ -286,6 +286,7 @@ class SMTPClientProtocol(Protocol):
         self._parser = ReplyParser()
         self._waiting: deque[tuple[Deferred[SMTPReply], float, str]] = deque()
         self._timer: IDelayedCall | None = None
+        self._timerFor: str | None = None  # what the timer waits for (None: nothing now)
         self._abortCall: IDelayedCall | None = None
         self._aborted = False
         self._handshake: Deferred[None] | None = None
@@ -391,8 +392,7 @@ class SMTPClientProtocol(Protocol):
         transport: Any = self.transport
         transport.startTLS(creator)
         if self._handshake is handshake:
-            self._cancelTimer()
-            self._timer = self.clock.callLater(self.timeouts.command, self._timedOut, "TLS")
+            self._setTimer(self.timeouts.command, "TLS")
         return handshake
 
     def quit(self) -> Deferred[None]:
@@ -437,18 +437,38 @@ class SMTPClientProtocol(Protocol):
         return waiter
 
     def _armTimer(self) -> None:
-        self._cancelTimer()
+        """Time the oldest reply awaited. With none awaited the timer is left to run out
+        unheeded: the next command moves it later, cheaper than cancelling it now and
+        making another then (four times a message on a reused connection)."""
         if self._waiting:
             _, timeout, name = self._waiting[0]
-            self._timer = self.clock.callLater(timeout, self._timedOut, name)
+            self._setTimer(timeout, name)
+        else:
+            self._timerFor = None
+
+    def _setTimer(self, timeout: float, name: str) -> None:
+        """Time out waiting for ``name`` in ``timeout`` seconds: the running timer moved
+        later if it can be (a change of a number), else a new one."""
+        self._timerFor = name
+        timer = self._timer
+        if timer is not None and timer.active():
+            if self.clock.seconds() + timeout >= timer.getTime():
+                timer.reset(timeout)
+                return
+            timer.cancel()  # sooner: the reactor would search its heap for the call to move
+        self._timer = self.clock.callLater(timeout, self._timedOut)
 
     def _cancelTimer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self._timerFor = None
 
-    def _timedOut(self, name: str) -> None:
+    def _timedOut(self) -> None:
         self._timer = None
+        name, self._timerFor = self._timerFor, None
+        if name is None:
+            return  # nothing was awaited when it ran out
         log.debug("timed out waiting for {what}", what=name)
         self._fail(ReplyTimeout(name))
 
