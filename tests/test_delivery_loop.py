@@ -136,3 +136,45 @@ class StartInSlicesTests(TestCase):
             self.successResultOf(self.store.stats()),
             QueueStats(queued=START_SLICE + 1, deferred=0, in_flight=0),
         )
+
+
+class LeaseRenewalTests(TestCase):
+    """Attempts that take longer than a lease keep their notifications: one timer renews
+    every lease in flight each ``leaseSeconds / 3``."""
+
+    def setUp(self) -> None:
+        self.clock = TurnClock()
+        self.clock.advance(1_800_000_000)
+        self.store = MemoryStore(self.clock)
+        self.engine = HeldEngine()
+        self.service = DeliveryService(
+            self.store,
+            self.engine,  # type: ignore[arg-type]
+            self.clock,
+            LoopSettings(concurrency=20, batch=START_SLICE, pollInterval=0.5, leaseSeconds=30),
+        )
+        self.service.startService()
+
+    def claimable(self) -> int:
+        """How many notifications another claimer would get now."""
+        return len(self.successResultOf(self.store.claimDue(100, 30)))
+
+    def test_longAttemptsKeepTheirLeases(self) -> None:
+        enqueue(self.store, self.clock, 2)
+        self.clock.turn()
+        self.assertEqual(len(self.engine.attempts), 2)
+        for _ in range(9):  # 90 s: three leases' worth
+            self.clock.advance(10)
+            self.assertEqual(self.claimable(), 0)
+        # One ends without an outcome: no longer renewed, its lease runs out and the loop
+        # claims it again; the other's stays.
+        self.engine.attempts[0].callback(None)
+        self.clock.advance(29)
+        self.assertEqual(len(self.engine.attempts), 2)
+        self.clock.advance(1)
+        self.assertEqual(len(self.engine.attempts), 3)
+        stopped = self.service.stopService()
+        for attempt in self.engine.attempts[1:]:
+            attempt.callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -86,6 +86,10 @@ class DeliveryService(Service):
         self._next: IDelayedCall | None = None
         self._polling = False
         self._storeDown = False
+        # One timer renews every lease in flight, not one per attempt: when a backlog drains,
+        # attempts start and end thousands of times a second, each lasting milliseconds.
+        self._renewal = LoopingCall(self._renewAll)
+        self._renewal.clock = clock
         self.lastPoll: float | None = None  # when the queue was last read successfully
 
     @property
@@ -100,6 +104,7 @@ class DeliveryService(Service):
 
     def startService(self) -> None:
         super().startService()
+        self._renewal.start(self._settings.leaseSeconds / 3, now=False)
         if self._whenReady is None:
             self._schedule(0)
         else:
@@ -183,15 +188,11 @@ class DeliveryService(Service):
 
     def _start(self, delivery: Delivery) -> None:
         nid = delivery.notification.notification_id
-        renewal = LoopingCall(self._renew, delivery)
-        renewal.clock = self._clock
-        renewal.start(self._settings.leaseSeconds / 3, now=False)
         d = self._engine.deliver(delivery)
         self._inFlight[nid] = (delivery, d)
         stats.inFlight.set(self.inFlight)
 
         def done(result: Any) -> None:
-            renewal.stop()
             self._inFlight.pop(nid, None)
             stats.inFlight.set(self.inFlight)
             if isinstance(result, Exception) or hasattr(result, "value"):
@@ -204,6 +205,13 @@ class DeliveryService(Service):
                 self.wake()
 
         d.addBoth(done)
+
+    def _renewAll(self) -> None:
+        """Renew the lease of every notification claimed: each is renewed within
+        ``leaseSeconds / 3`` of its claim and every such period after, however long its
+        attempt takes."""
+        for delivery in [*self._claimed, *(delivery for delivery, _ in self._inFlight.values())]:
+            self._renew(delivery)
 
     def _renew(self, delivery: Delivery) -> Deferred[None]:
         d = self._store.renewLease(
@@ -218,6 +226,8 @@ class DeliveryService(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        if self._renewal.running:
+            self._renewal.stop()
         if self.inFlow is not None:
             self.inFlow.open()
         if self._next is not None and self._next.active():
