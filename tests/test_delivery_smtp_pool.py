@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
@@ -195,6 +195,21 @@ class PoolTests(TestCase):
         self.assertEqual(pool.openConnections(), {})
         self.assertEqual(sink.connections[0].commands[-1], "QUIT")
         self.assertEqual(sink._open, [])
+
+    async def test_eachIdleConnectionHasItsOwnIdleTime(self) -> None:
+        """Two connections gone idle at different times close each at the end of its own
+        idle time (one timer serves them, timed for the oldest)."""
+        sink = await startScriptedSink(self)
+        pool = self.pool(idleTimeout=0.6)
+        await DeferredList([self.deliver(pool, sink), self.deliver(pool, sink)])
+        self.assertEqual(pool.openConnections(), {"dest.test": 2})
+        await deferLater(reactor, 0.3)
+        await self.deliver(pool, sink)  # takes the one idle since last: idle again from now
+        await deferLater(reactor, 0.45)
+        self.assertEqual(pool.openConnections(), {"dest.test": 1})
+        await deferLater(reactor, 0.6)
+        self.assertEqual(pool.openConnections(), {})
+        self.assertEqual([c.commands[-1] for c in sink.connections], ["QUIT", "QUIT"])
 
     async def test_serverClosesIdleConnection(self) -> None:
         sink = await startScriptedSink(self)

@@ -77,7 +77,7 @@ class _Idle:
     destination: str
     key: _Key
     session: SMTPSession
-    timer: IDelayedCall | None = None
+    since: float  # when it went idle
     inOrderAt: float | None = None  # when its last transaction ended in order
 
 
@@ -128,6 +128,9 @@ class SMTPClientPool:
         self._open: dict[str, int] = {}
         self._total = 0
         self._idle: list[_Idle] = []  # oldest first
+        # One timer, for the oldest idle connection, not one per connection: each is idle
+        # for a moment between deliveries when a backlog drains, thousands of times a second.
+        self._idleTimer: IDelayedCall | None = None
         # Waiters by what they wait for, each queue oldest first: a free slot is offered to
         # the oldest waiter that can take it by looking at the head of each queue, not at
         # every waiter (hundreds of them wait for one smarthost's few connections).
@@ -394,8 +397,6 @@ class SMTPClientPool:
         idle = self._findIdle(destination, key)
         if idle is not None:
             self._idle.remove(idle)
-            if idle.timer is not None and idle.timer.active():
-                idle.timer.cancel()
             idle.session.protocol.onLost = None
             idleFor = None if idle.inOrderAt is None else self._reactor.seconds() - idle.inOrderAt
             checked = idleFor is not None and idleFor < self.checkAfterIdle
@@ -448,12 +449,13 @@ class SMTPClientPool:
         """Give back a delivery's slot: its connection idles, or closes (and frees it)."""
         session, slot.session = slot.session, None
         if session is not None and session.usable and not self._closing and self.idleTimeout > 0:
-            idle = _Idle(slot.destination, slot.key, session)
+            now = self._reactor.seconds()
+            idle = _Idle(slot.destination, slot.key, session, since=now)
             if slot.inOrder:
-                idle.inOrderAt = self._reactor.seconds()
-            idle.timer = self._reactor.callLater(self.idleTimeout, self._dropIdle, idle)
+                idle.inOrderAt = now
             session.protocol.onLost = lambda: self._idleLost(idle)
             self._idle.append(idle)
+            self._timeIdle()
         else:
             if session is not None:
                 self._closeSession(session)
@@ -471,12 +473,25 @@ class SMTPClientPool:
         if idle not in self._idle:
             return
         self._idle.remove(idle)
-        if idle.timer is not None and idle.timer.active():
-            idle.timer.cancel()
         idle.session.protocol.onLost = None
         self._closeSession(idle.session)
         self._free(idle.destination)
         self._wake()
+
+    def _timeIdle(self) -> None:
+        """Have the timer run when the oldest idle connection's idle time is over."""
+        if self._idle and (self._idleTimer is None or not self._idleTimer.active()):
+            delay = self._idle[0].since + self.idleTimeout - self._reactor.seconds()
+            self._idleTimer = self._reactor.callLater(max(delay, 0.0), self._idleTimeUp)
+
+    def _idleTimeUp(self) -> None:
+        """Close the connections idle for ``idleTimeout`` (the oldest, maybe taken since,
+        is what the timer was for); time the oldest left."""
+        self._idleTimer = None
+        over = self._reactor.seconds() - self.idleTimeout
+        while self._idle and self._idle[0].since <= over:
+            self._dropIdle(self._idle[0])
+        self._timeIdle()
 
     def _idleLost(self, idle: _Idle) -> None:
         """The server closed an idle connection."""
@@ -497,6 +512,8 @@ class SMTPClientPool:
             waiter.ready.errback(_Stopped())
         for idle in list(self._idle):
             self._dropIdle(idle)
+        if self._idleTimer is not None and self._idleTimer.active():
+            self._idleTimer.cancel()
         while self._deliveries:
             await DeferredList(list(self._deliveries))
         while self._closingConnections:
