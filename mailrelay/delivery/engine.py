@@ -222,6 +222,12 @@ class DeliveryEngine:
         self, delivery: Delivery, groups: dict[str, list[Recipient]], message: bytes
     ) -> list[Outcome]:
         """One transaction per destination, all destinations at once."""
+        if len(groups) == 1:  # the common case, without a DeferredList to gather one send
+            ((destination, recipients),) = groups.items()
+            try:
+                return await self._sendTo(delivery, destination, recipients, message)
+            except Exception:
+                return self._sendFailed(delivery, Failure(), recipients)
         sends = [
             Deferred.fromCoroutine(self._sendTo(delivery, destination, recipients, message))
             for destination, recipients in groups.items()
@@ -233,12 +239,16 @@ class DeliveryEngine:
                 outcomes += value
             else:
                 assert isinstance(value, Failure)
-                # A bug here must not lose the recipients: try them again later.
-                log.failure("delivery of {id} failed", value, id=_id(delivery))
-                outcomes += [
-                    Outcome(r, "deferred", "local error, will retry", "4.3.0") for r in recipients
-                ]
+                outcomes += self._sendFailed(delivery, value, recipients)
         return outcomes
+
+    @staticmethod
+    def _sendFailed(
+        delivery: Delivery, failure: Failure, recipients: Sequence[Recipient]
+    ) -> list[Outcome]:
+        # A bug here must not lose the recipients: try them again later.
+        log.failure("delivery of {id} failed", failure, id=_id(delivery))
+        return [Outcome(r, "deferred", "local error, will retry", "4.3.0") for r in recipients]
 
     async def _sendTo(
         self, delivery: Delivery, destination: str, recipients: list[Recipient], message: bytes

@@ -163,7 +163,10 @@ class DeliveryQueue:
         return Deferred.fromCoroutine(self._recordOutcome(notificationId, work))
 
     async def _recordOutcome(self, notificationId: str, work: NumberedWork) -> None:
-        segment = await self._leaseWrite(notificationId, work)
+        # The file's write awaited here, not through _leaseWrite's Deferred: one layer less
+        # for the write made once a delivered message.
+        lost = LeaseLost(f"not queued: {notificationId}")
+        segment = await self._files.onItsFile(notificationId, work, lost)
         await self._files.sweep(notificationId, segment)
 
     # -- the operator's view and changes --
