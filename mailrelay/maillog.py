@@ -10,17 +10,24 @@ sizes and reply codes: never a credential nor any of the message's text.
 
 from __future__ import annotations
 
+import atexit
 import json
+import sys
+import threading
 import time
+import weakref
 from typing import IO, Any
 
 from twisted.logger import (
     ILogObserver,
     Logger,
+    LogLevel,
+    eventAsText,
     formatEvent,
     formatEventAsClassicLogText,
     formatTime,
 )
+from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 NAMESPACE = "mailrelay.maillog"
@@ -40,6 +47,22 @@ PREFORMATTED = "{text}"
 """The format of events whose ``text`` field is their line already, made with str.format:
 Twisted's formatter (which allows calls and attributes in a format) takes 15 us a line,
 str.format 1 us; at thousands of messages a second that is a few per cent of the relay."""
+
+
+def emitPreformatted(logger: Logger, level: LogLevel, text: str, **fields: Any) -> None:
+    """Emit a :data:`PREFORMATTED` event of ``text`` and ``fields`` from ``logger``: what
+    ``logger.emit`` does, less its check that ``level`` is one (a walk over every level),
+    for the lines logged once a message."""
+    fields.update(
+        log_logger=logger,
+        log_level=level,
+        log_namespace=logger.namespace,
+        log_source=logger.source,
+        log_format=PREFORMATTED,
+        log_time=time.time(),
+        text=text,
+    )
+    logger.observer(fields)
 
 
 def message(
@@ -65,7 +88,7 @@ def message(
         "code": code,
         "dsn": dsn or "-",
     }
-    log.info(PREFORMATTED, text=MESSAGE_FORMAT.format_map(fields), **fields)
+    emitPreformatted(log, LogLevel.info, MESSAGE_FORMAT.format_map(fields), **fields)
 
 
 def delivery(
@@ -89,10 +112,79 @@ def delivery(
         "delay": delay,
         "reply": reply,
     }
-    log.info(PREFORMATTED, text=DELIVERY_FORMAT.format_map(fields), **fields)
+    emitPreformatted(log, LogLevel.info, DELIVERY_FORMAT.format_map(fields), **fields)
 
 
 LOG_FORMATS = ("text", "json")
+
+
+class TurnOutput:
+    """
+    Log lines for ``outFile``, written together once the reactor's turn is over: one system
+    call for the lines a turn logs (a relay delivering thousands of messages a second logs a
+    line for each) instead of one a line. A line comes out at once, after any still waiting,
+    when it is urgent (an error), when it is logged outside the reactor's thread, or when no
+    reactor runs; what waits is written when the reactor shuts down and at exit.
+    """
+
+    def __init__(self, outFile: IO[str]) -> None:
+        self._outFile = outFile
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+        self._watchingShutdown = False
+        _outputs.add(self)
+
+    def write(self, line: str, urgent: bool = False) -> None:
+        with self._lock:
+            self._lines.append(line)
+            reactor = _runningReactor() if not urgent and isInIOThread() else None
+            if reactor is None:
+                self._writeLocked()
+                return
+            if self._scheduled:
+                return
+            self._scheduled = True
+        reactor.callLater(0, self.flush)
+        if not self._watchingShutdown:
+            self._watchingShutdown = True
+            reactor.addSystemEventTrigger("after", "shutdown", self.flush)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._writeLocked()
+
+    def _writeLocked(self) -> None:
+        self._scheduled = False
+        if not self._lines:
+            return
+        text = "".join(self._lines)
+        self._lines.clear()
+        try:
+            self._outFile.write(text)
+            self._outFile.flush()
+        except (OSError, ValueError):
+            pass  # a closed or broken log: nowhere left to say so
+
+
+_outputs: weakref.WeakSet[TurnOutput] = weakref.WeakSet()
+
+
+@atexit.register
+def _flushAll() -> None:
+    for output in list(_outputs):
+        output.flush()
+
+
+def _runningReactor() -> Any:
+    """The reactor, if one is installed and running (logging never installs one)."""
+    reactor = sys.modules.get("twisted.internet.reactor")
+    return reactor if reactor is not None and getattr(reactor, "running", False) else None
+
+
+def _urgent(event: dict[str, Any]) -> bool:
+    level = event.get("log_level")
+    return level is LogLevel.error or level is LogLevel.critical
 
 
 @implementer(ILogObserver)
@@ -105,7 +197,7 @@ class JSONLinesObserver:
     """
 
     def __init__(self, outFile: IO[str]) -> None:
-        self._outFile = outFile
+        self._output = TurnOutput(outFile)
 
     def __call__(self, event: dict[str, Any]) -> None:
         document: dict[str, Any] = {
@@ -125,8 +217,8 @@ class JSONLinesObserver:
         if failure is not None:
             text = f"{text}\n{failure.getTraceback()}"
         document["text"] = text
-        self._outFile.write(json.dumps(document, separators=(",", ":"), default=str) + "\n")
-        self._outFile.flush()
+        line = json.dumps(document, separators=(",", ":"), default=str) + "\n"
+        self._output.write(line, urgent=_urgent(event))
 
 
 @implementer(ILogObserver)
@@ -135,30 +227,37 @@ class TextLinesObserver:
     twistd's text lines (``2024-05-01T12:00:00+0000 [namespace#info] text``), for the text
     log: the same as twistd's own observer, but an event in :data:`PREFORMATTED` form costs
     a string join, not Twisted's formatter, and the time stamp is made once a second.
+    ``stamped=False``: without the time stamp (a worker's lines, which the main process
+    stamps as it relays them).
     """
 
-    def __init__(self, outFile: IO[str]) -> None:
-        self._outFile = outFile
+    def __init__(self, outFile: IO[str], stamped: bool = True) -> None:
+        self._output = TurnOutput(outFile)
+        self._stamped = stamped
         self._second = -1
         self._stamp = ""
 
     def __call__(self, event: dict[str, Any]) -> None:
         if event.get("log_format") != PREFORMATTED or "log_failure" in event:
-            line = formatEventAsClassicLogText(event)
+            if self._stamped:
+                line = formatEventAsClassicLogText(event)
+            else:
+                line = eventAsText(event, includeTimestamp=False) + "\n"
             if line is None:
                 return
         else:
-            when = event.get("log_time") or time.time()
-            if int(when) != self._second:
-                self._second = int(when)
-                self._stamp = formatTime(self._second)
             system = event.get("log_system")
             if system is None:
                 level = getattr(event.get("log_level"), "name", "-")
                 system = f"{event.get('log_namespace', '-')}#{level}"
-            line = f"{self._stamp} [{system}] {event.get('text', '')}\n"
-        self._outFile.write(line)
-        self._outFile.flush()
+            line = f"[{system}] {event.get('text', '')}\n"
+            if self._stamped:
+                when = event.get("log_time") or time.time()
+                if int(when) != self._second:
+                    self._second = int(when)
+                    self._stamp = formatTime(self._second)
+                line = f"{self._stamp} {line}"
+        self._output.write(line, urgent=_urgent(event))
 
 
 def _isoTime(when: float | None) -> str:
@@ -175,6 +274,6 @@ def jsonLinesObserver(outFile: IO[str]) -> JSONLinesObserver:
     return JSONLinesObserver(outFile)
 
 
-def textLinesObserver(outFile: IO[str]) -> TextLinesObserver:
+def textLinesObserver(outFile: IO[str], stamped: bool = True) -> TextLinesObserver:
     """An observer writing :class:`TextLinesObserver` lines to ``outFile``."""
-    return TextLinesObserver(outFile)
+    return TextLinesObserver(outFile, stamped)

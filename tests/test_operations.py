@@ -214,6 +214,82 @@ class MailLogTests(SynchronousTestCase):
         )
 
 
+class _Writes(StringIO):
+    """A log file that keeps each write apart, to count the system calls they would be."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+class LogOutputTests(TestCase):
+    """The log's lines under a running reactor: a turn's lines written together once the
+    turn is over; errors, other threads' lines and lines outside a reactor at once."""
+
+    def event(self, text: str, level: LogLevel = LogLevel.info) -> dict[str, Any]:
+        return {
+            "log_format": maillog.PREFORMATTED,
+            "text": text,
+            "log_level": level,
+            "log_namespace": "test",
+            "log_time": 1_800_000_000.0,
+        }
+
+    async def inTheReactor(self) -> None:
+        """Carry on inside the running reactor (trial starts a test before it runs)."""
+        await deferLater(reactor, 0)
+        self.assertTrue(reactor.running)
+
+    async def test_aTurnsLinesAreOneWrite(self) -> None:
+        await self.inTheReactor()
+        out = _Writes()
+        observer = maillog.textLinesObserver(out)
+        for n in range(3):
+            observer(self.event(f"line {n}"))
+        self.assertEqual(out.writes, [])
+        await deferLater(reactor, 0.01)
+        (written,) = out.writes
+        self.assertEqual(
+            written.splitlines(),
+            [f"2027-01-15T08:00:00+0000 [test#info] line {n}" for n in range(3)],
+        )
+
+    async def test_anErrorComesOutAtOnceAfterWhatWaits(self) -> None:
+        await self.inTheReactor()
+        out = _Writes()
+        observer = maillog.jsonLinesObserver(out)
+        observer(self.event("first"))
+        observer(self.event("broken", LogLevel.error))
+        texts = [json.loads(line)["text"] for line in out.getvalue().splitlines()]
+        self.assertEqual(texts, ["first", "broken"])
+        self.assertEqual(len(out.writes), 1)
+
+    async def test_anotherThreadsLineComesOutAtOnce(self) -> None:
+        await self.inTheReactor()
+        out = _Writes()
+        observer = maillog.textLinesObserver(out, stamped=False)
+        observer(self.event("reactor's"))
+
+        def inAThread() -> str:
+            observer(self.event("thread's"))
+            return out.getvalue()
+
+        written = await deferToThread(inAThread)
+        self.assertEqual(written, "[test#info] reactor's\n[test#info] thread's\n")
+
+    def test_withoutAReactorAtOnce(self) -> None:
+        out = _Writes()
+        output = maillog.TurnOutput(out)
+        self.patch(reactor, "running", False)
+        output.write("a\n")
+        output.write("b\n")
+        self.assertEqual(out.writes, ["a\n", "b\n"])
+
+
 # -- real processes ----------------------------------------------------------------------
 
 

@@ -29,7 +29,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamServerEnd
 from twisted.internet.protocol import Protocol
 from twisted.internet.stdio import StandardIO
 from twisted.internet.task import LoopingCall
-from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginner
+from twisted.logger import Logger, globalLogBeginner
 from zope.interface import implementer
 
 import mailrelay.smtp.protocol  # noqa: F401  (imported now, not at the first session)
@@ -46,7 +46,7 @@ from mailrelay.core import (
 from mailrelay.delivery.side import DeliverySide
 from mailrelay.files import keepFilesPrivate
 from mailrelay.lifecycle import LiveSettings, RelayRoot, SignalService, deliveryChanged
-from mailrelay.maillog import jsonLinesObserver
+from mailrelay.maillog import jsonLinesObserver, textLinesObserver
 from mailrelay.smtp.proxy import ProxyHeaderFactory
 from mailrelay.tls import contextFromPEM
 from mailrelay.workers.balance import LoadTable, balanceAccepts
@@ -254,9 +254,7 @@ def takeSetup(fd: int, processName: str) -> tuple[WorkerSetup, Config]:
     if setup.logFormat == "json":
         observer = jsonLinesObserver(sys.stderr)  # the main process re-emits its events
     else:
-        observer = FileLogObserver(
-            sys.stderr, lambda event: (eventAsText(event, includeTimestamp=False) or "") + "\n"
-        )
+        observer = textLinesObserver(sys.stderr, stamped=False)  # stamped as relayed
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     return setup, config
 

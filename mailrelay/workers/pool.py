@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from mailrelay import metrics
 from mailrelay.config import Config, configFromSource
-from mailrelay.maillog import PREFORMATTED
+from mailrelay.maillog import emitPreformatted
 from mailrelay.workers.balance import ABSENT, LoadTable, balanceAccepts
 
 RESTART_DELAY = 1.0
@@ -52,6 +52,9 @@ RELOAD_COMMAND = b"reload "
 """Starts the line on a worker's stdin that carries a reloaded :class:`WorkerSetup`."""
 MAX_LOG_LINE = 16384
 MAX_CONTROL_LINE = 1 << 20
+
+_relayLog = Logger(namespace="mailrelay.workers.pool.WorkerProcess")
+"""What a worker's lines are relayed as: the namespace they always had."""
 
 
 class WorkerProcess(ProcessProtocol):
@@ -111,9 +114,9 @@ class WorkerProcess(ProcessProtocol):
             # formatter would cost the main process 15 us a line.
             relayed = f"{self.name}: {text}"
             if "#error]" in text or "#critical]" in text or text.startswith("mailrelay:"):
-                self.log.error(PREFORMATTED, text=relayed, index=self.index)
+                emitPreformatted(_relayLog, LogLevel.error, relayed, index=self.index)
             else:
-                self.log.info(PREFORMATTED, text=relayed, index=self.index)
+                emitPreformatted(_relayLog, LogLevel.info, relayed, index=self.index)
 
     def _relayJSON(self, text: str) -> bool:
         """Re-emit a worker's ``--log-format json`` line as an event of this process, its
