@@ -32,6 +32,7 @@ from mailrelay.model import (
     STATUS_TEXTS,
     Delivery,
     Notification,
+    PendingReport,
     QueueStats,
     Recipient,
     StatusEvent,
@@ -840,6 +841,27 @@ class WorkerFilesTests(WorkerFileTestsBase):
         for notification in (inWorker, inMain):
             trail = await self.main.statusTrail(notification.notification_id)
             self.assertEqual([e.status_code for e in trail], ["CAAS_RECEIVED", "CH_SENT"])
+
+    async def test_reportsWriteOnlyWhereTheyAre(self) -> None:
+        """The report outbox claims and records only in the files that hold reports: a
+        worker busy writing its file (its write lock held) holds up neither, so the main
+        process's writer, which they share with its deliveries, never waits behind it."""
+        main = await self.openStore(self.main.path, busyTimeout=0.2)
+        self.store = main
+        inMain = await self.enqueued(recipients=(ALICE,))
+        report = PendingReport(
+            "r1", inMain.notification_id, "acme", "https://app.example/dlr",
+            "application/json", "delivery", "{}", T0,
+        )  # fmt: skip
+        await main.addEventsWithReports([], [report])
+        busy = sqlite3.connect(workerFile(main.path, 1), isolation_level=None)
+        self.addCleanup(busy.close)
+        busy.execute("BEGIN IMMEDIATE")  # the worker, in the middle of a write
+        (claimed,) = await main.claimReports(10, 60)
+        self.assertEqual(claimed.report.report_id, "r1")
+        claims = [(claimed.report.report_id, claimed.lease)]
+        self.assertEqual(await main.recordReportAttempt(claims, None, T0), 1)
+        busy.execute("COMMIT")
 
     async def test_expireAcrossFiles(self) -> None:
         worker = self.store

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import secrets
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from functools import partial
+from pathlib import Path
 
 from twisted.internet.defer import Deferred, succeed
 
@@ -22,7 +23,7 @@ from mailrelay.interfaces import NotFound, StoreError
 from mailrelay.model import ClaimedReport, PendingReport, ReportAttempt, StatusEvent
 from mailrelay.store.common import fromMillis, idNumber, toMillis
 from mailrelay.store.sqlite.files import StoreFiles, total
-from mailrelay.store.sqlite.statements import insertRows
+from mailrelay.store.sqlite.statements import inChunks, insertRows, withList
 from mailrelay.store.sqlite.trails import insertEvents
 
 
@@ -66,9 +67,18 @@ class ReportOutbox:
             leaseUntil=now + int(leaseSeconds * 1000),
             lease=secrets.token_hex(8),
         )
-        claimed = [c for _, part in await self._files.writer.submitEach(work) for c in part]
+        claimed = []
+        for file in await self._filesWhere(partial(_anyDue, now=now)):
+            claimed += await self._files.writer.submit(work, file)
         claimed.sort(key=lambda c: c.report.created_at)
         return claimed[:limit]
+
+    async def _filesWhere(self, check: Callable[[sqlite3.Connection], bool]) -> list[Path]:
+        """The files where ``check`` holds, looked at by the reader. The outbox writes only to
+        those: a write to a worker's file waits for that worker's write lock (seconds, behind
+        its commits, when it is busy), and holds up every other write of this process's
+        writer meanwhile -- its deliveries' outcomes and claims, its intake's enqueues."""
+        return [file for file, holds in await self._files.reader.submitEach(check) if holds]
 
     def recordReportAttempt(
         self,
@@ -76,13 +86,23 @@ class ReportOutbox:
         attempt: ReportAttempt | None,
         nextAttempt: datetime | None,
     ) -> Deferred[int]:
+        claims = tuple(claims)
         work = partial(
             _recordAttempt,
-            claims=tuple(claims),
+            claims=claims,
             attempt=attempt,
             nextAttempt=None if nextAttempt is None else toMillis(nextAttempt),
         )
-        return self._files.writer.submitEach(work).addCallback(total)
+        return Deferred.fromCoroutine(self._recordReportAttempt(work, claims))
+
+    async def _recordReportAttempt(
+        self, work: Callable[[sqlite3.Connection], int], claims: tuple[tuple[str, str], ...]
+    ) -> int:
+        reportIds = tuple(reportId for reportId, _ in claims)
+        written = 0
+        for file in await self._filesWhere(partial(_holdsAny, reportIds=reportIds)):
+            written += await self._files.writer.submit(work, file)
+        return written
 
     def reportAttempts(self, notificationId: str) -> Deferred[list[ReportAttempt]]:
         if idNumber(notificationId) is None:
@@ -162,6 +182,20 @@ def _claim(
         )
         for row in rows
     ]
+
+
+def _anyDue(connection: sqlite3.Connection, now: int) -> bool:
+    row = connection.execute("SELECT 1 FROM reports WHERE next_attempt <= ? LIMIT 1", (now,))
+    return row.fetchone() is not None
+
+
+def _holdsAny(connection: sqlite3.Connection, reportIds: tuple[str, ...]) -> bool:
+    return any(
+        connection.execute(
+            withList("SELECT 1 FROM reports WHERE report_id IN (?*) LIMIT 1", chunk), chunk
+        ).fetchone()
+        for chunk in inChunks(reportIds)
+    )
 
 
 def _recordAttempt(
