@@ -842,10 +842,11 @@ class WorkerFilesTests(WorkerFileTestsBase):
             trail = await self.main.statusTrail(notification.notification_id)
             self.assertEqual([e.status_code for e in trail], ["CAAS_RECEIVED", "CH_SENT"])
 
-    async def test_reportsWriteOnlyWhereTheyAre(self) -> None:
-        """The report outbox claims and records only in the files that hold reports: a
-        worker busy writing its file (its write lock held) holds up neither, so the main
-        process's writer, which they share with its deliveries, never waits behind it."""
+    async def test_writesOnlyWhereTheWorkIs(self) -> None:
+        """The report outbox claims and records, and an SMS receipt settles its gateway id,
+        only in the files that hold them: a worker busy writing its file (its write lock
+        held) holds up none of them, so the main process's writer, which they share with its
+        deliveries, never waits behind it."""
         main = await self.openStore(self.main.path, busyTimeout=0.2)
         self.store = main
         inMain = await self.enqueued(recipients=(ALICE,))
@@ -861,6 +862,9 @@ class WorkerFilesTests(WorkerFileTestsBase):
         self.assertEqual(claimed.report.report_id, "r1")
         claims = [(claimed.report.report_id, claimed.lease)]
         self.assertEqual(await main.recordReportAttempt(claims, None, T0), 1)
+        until = datetime.now(UTC) + timedelta(days=1)
+        await main.rememberGatewayIds(inMain.notification_id, ALICE, ["g1"], until)
+        self.assertTrue(await main.settleGatewayId("g1"))
         busy.execute("COMMIT")
 
     async def test_expireAcrossFiles(self) -> None:

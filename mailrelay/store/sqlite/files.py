@@ -263,6 +263,13 @@ class StoreFiles:
             raise missing
         return await self.writer.submit(InSequence(partial(work, number=number)), file)
 
+    async def filesWhere(self, check: Callable[[sqlite3.Connection], bool]) -> list[Path]:
+        """The files where ``check`` holds, looked at by the reader. A write that may concern
+        any file goes only to those: a write to a worker's file waits for that worker's write
+        lock (seconds, behind its commits, when it is busy), and holds up every other write
+        of this process's writer meanwhile -- its deliveries' and its intake's."""
+        return [file for file, holds in await self.reader.submitEach(check) if holds]
+
     async def sweep(self, notificationId: str, segment: int | None) -> None:
         """Delete the body segment a write left unreferenced, if any, in a write of its own:
         only once no committed row can need it again."""

@@ -1,8 +1,8 @@
 """
 The SQLite store's SMS gateway message ids (:class:`~mailrelay.interfaces.IGatewayIds`; the
 table in ``schema/011_gateway_ids.sql``): kept in the file that holds their notification; looked
-up and settled in each file in turn (an id is in one file at most). The work functions run
-inside the transaction their caller's thread manages.
+up in each file in turn (an id is in one file at most), settled only in the file that has it.
+The work functions run inside the transaction their caller's thread manages.
 
 A row is a part not settled yet; a part settled is deleted, so a text is complete when no row
 of its ``text_id`` is left. A row whose ``until`` has passed is as good as gone: every query
@@ -48,10 +48,15 @@ class GatewayIds:
         return self._files.reader.submitEach(work).addCallback(firstFound)
 
     def settleGatewayId(self, gatewayId: str, delivered: bool = True) -> Deferred[bool]:
-        work = partial(_settle, gatewayId=gatewayId, delivered=delivered, now=self._files.now())
-        return self._files.writer.submitEach(work).addCallback(
-            lambda settled: any(done for _, done in settled)
-        )
+        return Deferred.fromCoroutine(self._settleInItsFile(gatewayId, delivered))
+
+    async def _settleInItsFile(self, gatewayId: str, delivered: bool) -> bool:
+        now = self._files.now()
+        work = partial(_settle, gatewayId=gatewayId, delivered=delivered, now=now)
+        settled = False
+        for file in await self._files.filesWhere(partial(_has, gatewayId=gatewayId, now=now)):
+            settled = await self._files.writer.submit(work, file) or settled
+        return settled
 
 
 def _remember(
@@ -88,6 +93,13 @@ def _lookup(
         (textId, now),
     ).fetchall()
     return str(number), Recipient(address, channel), tuple(part for (part,) in parts)
+
+
+def _has(connection: sqlite3.Connection, gatewayId: str, now: int) -> bool:
+    row = connection.execute(
+        "SELECT 1 FROM gateway_ids WHERE gateway_id = ? AND until > ?", (gatewayId, now)
+    ).fetchone()
+    return row is not None
 
 
 def _settle(connection: sqlite3.Connection, gatewayId: str, delivered: bool, now: int) -> bool:

@@ -15,7 +15,6 @@ import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from functools import partial
-from pathlib import Path
 
 from twisted.internet.defer import Deferred, succeed
 
@@ -68,17 +67,10 @@ class ReportOutbox:
             lease=secrets.token_hex(8),
         )
         claimed = []
-        for file in await self._filesWhere(partial(_anyDue, now=now)):
+        for file in await self._files.filesWhere(partial(_anyDue, now=now)):
             claimed += await self._files.writer.submit(work, file)
         claimed.sort(key=lambda c: c.report.created_at)
         return claimed[:limit]
-
-    async def _filesWhere(self, check: Callable[[sqlite3.Connection], bool]) -> list[Path]:
-        """The files where ``check`` holds, looked at by the reader. The outbox writes only to
-        those: a write to a worker's file waits for that worker's write lock (seconds, behind
-        its commits, when it is busy), and holds up every other write of this process's
-        writer meanwhile -- its deliveries' outcomes and claims, its intake's enqueues."""
-        return [file for file, holds in await self._files.reader.submitEach(check) if holds]
 
     def recordReportAttempt(
         self,
@@ -100,7 +92,7 @@ class ReportOutbox:
     ) -> int:
         reportIds = tuple(reportId for reportId, _ in claims)
         written = 0
-        for file in await self._filesWhere(partial(_holdsAny, reportIds=reportIds)):
+        for file in await self._files.filesWhere(partial(_holdsAny, reportIds=reportIds)):
             written += await self._files.writer.submit(work, file)
         return written
 
