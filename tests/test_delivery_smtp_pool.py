@@ -200,14 +200,14 @@ class PoolTests(TestCase):
         """Two connections gone idle at different times close each at the end of its own
         idle time (one timer serves them, timed for the oldest)."""
         sink = await startScriptedSink(self)
-        pool = self.pool(idleTimeout=0.6)
+        pool = self.pool(idleTimeout=1.0)
         await DeferredList([self.deliver(pool, sink), self.deliver(pool, sink)])
         self.assertEqual(pool.openConnections(), {"dest.test": 2})
-        await deferLater(reactor, 0.3)
+        await deferLater(reactor, 0.5)
         await self.deliver(pool, sink)  # takes the one idle since last: idle again from now
-        await deferLater(reactor, 0.45)
+        await deferLater(reactor, 0.75)  # the other's idle time is over, not this one's
         self.assertEqual(pool.openConnections(), {"dest.test": 1})
-        await deferLater(reactor, 0.6)
+        await deferLater(reactor, 1.0)
         self.assertEqual(pool.openConnections(), {})
         self.assertEqual([c.commands[-1] for c in sink.connections], ["QUIT", "QUIT"])
 

@@ -23,6 +23,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
@@ -866,6 +867,28 @@ class WorkerFilesTests(WorkerFileTestsBase):
         await main.rememberGatewayIds(inMain.notification_id, ALICE, ["g1"], until)
         self.assertTrue(await main.settleGatewayId("g1"))
         busy.execute("COMMIT")
+
+    async def test_aWriteWaitingForAWorkersLockHoldsUpNoOtherWrite(self) -> None:
+        """The main process's write to a busy worker's file (its report outbox's claim)
+        waits for the worker's lock on a thread of its own: the main process's own writes
+        (an enqueue) go on meanwhile."""
+        report = PendingReport(
+            "w1", (await self.enqueued()).notification_id, "acme",
+            "https://app.example/dlr", "application/json", "delivery", "{}", T0,
+        )  # fmt: skip
+        await self.store.addEventsWithReports([], [report])  # in the worker's file
+        main = await self.openStore(self.main.path, busyTimeout=5.0, deliveringWorkers=1)
+        busy = sqlite3.connect(workerFile(main.path, 1), isolation_level=None)
+        self.addCleanup(busy.close)
+        busy.execute("BEGIN IMMEDIATE")
+        claim = main.claimReports(10, 60)
+        await deferLater(reactor, 0.2)  # the claim's write is waiting for the lock by now
+        self.store = main
+        await self.enqueued()  # the main file's write, while the claim waits
+        self.assertNoResult(claim)
+        busy.execute("COMMIT")
+        (claimed,) = await claim
+        self.assertEqual(claimed.report.report_id, "w1")
 
     async def test_expireAcrossFiles(self) -> None:
         worker = self.store

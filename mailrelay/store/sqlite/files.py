@@ -12,9 +12,13 @@ every worker's file to the current schema at open.
 
 Threads. No SQLite call runs on the reactor thread:
 
-- *writes* go to one :class:`~mailrelay.store.sqlite.threads.GroupCommitThread` that owns the
-  only write connection and commits waiting requests together (one fsync for a group), so the
-  Deferred of an enqueue fires only after the message is on disk;
+- *writes* go to one :class:`~mailrelay.store.sqlite.threads.GroupCommitThread` for the files
+  this process owns (:meth:`StoreFiles.owns`), which owns their only write connection and
+  commits waiting requests together (one fsync for a group), so the Deferred of an enqueue
+  fires only after the message is on disk; the rare writes to files other processes own (the
+  main process's report outbox in a worker's file) go to a second one
+  (:class:`~mailrelay.store.sqlite.threads.SplitWriter`), so that waiting for the other
+  process's lock never holds up this process's own writes;
 - *reads* go to one reader thread with its own connection. WAL lets it read while the writer
   writes. Reads are indexed lookups costing microseconds, and the hop to a thread costs a few
   tens; in exchange a cold page cache, a checkpoint or a slow disk never stalls the reactor that
@@ -48,6 +52,7 @@ from mailrelay.store.sqlite.threads import (
     GroupCommitThread,
     InlineReader,
     InSequence,
+    SplitWriter,
 )
 
 BUSY_TIMEOUT = 10.0
@@ -69,6 +74,16 @@ def workerFile(main: Path, index: int) -> Path:
     """The file worker ``index`` (1, 2, ...) writes the notifications it accepts to, beside the
     main file ``main``: ``mailrelay.worker-1.sqlite3`` for ``mailrelay.sqlite3``."""
     return main.with_name(f"{main.stem}.worker-{index}{main.suffix}")
+
+
+def workerIndex(main: Path, file: Path) -> int | None:
+    """The index of the worker whose file ``file`` is (see :func:`workerFile`), or None."""
+    prefix, suffix = f"{main.stem}.worker-", main.suffix
+    name = file.name
+    if file.parent != main.parent or not name.startswith(prefix) or not name.endswith(suffix):
+        return None
+    index = name[len(prefix) : len(name) - len(suffix)]
+    return int(index) if index.isascii() and index.isdigit() else None
 
 
 class StoreFiles:
@@ -96,13 +111,25 @@ class StoreFiles:
         self.deliveringWorkers = deliveringWorkers
         self._busyTimeout = busyTimeout
         self._clock: IReactorTime = reactor
-        self.writer = GroupCommitThread(
-            "mailrelay-sqlite-writer",
-            self._connectWriter,
-            reactor,
-            home,
+        self.writer = SplitWriter(
+            GroupCommitThread(
+                "mailrelay-sqlite-writer",
+                self._connectWriter,
+                reactor,
+                home,
+                lambda: [file for file in self.notificationFiles() if self.owns(file)],
+                groupLimit,
+            ),
+            GroupCommitThread(
+                "mailrelay-sqlite-foreign-writer",
+                self._connectForeignWriter,
+                reactor,
+                path,
+                lambda: [file for file in self.notificationFiles() if not self.owns(file)],
+                groupLimit,
+            ),
+            self.owns,
             self.notificationFiles,
-            groupLimit,
         )
         # A process that only reads (the web process) reads on its reactor thread.
         self.reader = (InlineReader if inlineReads else DatabaseThread)(
@@ -148,9 +175,9 @@ class StoreFiles:
             return seen[1]
         workers = []
         for candidate in self.path.parent.glob(f"{self.path.stem}.worker-*{self.path.suffix}"):
-            index = candidate.name[len(self.path.stem) + len(".worker-") : -len(self.path.suffix)]
-            if index.isascii() and index.isdigit():
-                workers.append((int(index), candidate))
+            index = workerIndex(self.path, candidate)
+            if index is not None:
+                workers.append((index, candidate))
         workers.sort()
         # A file made within the same tick of the file system's clock may not change the
         # time again: what was listed is kept only once the directory has been still a while.
@@ -160,15 +187,25 @@ class StoreFiles:
 
     def claimFiles(self) -> list[Path]:
         """
-        The files this process's delivery claims from. Each process delivers what it
-        accepted, so no two processes write to one file at once: a worker claims from its
-        home file only, and the main process from every file but those of workers 1 to
-        ``deliveringWorkers`` (the main file, and those of workers that no longer run).
+        The files this process's delivery claims from: those it owns (:meth:`owns`). Each
+        process delivers what it accepted, so no two processes write to one file at once.
         """
         if self.home != self.path:
             return [self.home]
         unowned = [file for index, file in self._workerFiles() if index > self.deliveringWorkers]
         return [self.path, *unowned]
+
+    def owns(self, file: Path) -> bool:
+        """Whether this process is the one that writes ``file`` most: a worker its home file;
+        the main process the main file and those of workers 1 to ``deliveringWorkers``
+        (the main file, and those of workers that no longer run). Others write to it only
+        now and then, through the writer's foreign thread (:class:`SplitWriter`)."""
+        if file == self.home:
+            return True
+        if self.home != self.path:
+            return False
+        index = workerIndex(self.path, file)
+        return index is not None and index > self.deliveringWorkers
 
     # -- connections, opening and closing --
 
@@ -184,7 +221,14 @@ class StoreFiles:
         )
 
     def _connectWriter(self, path: Path) -> sqlite3.Connection:
-        connection = self._connect(path, create=True)
+        return self._prepareWriter(self._connect(path, create=True))
+
+    def _connectForeignWriter(self, path: Path) -> sqlite3.Connection:
+        # Another process's file: its owner makes it (a missing one is an error, as for
+        # the readers); this process may bring it to the current schema.
+        return self._prepareWriter(self._connect(path, create=False))
+
+    def _prepareWriter(self, connection: sqlite3.Connection) -> sqlite3.Connection:
         try:
             (mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
             if mode.lower() != "wal":

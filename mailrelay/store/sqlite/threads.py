@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 
@@ -448,6 +448,71 @@ class GroupCommitThread(DatabaseThread):
             return _Outcome(request, False, asStoreError(e))
         self.commits += 1
         return _Outcome(request, True, result)
+
+
+class SplitWriter:
+    """
+    The writes of a process that shares the files with others, in two writer threads
+    (:class:`GroupCommitThread`): ``own`` for the files the process owns (``owns``: its
+    enqueues, its deliveries' claims and outcomes), ``foreign`` for the files other processes
+    own, which it writes to now and then (the main process's report outbox and expiry in
+    the workers' files, a worker's account data in the main file). A write to another
+    process's file waits for that process's write lock -- seconds, behind its commits, when
+    it is busy -- and then holds up only the writes queued behind it on ``foreign``, never
+    the process's own. The interface of one :class:`GroupCommitThread`.
+    """
+
+    def __init__(
+        self,
+        own: GroupCommitThread,
+        foreign: GroupCommitThread,
+        owns: Callable[[Path], bool],
+        files: Files,
+    ) -> None:
+        self._own = own
+        self._foreign = foreign
+        self._owns = owns
+        self._files = files
+        self._stopping = False
+
+    @property
+    def commits(self) -> int:
+        return self._own.commits + self._foreign.commits
+
+    async def _start(self) -> None:
+        await self._own.start()  # first: it makes or upgrades the home file
+        if not self._stopping:
+            await self._foreign.start()
+
+    def start(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._start())
+
+    async def _stop(self) -> None:
+        self._stopping = True
+        await self._foreign.stop()
+        await self._own.stop()
+
+    def stop(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    def submit(self, work: Work, target: Path | None = None) -> Deferred[Any]:
+        if target is None or self._owns(target):
+            return self._own.submit(work, target)
+        return self._foreign.submit(work, target)
+
+    def submitEach(self, work: Work) -> Deferred[list[tuple[Path, Any]]]:
+        """``work`` on every file, each by the thread that writes it, both at once; the
+        results in the order of ``files``, or the first failure."""
+        return Deferred.fromCoroutine(self._each(work))
+
+    async def _each(self, work: Work) -> list[tuple[Path, Any]]:
+        both = [self._own.submitEach(work), self._foreign.submitEach(work)]
+        try:
+            own, foreign = await gatherResults(both, consumeErrors=True)
+        except FirstError as e:
+            e.subFailure.raiseException()
+        results = dict(own + foreign)
+        return [(file, results[file]) for file in self._files() if file in results]
 
 
 def _batchRuns(requests: Sequence[_Request]) -> list[tuple[RunBatch | None, list[_Request]]]:
