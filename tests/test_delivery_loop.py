@@ -58,7 +58,11 @@ class TurnClock(Clock):
             call.func(*call.args, **call.kw)
 
 
-class StartInSlicesTests(TestCase):
+class LoopTestCase(TestCase):
+    """A started delivery loop on a TurnClock, the in-memory store and a HeldEngine."""
+
+    settings = LoopSettings(concurrency=20, batch=3 * START_SLICE, pollInterval=0.5)
+
     def setUp(self) -> None:
         self.clock = TurnClock()
         self.clock.advance(1_800_000_000)
@@ -68,10 +72,12 @@ class StartInSlicesTests(TestCase):
             self.store,
             self.engine,  # type: ignore[arg-type]
             self.clock,
-            LoopSettings(concurrency=20, batch=3 * START_SLICE, pollInterval=0.5),
+            self.settings,
         )
         self.service.startService()
 
+
+class StartInSlicesTests(LoopTestCase):
     def test_aFewAttemptsStartATurn(self) -> None:
         """A claim of three slices starts one slice now and one in each of the next two
         turns; those claimed count as in flight from the claim on."""
@@ -138,22 +144,11 @@ class StartInSlicesTests(TestCase):
         )
 
 
-class LeaseRenewalTests(TestCase):
+class LeaseRenewalTests(LoopTestCase):
     """Attempts that take longer than a lease keep their notifications: one timer renews
     every lease in flight each ``leaseSeconds / 3``."""
 
-    def setUp(self) -> None:
-        self.clock = TurnClock()
-        self.clock.advance(1_800_000_000)
-        self.store = MemoryStore(self.clock)
-        self.engine = HeldEngine()
-        self.service = DeliveryService(
-            self.store,
-            self.engine,  # type: ignore[arg-type]
-            self.clock,
-            LoopSettings(concurrency=20, batch=START_SLICE, pollInterval=0.5, leaseSeconds=30),
-        )
-        self.service.startService()
+    settings = LoopSettings(concurrency=20, batch=START_SLICE, pollInterval=0.5, leaseSeconds=30)
 
     def claimable(self) -> int:
         """How many notifications another claimer would get now."""
