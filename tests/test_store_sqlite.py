@@ -45,7 +45,13 @@ from mailrelay.store.sqlite.delivery import _claimEntries, _claimOldestDue, _due
 from mailrelay.store.sqlite.migrate import schemaScripts, statements
 from mailrelay.store.sqlite.queue import _acceptedSince, _stats
 from mailrelay.store.sqlite.statements import inChunks, insertRows, withList
-from mailrelay.store.sqlite.threads import DatabaseThread, GroupCommitThread, InlineReader, Work
+from mailrelay.store.sqlite.threads import (
+    Ahead,
+    DatabaseThread,
+    GroupCommitThread,
+    InlineReader,
+    Work,
+)
 from mailrelay.store.sqlite.trails import _EXPIRE_START, _expireBatch
 from tests.store_mixin import (
     ALICE,
@@ -1364,6 +1370,32 @@ class WriterBatchTests(TestCase):
             return [x for (x,) in connection.execute("SELECT x FROM t ORDER BY rowid")]
 
         self.assertEqual(await self.writer.submit(values), [99, 1, 2, 3])
+
+    async def test_aheadRunsFirstAndIsAnsweredAtOnce(self) -> None:
+        """An Ahead write taken with others runs before them, in a transaction of its own,
+        and is answered before them."""
+        started, release = threading.Event(), threading.Event()
+
+        def hold(connection: sqlite3.Connection) -> None:
+            started.set()
+            release.wait(10)
+
+        def claim(connection: sqlite3.Connection) -> str:
+            return "claimed"
+
+        held = self.writer.submit(hold)
+        started.wait(10)
+        before = self.writer.commits
+        answered: list[Any] = []
+        submitted = [self.writer.submit(work) for work in (_Row(1), Ahead(claim), _Row(2))]
+        for d in submitted:
+            d.addCallback(lambda result: answered.append(result) or result)
+        release.set()
+        await held
+        await DeferredList(submitted, consumeErrors=False)
+        self.assertEqual(answered, ["claimed", 1, 2])
+        # the holder, the claim alone, then the two rows as one batch
+        self.assertEqual(self.writer.commits - before, 3)
 
 
 class StatementsTests(TestCase):

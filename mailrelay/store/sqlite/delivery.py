@@ -51,7 +51,7 @@ from mailrelay.store.sqlite.bodies import dropBody, messageBodies
 from mailrelay.store.sqlite.files import NumberedWork, StoreFiles, firstFound, snapshot, total
 from mailrelay.store.sqlite.queue import QUEUE_STATES
 from mailrelay.store.sqlite.statements import inChunks, withList
-from mailrelay.store.sqlite.threads import InSequence
+from mailrelay.store.sqlite.threads import Ahead
 from mailrelay.store.sqlite.trails import insertEvents, loadNotifications, storedRecipients
 
 
@@ -86,7 +86,7 @@ class DeliveryQueue:
             # failure is the caller's to report (the queue cannot be read).
             (file,) = scope
             work = partial(_claimOldestDue, limit=limit, now=now, claim=claim)
-            return self._claimed(file, await files.writer.submit(InSequence(work), file))
+            return self._claimed(file, await files.writer.submit(Ahead(work), file))
         # Several files: the oldest due entries of each kind in every file (an index range
         # each), the share of each chosen over all files, then each file's share claimed in
         # its own write, which takes only those still due: another claimer may have come first.
@@ -100,7 +100,7 @@ class DeliveryQueue:
         for file in dict.fromkeys(file for _, file in chosen):
             work = partial(claim, numbers=[number for (_, number), f in chosen if f == file])
             try:
-                result = await files.writer.submit(InSequence(work), file)
+                result = await files.writer.submit(Ahead(work), file)
             except StoreError as e:
                 # What the other files gave is claimed already: hand it out rather than leave
                 # it in flight until its lease runs out.

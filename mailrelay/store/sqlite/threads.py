@@ -62,6 +62,16 @@ class InSequence:
         return [work(connection) for work in works]
 
 
+@dataclass(frozen=True)
+class Ahead(InSequence):
+    """
+    A write the writer runs ahead of the others waiting with it, in a transaction of its own,
+    and answers before running them: the delivery loop's claim, which would otherwise wait for
+    a group of outcome writes to be run and committed with it, while the loop has nothing to
+    start. (Those waiting were submitted independently: no caller depends on their order.)
+    """
+
+
 _STOP = object()
 """Queued by :meth:`DatabaseThread.stop`: everything queued before it still runs."""
 
@@ -180,8 +190,8 @@ class DatabaseThread:
             self._reactor.callFromThread(self._started.callback, None)
         while True:
             requests, stop = self._take()
-            if requests:
-                outcomes = self._execute(requests)
+            for part in self._parts(requests):
+                outcomes = self._execute(part)
                 self._reactor.callFromThread(self._deliver, outcomes)
             if stop:
                 break
@@ -218,6 +228,10 @@ class DatabaseThread:
             except queue.Empty:
                 return requests, False
         return requests, True
+
+    def _parts(self, requests: list[_Request]) -> list[list[_Request]]:
+        """The requests taken together, in the parts to run and answer one after another."""
+        return [requests] if requests else []
 
     def _execute(self, requests: Sequence[_Request]) -> list[_Outcome]:
         return [self._runOn(r.target, r) if r.target else self._runEach(r) for r in requests]
@@ -349,6 +363,13 @@ class GroupCommitThread(DatabaseThread):
         super().__init__(name, connect, reactor, home, files)
         self.takeLimit = groupLimit
         self.commits = 0
+
+    def _parts(self, requests: list[_Request]) -> list[list[_Request]]:
+        """The :class:`Ahead` requests first, committed and answered on their own."""
+        ahead = [r for r in requests if isinstance(r.work, Ahead)]
+        if not ahead or len(ahead) == len(requests):
+            return super()._parts(requests)
+        return [ahead, [r for r in requests if not isinstance(r.work, Ahead)]]
 
     def _execute(self, requests: Sequence[_Request]) -> list[_Outcome]:
         outcomes: list[_Outcome] = []
