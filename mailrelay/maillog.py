@@ -124,11 +124,13 @@ class TurnOutput:
     call for the lines a turn logs (a relay delivering thousands of messages a second logs a
     line for each) instead of one a line. A line comes out at once, after any still waiting,
     when it is urgent (an error), when it is logged outside the reactor's thread, or when no
-    reactor runs; what waits is written when the reactor shuts down and at exit.
+    reactor runs; what waits is written when the reactor shuts down and at exit. ``reactor``:
+    the one whose turns count (default: the one installed, if any: logging never installs one).
     """
 
-    def __init__(self, outFile: IO[str]) -> None:
+    def __init__(self, outFile: IO[str], reactor: Any = None) -> None:
         self._outFile = outFile
+        self._reactor = reactor
         self._lines: list[str] = []
         self._lock = threading.Lock()
         self._scheduled = False
@@ -138,7 +140,7 @@ class TurnOutput:
     def write(self, line: str, urgent: bool = False) -> None:
         with self._lock:
             self._lines.append(line)
-            reactor = _runningReactor() if not urgent and isInIOThread() else None
+            reactor = self._runningReactor() if not urgent and isInIOThread() else None
             if reactor is None:
                 self._writeLocked()
                 return
@@ -153,6 +155,12 @@ class TurnOutput:
     def flush(self) -> None:
         with self._lock:
             self._writeLocked()
+
+    def _runningReactor(self) -> Any:
+        reactor = self._reactor
+        if reactor is None:
+            reactor = sys.modules.get("twisted.internet.reactor")
+        return reactor if reactor is not None and getattr(reactor, "running", False) else None
 
     def _writeLocked(self) -> None:
         self._scheduled = False
@@ -176,12 +184,6 @@ def _flushAll() -> None:
         output.flush()
 
 
-def _runningReactor() -> Any:
-    """The reactor, if one is installed and running (logging never installs one)."""
-    reactor = sys.modules.get("twisted.internet.reactor")
-    return reactor if reactor is not None and getattr(reactor, "running", False) else None
-
-
 def _urgent(event: dict[str, Any]) -> bool:
     level = event.get("log_level")
     return level is LogLevel.error or level is LogLevel.critical
@@ -196,8 +198,8 @@ class JSONLinesObserver:
     numbers, booleans, None); Twisted's ``log_*`` bookkeeping is left out.
     """
 
-    def __init__(self, outFile: IO[str]) -> None:
-        self._output = TurnOutput(outFile)
+    def __init__(self, outFile: IO[str], reactor: Any = None) -> None:
+        self._output = TurnOutput(outFile, reactor)
 
     def __call__(self, event: dict[str, Any]) -> None:
         document: dict[str, Any] = {
@@ -231,8 +233,8 @@ class TextLinesObserver:
     stamps as it relays them).
     """
 
-    def __init__(self, outFile: IO[str], stamped: bool = True) -> None:
-        self._output = TurnOutput(outFile)
+    def __init__(self, outFile: IO[str], stamped: bool = True, reactor: Any = None) -> None:
+        self._output = TurnOutput(outFile, reactor)
         self._stamped = stamped
         self._second = -1
         self._stamp = ""
@@ -269,11 +271,13 @@ def _isoTime(when: float | None) -> str:
     )
 
 
-def jsonLinesObserver(outFile: IO[str]) -> JSONLinesObserver:
+def jsonLinesObserver(outFile: IO[str], reactor: Any = None) -> JSONLinesObserver:
     """An observer writing :class:`JSONLinesObserver` lines to ``outFile``."""
-    return JSONLinesObserver(outFile)
+    return JSONLinesObserver(outFile, reactor)
 
 
-def textLinesObserver(outFile: IO[str], stamped: bool = True) -> TextLinesObserver:
+def textLinesObserver(
+    outFile: IO[str], stamped: bool = True, reactor: Any = None
+) -> TextLinesObserver:
     """An observer writing :class:`TextLinesObserver` lines to ``outFile``."""
-    return TextLinesObserver(outFile, stamped)
+    return TextLinesObserver(outFile, stamped, reactor)

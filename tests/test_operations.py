@@ -28,7 +28,7 @@ from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -227,8 +227,18 @@ class _Writes(StringIO):
 
 
 class LogOutputTests(TestCase):
-    """The log's lines under a running reactor: a turn's lines written together once the
-    turn is over; errors, other threads' lines and lines outside a reactor at once."""
+    """The log's lines: a reactor turn's lines written together once the turn is over;
+    errors, other threads' lines and lines outside a running reactor at once."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()  # whose turns count; its clock runs them
+        self.reactor.running = True
+        self.out = _Writes()
+
+    async def onTheReactorThread(self) -> None:
+        """Carry on in a turn of trial's reactor: on the thread a reactor runs on (trial
+        starts a test before its reactor runs)."""
+        await deferLater(reactor, 0)
 
     def event(self, text: str, level: LogLevel = LogLevel.info) -> dict[str, Any]:
         return {
@@ -239,55 +249,52 @@ class LogOutputTests(TestCase):
             "log_time": 1_800_000_000.0,
         }
 
-    async def inTheReactor(self) -> None:
-        """Carry on inside the running reactor (trial starts a test before it runs)."""
-        await deferLater(reactor, 0)
-        self.assertTrue(reactor.running)
-
     async def test_aTurnsLinesAreOneWrite(self) -> None:
-        await self.inTheReactor()
-        out = _Writes()
-        observer = maillog.textLinesObserver(out)
+        await self.onTheReactorThread()
+        observer = maillog.textLinesObserver(self.out, reactor=self.reactor)
         for n in range(3):
             observer(self.event(f"line {n}"))
-        self.assertEqual(out.writes, [])
-        await deferLater(reactor, 0.01)
-        (written,) = out.writes
+        self.assertEqual(self.out.writes, [])
+        self.reactor.advance(0)  # the turn is over
+        (written,) = self.out.writes
         self.assertEqual(
             written.splitlines(),
             [f"2027-01-15T08:00:00+0000 [test#info] line {n}" for n in range(3)],
         )
 
     async def test_anErrorComesOutAtOnceAfterWhatWaits(self) -> None:
-        await self.inTheReactor()
-        out = _Writes()
-        observer = maillog.jsonLinesObserver(out)
+        await self.onTheReactorThread()
+        observer = maillog.jsonLinesObserver(self.out, reactor=self.reactor)
         observer(self.event("first"))
         observer(self.event("broken", LogLevel.error))
-        texts = [json.loads(line)["text"] for line in out.getvalue().splitlines()]
+        texts = [json.loads(line)["text"] for line in self.out.getvalue().splitlines()]
         self.assertEqual(texts, ["first", "broken"])
-        self.assertEqual(len(out.writes), 1)
+        self.assertEqual(len(self.out.writes), 1)
+
+    async def test_whatWaitsIsWrittenAtShutdown(self) -> None:
+        await self.onTheReactorThread()
+        observer = maillog.textLinesObserver(self.out, stamped=False, reactor=self.reactor)
+        observer(self.event("last words"))
+        ((flush, args, kwargs),) = self.reactor.triggers["after"]["shutdown"]
+        self.assertEqual(self.out.writes, [])
+        flush(*args, **kwargs)  # the reactor stopped before the turn's end
+        self.assertEqual(self.out.writes, ["[test#info] last words\n"])
 
     async def test_anotherThreadsLineComesOutAtOnce(self) -> None:
-        await self.inTheReactor()
-        out = _Writes()
-        observer = maillog.textLinesObserver(out, stamped=False)
-        observer(self.event("reactor's"))
+        observer = maillog.textLinesObserver(self.out, stamped=False, reactor=self.reactor)
 
         def inAThread() -> str:
             observer(self.event("thread's"))
-            return out.getvalue()
+            return self.out.getvalue()
 
-        written = await deferToThread(inAThread)
-        self.assertEqual(written, "[test#info] reactor's\n[test#info] thread's\n")
+        self.assertEqual(await deferToThread(inAThread), "[test#info] thread's\n")
 
-    def test_withoutAReactorAtOnce(self) -> None:
-        out = _Writes()
-        output = maillog.TurnOutput(out)
-        self.patch(reactor, "running", False)
+    def test_withoutARunningReactorAtOnce(self) -> None:
+        self.reactor.running = False
+        output = maillog.TurnOutput(self.out, self.reactor)
         output.write("a\n")
         output.write("b\n")
-        self.assertEqual(out.writes, ["a\n", "b\n"])
+        self.assertEqual(self.out.writes, ["a\n", "b\n"])
 
 
 # -- real processes ----------------------------------------------------------------------
