@@ -117,7 +117,7 @@ class StoreFiles:
                 self._connectWriter,
                 reactor,
                 home,
-                lambda: [file for file in self.notificationFiles() if self.owns(file)],
+                self.claimFiles,
                 groupLimit,
             ),
             GroupCommitThread(
@@ -187,13 +187,11 @@ class StoreFiles:
 
     def claimFiles(self) -> list[Path]:
         """
-        The files this process's delivery claims from: those it owns (:meth:`owns`). Each
-        process delivers what it accepted, so no two processes write to one file at once.
+        The files this process's delivery claims from, and its own writer writes: those it
+        owns (:meth:`owns`). Each process delivers what it accepted, so no two processes write
+        to one file at once.
         """
-        if self.home != self.path:
-            return [self.home]
-        unowned = [file for index, file in self._workerFiles() if index > self.deliveringWorkers]
-        return [self.path, *unowned]
+        return [file for file in self.notificationFiles() if self.owns(file)]
 
     def owns(self, file: Path) -> bool:
         """Whether this process is the one that writes ``file`` most: a worker its home file;
@@ -310,8 +308,8 @@ class StoreFiles:
     async def filesWhere(self, check: Callable[[sqlite3.Connection], bool]) -> list[Path]:
         """The files where ``check`` holds, looked at by the reader. A write that may concern
         any file goes only to those: a write to a worker's file waits for that worker's write
-        lock (seconds, behind its commits, when it is busy), and holds up every other write
-        of this process's writer meanwhile -- its deliveries' and its intake's."""
+        lock (seconds, behind its commits, when it is busy), and holds up the writes queued
+        behind it meanwhile."""
         return [file for file, holds in await self.reader.submitEach(check) if holds]
 
     async def sweep(self, notificationId: str, segment: int | None) -> None:
