@@ -213,7 +213,7 @@ class _Header:
             raise Refusal(RefusalKind.BARE_LINE_ENDING)  # a CR or LF not part of a CRLF
         if b"\x00" in block:
             raise _refuse("The header contains a NUL character")
-        self.fields = list(headerFields(block))
+        self.fields = headerFields(block)
         for field in self.fields:
             if not field.name:
                 self._refuseLine(field)
