@@ -28,7 +28,6 @@ from mailrelay.model import (
     MessageText,
     Notification,
     Recipient,
-    Sender,
     SessionInfo,
     fromTimestamp,
 )
@@ -36,7 +35,7 @@ from mailrelay.policy.content import checkContent, checkSize
 from mailrelay.policy.decisions import Refusal, RefusalKind
 from mailrelay.policy.limits import RateLimiter, checkDailyQuota, startOfDay
 from mailrelay.policy.recipients import checkRecipientCount, classifyRecipient
-from mailrelay.policy.senders import EnvelopeSender, checkEnvelopeSender
+from mailrelay.policy.senders import EnvelopeSender, RegisteredSenders, checkEnvelopeSender
 from mailrelay.policy.sms import SmsLength
 
 
@@ -117,7 +116,7 @@ class AccountSubmission:
         self._checkedAt = shared.clock.seconds()
         # Fetched at the first MAIL of a session and kept for its life: a sender registered
         # while a client stays connected counts from its next connection.
-        self._senders: tuple[Sender, ...] | None = None
+        self._senders: RegisteredSenders | None = None
 
     def validateFrom(
         self, session: SessionInfo, sender: str, smtputf8: bool = False, size: int | None = None
@@ -161,7 +160,8 @@ class AccountSubmission:
             acceptedToday = yield store.acceptedSince(account.name, startOfDay(now))
             checkDailyQuota(account, acceptedToday)
         if self._senders is None:
-            self._senders = tuple((yield store.listSenders(account.name)))
+            senders = yield store.listSenders(account.name)
+            self._senders = RegisteredSenders.of(account.name, senders)
         return checkEnvelopeSender(sender, account, self._senders, smtputf8=smtputf8)
 
     def validateTo(

@@ -6,6 +6,7 @@ from mailrelay.model import Sender
 from mailrelay.policy.addresses import parseMailbox
 from mailrelay.policy.senders import (
     EnvelopeSender,
+    RegisteredSenders,
     SenderIdError,
     checkEnvelopeSender,
     checkHeaderSenders,
@@ -128,3 +129,48 @@ class HeaderSenderTests(RefusalMixin, SynchronousTestCase):
         )
         self.assertIn("From:", e.reply.text)
         self.assertIn("eve@evil.example", e.reply.text)
+
+
+class RegisteredSendersTests(RefusalMixin, SynchronousTestCase):
+    """The senders a session reads once and keeps for its messages."""
+
+    def test_readInNormalForm(self) -> None:
+        registered = RegisteredSenders.of(
+            "acme", [*SENDERS, Sender("acme", "not an address@", "address")]
+        )
+        self.assertEqual(registered.addresses, {parseMailbox("alerts@example.net")})
+        self.assertEqual(registered.domains, {"example.com", "xn--bcher-kva.de"})
+        self.assertEqual(registered.smsIds, {"+393331234567", "ACME"})
+        self.assertEqual(list(registered), [*SENDERS, Sender("acme", "not an address@", "address")])
+
+    def test_sameAnswersAsTheSenders(self) -> None:
+        registered = RegisteredSenders.of("acme", SENDERS)
+        self.assertEqual(
+            checkEnvelopeSender("News@EXAMPLE.com", MAIL_ACCOUNT, registered),
+            checkEnvelopeSender("News@EXAMPLE.com", MAIL_ACCOUNT, SENDERS),
+        )
+        self.assertEqual(
+            checkEnvelopeSender("393331234567", SMS_ACCOUNT, registered),
+            EnvelopeSender("+393331234567", "sms"),
+        )
+        checkHeaderSenders([parseMailbox("jo@example.com")], MAIL_ACCOUNT, registered)
+        self.assertRefused(
+            SENDER_NOT_ALLOWED,
+            checkHeaderSenders,
+            [parseMailbox("jo@other.example")],
+            MAIL_ACCOUNT,
+            registered,
+        )
+
+    def test_anotherAccountsRegistryAllowsOnlyWhatIsThisAccounts(self) -> None:
+        """Handed the registry of another account, a check reads the senders again for the
+        account it checks: the other account's domains allow nothing."""
+        others = RegisteredSenders.of("other", SENDERS)
+        self.assertRefused(
+            SENDER_NOT_ALLOWED,
+            checkEnvelopeSender,
+            "jo@other.example",
+            MAIL_ACCOUNT,
+            others,
+        )
+        checkEnvelopeSender("jo@example.com", MAIL_ACCOUNT, others)

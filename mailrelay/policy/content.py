@@ -22,7 +22,7 @@ import email.errors
 import functools
 import operator
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from email.headerregistry import (
     AddressHeader,
@@ -214,9 +214,17 @@ class _Header:
         if b"\x00" in block:
             raise _refuse("The header contains a NUL character")
         self.fields = headerFields(block)
+        # Several rules look up fields by name on every message: one pass, which also finds
+        # the lines that are not fields.
+        self._byName: dict[str, list[HeaderField]] = {}
         for field in self.fields:
             if not field.name:
                 self._refuseLine(field)
+            same = self._byName.get(field.name)
+            if same is None:
+                self._byName[field.name] = [field]
+            else:
+                same.append(field)
 
     def _refuseLine(self, field: HeaderField) -> None:
         if field.start == 0 and self.block[:1] in (b" ", b"\t"):
@@ -229,14 +237,6 @@ class _Header:
 
     def named(self, name: str) -> list[HeaderField]:
         return self._byName.get(name, [])
-
-    @functools.cached_property
-    def _byName(self) -> dict[str, list[HeaderField]]:
-        # Several rules look up fields by name on every message: one pass, not one each.
-        byName: dict[str, list[HeaderField]] = {}
-        for field in self.fields:
-            byName.setdefault(field.name, []).append(field)
-        return byName
 
     def value(self, field: HeaderField) -> bytes:
         """The field's value, unfolded (RFC 5322 §2.2.3: the CRLFs removed), leading blanks
@@ -310,7 +310,7 @@ def _addresses(header: _Header, name: str) -> list[Mailbox]:
 def _checkFrom(
     header: _Header,
     account: Account,
-    senders: Sequence[Sender],
+    senders: Iterable[Sender],
     envelopeSender: EnvelopeSender | None,
     hasEmailRecipients: bool,
 ) -> Mailbox | None:
@@ -597,7 +597,7 @@ def checkContent(
     account: Account,
     recipients: Sequence[Recipient],
     *,
-    senders: Sequence[Sender],
+    senders: Iterable[Sender],
     envelopeSender: EnvelopeSender | None = None,
     smsDomains: Sequence[str] = (),
 ) -> ContentDecision:
@@ -607,7 +607,8 @@ def checkContent(
     intake needs and the changes the message must get
     (:func:`mailrelay.message.intake.rewriteMessage` makes them).
 
-    ``senders`` are the account's registered senders (the From: header must be one of them),
+    ``senders`` are the account's registered senders (the From: header must be one of them;
+    a session passes its :class:`~mailrelay.policy.senders.RegisteredSenders`),
     ``smsDomains`` the configured SMS domains (to match To:/Cc: addresses).
 
     Raises ``Refusal`` of kind SIZE_EXCEEDED over ``account.max_message_size``;

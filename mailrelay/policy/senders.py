@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -65,32 +65,54 @@ def normaliseSenderId(text: str) -> str:
     )
 
 
-@dataclass(frozen=True)
-class _Registry:
+@dataclass(frozen=True, eq=False)
+class RegisteredSenders:
+    """
+    An account's registered senders, read once into what a lookup needs: its addresses in
+    normal form, its domains and its SMS sender ids. A session makes it when it first needs
+    the senders and keeps it for its messages; any iterable of :class:`Sender` passed instead
+    is read on each call (through a cache keyed by its values, whose hashing grows with the
+    senders' number). Iterates over the senders it was made of.
+    """
+
+    account: str
+    senders: tuple[Sender, ...]
     addresses: frozenset[Mailbox]
     domains: frozenset[str]
     smsIds: frozenset[str]
 
+    @classmethod
+    def of(cls, account: str, senders: Iterable[Sender]) -> RegisteredSenders:
+        """The senders of ``account`` among ``senders``; a value that cannot be read (the
+        registration validates) allows nothing."""
+        senders = tuple(senders)
+        addresses, domains, smsIds = set(), set(), set()
+        for sender in senders:
+            if sender.account != account:
+                continue
+            try:
+                if sender.kind == "address":
+                    addresses.add(parseMailbox(sender.value))
+                elif sender.kind == "domain":
+                    domains.add(normaliseDomain(sender.value))
+                else:
+                    smsIds.add(normaliseSenderId(sender.value))
+            except (AddressSyntaxError, SenderIdError):
+                continue
+        return cls(account, senders, frozenset(addresses), frozenset(domains), frozenset(smsIds))
+
+    def __iter__(self) -> Iterator[Sender]:
+        return iter(self.senders)
+
 
 @functools.lru_cache(maxsize=1024)
-def _registry(account: str, senders: tuple[Sender, ...]) -> _Registry:
-    addresses, domains, smsIds = set(), set(), set()
-    for sender in senders:
-        if sender.account != account:
-            continue
-        try:
-            if sender.kind == "address":
-                addresses.add(parseMailbox(sender.value))
-            elif sender.kind == "domain":
-                domains.add(normaliseDomain(sender.value))
-            else:
-                smsIds.add(normaliseSenderId(sender.value))
-        except (AddressSyntaxError, SenderIdError):
-            continue  # registration validates; a value that cannot be read allows nothing
-    return _Registry(frozenset(addresses), frozenset(domains), frozenset(smsIds))
+def _registry(account: str, senders: tuple[Sender, ...]) -> RegisteredSenders:
+    return RegisteredSenders.of(account, senders)
 
 
-def _registryOf(account: Account, senders: Iterable[Sender]) -> _Registry:
+def _registryOf(account: Account, senders: Iterable[Sender]) -> RegisteredSenders:
+    if isinstance(senders, RegisteredSenders) and senders.account == account.name:
+        return senders
     return _registry(account.name, tuple(senders))
 
 
