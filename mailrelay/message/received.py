@@ -68,14 +68,7 @@ def receivedHeader(
     has exactly one e-mail recipient, so a copy never tells its reader about the others.
     ``now`` without a time zone is taken as UTC.
     """
-    tcpInfo = _literal(clientAddress)
-    if reverseName:
-        tcpInfo = f"{_clean(reverseName)} {tcpInfo}"
-    protocol = "ESMTP" + ("S" if tlsInfo is not None else "") + ("A" if authenticated else "")
-    lines = [f"Received: from {_clean(helo)} ({tcpInfo})", f"by {_clean(hostname)} with {protocol}"]
-    if tlsInfo is not None:
-        words = " ".join(_clean(word) for word in tlsInfo.split()[:4]) or "TLS"
-        lines[-1] += f" (using {words})"
+    lines = [*_fromAndBy(hostname, helo, clientAddress, tlsInfo, authenticated, reverseName)]
     lines.append(f"id {_clean(notificationId)}")
     if len(recipients) == 1 and recipients[0].channel == "email":
         # A checked address, UTF-8 allowed (SMTPUTF8); no control character, whatever let
@@ -86,3 +79,25 @@ def receivedHeader(
     lines[-1] += ";"
     lines.append(_dateField(now.replace(microsecond=0)))
     return ("\r\n\t".join(lines) + "\r\n").encode("utf-8", "replace")
+
+
+@functools.lru_cache(maxsize=1024)
+def _fromAndBy(
+    hostname: str,
+    helo: str,
+    clientAddress: str,
+    tlsInfo: str | None,
+    authenticated: bool,
+    reverseName: str | None,
+) -> tuple[str, str]:
+    """The field's ``from`` and ``by`` lines: the same for every message of a session, so
+    they are made once for it."""
+    tcpInfo = _literal(clientAddress)
+    if reverseName:
+        tcpInfo = f"{_clean(reverseName)} {tcpInfo}"
+    protocol = "ESMTP" + ("S" if tlsInfo is not None else "") + ("A" if authenticated else "")
+    by = f"by {_clean(hostname)} with {protocol}"
+    if tlsInfo is not None:
+        words = " ".join(_clean(word) for word in tlsInfo.split()[:4]) or "TLS"
+        by += f" (using {words})"
+    return f"Received: from {_clean(helo)} ({tcpInfo})", by
