@@ -31,6 +31,7 @@ from mailrelay.interfaces import ISubmission, StoreError
 from mailrelay.model import API_KEY_USER, Recipient, SessionInfo
 from mailrelay.numbers import isDecimal
 from mailrelay.policy.decisions import Refusal
+from mailrelay.sendnow import writeNow
 from mailrelay.smtp import replies
 from mailrelay.smtp.arguments import mailOptions, parsePathArgument
 from mailrelay.smtp.data import DataReader, Spool, lineProblem
@@ -268,7 +269,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         if self._processing is not None:
             self._processing.append(data)
         else:
-            self.transport.write(data)  # type: ignore[union-attr]
+            writeNow(self.transport, data)
 
     def _flushReplies(self) -> None:
         """Write what the commands processed so far answered (before TLS starts, before the
@@ -276,7 +277,7 @@ class SubmissionProtocol(Protocol, TimeoutMixin):
         if self._processing:
             data = b"".join(self._processing)
             self._processing.clear()
-            self.transport.write(data)  # type: ignore[union-attr]
+            writeNow(self.transport, data)
 
     def _reply(self, reply: Reply) -> None:
         if reply.code == 421:  # RFC 5321 §3.8: the server closes the connection after it

@@ -65,6 +65,7 @@ from zope.interface import implementer
 
 from mailrelay.delivery.route import Candidate, Credentials, TLSPolicy
 from mailrelay.delivery.smtp.reply import ReplyParser, SMTPProtocolError, SMTPReply
+from mailrelay.sendnow import writeNow
 
 log = Logger()
 
@@ -361,8 +362,7 @@ class SMTPClientProtocol(Protocol):
         names = names or [line.split(" ", 1)[0] for line in lines]
         if self.closed:
             return [self._closedDeferred() for _ in lines]
-        transport: Any = self.transport
-        transport.write(b"".join(line.encode("utf-8") + b"\r\n" for line in lines))
+        writeNow(self.transport, b"".join(line.encode("utf-8") + b"\r\n" for line in lines))
         wait = self.timeouts.command if timeout is None else timeout
         return [self._expect(name, wait) for name in names]
 
@@ -374,8 +374,7 @@ class SMTPClientProtocol(Protocol):
         """
         if self.closed:
             return self._closedDeferred()
-        transport: Any = self.transport
-        transport.write(dotStuff(message) + b".\r\n")
+        writeNow(self.transport, dotStuff(message) + b".\r\n")
         return self._expect("end of data", self.timeouts.data)
 
     def startTLS(self, creator: IOpenSSLClientConnectionCreator) -> Deferred[None]:
