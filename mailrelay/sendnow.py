@@ -24,16 +24,18 @@ from twisted.internet import tcp
 
 def canWriteNow(transport: Any) -> bool:
     """Whether ``transport`` is a plain TCP connection with nothing queued to send: bytes
-    written to its socket now go out in the order they were written."""
+    written to its socket now go out in the order they were written. Read from the
+    transport's own buffers; a Twisted without them (renamed in a later release) gets False,
+    and every write goes through ``transport.write``."""
     return bool(
         isinstance(transport, tcp.Connection)
         and not transport.TLS
         and transport.connected
         and not transport.disconnecting
         and transport.producer is None
-        and not transport._writeDisconnected
-        and not transport._tempDataBuffer
-        and not transport.dataBuffer
+        and getattr(transport, "_writeDisconnected", None) is False
+        and getattr(transport, "_tempDataBuffer", None) == []
+        and getattr(transport, "dataBuffer", None) == b""
     )
 
 

@@ -1,0 +1,128 @@
+"""
+Instructions per accepted message: mailrelay's intake under ``valgrind --tool=callgrind``.
+
+A VM's speed wanders by a fifth from one minute to the next, which hides a change of a few per
+cent in the rates and CPU times the other benchmarks report. Callgrind counts the instructions
+the relay executes instead, which repeat within about 2 % from run to run whatever else the
+machine does; use it to compare two trees (``--tree``), and the other benchmarks for speed.
+
+One relay process (``workers = 1``, the SQLite store, ``[delivery] mode = "hold"``) runs under
+callgrind on a relay-by-IP listener. Postfix's ``smtp-source`` sends ``--warmup`` messages,
+then callgrind's counters are zeroed, ``--messages`` more are sent (2 KiB, ``--sessions`` at
+once, one message per session at a time, as ``smtp-source`` does), and the counters are dumped.
+The result is the count over the measured messages: every thread of the process, the store's
+writer included. Nothing is appended to RESULTS.md; the command and its figures go there by
+hand when they are a result.
+
+    python -m benchmarks.instructions                         # this tree
+    python -m benchmarks.instructions --tree /tmp/other-tree  # another (its extension built)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import adapters
+from benchmarks.certs import make_cert
+from benchmarks.smtpsource import SMTP_SOURCE
+
+SENDER = "load@bench.example"
+_TOTALS = re.compile(rb"^(?:summary|totals):\s+(\d+)", re.MULTILINE)
+
+
+def _smtpSource(port: int, messages: int, sessions: int) -> None:
+    cmd = [SMTP_SOURCE, "-s", str(sessions), "-m", str(messages), "-l", "2048", "-d"]
+    cmd += ["-f", SENDER, "-t", "user0@example.com", "-M", "loadgen.bench.local"]
+    subprocess.run([*cmd, f"127.0.0.1:{port}"], check=True, timeout=1800)
+
+
+def _callgrindControl(option: str, pid: int) -> None:
+    subprocess.run(["callgrind_control", option, str(pid)], check=True, capture_output=True)
+
+
+def _configure(tree: Path, workdir: Path) -> tuple[Path, int]:
+    """Write the relay's configuration and account; returns (config, the SMTP port)."""
+    cert, key = make_cert(workdir)
+    ports = {name: adapters.free_port() for name in ("plain", "starttls", "tls", "web")}
+    config = workdir / "mailrelay.toml"
+    config.write_text(
+        adapters.MAILRELAY_CONFIG.format(
+            data_dir=workdir / "data",
+            cert=cert,
+            key=key,
+            backend="sqlite",
+            workers=1,
+            store_extra="",
+            **ports,
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+
+    def cli(*args: str, stdin: bytes = b"") -> None:
+        cmd = [sys.executable, "-m", "mailrelay.cli", "--config", str(config), *args]
+        subprocess.run(cmd, input=stdin, cwd=tree, env=env, check=True, capture_output=True)
+
+    cli("account", "add", adapters.USER, "--password-stdin", stdin=adapters.PASSWORD.encode())
+    cli("sender", "add", adapters.USER, "bench.example")
+    cli("account", "set", adapters.USER, "--networks", "127.0.0.0/8")
+    return config, ports["plain"]
+
+
+def countInstructions(tree: Path, messages: int, sessions: int, warmup: int) -> int:
+    """The instructions the relay ran for ``messages`` accepted messages (see the module)."""
+    with tempfile.TemporaryDirectory(prefix="mailrelay-callgrind-") as name:
+        workdir = Path(name)
+        config, port = _configure(tree, workdir)
+        twistd = Path(sys.executable).with_name("twistd")
+        out = workdir / "callgrind.out"
+        cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+        cmd += ["--dump-instr=no", "--dump-line=no", sys.executable, str(twistd)]
+        cmd += ["-n", "--pidfile=", "mailrelay", "--config", str(config)]
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        log = workdir / "relay.log"
+        proc = adapters._spawn(cmd, log, cwd=tree, env=env)
+        try:
+            adapters.wait_until_serving(lambda: proc.poll() is not None, [port], log, 300)
+            _smtpSource(port, warmup, sessions)
+            time.sleep(2)  # what the warm-up left to finish (commits, log lines)
+            _callgrindControl("-z", proc.pid)  # zero the counters
+            _smtpSource(port, messages, sessions)
+            time.sleep(1)
+            _callgrindControl("-d", proc.pid)  # dump them
+        finally:
+            adapters._terminate(proc)
+        totals = [_TOTALS.search(path.read_bytes()) for path in workdir.glob("callgrind.out.*")]
+        if not totals or None in totals:
+            raise RuntimeError(f"callgrind wrote no complete dump; see {log}")
+        return sum(int(found.group(1)) for found in totals if found is not None)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tree", type=Path, default=adapters.REPO, help="the source tree to run")
+    p.add_argument("--messages", type=int, default=1000, help="messages counted")
+    p.add_argument("--sessions", type=int, default=10, help="smtp-source sessions at once")
+    p.add_argument("--warmup", type=int, default=200, help="messages sent before counting")
+    p.add_argument("--runs", type=int, default=2, help="counts to make, one after another")
+    args = p.parse_args()
+    for tool in ("valgrind", "callgrind_control", SMTP_SOURCE):
+        if shutil.which(tool) is None:
+            print(f"{tool} is not installed", file=sys.stderr)
+            return 1
+    tree = args.tree.resolve()
+    for _ in range(args.runs):
+        total = countInstructions(tree, args.messages, args.sessions, args.warmup)
+        print(f"{tree}: {total / args.messages:,.0f} instructions per message", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
