@@ -15,7 +15,6 @@ alphanumeric id are compared exactly as written, because that is what the handse
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -70,9 +69,8 @@ class RegisteredSenders:
     """
     An account's registered senders, read once into what a lookup needs: its addresses in
     normal form, its domains and its SMS sender ids. A session makes it when it first needs
-    the senders and keeps it for its messages; any iterable of :class:`Sender` passed instead
-    is read on each call (through a cache keyed by its values, whose hashing grows with the
-    senders' number). Iterates over the senders it was made of.
+    the senders and keeps it for its messages; any other iterable of :class:`Sender` passed
+    instead is read again on each call. Iterates over the senders it was made of.
     """
 
     account: str
@@ -105,15 +103,10 @@ class RegisteredSenders:
         return iter(self.senders)
 
 
-@functools.lru_cache(maxsize=1024)
-def _registry(account: str, senders: tuple[Sender, ...]) -> RegisteredSenders:
-    return RegisteredSenders.of(account, senders)
-
-
 def _registryOf(account: Account, senders: Iterable[Sender]) -> RegisteredSenders:
     if isinstance(senders, RegisteredSenders) and senders.account == account.name:
         return senders
-    return _registry(account.name, tuple(senders))
+    return RegisteredSenders.of(account.name, senders)
 
 
 def isRegisteredMailbox(mailbox: Mailbox, account: Account, senders: Iterable[Sender]) -> bool:
