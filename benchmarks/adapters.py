@@ -212,6 +212,32 @@ mode = "hold"   # measure intake: accepted messages stay queued, no outbound tra
 """
 
 
+MAILRELAY_PORTS = ("plain", "starttls", "tls", "web")
+
+
+def mailrelay_config(
+    workdir: Path,
+    cert: Path,
+    key: Path,
+    ports: dict[str, int],
+    *,
+    backend: str = "sqlite",
+    workers: int | str = 1,
+    store_extra: str = "",
+) -> str:
+    """:data:`MAILRELAY_CONFIG` for a relay whose data is in ``workdir/data``, listening on
+    ``ports`` (one for each of :data:`MAILRELAY_PORTS`)."""
+    return MAILRELAY_CONFIG.format(
+        data_dir=workdir / "data",
+        cert=cert,
+        key=key,
+        backend=backend,
+        workers=workers,
+        store_extra=store_extra,
+        **ports,
+    )
+
+
 NOSTORE_PROBE = REPO / "benchmarks" / "probes" / "nostore"
 """Its ``sitecustomize`` makes the SQLite store's enqueue keep nothing: see the module."""
 
@@ -280,17 +306,17 @@ class Mailrelay:
             redis, url = self._start_redis(workdir)
             helpers.append(redis)
             store_extra = f'redis_url = "{url}"\n'
-        ports = {name: free_port() for name in ("plain", "starttls", "tls", "web")}
+        ports = {name: free_port() for name in MAILRELAY_PORTS}
         config = workdir / "mailrelay.toml"
         config.write_text(
-            MAILRELAY_CONFIG.format(
-                data_dir=workdir / "data",
-                cert=cert,
-                key=key,
+            mailrelay_config(
+                workdir,
+                cert,
+                key,
+                ports,
                 backend=self.backend,
                 workers=self.workers,
                 store_extra=store_extra,
-                **ports,
             )
         )
         try:

@@ -160,18 +160,12 @@ class _MailrelayRun:
         self.tree = adapter.workers != 1  # the workers are the main process's children
         self._sink = sink
         self._workdir = workdir
-        ports = {name: free_port() for name in ("plain", "starttls", "tls", "web")}
+        ports = {name: free_port() for name in adapters.MAILRELAY_PORTS}
         self._ports = ports
         self.config = workdir / "mailrelay.toml"
         self.database = workdir / "data" / "mailrelay.sqlite3"
-        self._template = adapters.MAILRELAY_CONFIG.format(
-            data_dir=workdir / "data",
-            cert=cert,
-            key=key,
-            backend="sqlite",
-            workers=adapter.workers or '"auto"',
-            store_extra="",
-            **ports,
+        self._template = adapters.mailrelay_config(
+            workdir, cert, key, ports, workers=adapter.workers or '"auto"'
         ).split("[delivery]")[0]
         self._write_config(hold)
         cli = adapter._cli

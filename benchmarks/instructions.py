@@ -51,19 +51,9 @@ def _callgrindControl(option: str, pid: int) -> None:
 def _configure(tree: Path, workdir: Path) -> tuple[Path, int]:
     """Write the relay's configuration and account; returns (config, the SMTP port)."""
     cert, key = make_cert(workdir)
-    ports = {name: adapters.free_port() for name in ("plain", "starttls", "tls", "web")}
+    ports = {name: adapters.free_port() for name in adapters.MAILRELAY_PORTS}
     config = workdir / "mailrelay.toml"
-    config.write_text(
-        adapters.MAILRELAY_CONFIG.format(
-            data_dir=workdir / "data",
-            cert=cert,
-            key=key,
-            backend="sqlite",
-            workers=1,
-            store_extra="",
-            **ports,
-        )
-    )
+    config.write_text(adapters.mailrelay_config(workdir, cert, key, ports))
     env = {**os.environ, "PYTHONPATH": str(tree)}
 
     def cli(*args: str, stdin: bytes = b"") -> None:

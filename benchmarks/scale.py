@@ -254,17 +254,9 @@ class Relay:
 
     def __init__(self, workdir: Path, cert: Path, key: Path, sinkPort: int) -> None:
         self.workdir = workdir
-        self.ports = {name: free_port() for name in ("plain", "starttls", "tls", "web")}
+        self.ports = {name: free_port() for name in adapters.MAILRELAY_PORTS}
         self.config = workdir / "mailrelay.toml"
-        settings = adapters.MAILRELAY_CONFIG.format(
-            data_dir=workdir / "data",
-            cert=cert,
-            key=key,
-            backend="sqlite",
-            workers=1,
-            store_extra="",
-            **self.ports,
-        )
+        settings = adapters.mailrelay_config(workdir, cert, key, self.ports)
         # The relay's own default for workers, whatever it is now, rather than the runner's 1.
         settings = re.sub(r"(?m)^workers = .*\n", "", settings).split("[delivery]")[0]
         self.config.write_text(settings + MAILRELAY_DELIVERY.format(sink=sinkPort))
