@@ -44,12 +44,23 @@ def _smtpSource(port: int, messages: int, sessions: int) -> None:
     subprocess.run([*cmd, f"127.0.0.1:{port}"], check=True, timeout=1800)
 
 
+def _loadgenStartTLS(port: int, messages: int, sessions: int) -> None:
+    """The project's load generator over STARTTLS with AUTH PLAIN (``smtp-source`` has no
+    TLS), pipelining as the relay offers it."""
+    cmd = [sys.executable, "-m", "benchmarks.loadgen", "--port", str(port)]
+    cmd += ["--security", "starttls", "--user", adapters.USER, "--size", "2048"]
+    cmd += ["--concurrency", str(sessions), "--messages", str(messages)]
+    cmd += ["--duration", "3600", "--warmup", "0"]
+    env = {**os.environ, "LOADGEN_PASSWORD": adapters.PASSWORD}
+    subprocess.run(cmd, check=True, timeout=1800, cwd=adapters.REPO, env=env, capture_output=True)
+
+
 def _callgrindControl(option: str, pid: int) -> None:
     subprocess.run(["callgrind_control", option, str(pid)], check=True, capture_output=True)
 
 
-def _configure(tree: Path, workdir: Path) -> tuple[Path, int]:
-    """Write the relay's configuration and account; returns (config, the SMTP port)."""
+def _configure(tree: Path, workdir: Path) -> tuple[Path, dict[str, int]]:
+    """Write the relay's configuration and account; returns (config, its ports)."""
     cert, key = make_cert(workdir)
     ports = {name: adapters.free_port() for name in adapters.MAILRELAY_PORTS}
     config = workdir / "mailrelay.toml"
@@ -63,14 +74,18 @@ def _configure(tree: Path, workdir: Path) -> tuple[Path, int]:
     cli("account", "add", adapters.USER, "--password-stdin", stdin=adapters.PASSWORD.encode())
     cli("sender", "add", adapters.USER, "bench.example")
     cli("account", "set", adapters.USER, "--networks", "127.0.0.0/8")
-    return config, ports["plain"]
+    return config, ports
 
 
-def countInstructions(tree: Path, messages: int, sessions: int, warmup: int) -> int:
+def countInstructions(
+    tree: Path, messages: int, sessions: int, warmup: int, security: str = "plain"
+) -> int:
     """The instructions the relay ran for ``messages`` accepted messages (see the module)."""
     with tempfile.TemporaryDirectory(prefix="mailrelay-callgrind-") as name:
         workdir = Path(name)
-        config, port = _configure(tree, workdir)
+        config, ports = _configure(tree, workdir)
+        port = ports[security]
+        send = _smtpSource if security == "plain" else _loadgenStartTLS
         twistd = Path(sys.executable).with_name("twistd")
         out = workdir / "callgrind.out"
         cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
@@ -80,11 +95,12 @@ def countInstructions(tree: Path, messages: int, sessions: int, warmup: int) -> 
         log = workdir / "relay.log"
         proc = adapters._spawn(cmd, log, cwd=tree, env=env)
         try:
-            adapters.wait_until_serving(lambda: proc.poll() is not None, [port], log, 300)
-            _smtpSource(port, warmup, sessions)
+            serving = [ports["plain"], port] if port != ports["plain"] else [port]
+            adapters.wait_until_serving(lambda: proc.poll() is not None, serving, log, 300)
+            send(port, warmup, sessions)
             time.sleep(2)  # what the warm-up left to finish (commits, log lines)
             _callgrindControl("-z", proc.pid)  # zero the counters
-            _smtpSource(port, messages, sessions)
+            send(port, messages, sessions)
             time.sleep(1)
             _callgrindControl("-d", proc.pid)  # dump them
         finally:
@@ -102,6 +118,13 @@ def main() -> int:
     p.add_argument("--sessions", type=int, default=10, help="smtp-source sessions at once")
     p.add_argument("--warmup", type=int, default=200, help="messages sent before counting")
     p.add_argument("--runs", type=int, default=2, help="counts to make, one after another")
+    p.add_argument(
+        "--security",
+        choices=("plain", "starttls"),
+        default="plain",
+        help="plain: smtp-source on the relay-by-IP listener; starttls: the load generator "
+        "with STARTTLS and AUTH PLAIN",
+    )
     args = p.parse_args()
     for tool in ("valgrind", "callgrind_control", SMTP_SOURCE):
         if shutil.which(tool) is None:
@@ -109,7 +132,7 @@ def main() -> int:
             return 1
     tree = args.tree.resolve()
     for _ in range(args.runs):
-        total = countInstructions(tree, args.messages, args.sessions, args.warmup)
+        total = countInstructions(tree, args.messages, args.sessions, args.warmup, args.security)
         print(f"{tree}: {total / args.messages:,.0f} instructions per message", flush=True)
     return 0
 
