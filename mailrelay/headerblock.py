@@ -31,7 +31,7 @@ class HeaderField(NamedTuple):
     """Offset just after the CRLF that ends its last (continuation) line."""
 
 
-_newField = tuple.__new__
+_newField = tuple.__new__  # a field made without NamedTuple's __new__ (a Python call each)
 
 
 def splitMessage(message: bytes) -> tuple[bytes, int]:
