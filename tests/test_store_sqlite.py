@@ -50,6 +50,7 @@ from mailrelay.store.sqlite.threads import (
     DatabaseThread,
     GroupCommitThread,
     InlineReader,
+    InSequence,
     Work,
 )
 from mailrelay.store.sqlite.trails import _EXPIRE_START, _expireBatch
@@ -1331,9 +1332,10 @@ class WriterBatchTests(TestCase):
         await self.writer.start()
         self.addCleanup(self.writer.stop)
 
-    async def submittedTogether(self, works: list[Work]) -> list[Deferred[Any]]:
+    async def submittedTogether(self, works: list[Work], wait: bool = True) -> list[Deferred[Any]]:
         """Submit ``works`` while the writer is held by another request, so that it takes
-        them as one group; returns their Deferreds once the group has run."""
+        them as one group; returns their Deferreds once the group has run (``wait``), or once
+        the writer has taken them."""
         started, release = threading.Event(), threading.Event()
 
         def hold(connection: sqlite3.Connection) -> None:
@@ -1345,7 +1347,8 @@ class WriterBatchTests(TestCase):
         submitted = [self.writer.submit(work) for work in works]
         release.set()
         await held
-        await DeferredList(submitted, consumeErrors=False)
+        if wait:
+            await DeferredList(submitted, consumeErrors=False)
         return submitted
 
     async def test_oneBatchRunsWithoutSavepoints(self) -> None:
@@ -1395,6 +1398,49 @@ class WriterBatchTests(TestCase):
         await DeferredList(submitted, consumeErrors=False)
         self.assertEqual(answered, ["claimed", 1, 2])
         # the holder, the claim alone, then the two rows as one batch
+        self.assertEqual(self.writer.commits - before, 3)
+
+    async def test_aGroupGivesWayToAhead(self) -> None:
+        """An Ahead write submitted while a group of InSequence writes runs goes next: the
+        group commits what it ran, the Ahead write runs and is answered, then the rest of the
+        group, in order."""
+        inFirst, releaseFirst = threading.Event(), threading.Event()
+
+        def row(value: int) -> Work:
+            def insert(connection: sqlite3.Connection) -> int:
+                if value == 1:
+                    inFirst.set()
+                    releaseFirst.wait(10)
+                connection.execute("INSERT INTO t VALUES (?)", (value,))
+                return value
+
+            return insert
+
+        def claim(connection: sqlite3.Connection) -> list[int]:
+            return [x for (x,) in connection.execute("SELECT x FROM t ORDER BY rowid")]
+
+        before = self.writer.commits
+        group = await self.submittedTogether([InSequence(row(n)) for n in range(1, 6)], wait=False)
+        answered: list[Any] = []
+        for d in group:
+            d.addCallback(lambda result: answered.append(result) or result)
+        self.assertTrue(inFirst.wait(10))  # the group runs, held in its first write
+        ahead = self.writer.submit(Ahead(claim))
+        ahead.addCallback(lambda result: answered.append(result) or result)
+        releaseFirst.set()
+        await DeferredList([*group, ahead], consumeErrors=False)
+        self.assertEqual(answered, [1, [1], 2, 3, 4, 5])
+        # the holder, the group's first write, the Ahead write, then the rest of the group
+        self.assertEqual(self.writer.commits - before, 4)
+
+    async def test_anAheadTakenWithTheGroupNeedsNoWay(self) -> None:
+        """Once taken, an Ahead write stops no group: it has run first already."""
+        before = self.writer.commits
+        done = await self.submittedTogether(
+            [InSequence(lambda c, n=n: n) for n in range(3)] + [Ahead(lambda c: "claimed")]
+        )
+        self.assertEqual([await d for d in done], [0, 1, 2, "claimed"])
+        # the holder, the Ahead write, then the group as one
         self.assertEqual(self.writer.commits - before, 3)
 
 

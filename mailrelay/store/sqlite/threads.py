@@ -69,6 +69,8 @@ class Ahead(InSequence):
     and answers before running them: the delivery loop's claim, which would otherwise wait for
     a group of outcome writes to be run and committed with it, while the loop has nothing to
     start. (Those waiting were submitted independently: no caller depends on their order.)
+    A group of :class:`InSequence` writes that is running when one arrives stops after the
+    write in hand, commits what it ran and lets it through; the rest of the group runs next.
     """
 
 
@@ -216,8 +218,16 @@ class DatabaseThread:
         ``takeLimit`` in all: their answers reach the reactor thread in one call (a status
         request's two reads, asked for at once, are one wake of the reactor, not two).
         Returns (requests, whether to stop after them)."""
-        requests: list[_Request] = []
-        item = self._queue.get()
+        return self._takeAfter([])
+
+    def _takeAfter(self, taken: Sequence[_Request]) -> tuple[list[_Request], bool]:
+        """:meth:`_take`, after ``taken`` (taken already, their turn not yet come: then what
+        is waiting, without blocking)."""
+        requests = list(taken)
+        try:
+            item = self._queue.get_nowait() if requests else self._queue.get()
+        except queue.Empty:
+            return requests, False
         while item is not _STOP:
             assert isinstance(item, _Request)
             requests.append(item)
@@ -363,6 +373,26 @@ class GroupCommitThread(DatabaseThread):
         super().__init__(name, connect, reactor, home, files)
         self.takeLimit = groupLimit
         self.commits = 0
+        # Each counter has one writer, so neither loses a count: Ahead writes submitted (on
+        # the reactor thread) and taken (here). Unequal: one waits in the queue.
+        self._aheadSubmitted = 0
+        self._aheadTaken = 0
+        self._unrun: list[_Request] = []  # what a group left to run when it gave way
+
+    def _submit(self, work: Work, target: Path | None) -> Deferred[Any]:
+        if isinstance(work, Ahead) and self._state == "running":
+            self._aheadSubmitted += 1
+        return super()._submit(work, target)
+
+    def _take(self) -> tuple[list[_Request], bool]:
+        """What the last group left to run, then what is waiting."""
+        unrun, self._unrun = self._unrun, []
+        requests, stop = self._takeAfter(unrun)
+        self._aheadTaken += sum(isinstance(r.work, Ahead) for r in requests[len(unrun) :])
+        return requests, stop
+
+    def _aheadWaiting(self) -> bool:
+        return self._aheadSubmitted != self._aheadTaken
 
     def _parts(self, requests: list[_Request]) -> list[list[_Request]]:
         """The :class:`Ahead` requests first, committed and answered on their own."""
@@ -374,7 +404,9 @@ class GroupCommitThread(DatabaseThread):
     def _execute(self, requests: Sequence[_Request]) -> list[_Outcome]:
         outcomes: list[_Outcome] = []
         for target, group in _byTarget(requests):
-            if target is None:
+            if self._unrun or (outcomes and self._aheadWaiting()):
+                self._unrun.extend(group)  # after the Ahead write, in the order taken
+            elif target is None:
                 outcomes.extend(self._runEach(r) for r in group)
             else:
                 outcomes.extend(self._commitGroup(target, group))
@@ -413,20 +445,34 @@ class GroupCommitThread(DatabaseThread):
         """One batch as the whole transaction, without a savepoint (whose journal would copy
         every page the batch touches): the common case, consecutive enqueues."""
         connection.execute("BEGIN IMMEDIATE")
-        results = runBatch(connection, [r.work for r in requests])
+        if runBatch is InSequence.runBatch and not isinstance(requests[0].work, Ahead):
+            results: list[Any] = []
+            for request in requests:
+                if results and self._aheadWaiting():
+                    break
+                results.append(request.work(connection))
+        else:
+            results = list(runBatch(connection, [r.work for r in requests]))
         connection.execute("COMMIT")
         self.commits += 1
-        return [_Outcome(r, True, v) for r, v in zip(requests, results, strict=True)]
+        self._unrun = list(requests[len(results) :])
+        return [_Outcome(r, True, v) for r, v in zip(requests, results, strict=False)]
 
     def _runGroup(
         self, connection: sqlite3.Connection, runs: Sequence[tuple[RunBatch | None, list[_Request]]]
     ) -> list[_Outcome]:
         connection.execute("BEGIN IMMEDIATE")
         outcomes: list[_Outcome] = []
+        unrun: list[_Request] = []
         for runBatch, run in runs:
-            outcomes.extend(self._inSavepoint(connection, run, runBatch if len(run) > 1 else None))
+            if unrun or (outcomes and self._aheadWaiting()):
+                unrun += run
+            else:
+                batch = runBatch if len(run) > 1 else None
+                outcomes.extend(self._inSavepoint(connection, run, batch))
         connection.execute("COMMIT")
         self.commits += 1
+        self._unrun = unrun
         return outcomes
 
     def _inSavepoint(
