@@ -173,3 +173,72 @@ class LeaseRenewalTests(LoopTestCase):
             attempt.callback(None)
         self.successResultOf(stopped)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class ClaimSizeTests(LoopTestCase):
+    """Through a backlog the loop claims once half a batch of slots is free, not as each
+    attempt ends: every claim is a commit. Caught up, a free slot is filled at once."""
+
+    settings = LoopSettings(concurrency=20, batch=12, pollInterval=0.5)
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.asked: list[int] = []
+        claimDue = self.store.claimDue
+
+        def countedClaim(limit: int, *args: Any) -> Deferred[list[Delivery]]:
+            self.asked.append(limit)
+            return claimDue(limit, *args)
+
+        self.store.claimDue = countedClaim  # type: ignore[assignment]
+        self.addCleanup(self.stop)
+
+    def stop(self) -> None:
+        stopped = self.service.stopService()
+        for attempt in self.engine.attempts:
+            if not attempt.called:
+                attempt.callback(None)
+        self.successResultOf(stopped)
+
+    def end(self, count: int) -> None:
+        """End ``count`` more attempts, then let the loop look (wakeDelay and a turn)."""
+        ended = [attempt for attempt in self.engine.attempts if not attempt.called][:count]
+        for attempt in ended:
+            attempt.callback(None)
+        self.clock.advance(self.settings.wakeDelay)
+        self.clock.advance(0)
+
+    def test_throughABacklogHalfABatchAtATime(self) -> None:
+        enqueue(self.store, self.clock, 60)
+        self.clock.advance(0)
+        self.assertEqual(self.asked, [12, 8])  # up to the concurrency
+        self.end(5)
+        self.assertEqual(self.asked, [12, 8])  # five free: less than half a batch
+        self.end(1)
+        self.assertEqual(self.asked, [12, 8, 6])
+        self.assertEqual(self.service.inFlight, 20)
+
+    def test_caughtUpAFreeSlotIsFilledAtOnce(self) -> None:
+        enqueue(self.store, self.clock, 19)
+        self.clock.advance(0)
+        self.assertEqual(self.asked, [12, 8])  # got 7 of 8: caught up, one slot free
+        enqueue(self.store, self.clock, 1)
+        self.service.wake()
+        self.clock.advance(self.settings.wakeDelay)
+        self.assertEqual(self.asked, [12, 8, 1])
+        self.assertEqual(self.service.inFlight, 20)
+
+    def test_aBacklogThatEndsIsCaughtUpWith(self) -> None:
+        """A claim that comes back short ends the backlog: then one free slot is enough."""
+        enqueue(self.store, self.clock, 26)
+        self.clock.advance(0)
+        self.assertEqual(self.asked, [12, 8])
+        self.end(6)
+        self.assertEqual(self.asked, [12, 8, 6])  # took all 6: the backlog may go on
+        self.end(6)
+        self.assertEqual(self.asked, [12, 8, 6, 6])  # got none: caught up
+        enqueue(self.store, self.clock, 1)
+        self.service.wake()
+        self.clock.advance(self.settings.wakeDelay)
+        self.assertEqual(self.asked, [12, 8, 6, 6, 6])
+        self.assertEqual(self.service.inFlight, 15)

@@ -86,6 +86,7 @@ class DeliveryService(Service):
         self._next: IDelayedCall | None = None
         self._polling = False
         self._storeDown = False
+        self._backlog = False  # the last claim took all it asked for: more is due
         # One timer renews every lease in flight, not one per attempt: when a backlog drains,
         # attempts start and end thousands of times a second, each lasting milliseconds.
         self._renewal = LoopingCall(self._renewAll)
@@ -118,9 +119,11 @@ class DeliveryService(Service):
     def wake(self) -> None:
         """New work may be due (a message was just accepted): look within ``wakeDelay``, not
         at the next poll. The delay lets one claim take the messages accepted meanwhile."""
+        self._lookWithin(self._settings.wakeDelay)
+
+    def _lookWithin(self, delay: float) -> None:
         if not self.running or self._polling or self._next is None:
             return
-        delay = self._settings.wakeDelay
         if self._next.getTime() > self._clock.seconds() + delay:
             self._schedule(delay)
 
@@ -143,10 +146,19 @@ class DeliveryService(Service):
         if self.running:
             self._schedule(0 if more is True else self._settings.pollInterval)
 
+    @property
+    def _claimFrom(self) -> int:
+        """Free slots the next claim waits for. Through a backlog, half a batch: each claim
+        is a commit, and one that goes before every few attempts that end would hold up
+        their outcomes' writes. Otherwise one: what is due goes out at once."""
+        if not self._backlog:
+            return 1
+        return max(1, min(self._settings.batch, self._settings.concurrency) // 2)
+
     async def _claim(self) -> bool:
         """Claim what fits; True if there may be more due right away."""
         free = self._settings.concurrency - self.inFlight
-        if free <= 0:
+        if free < self._claimFrom:
             return False
         wanted = min(free, self._settings.batch)
         started = time.perf_counter()
@@ -168,6 +180,7 @@ class DeliveryService(Service):
         if self._starting is None:
             self._startSome()
         caughtUp = len(claimed) < wanted
+        self._backlog = not caughtUp
         if self.inFlow is not None:
             if caughtUp:
                 self.inFlow.refill()
@@ -201,8 +214,9 @@ class DeliveryService(Service):
                     log.warn("delivery {id}: lease lost, outcome not recorded", id=nid)
                 else:
                     log.error("delivery {id} not recorded: {error}", id=nid, error=str(error))
-            if self.running and self.inFlight == self._settings.concurrency - 1:
-                self.wake()
+            if self.running and self._settings.concurrency - self.inFlight == self._claimFrom:
+                # Through a backlog, claim at once: the claim waited for these slots already.
+                self._lookWithin(0 if self._backlog else self._settings.wakeDelay)
 
         d.addBoth(done)
 
