@@ -26,6 +26,7 @@ notification's body from its row or its segment (:func:`messageBody`), deleting 
 from __future__ import annotations
 
 import errno
+import json
 import mmap
 import os
 import sqlite3
@@ -339,9 +340,13 @@ def messageBody(connection: sqlite3.Connection, number: int) -> bytes:
 
 
 _BODIES = (
-    "SELECT notification_id, body, body_segment, body_offset, body_length, body_crc, "
-    "body_crc32c FROM messages WHERE notification_id IN (?*)"
+    "SELECT json_group_array(json_array(notification_id, length(body), body_segment, "
+    "body_offset, body_length, body_crc, body_crc32c)), CAST(group_concat(body, '') AS BLOB) "
+    "FROM messages WHERE notification_id IN (?*)"
 )
+"""The rows in one step (see statements.py): the bodies kept in the rows one after another in
+one BLOB (group_concat copies a BLOB's bytes as they are), each one's length and the other
+columns in one JSON value, in the same order."""
 
 
 def messageBodies(
@@ -351,10 +356,13 @@ def messageBodies(
     cannot be read; a notification without a body is left out."""
     bodies: dict[int, bytes | StoreError] = {}
     for chunk in inChunks(numbers):
-        rows = connection.execute(withList(_BODIES, chunk), chunk)
-        for number, *row in rows:
+        rows, inRows = connection.execute(withList(_BODIES, chunk), chunk).fetchone()
+        inRows, start = inRows or b"", 0
+        for number, length, *segmentColumns in json.loads(rows):
+            inRow = inRows[start : start + (length or 0)]
+            start += length or 0
             try:
-                bodies[number] = _bodyOf(connection, row)
+                bodies[number] = _bodyOf(connection, [inRow, *segmentColumns])
             except StoreError as e:
                 bodies[number] = e
     return bodies

@@ -15,6 +15,7 @@ transaction on the file that holds it, which checks the lease token in that tran
 
 from __future__ import annotations
 
+import json
 import secrets
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -50,7 +51,7 @@ from mailrelay.store.sqlite import reports as outbox
 from mailrelay.store.sqlite.bodies import dropBody, messageBodies
 from mailrelay.store.sqlite.files import NumberedWork, StoreFiles, firstFound, snapshot, total
 from mailrelay.store.sqlite.queue import QUEUE_STATES
-from mailrelay.store.sqlite.statements import inChunks, withList
+from mailrelay.store.sqlite.statements import inChunks, rowsAtOnce, withList
 from mailrelay.store.sqlite.threads import Ahead
 from mailrelay.store.sqlite.trails import insertEvents, loadNotifications, storedRecipients
 
@@ -229,11 +230,15 @@ class DeliveryQueue:
 # The work functions below run on a database thread, inside a transaction the thread manages
 # (writes) or in autocommit mode (reads).
 
-_DUE = (
-    "SELECT next_attempt, notification_id FROM queue WHERE state = ? AND next_attempt <= ? "
-    "ORDER BY next_attempt, notification_id LIMIT ?"
+_DUE_STATES = ("queued", "deferred", "in_flight")
+_DUE_OF_STATE = (
+    "(SELECT json_group_array(json_array(next_attempt, notification_id)) FROM "
+    "(SELECT next_attempt, notification_id FROM queue WHERE state = ? AND next_attempt <= ? "
+    "ORDER BY next_attempt, notification_id LIMIT ?))"
 )
-"""Due entries of one state, oldest first: a range of queue_by_state_due, in its order."""
+_DUE = "SELECT " + ", ".join([_DUE_OF_STATE] * len(_DUE_STATES))
+"""Due entries of each state, oldest first (a range of queue_by_state_due each), each state's
+as one JSON value: all of them in one step (see statements.py)."""
 
 
 def _dueEntries(
@@ -242,9 +247,9 @@ def _dueEntries(
     """This file's oldest due entries, as (next_attempt, id): up to ``limit`` never tried
     (``queued``), and up to ``limit`` retries (``deferred``, and ``in_flight`` whose lease
     has run out)."""
-    fresh = connection.execute(_DUE, ("queued", now, limit)).fetchall()
-    deferred = connection.execute(_DUE, ("deferred", now, limit)).fetchall()
-    lapsed = connection.execute(_DUE, ("in_flight", now, limit)).fetchall()
+    parameters = [value for state in _DUE_STATES for value in (state, now, limit)]
+    due = connection.execute(_DUE, parameters).fetchone()
+    fresh, deferred, lapsed = (sorted((at, number) for at, number in json.loads(d)) for d in due)
     return fresh, sorted(deferred + lapsed)[:limit]
 
 
@@ -263,8 +268,9 @@ def _claimOldestDue(
 
 
 _CLAIMABLE = (
-    "SELECT notification_id, state, attempts, pending, hold_requested FROM queue "
-    "WHERE notification_id IN (?*) AND state != 'held' AND next_attempt <= ?"
+    "SELECT json_group_array(json_array(notification_id, state, attempts, pending, "
+    "hold_requested)) FROM queue WHERE notification_id IN (?*) AND state != 'held' "
+    "AND next_attempt <= ?"
 )
 _HOLD_LAPSED = (
     "UPDATE queue SET state = 'held', lease = NULL, hold_requested = 0 "
@@ -290,8 +296,8 @@ def _claimEntries(
     due: dict[int, tuple[int, str | None]] = {}
     lapsedHeld = []
     for chunk in inChunks(numbers):
-        for number, state, attempts, pending, holdRequested in connection.execute(
-            withList(_CLAIMABLE, chunk), (*chunk, now)
+        for number, state, attempts, pending, holdRequested in rowsAtOnce(
+            connection, withList(_CLAIMABLE, chunk), (*chunk, now)
         ):
             if state == "in_flight" and holdRequested:
                 # Its worker died while an operator held it: held, as a retry would have made it.

@@ -1,15 +1,18 @@
 """
-Statements that cover many rows at once: multi-row inserts and ``IN (...)`` lists.
+Statements that cover many rows at once: multi-row inserts, ``IN (...)`` lists, and reads
+whose rows come back as one.
 
 SQLite runs a statement in one call that lets go of the GIL once; ``executemany`` makes one
-such call per row, and each time the database thread must win the GIL back from the busy
-reactor thread, which can take a whole switch interval. So the threads' work sends many rows
-in few statements, in chunks of powers of two so that few distinct statements are prepared
-(each connection caches the ones it has).
+such call per row, and so does each row a ``SELECT`` returns. Each time, the database thread
+must win the GIL back from the busy reactor thread, which can take a whole switch interval.
+So the threads' work sends many rows in few statements, in chunks of powers of two so that
+few distinct statements are prepared (each connection caches the ones it has), and reads
+many rows as one (:func:`rowsAtOnce`).
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
@@ -79,3 +82,14 @@ def insertRows(
             _insertStatement(into, columns, len(chunk), suffix, orIgnore),
             [value for row in chunk for value in row],
         )
+
+
+def rowsAtOnce(
+    connection: sqlite3.Connection, query: str, parameters: Sequence[Any] = ()
+) -> list[list[Any]]:
+    """The rows of ``query``, a ``SELECT json_group_array(json_array(...))``: the rows as one
+    JSON value in one row, so that reading them lets go of the GIL once, not once a row (with
+    the reactor thread busy, each time can cost a switch interval). For integers, text and
+    NULL: JSON holds no BLOB."""
+    (rows,) = connection.execute(query, parameters).fetchone()
+    return json.loads(rows)

@@ -31,7 +31,7 @@ from mailrelay.store.sqlite import gatewayids
 from mailrelay.store.sqlite.bodies import sweepUnreferenced
 from mailrelay.store.sqlite.files import StoreFiles, firstFound, present, requireId, snapshot
 from mailrelay.store.sqlite.queue import DAY_MS
-from mailrelay.store.sqlite.statements import inChunks, insertRows, withList
+from mailrelay.store.sqlite.statements import inChunks, insertRows, rowsAtOnce, withList
 
 EXPIRE_BATCH = 500
 """Notifications one expiry write looks at: the writer is free for enqueues between them."""
@@ -113,9 +113,9 @@ def loadNotification(connection: sqlite3.Connection, number: int) -> Notificatio
 
 
 _NOTIFICATIONS = (
-    "SELECT id, account, sender, size, received_at, bulk_id, notify_url, notify_content_type, "
-    "callback_data, intermediate_report, tracking_url, client_address, helo, recipient_list "
-    "FROM notifications WHERE id IN (?*)"
+    "SELECT json_group_array(json_array(id, account, sender, size, received_at, bulk_id, "
+    "notify_url, notify_content_type, callback_data, intermediate_report, tracking_url, "
+    "client_address, helo, recipient_list)) FROM notifications WHERE id IN (?*)"
 )
 
 
@@ -126,7 +126,7 @@ def loadNotifications(
     return {
         row[0]: _notificationOf(connection, row)
         for chunk in inChunks(numbers)
-        for row in connection.execute(withList(_NOTIFICATIONS, chunk), chunk)
+        for row in rowsAtOnce(connection, withList(_NOTIFICATIONS, chunk), chunk)
     }
 
 
