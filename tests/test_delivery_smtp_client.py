@@ -223,6 +223,32 @@ class ConversationTests(SynchronousTestCase):
         self.assertEqual(failure.host, "")
         self.assertTrue(self.transport.disconnecting)
 
+    def test_repliesReadTogetherAreAnsweredTogether(self) -> None:
+        """Replies that come in one read are all answered before the first one's waiter
+        runs, so a caller going through a pipeline's replies in order never waits on the
+        next; each still gets its own reply, in order."""
+        self.server(b"220 mx ESMTP\r\n")
+        replies = self.protocol.pipeline(["MAIL FROM:<a@x>", "RCPT TO:<b@y>", "DATA"])
+        seenByTheFirst: list[bool] = []
+
+        def first(reply: SMTPReply) -> SMTPReply:
+            seenByTheFirst.extend(d.called for d in replies)
+            return reply
+
+        replies[0].addCallback(first)
+        self.protocol.dataReceived(b"250 ok\r\n250 2.1.5 ok\r\n354 go on\r\n")
+        self.assertEqual(seenByTheFirst, [True, True, True])
+        self.assertEqual([self.successResultOf(d).code for d in replies], [250, 250, 354])
+
+    def test_repliesReadApartAreAnsweredInTurn(self) -> None:
+        self.server(b"220 mx ESMTP\r\n")
+        replies = self.protocol.pipeline(["MAIL FROM:<a@x>", "RCPT TO:<b@y>"])
+        self.protocol.dataReceived(b"250 ok\r\n")
+        self.assertEqual(self.successResultOf(replies[0]).code, 250)
+        self.assertNoResult(replies[1])
+        self.protocol.dataReceived(b"550 no\r\n")
+        self.assertEqual(self.successResultOf(replies[1]).code, 550)
+
     def test_tricklingReplyTimesOut(self) -> None:
         """A reply must be complete within the timeout, however many bytes come."""
         started = Deferred.fromCoroutine(self.session().start())

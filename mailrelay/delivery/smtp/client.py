@@ -310,17 +310,29 @@ class SMTPClientProtocol(Protocol):
         except SMTPProtocolError as error:
             self._fail(error)
             return
+        if self.closed:
+            return
+        answered: list[tuple[Deferred[SMTPReply], SMTPReply]] = []
         for reply in replies:
-            if self.closed:
-                return
             if not self._waiting:
                 # A reply nothing asked for (an idle connection's "421 timeout"): the
                 # conversation is out of step, so the connection is of no further use.
                 log.debug("unexpected reply {code}", code=reply.code)
+                self._answer(answered)
                 self._fail(SMTPProtocolError("reply to no command"), abort=False)
                 return
             waiter, _, _ = self._waiting.popleft()
+            answered.append((waiter, reply))
+        if answered:
             self._armTimer()
+            self._answer(answered)
+
+    @staticmethod
+    def _answer(answered: list[tuple[Deferred[SMTPReply], SMTPReply]]) -> None:
+        """Fire the waiters of replies read together, the last first: the caller awaiting
+        the first of a pipeline then finds the others answered, rather than waiting for
+        each in a turn of its own through the callbacks."""
+        for waiter, reply in reversed(answered):
             waiter.callback(reply)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
