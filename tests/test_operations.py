@@ -606,7 +606,8 @@ class ReloadTests(TestCase):
         files.certificatePath.write_bytes(b"".join(p.bytes() for p in issued.cert_chain_pems))
         relay.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
         await deferToThread(relay.waitForLog, "reloaded: new sessions get")
-        await deferToThread(relay.waitForLog, "#info] reloaded")  # the worker's line
+        # The worker's line ("#info] reloaded" alone is in the main process's line too).
+        await deferToThread(relay.waitForLog, "worker 1: [__main__#info] reloaded")
 
         # Every process serves the new certificate: several connections, so both take some.
         for _ in range(6):
