@@ -109,7 +109,10 @@ def measure(rounds: int) -> dict[str, list[float]]:
 
 
 def _ms(took: list[float], q: float) -> str:
-    return f"{took[min(len(took) - 1, int(q * len(took)))] * 1000:.2f} ms"
+    from benchmarks.scale import percentile
+
+    value = percentile(took, q)
+    return "-" if value is None else f"{value * 1000:.2f} ms"
 
 
 def main() -> None:
